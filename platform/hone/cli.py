@@ -1,0 +1,127 @@
+"""The ``hone`` command line. Each subcommand is a thin wrapper over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from hone import assets
+from hone.config import JobConfigError, json_schema, load_job
+
+EXIT_INVALID = 2
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    job = load_job(args.job, args.overrides)
+    if args.print:
+        print(job.to_yaml(), end="")
+    d, t = job.distributed, job.training
+    zero = f"ZeRO-{d.deepspeed.stage}" if d.deepspeed else "DDP"
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
+    print(
+        f"ok: {args.job} — job {job.name!r}: {job.task.type} on {job.model.name} ({job.method.type}), "
+        f"{job.data.source} ({job.data.format}), {d.num_workers} worker(s) {zero} {'GPU' if d.use_gpu else 'CPU'} "
+        f"{job.precision}, {length}" + (f", tune: {len(job.tune.search_space)} searched path(s)" if job.tune else ""),
+        file=sys.stderr if args.print else sys.stdout,
+    )
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from hone.data import preview
+
+    job = load_job(args.job, args.overrides)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(preview(job, n=args.n, split=args.split, color=color))
+    return 0
+
+
+def _cmd_builtins(args: argparse.Namespace) -> int:
+    print("models:")
+    for name, doc in assets.BUILTIN_MODELS.items():
+        print(f"  {name:32s} {doc}")
+    print("datasets:")
+    for name, doc in assets.BUILTIN_DATASETS.items():
+        print(f"  {name:32s} {doc}")
+    return 0
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override a field, e.g. training.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hone", description="Fine-tune, tune and serve LLMs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="validate a job YAML (no Ray work)")
+    _job_args(p)
+    p.add_argument("--print", action="store_true", help="print the resolved job with all defaults")
+    p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("schema", help="print the job JSON schema (for editors)")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(fn=_cmd_schema)
+
+    p = sub.add_parser("data", help="inspect a job's data")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("preview", help="print formatted examples with the trained-on tokens marked")
+    _job_args(q)
+    q.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+    q.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    q.add_argument("--color", default="auto", choices=["auto", "always", "never"])
+    q.set_defaults(fn=_cmd_data_preview)
+
+    p = sub.add_parser("builtins", help="list the built-in offline models and datasets")
+    p.set_defaults(fn=_cmd_builtins)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (optional-kernel load failures, progress bars) off the terminal."""
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`hone data preview job.yaml -n 2 data.max_length=64`).
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    from hone.data import DataError
+
+    try:
+        return fn(args)
+    except JobConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
