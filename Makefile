@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast quickstart clean lint
+.PHONY: setup test test-fast quickstart clean docs
 
 setup: $(STAMP)
 
@@ -43,3 +43,7 @@ quickstart: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info .pytest_cache
+
+# Regenerate the job YAML reference in README.md from the schema.
+docs: setup
+	$(PY) -c "import re,pathlib; from hone.config import reference_markdown as r; p=pathlib.Path('README.md'); b='<!-- BEGIN job-reference (generated: hone schema --markdown) -->'; e='<!-- END job-reference -->'; t=p.read_text(); p.write_text(t.split(b)[0]+b+'\n\n'+r()+'\n'+e+t.split(e)[1])"

@@ -31,7 +31,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    text = json.dumps(json_schema(), indent=2)
+    from hone.config import reference_markdown
+
+    text = reference_markdown().rstrip() if args.markdown else json.dumps(json_schema(), indent=2)
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(text + "\n")
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the job JSON schema (for editors)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown tables instead")
     p.set_defaults(fn=_cmd_schema)
 
     p = sub.add_parser("data", help="inspect a job's data")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import json
 import os
 import re
 import types
@@ -904,3 +905,53 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "hone job"
     return schema
+
+
+def _type_name(annotation: Any) -> str:
+    members = _unwrap(annotation)
+    names = []
+    for a in members:
+        if a is type(None):
+            names.append("null")
+        elif typing.get_origin(a) is Literal:
+            names.append(" \\| ".join(repr(x).replace("'", "") for x in typing.get_args(a)))
+        elif isinstance(a, type) and issubclass(a, BaseModel):
+            names.append("section")
+        elif typing.get_origin(a) in (list, tuple, dict):
+            names.append(typing.get_origin(a).__name__)
+        else:
+            names.append(getattr(a, "__name__", str(a)))
+    return " \\| ".join(names)
+
+
+def reference_markdown() -> str:
+    """The job YAML reference as Markdown tables, one per section, generated from the schema."""
+    sections: list[tuple[str, type[BaseModel]]] = [("(top level)", JobConfig)]
+    seen: set[type[BaseModel]] = {JobConfig}
+    i = 0
+    while i < len(sections):
+        prefix, model = sections[i]
+        for name, field in model.model_fields.items():
+            sub = _model_of(field.annotation) or _dict_value_model(field.annotation)
+            if sub is not None and sub not in seen:
+                seen.add(sub)
+                path = name if prefix == "(top level)" else f"{prefix}.{name}"
+                sections.append((path + (".<path>" if _is_dict(field.annotation) else ""), sub))
+        i += 1
+    out = []
+    for prefix, model in sections:
+        out.append(f"#### `{prefix}`" + (f" — {model.__doc__.strip().splitlines()[0]}" if model.__doc__ else ""))
+        out.append("")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        for name, field in model.model_fields.items():
+            default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+            if default == "required" or isinstance(default, BaseModel):
+                default_text = "required" if default == "required" else "see below"
+            else:
+                default_text = f"`{json.dumps(default)}`"
+            doc = " ".join((field.description or "").split()).replace("|", "\\|") or f"see `{name}` below"
+            out.append(f"| `{name}` | {_type_name(field.annotation)} | {default_text} | {doc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+

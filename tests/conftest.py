@@ -1,0 +1,49 @@
+"""Shared test setup: offline, a repo-local hone cache, small thread counts for 2-core machines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set before hone/transformers are imported by any test module.
+os.environ.setdefault("HONE_HOME", str(REPO / ".hone-test"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from hone import assets
+
+    return AutoTokenizer.from_pretrained(assets.resolve_model("builtin:tiny-llama"))
+
+
+def make_job(**sections):
+    """A valid tiny job with some sections replaced (dicts are merged one level deep)."""
+    from hone.config import validate_job
+
+    raw = {
+        "name": "t",
+        "model": {"name": "builtin:tiny-llama"},
+        "data": {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return validate_job(raw)
