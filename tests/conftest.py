@@ -47,3 +47,30 @@ def make_job(**sections):
         else:
             raw[key] = value
     return validate_job(raw)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real two-node Ray cluster on this machine (cluster/local.sh): head + 1 worker node, 2 CPUs each."""
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "HONE_CLUSTER_PORT": "6391", "HONE_CLUSTER_METRICS_PORT": "8181", "HONE_CLUSTER_DASHBOARD": "0",
+           "HONE_CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")), "RAY_AUTH_MODE": "disabled"}
+    script = str(REPO / "cluster" / "local.sh")
+    subprocess.run([script, "down"], env=env, capture_output=True)
+    up = subprocess.run([script, "up", "1"], env=env, capture_output=True, text=True)
+    assert up.returncode == 0, up.stdout + up.stderr
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield {"address": "127.0.0.1:6391", "env": env}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([script, "down"], env=env, capture_output=True)
+        shutil.rmtree(env["HONE_CLUSTER_DIR"], ignore_errors=True)

@@ -52,6 +52,25 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hone.train import train
+
+    if args.resume and args.job:
+        raise SystemExit("hone train: give a job file or --resume RUN, not both (a resumed run keeps its own job.yaml)")
+    if not args.resume and not args.job:
+        raise SystemExit("hone train: give a job file (or --resume RUN)")
+    job = None if args.resume else load_job(args.job, args.overrides)
+    result = train(job, resume=args.resume, address=args.address, storage_path=args.storage_path)
+    m = result.metrics
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1") if k in m)
+    print(f"done: {result.run_dir.name} — step {m.get('step')}/{m.get('total_steps')}, {shown}")
+    if result.export_dir:
+        print(f"export: {result.export_dir}")
+    if result.merged_dir:
+        print(f"merged: {result.merged_dir}")
+    return 0
+
+
 def _cmd_builtins(args: argparse.Namespace) -> int:
     print("models:")
     for name, doc in assets.BUILTIN_MODELS.items():
@@ -90,9 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--color", default="auto", choices=["auto", "always", "never"])
     q.set_defaults(fn=_cmd_data_preview)
 
+    p = sub.add_parser("train", help="run a fine-tuning job on Ray Train + DeepSpeed")
+    p.add_argument("job", nargs="?", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override a field, e.g. training.lr=1e-4")
+    p.add_argument("--resume", metavar="RUN", help="continue a run (its directory, or its name under the storage path)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--storage-path", help="where runs live (default: training.storage_path, else $HONE_HOME/runs)")
+    p.set_defaults(fn=_cmd_train)
+
     p = sub.add_parser("builtins", help="list the built-in offline models and datasets")
     p.set_defaults(fn=_cmd_builtins)
     return parser
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from hone.modeling import ModelError
+    from hone.train import TrainError
+
+    return (ModelError, TrainError)
 
 
 def _quiet_libraries() -> None:
@@ -121,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, _known_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

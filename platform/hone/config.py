@@ -637,6 +637,9 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
                                "for a causal LM, use an instruction view of the data (e.g. format: alpaca)"))
         if data.packing and task.type != "causal_lm":
             out.append(Problem("data.packing", "packing only applies to causal_lm"))
+    if method is not None and dist is not None and method.type == "adalora" and dist.deepspeed is not None:
+        out.append(Problem("method.type", "AdaLoRA reallocates ranks from gradients between the optimizer step and zero_grad, "
+                           "which DeepSpeed's step() fuses", "set distributed.deepspeed: null (plain DDP) for adalora"))
     if method is not None and task is not None and task.type == "sequence_classification" and method.type == "prefix_tuning":
         out.append(Problem("method.type", "prefix_tuning is supported for causal_lm only here", "use lora or ia3 for classifiers"))
     allowed = _CLS_METRICS if task is not None and task.type == "sequence_classification" else _LM_METRICS

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on one machine: a head and N worker nodes, each its own raylet
+# with its own CPU resources. Loopback only (127.0.0.1); the Jobs API/dashboard on the head.
+#
+#   cluster/local.sh up [N_WORKERS]   start (default: 1 worker node)
+#   cluster/local.sh status           ray status
+#   cluster/local.sh down             stop every node
+#
+# Settings (environment): HONE_CLUSTER_PORT (6390), HONE_CLUSTER_CPUS per node (2),
+# HONE_CLUSTER_DASHBOARD_PORT (8265), HONE_CLUSTER_METRICS_PORT (8080), HONE_CLUSTER_DASHBOARD (1),
+# HONE_CLUSTER_DIR (state: /tmp/hone-cluster). Uses the `ray` on PATH (make setup's .venv/bin).
+set -euo pipefail
+
+PORT=${HONE_CLUSTER_PORT:-6390}
+CPUS=${HONE_CLUSTER_CPUS:-2}
+DASH_PORT=${HONE_CLUSTER_DASHBOARD_PORT:-8265}
+METRICS_PORT=${HONE_CLUSTER_METRICS_PORT:-8080}
+DASHBOARD=${HONE_CLUSTER_DASHBOARD:-1}
+DIR=${HONE_CLUSTER_DIR:-/tmp/hone-cluster}
+RAY=${RAY:-ray}
+# A laptop cluster on loopback: no token auth, so local drivers and `hone` connect as-is.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+
+cmd=${1:-status}
+case "$cmd" in
+  up)
+    workers=${2:-1}
+    mkdir -p "$DIR"
+    if [ -f "$DIR/address" ] && $RAY status --address "$(cat "$DIR/address")" >/dev/null 2>&1; then
+      echo "already up: $(cat "$DIR/address")"; exit 0
+    fi
+    dash_args=(--include-dashboard=false)
+    if [ "$DASHBOARD" = 1 ]; then
+      dash_args=(--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT")
+    fi
+    $RAY start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="$CPUS" \
+      --resources='{"hone_head": 1}' --metrics-export-port="$METRICS_PORT" \
+      --temp-dir="$DIR/ray" --disable-usage-stats "${dash_args[@]}" >"$DIR/head.log" 2>&1 \
+      || { cat "$DIR/head.log"; exit 1; }
+    echo "127.0.0.1:$PORT" >"$DIR/address"
+    for i in $(seq 1 "$workers"); do
+      $RAY start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
+        --resources="{\"hone_worker_$i\": 1}" --metrics-export-port=$((METRICS_PORT + i)) \
+        --disable-usage-stats >"$DIR/worker-$i.log" 2>&1 || { cat "$DIR/worker-$i.log"; exit 1; }
+    done
+    echo "up: head 127.0.0.1:$PORT + $workers worker node(s), $CPUS CPUs each"
+    [ "$DASHBOARD" = 1 ] && echo "dashboard / Jobs API: http://127.0.0.1:$DASH_PORT"
+    echo "use it: export RAY_ADDRESS=127.0.0.1:$PORT   (or hone ... --address 127.0.0.1:$PORT)"
+    ;;
+  status)
+    [ -f "$DIR/address" ] || { echo "down"; exit 1; }
+    $RAY status --address "$(cat "$DIR/address")"
+    ;;
+  down)
+    $RAY stop --force >/dev/null 2>&1 || true
+    rm -f "$DIR/address"
+    echo "down"
+    ;;
+  *)
+    echo "usage: $0 up [N_WORKERS] | status | down" >&2; exit 2
+    ;;
+esac

@@ -1,0 +1,209 @@
+"""Training engines: DeepSpeed ZeRO (generated config) or plain DDP, behind one small interface.
+
+``make_engine`` returns an object with ``module``, ``train_micro(batch_loss)``,
+``step_boundary()``, ``lr``, ``grad_norm``, ``save(dir)``, ``load(dir)`` and
+``full_state_dict()`` (the consolidated weights on rank 0, also under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import TYPE_CHECKING, Any
+
+from hone.config import JobConfig
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["deepspeed_config", "make_engine"]
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for a job (``distributed.deepspeed.extra`` merged last)."""
+    ds = job.distributed.deepspeed
+    assert ds is not None
+    t = job.training
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": job.distributed.use_gpu}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": job.distributed.use_gpu}
+    if ds.overlap_comm is not None:
+        zero["overlap_comm"] = ds.overlap_comm
+    if ds.reduce_bucket_size is not None:
+        zero["reduce_bucket_size"] = ds.reduce_bucket_size
+    if t.optimizer == "adamw":
+        # On CPU, torch's AdamW needs no compiled op (DeepSpeed's FusedAdam/CPUAdam compile on first use).
+        params = {"lr": t.lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}
+        if not job.distributed.use_gpu:
+            params["torch_adam"] = True
+        optimizer = {"type": "AdamW", "params": params}
+    else:
+        optimizer = {"type": "SGD", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "optimizer": optimizer,
+        "bf16": {"enabled": job.precision == "bf16"},
+        "fp16": {"enabled": job.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if ds.offload_optimizer != "none" and not job.distributed.use_gpu:
+        config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on CPU instead of compiling DeepSpeedCPUAdam
+    return _deep_merge(config, ds.extra)
+
+
+def _scheduler_fn(job: JobConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    t = job.training
+    warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.scheduler]
+    return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class _DeepSpeed:
+    def __init__(self, job: JobConfig, model: Any, world_size: int, total_steps: int):
+        import deepspeed
+
+        self.config = deepspeed_config(job, world_size)
+        self.stage = self.config["zero_optimization"]["stage"]
+        self.peft = job.method.is_peft
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=self.config, lr_scheduler=_scheduler_fn(job, total_steps)
+        )
+        self.module = self.engine
+
+    @property
+    def device(self) -> "torch.device":
+        return self.engine.device
+
+    def train_micro(self, loss: "torch.Tensor") -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # applies the update only at the accumulation boundary
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="state", save_latest=False, exclude_frozen_parameters=self.peft)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag="state", load_module_strict=not self.peft,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory}")
+
+    def full_state_dict(self) -> dict[str, "torch.Tensor"] | None:
+        """Consolidated weights on rank 0 (None elsewhere); every rank must call this."""
+        import torch.distributed as dist
+
+        if self.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            return state if dist.get_rank() == 0 else None
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()} if dist.get_rank() == 0 else None
+
+    @property
+    def hf_module(self) -> Any:
+        return self.engine.module
+
+
+class _DDP:
+    """Plain PyTorch DDP (``distributed.deepspeed: null``)."""
+
+    def __init__(self, job: JobConfig, model: Any, world_size: int, total_steps: int):
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        t = job.training
+        self.device = torch.device("cuda", torch.cuda.current_device()) if job.distributed.use_gpu else torch.device("cpu")
+        model.to(self.device)
+        self.hf_module = model
+        self.module = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if t.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.adam_betas, eps=1e-8, weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = _scheduler_fn(job, total_steps)(self.optimizer)
+        self.grad_accum = t.grad_accum
+        self.max_grad_norm = t.max_grad_norm
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision)
+        self._micro = 0
+        self._norm: float | None = None
+        self._adalora = job.method.type == "adalora"
+
+    def train_micro(self, loss: "torch.Tensor") -> None:
+        import torch
+
+        (loss / self.grad_accum).backward()
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return
+        trainable = [p for p in self.hf_module.parameters() if p.requires_grad]
+        if self.max_grad_norm:
+            self._norm = float(torch.nn.utils.clip_grad_norm_(trainable, self.max_grad_norm))
+        else:
+            self._norm = float(torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+        self.optimizer.step()
+        self.scheduler.step()
+        if self._adalora:  # AdaLoRA reallocates ranks from the gradients, before they are cleared
+            self.hf_module.base_model.update_and_allocate(self._micro // self.grad_accum)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self._norm
+
+    def save(self, directory: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            torch.save({"model": self.hf_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, os.path.join(directory, "ddp_state.pt"))
+
+    def load(self, directory: str) -> None:
+        import torch
+
+        state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device, weights_only=False)
+        self.hf_module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict[str, "torch.Tensor"] | None:
+        import torch.distributed as dist
+
+        return {k: v.detach().cpu() for k, v in self.hf_module.state_dict().items()} if dist.get_rank() == 0 else None
+
+
+def make_engine(job: JobConfig, model: Any, world_size: int, total_steps: int) -> _DeepSpeed | _DDP:
+    if job.distributed.deepspeed is None:
+        return _DDP(job, model, world_size, total_steps)
+    return _DeepSpeed(job, model, world_size, total_steps)

@@ -1,0 +1,334 @@
+"""hone train on a real two-node Ray cluster with real DeepSpeed engines (CPU, gloo).
+
+Exports are reloaded with plain transformers/peft outside Ray and must reproduce the eval
+loss computed during training; an interrupted-and-resumed run and a run whose worker is
+SIGKILLed must reproduce the per-step losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from hone.config import validate_job
+from hone.data import load_tokenizer, prepare_data
+from hone.modeling import ModelError, build_model, evaluate, load_base_model
+from hone.train import TrainError, _Schedule, total_steps, train
+
+HONE = str(Path(sys.executable).parent / "hone")
+
+TINY = {
+    "model": {"name": "builtin:tiny-llama"},
+    "data": {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128,
+             "max_samples": 128, "max_eval_samples": 32},
+    "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+    "distributed": {"num_workers": 2, "deepspeed": {"stage": 2}},
+    "training": {"lr": 2e-3, "max_steps": 4, "batch_size": 4, "log_every": 2},
+}
+
+
+def tiny(name: str, **sections) -> dict:
+    raw = json.loads(json.dumps(TINY))
+    raw["name"] = name
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and key != "method":
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def reload_eval(export: Path, job) -> dict:
+    """Load an export with plain transformers/peft (no Ray, no DeepSpeed) and evaluate."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    prepared = prepare_data(job, tokenizer)
+    info = json.loads((export / "hone.json").read_text())
+    if info["kind"] == "adapter":
+        model = peft.PeftModel.from_pretrained(load_base_model(job), str(export))
+    elif job.task.type == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_pretrained(export)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(export)
+    return evaluate(model, list(prepared.validation), job, tokenizer.pad_token_id, batch_size=5)
+
+
+@pytest.fixture(scope="module")
+def connected(cluster, tmp_path_factory):
+    """This test process as a driver on the cluster, with the workers' environment."""
+    import ray
+
+    from hone.train import _worker_env
+
+    if not ray.is_initialized():
+        ray.init(address=cluster["address"], runtime_env={"env_vars": _worker_env(validate_job(tiny("x")))},
+                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
+    return tmp_path_factory.mktemp("runs")
+
+
+# --------------------------------------------------------------------------- exports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_export_reloads_and_reproduces_eval_loss(connected, stage, method):
+    sections = {"distributed": {"num_workers": 2, "deepspeed": {"stage": stage}}}
+    if method == "full":
+        sections["method"] = "full"
+        sections["training"] = {**TINY["training"], "lr": 1e-3}
+    job = validate_job(tiny(f"export-z{stage}-{method}", **sections))
+    result = train(job, storage_path=str(connected), quiet=True)
+    assert result.export_dir is not None and result.metrics["done"]
+    trained_loss = result.metrics["eval_loss"]
+    reloaded = reload_eval(result.export_dir, job)
+    assert abs(reloaded["eval_loss"] - trained_loss) < 1e-4, (reloaded, trained_loss)
+
+    base = load_base_model(job)
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        adapter = load_file(result.export_dir / "adapter_model.safetensors")
+        lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+        assert len(lora_b) == 2 * 4 * 1 and all(v.abs().sum() > 0 for v in lora_b)  # 2 layers × q/k/v/o, trained
+        assert (result.export_dir / "adapter_model.safetensors").stat().st_size > 10_000
+    else:
+        from transformers import AutoModelForCausalLM
+
+        exported = AutoModelForCausalLM.from_pretrained(result.export_dir)
+        changed = [n for (n, a), (_, b) in zip(base.named_parameters(), exported.named_parameters()) if not torch.equal(a, b)]
+        assert len(changed) > 10, "full fine-tuning must change the weights"
+        assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in base.parameters())
+    info = json.loads((result.export_dir / "hone.json").read_text())
+    assert info["zero_stage"] == stage and info["metrics"]["eval_loss"] == pytest.approx(trained_loss)
+    history = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == [2, 4]
+    assert all(k in history[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "peak_memory_mb"))
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_ddp_and_merged_adapter(connected):
+    job = validate_job(tiny("ddp-merged", distributed={"num_workers": 2, "deepspeed": None},
+                            method={**TINY["method"], "merge_adapter": True}))
+    result = train(job, storage_path=str(connected), quiet=True)
+    assert result.merged_dir is not None
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    tokenizer = load_tokenizer(job)
+    prepared = prepare_data(job, tokenizer)
+    merged_eval = evaluate(merged, list(prepared.validation), job, tokenizer.pad_token_id)
+    assert abs(merged_eval["eval_loss"] - result.metrics["eval_loss"]) < 1e-4
+    assert abs(reload_eval(result.export_dir, job)["eval_loss"] - result.metrics["eval_loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_classification_metrics(connected):
+    job = validate_job({
+        "name": "cls", "model": {"name": "builtin:minilm"},
+        "task": {"type": "sequence_classification", "labels": ["negative", "positive"]},
+        "data": {"source": "builtin:rotten-tomatoes", "format": "classification", "max_length": 64, "max_samples": 128, "max_eval_samples": 48},
+        "method": "full", "distributed": {"num_workers": 2, "deepspeed": {"stage": 2}},
+        "training": {"lr": 5e-5, "max_steps": 4, "batch_size": 8, "eval_metric": "eval_f1"},
+    })
+    result = train(job, storage_path=str(connected), quiet=True)
+    m = result.metrics
+    for k in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1"):
+        assert 0.0 <= m[k] <= 1.0, k
+    reloaded = reload_eval(result.export_dir, job)
+    assert abs(reloaded["eval_loss"] - m["eval_loss"]) < 1e-4
+    assert reloaded["eval_accuracy"] == pytest.approx(m["eval_accuracy"]) and reloaded["eval_f1"] == pytest.approx(m["eval_f1"])
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(result.export_dir).id2label == {0: "negative", 1: "positive"}
+
+
+# --------------------------------------------------------------------------- resume and fault tolerance
+
+
+def _steps(run_dir: Path) -> dict[int, float]:
+    """Per-step losses; a step logged twice (before and after a resume) keeps its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[m["step"]] = m["loss"]
+    return out
+
+
+RESUME = dict(training={**TINY["training"], "max_steps": 10, "log_every": 1, "checkpoint_every": 4, "lr": 2e-3})
+
+
+def _run_cli(args, env, **kw) -> subprocess.Popen:
+    return subprocess.Popen([HONE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _wait_for(path: Path, predicate, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+            if predicate(lines):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting on {path}")
+
+
+@pytest.fixture(scope="module")
+def slow_reports(cluster):
+    """Make each report wait for the controller (1 s poll) so a kill lands between steps."""
+    return {**cluster["env"], "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "HONE_HOME": os.environ["HONE_HOME"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory, slow_reports):
+    storage = tmp_path_factory.mktemp("resume")
+    job = tmp_path_factory.mktemp("jobs") / "resume.yaml"
+    job.write_text(yaml.safe_dump(tiny("resume", **RESUME)))
+    out = subprocess.run([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(storage)],
+                         env=slow_reports, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = next(storage.iterdir())
+    return job, _steps(run_dir)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, tmp_path, slow_reports):
+    job, reference = uninterrupted
+    assert sorted(reference) == list(range(1, 11))
+    proc = _run_cli(["train", str(job), "--address", cluster["address"], "--storage-path", str(tmp_path)], slow_reports)
+    try:
+        _wait_for(tmp_path, lambda _: any(tmp_path.iterdir()), timeout=120)
+        run_dir = next(tmp_path.iterdir())
+        # Interrupt once step 5 is logged: the checkpoint at step 4 is complete, steps 5+ are lost.
+        _wait_for(run_dir / "metrics.jsonl", lambda ms: any(m["step"] >= 5 for m in ms))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _steps(run_dir)
+    assert max(before) < 10, "the run finished before it could be interrupted"
+    out = subprocess.run([HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]],
+                         env=slow_reports, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed at step 4/10" in out.stdout
+    after = _steps(run_dir)
+    assert sorted(after) == list(range(1, 11))
+    for step in range(1, 11):
+        assert abs(after[step] - reference[step]) < 1e-5, (step, after[step], reference[step])
+    assert (run_dir / "export" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_path, slow_reports):
+    job, reference = uninterrupted
+    proc = _run_cli(["train", str(job), "distributed.max_failures=2", "--address", cluster["address"],
+                     "--storage-path", str(tmp_path)], slow_reports)
+    killed = []
+    try:
+        _wait_for(tmp_path, lambda _: any(tmp_path.iterdir()), timeout=120)
+        run_dir = next(tmp_path.iterdir())
+        _wait_for(run_dir / "metrics.jsonl", lambda ms: any(m["step"] >= 5 for m in ms))
+        workers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].send_signal(signal.SIGKILL)
+        killed.append(workers[-1].pid)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    steps = _steps(run_dir)
+    assert sorted(steps) == list(range(1, 11))
+    assert abs(steps[10] - reference[10]) < 1e-5, (steps[10], reference[10])
+    for step in range(5, 11):
+        assert abs(steps[step] - reference[step]) < 1e-5, step
+    history = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history].count(5) >= 2 or max(m["step"] for m in history[:5]) >= 5  # step 5 ran again
+
+
+# --------------------------------------------------------------------------- across nodes
+
+
+@pytest.mark.slow
+def test_two_workers_on_two_nodes(cluster, tmp_path):
+    job = tmp_path / "spread.yaml"
+    job.write_text(yaml.safe_dump(tiny("spread", distributed={"num_workers": 2, "placement_strategy": "STRICT_SPREAD",
+                                                              "deepspeed": {"stage": 3}})))
+    env = {**cluster["env"], "HONE_HOME": os.environ["HONE_HOME"]}
+    out = subprocess.run([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(tmp_path / "runs")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    export = next((tmp_path / "runs").iterdir()) / "export"
+    info = json.loads((export / "hone.json").read_text())
+    assert len({w["node_id"] for w in info["workers"]}) == 2, info["workers"]
+    reloaded = reload_eval(export, validate_job(yaml.safe_load(job.read_text())))
+    assert abs(reloaded["eval_loss"] - info["metrics"]["eval_loss"]) < 1e-4
+
+
+# --------------------------------------------------------------------------- fast checks (no Ray)
+
+
+def test_schedule_depends_only_on_seed_and_epoch():
+    s = _Schedule(n_rows=50, micro_batch=3, grad_accum=2, world_size=2, seed=7)
+    assert s.global_batch == 12 and s.steps_per_epoch == 4
+    epoch0 = [i for step in range(4) for m in range(2) for r in range(2) for i in s.micro_rows(step, m, r)]
+    assert len(epoch0) == len(set(epoch0)) == 48  # no row twice in an epoch
+    assert s.micro_rows(5, 1, 0) == _Schedule(50, 3, 2, 2, 7).micro_rows(5, 1, 0)
+    assert s.micro_rows(1, 0, 0) != s.micro_rows(5, 0, 0)  # a new permutation each epoch
+    assert set(s.micro_rows(0, 0, 0)).isdisjoint(s.micro_rows(0, 0, 1))
+
+
+def test_too_little_data_is_caught_before_ray():
+    job = validate_job(tiny("small", training={**TINY["training"], "batch_size": 64}))
+    with pytest.raises(TrainError, match="fewer than one global batch"):
+        total_steps(job, 100)
+
+
+def test_unknown_target_modules_list_the_real_ones():
+    job = validate_job(tiny("t", method={"type": "lora", "lora": {"target_modules": ["q_proj", "query"]}}))
+    with pytest.raises(ModelError, match=r"\['query'\] match no module of LlamaForCausalLM.*'q_proj'"):
+        build_model(job)
+
+
+@pytest.mark.parametrize("method", ["adalora", "prefix_tuning", "ia3"])
+def test_other_peft_methods_build(method):
+    sections = {"method": {"type": method}}
+    if method == "adalora":
+        sections["distributed"] = {"num_workers": 1, "deepspeed": None}
+    if method == "ia3":
+        sections["method"] = {"type": "ia3", "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}}
+    model = build_model(validate_job(tiny("m", **sections)), total_steps=10)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in model.parameters())
+
+
+def test_deepspeed_config_generation():
+    from hone.engine import deepspeed_config
+
+    job = validate_job(tiny("d", distributed={"num_workers": 2, "deepspeed": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu",
+                                                                              "extra": {"zero_optimization": {"sub_group_size": 1000}}}},
+                            training={**TINY["training"], "grad_accum": 4, "max_grad_norm": 0.5}))
+    cfg = deepspeed_config(job, world_size=2)
+    assert cfg["train_batch_size"] == 4 * 4 * 2 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["gradient_clipping"] == 0.5
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_gather_16bit_weights_on_model_save"] and z["sub_group_size"] == 1000
+    assert cfg["optimizer"]["params"]["torch_adam"] and not cfg["bf16"]["enabled"]
+    gpu = deepspeed_config(validate_job(tiny("g", distributed={"use_gpu": True})), 8)
+    assert gpu["bf16"]["enabled"] and "torch_adam" not in gpu["optimizer"]["params"]
