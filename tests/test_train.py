@@ -178,15 +178,18 @@ def _run_cli(args, env, **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
-def _wait_for(path: Path, predicate, timeout: float = 300) -> None:
+def _wait_until(condition, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists():
-            lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-            if predicate(lines):
-                return
+        if condition():
+            return
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting on {path}")
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _logged_step(run_dir: Path, step: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l.strip())
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +216,10 @@ def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, t
     assert sorted(reference) == list(range(1, 11))
     proc = _run_cli(["train", str(job), "--address", cluster["address"], "--storage-path", str(tmp_path)], slow_reports)
     try:
-        _wait_for(tmp_path, lambda _: any(tmp_path.iterdir()), timeout=120)
+        _wait_until(lambda: any(tmp_path.iterdir()), "the run directory", timeout=120)
         run_dir = next(tmp_path.iterdir())
         # Interrupt once step 5 is logged: the checkpoint at step 4 is complete, steps 5+ are lost.
-        _wait_for(run_dir / "metrics.jsonl", lambda ms: any(m["step"] >= 5 for m in ms))
+        _wait_until(lambda: _logged_step(run_dir, 5), "step 5")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -240,9 +243,9 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_p
                      "--storage-path", str(tmp_path)], slow_reports)
     killed = []
     try:
-        _wait_for(tmp_path, lambda _: any(tmp_path.iterdir()), timeout=120)
+        _wait_until(lambda: any(tmp_path.iterdir()), "the run directory", timeout=120)
         run_dir = next(tmp_path.iterdir())
-        _wait_for(run_dir / "metrics.jsonl", lambda ms: any(m["step"] >= 5 for m in ms))
+        _wait_until(lambda: _logged_step(run_dir, 5), "step 5")
         workers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
         assert workers, "no Ray Train worker process found"
         workers[-1].send_signal(signal.SIGKILL)
@@ -258,7 +261,8 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_p
     for step in range(5, 11):
         assert abs(steps[step] - reference[step]) < 1e-5, step
     history = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in history].count(5) >= 2 or max(m["step"] for m in history[:5]) >= 5  # step 5 ran again
+    logged = [m["step"] for m in history]
+    assert any(b <= a for a, b in zip(logged, logged[1:])), f"no restart from a checkpoint visible in {logged}"
 
 
 # --------------------------------------------------------------------------- across nodes
