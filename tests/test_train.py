@@ -336,3 +336,22 @@ def test_deepspeed_config_generation():
     assert cfg["optimizer"]["params"]["torch_adam"] and not cfg["bf16"]["enabled"]
     gpu = deepspeed_config(validate_job(tiny("g", distributed={"use_gpu": True})), 8)
     assert gpu["bf16"]["enabled"] and "torch_adam" not in gpu["optimizer"]["params"]
+
+
+@pytest.mark.slow
+def test_cli_train_on_local_embedded_ray(tmp_path, repo):
+    """`hone train jobs/tiny-smoke.yaml` as a user runs it: its own Ray, started and shut down."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([HONE, "train", str(repo / "jobs" / "tiny-smoke.yaml"), "--storage-path", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[hone] step 8/8" in out.stdout and "export: " in out.stdout
+    run_dir = next(tmp_path.iterdir())
+    assert (run_dir / "export" / "adapter_model.safetensors").exists()
+    ev = subprocess.run([HONE, "eval", str(run_dir), "-n", "16"], env=env, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0 and "on 16 test rows: eval_loss" in ev.stdout, ev.stdout + ev.stderr
+
+
+def test_resume_of_unknown_run_is_clear(tmp_path):
+    out = subprocess.run([HONE, "train", "--resume", "no-such-run", "--storage-path", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1 and "no hone run at 'no-such-run'" in out.stderr

@@ -71,6 +71,80 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from hone.tune import format_table, sweep
+
+    if args.resume and args.job:
+        raise SystemExit("hone tune: give a job file or --resume SWEEP, not both")
+    if not args.resume and not args.job:
+        raise SystemExit("hone tune: give a job file (or --resume SWEEP)")
+    job = None if args.resume else load_job(args.job, args.overrides)
+    result = sweep(job, resume=args.resume, address=args.address, storage_path=args.storage_path)
+    from hone.config import load_job as _load
+
+    swept = _load(result.sweep_dir / "job.yaml", check_paths=False)
+    print(format_table(result.trials, swept, result.winner))
+    print(f"sweep: {result.sweep_dir}  (trials.csv, trials.json, metric_vs_step.png, params_vs_metric.png)")
+    if result.winner:
+        print(f"winner: trial {result.winner['trial']} {swept.tune.metric} {result.winner[swept.tune.metric]:.5g} "
+              f"params {result.winner['params']}")
+    if result.registered:
+        print(f"registered: {result.registered['ref']} (version {result.registered['version']})")
+    return 0 if result.winner else 1
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from hone import registry
+
+    if args.models_command == "list":
+        models = registry.list_models()
+        if not models:
+            print(f"no registered models (tracking URI {registry.tracking_uri()})")
+        for m in models:
+            aliases = ", ".join(f"@{a}→v{v}" for a, v in sorted(m["aliases"].items()))
+            print(f"{m['name']:32s} latest v{m['latest']}  {aliases}")
+    elif args.models_command == "show":
+        for v in registry.show_model(args.name):
+            aliases = " ".join("@" + a for a in v["aliases"])
+            metrics = ", ".join(f"{k} {val:.4g}" for k, val in sorted(v["metrics"].items()) if k.startswith("final_"))
+            print(f"v{v['version']} {aliases}\n  source: {v['source']}\n  metrics: {metrics}")
+            for k, val in sorted(v["lineage"].items()):
+                print(f"  {k}: {val}")
+    else:
+        registry.promote(args.name, args.version, args.alias)
+        print(f"models:/{args.name}@{args.alias} → version {args.version}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate an export (or a run's export, or its untuned base) on a held-out split."""
+    from pathlib import Path
+
+    from hone.data import load_splits, tokenize_split
+    from hone.modeling import evaluate, generation_accuracy, load_base_model, load_export
+    from hone.train import EXPORT_DIR, resolve_run_dir
+
+    target = Path(args.target)
+    if not (target / "hone.json").exists():
+        target = resolve_run_dir(args.target) / EXPORT_DIR
+    model, tokenizer, job, info = load_export(str(target))
+    what = f"export {target}"
+    if args.base:
+        model, what = load_base_model(job).eval(), f"untuned base {job.model.name}"
+    splits = load_splits(job.data.model_copy(update={"test": job.data.test or 0.1, "max_eval_samples": None}))
+    if args.split not in splits:
+        raise SystemExit(f"hone eval: no {args.split!r} split (have {', '.join(splits)})")
+    rows = splits[args.split].select(range(min(args.n, len(splits[args.split]))))
+    tokenized, _ = tokenize_split(rows, job, tokenizer, args.split, pack=False)
+    metrics = evaluate(model, list(tokenized), job, tokenizer.pad_token_id)
+    if job.task.type == "causal_lm" and job.data.format != "text":
+        metrics["accuracy"], results = generation_accuracy(model, tokenizer, list(rows), job, max_new_tokens=args.max_new_tokens)
+        for r in results[: args.show]:
+            print(f"  expected {r['expected']!r:12} generated {r['generated']!r}")
+    print(f"{what} on {len(rows)} {args.split} rows: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "eval_tokens"))
+    return 0
+
+
 def _cmd_builtins(args: argparse.Namespace) -> int:
     print("models:")
     for name, doc in assets.BUILTIN_MODELS.items():
@@ -117,6 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="where runs live (default: training.storage_path, else $HONE_HOME/runs)")
     p.set_defaults(fn=_cmd_train)
 
+    p = sub.add_parser("tune", help="run a Ray Tune sweep over the job's tune: section; register the winner")
+    p.add_argument("job", nargs="?", help="job YAML file with a tune: section")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.add_argument("--resume", metavar="SWEEP", help="continue an interrupted sweep (finished trials are kept)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--storage-path", help="where sweeps live (default: training.storage_path, else $HONE_HOME/runs)")
+    p.set_defaults(fn=_cmd_tune)
+
+    p = sub.add_parser("models", help="the model registry (MLflow)")
+    models_sub = p.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    models_sub.add_parser("list", help="registered models and their aliases").set_defaults(fn=_cmd_models)
+    q = models_sub.add_parser("show", help="versions of a model with metrics and lineage")
+    q.add_argument("name")
+    q.set_defaults(fn=_cmd_models)
+    q = models_sub.add_parser("promote", help="point an alias at a version")
+    q.add_argument("name")
+    q.add_argument("version", type=int)
+    q.add_argument("--alias", required=True)
+    q.set_defaults(fn=_cmd_models)
+
+    p = sub.add_parser("eval", help="evaluate an export on a held-out split (loss; accuracy of generated answers)")
+    p.add_argument("target", help="an export directory, a run directory, or a run name")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("-n", type=int, default=200, help="rows to evaluate (default 200)")
+    p.add_argument("--base", action="store_true", help="evaluate the untuned base model instead, for comparison")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--show", type=int, default=0, help="print this many generations")
+    p.set_defaults(fn=_cmd_eval)
+
     p = sub.add_parser("builtins", help="list the built-in offline models and datasets")
     p.set_defaults(fn=_cmd_builtins)
     return parser
@@ -124,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[Exception], ...]:
     from hone.modeling import ModelError
+    from hone.registry import RegistryError
     from hone.train import TrainError
 
-    return (ModelError, TrainError)
+    return (ModelError, RegistryError, TrainError)
 
 
 def _quiet_libraries() -> None:
@@ -155,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except (DataError, FileNotFoundError, _known_errors()) as e:
+    except (DataError, FileNotFoundError, *_known_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -522,7 +522,7 @@ class TuneConfig(_Section):
     searcher: Literal["random", "optuna"] = "random"
     """How points are chosen: random/grid (Ray's basic variant generator) or Optuna's TPE."""
     grace_period: int = Field(default=1, ge=1)
-    """ASHA: evaluations every trial gets before it can be stopped."""
+    """ASHA: training steps every trial runs before it can be stopped (the time attribute is ``step``)."""
     reduction_factor: float = Field(default=2.0, gt=1.0)
     """ASHA: keep 1/reduction_factor of trials at each rung."""
     max_concurrent_trials: int | None = Field(default=None, ge=1)
@@ -656,20 +656,23 @@ def _search_path_problems(paths: Iterable[str]) -> list[Problem]:
     """Searched paths must name fields of this schema."""
     out = []
     for path in paths:
-        problem = _path_problem(path)
+        problem = ("the search space cannot search the tune section itself", "") if path.split(".")[0] == "tune" else _path_problem(path)
         if problem:
             out.append(Problem(f"tune.search_space.{path}", problem[0], problem[1]))
     return out
 
 
-def _search_space_value_problems(job: JobConfig) -> list[Problem]:
+def _search_space_value_problems(job: JobConfig, space: Mapping[str, SearchDomain] | None = None) -> list[Problem]:
     """Validate the job with every searched value (each choice, both ends of each range)."""
-    if job.tune is None or not job.tune.search_space:
+    space = space if space is not None else (job.tune.search_space if job.tune else {})
+    if not space:
         return []
     base = job.to_dict()
     base["tune"] = None
     out: list[Problem] = []
-    for path, domain in job.tune.search_space.items():
+    for path, domain in space.items():
+        if _path_problem(path):
+            continue
         for value in domain.candidates():
             raw = copy.deepcopy(base)
             _set_path(raw, path, value)
@@ -721,8 +724,6 @@ def _path_problem(path: str) -> tuple[str, str] | None:
         if _is_dict(annotation) and i + 1 < len(parts):
             return None  # free-form mapping (e.g. resources_per_worker.CPU)
         model = _model_of(annotation)
-    if path in ("tune",) or path.startswith("tune."):
-        return ("the search space cannot search the tune section itself", "")
     return None
 
 
@@ -878,10 +879,27 @@ def validate_job(raw: Mapping[str, Any], *, source: str | None = None, check_pat
             pass
     extra = _cross_section_problems(sections)
     if "tune" not in sections and isinstance(raw.get("tune"), Mapping) and isinstance(raw["tune"].get("search_space"), Mapping):
-        extra += _search_path_problems(raw["tune"]["search_space"])
+        space = raw["tune"]["search_space"]
+        extra += _search_path_problems(space)
+        extra += _valid_domain_value_problems(raw, space, context)
     seen = {(p.path, p.message) for p in problems}
     problems += [p for p in extra if (p.path, p.message) not in seen]
     raise JobConfigError(problems, source) from None
+
+
+def _valid_domain_value_problems(raw: Mapping[str, Any], space: Mapping[str, Any], context: dict[str, Any]) -> list[Problem]:
+    """When only the tune section is broken, still check the values of its well-formed domains."""
+    try:
+        job = JobConfig.model_validate({**raw, "tune": None}, context=context)
+    except (ValidationError, JobConfigError):
+        return []
+    domains = {}
+    for path, value in space.items():
+        try:
+            domains[path] = SearchDomain.model_validate(value)
+        except ValidationError:
+            pass
+    return _search_space_value_problems(job, domains)
 
 
 def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = (), *, check_paths: bool = True) -> JobConfig:

@@ -38,6 +38,7 @@ __all__ = [
     "load_tokenizer",
     "prepare_data",
     "preview",
+    "prompt_and_answer",
     "to_ray_datasets",
 ]
 
@@ -243,6 +244,28 @@ def _row_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
     if system and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": str(system)}] + messages
     return messages
+
+
+def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[str, str]:
+    """The generation prompt for a row (formatted exactly as in training) and the expected answer.
+
+    For chat formats the answer is the last assistant turn and the prompt everything before it.
+    """
+    c = cfg.columns
+    if cfg.format == "alpaca" and cfg.prompt_template == "alpaca":
+        extra = str(row.get(c.input) or "").strip()
+        prompt = ALPACA_PROMPT.format(
+            context=", paired with an input that provides further context" if extra else "",
+            instruction=str(row[c.instruction]).strip(),
+            input_block=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        return prompt, str(row[c.output])
+    if cfg.format not in ("alpaca", "messages", "sharegpt"):
+        raise DataError(f"data.format {cfg.format!r} has no prompt/answer to generate")
+    messages = _row_messages(row, cfg)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    return prompt, messages[last]["content"]
 
 
 def _chat_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[bool]]:

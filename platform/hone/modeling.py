@@ -17,7 +17,7 @@ from hone.data import IGNORE_INDEX, collate
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ModelError", "build_model", "evaluate", "forward_loss", "load_base_model", "torch_dtype"]
+__all__ = ["ModelError", "build_model", "evaluate", "forward_loss", "generation_accuracy", "load_base_model", "load_export", "torch_dtype"]
 
 
 class ModelError(ValueError):
@@ -247,3 +247,74 @@ def _classification_metrics(confusion: "torch.Tensor") -> dict[str, float]:
     pick = (lambda v: float(v[1])) if confusion.shape[0] == 2 else (lambda v: float(v.mean()))
     return {"eval_accuracy": float(tp.sum()) / max(total, 1.0), "eval_precision": pick(precision),
             "eval_recall": pick(recall), "eval_f1": pick(f1)}
+
+
+# --------------------------------------------------------------------------- exports and generation
+
+
+def load_export(path: str) -> tuple[Any, Any, JobConfig, dict[str, Any]]:
+    """(model, tokenizer, job, info) from a hone export directory, with plain transformers/peft."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(path)
+    info_path = folder / "hone.json"
+    if not info_path.exists():
+        raise ModelError(f"{folder} is not a hone export (no hone.json)")
+    info = json.loads(info_path.read_text())
+    job = JobConfig.model_validate(info["job"], context={"check_paths": False})
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if info["kind"] == "adapter":
+        import peft
+
+        model = peft.PeftModel.from_pretrained(load_base_model(job), str(folder))
+    elif job.task.type == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch_dtype(job))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(job))
+    return model.eval(), tokenizer, job, info
+
+
+def _normalise(text: str) -> str:
+    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
+
+
+def generation_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], job: JobConfig, *,
+                        max_new_tokens: int = 12, batch_size: int = 16) -> tuple[float, list[dict[str, str]]]:
+    """Accuracy of greedy answers to held-out prompts.
+
+    When the answers form a small label set (classification-style instruction data), the
+    prediction is the first label the model mentions, which gives an untuned chatty model
+    a fair chance; otherwise an answer counts when it starts with the expected text.
+    """
+    import torch
+
+    from hone.data import prompt_and_answer
+
+    pairs = [prompt_and_answer(r, job.data, tokenizer) for r in rows]
+    labels = sorted({_normalise(a) for _, a in pairs})
+    label_set = len(labels) <= 20
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    results = []
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            for (prompt, answer), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                said = _normalise(text)
+                if label_set:
+                    hits = [(said.find(l), l) for l in labels if f" {l} " in f" {said} "]
+                    predicted = min(hits)[1] if hits else ""
+                else:
+                    predicted = said
+                correct = predicted == _normalise(answer) if label_set else said.startswith(_normalise(answer))
+                results.append({"expected": answer, "generated": text, "correct": correct})
+    finally:
+        tokenizer.padding_side = side
+    return sum(r["correct"] for r in results) / max(len(results), 1), results

@@ -56,6 +56,7 @@ class TrainResult:
     metrics: dict[str, Any]
     checkpoint: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
 
 
 # --------------------------------------------------------------------------- data order
@@ -237,6 +238,12 @@ def _quiet_worker() -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:  # this Ray module logs every report at INFO through a logger named by its file path
+        from ray.train.v2._internal.execution import context as _ray_train_context
+
+        logging.getLogger(_ray_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         import transformers
@@ -526,8 +533,12 @@ def _worker_env(job: JobConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_session(job: JobConfig | None, address: str | None) -> Any:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local embedded Ray shut down afterwards."""
+def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 0.0) -> Any:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local embedded Ray shut down afterwards.
+
+    A local session gets at least the CPUs the job's workers reserve (plus ``extra_cpus``), so a
+    2-worker job also starts on a 1-core laptop (logical CPUs, oversubscribed).
+    """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report returns promptly
@@ -550,7 +561,7 @@ def ray_session(job: JobConfig | None, address: str | None) -> Any:
         need = 0.0
         if job is not None:
             need = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
-        cpus = max(os.cpu_count() or 1, int(math.ceil(need)))
+        cpus = max(os.cpu_count() or 1, int(math.ceil(need + extra_cpus)))
         ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True,
                  logging_config=logging_config)
     try:
@@ -560,8 +571,15 @@ def ray_session(job: JobConfig | None, address: str | None) -> Any:
 
 
 def train(job: JobConfig | None = None, *, resume: str | None = None, address: str | None = None,
-          storage_path: str | None = None, quiet: bool = False) -> TrainResult:
-    """Run (or resume) a training job and return where its export is."""
+          storage_path: str | None = None, quiet: bool = False, run_dir: Path | None = None,
+          callbacks: list[Any] | None = None, track: bool | None = None, experiment: str | None = None,
+          extra_tags: dict[str, str] | None = None) -> TrainResult:
+    """Run (or resume) a training job and return where its export is.
+
+    ``run_dir`` pins the run directory (sweep trials); ``callbacks`` are extra Ray Train
+    callbacks (Tune's report bridge); ``track`` logs the finished run to MLflow (default on,
+    ``HONE_MLFLOW=0`` turns it off).
+    """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -575,13 +593,15 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     elif job is None:
         raise TrainError("give a job or a run to resume")
     else:
-        storage = Path(storage_path or job.training.storage_path or default_storage()).expanduser().resolve()
-        run_dir = storage / f"{job.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = storage / f"{job.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-        run_dir.mkdir(parents=True)
+        if run_dir is None:
+            storage = Path(storage_path or job.training.storage_path or default_storage()).expanduser().resolve()
+            run_dir = storage / f"{job.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while run_dir.exists():
+                n += 1
+                run_dir = storage / f"{job.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        run_dir = Path(run_dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.yaml").write_text(job.to_yaml())
 
     tokenizer = load_tokenizer(job)
@@ -614,20 +634,31 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                 failure_config=FailureConfig(max_failures=job.distributed.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints, checkpoint_score_attribute=metric,
                                                    checkpoint_score_order=metric_mode(metric)),
-                callbacks=[_progress_callback(run_dir)],
+                callbacks=[_progress_callback(run_dir), *(callbacks or [])],
                 logging_config=ray.train.LoggingConfig(log_level=os.environ.get("HONE_RAY_LOG_LEVEL", "WARNING")),
             ),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         )
         with _ProgressPrinter(run_dir, steps, quiet):
+            started = time.time()
             try:
                 result = trainer.fit()
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep the cause visible
                 raise TrainError(f"training run {run_dir.name} failed: {e}\n"
                                  f"resume it with: hone train --resume {run_dir}") from e
+            fit_seconds = time.time() - started
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
     export = run_dir / EXPORT_DIR
     merged = run_dir / MERGED_DIR
+    metrics = dict(result.metrics or {})
+    mlflow_run_id = None
+    if (track if track is not None else os.environ.get("HONE_MLFLOW", "1") != "0") and export.exists():
+        from hone.registry import log_run
+
+        mlflow_run_id = log_run(job, run_dir, history, metrics, experiment=experiment, extra_tags=extra_tags)
+    (run_dir / "hone-run.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "fit_seconds": fit_seconds,
+                                                        "metrics": metrics, "export": str(export) if export.exists() else None},
+                                                       indent=2, default=str))
     return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
-                       dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None, history)
+                       metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)

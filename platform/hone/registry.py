@@ -1,0 +1,219 @@
+"""The model registry: every export logged to MLflow; sweep winners registered with an alias.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a team server, unchanged), else a local SQLite
+database under ``$HONE_HOME/mlflow``. Local SQLite writers are serialised with a file lock
+so concurrent sweeps on one machine never lose a write.
+
+``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` resolve to the export directory that a
+version was registered from (``resolve_model_ref``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from hone import assets
+from hone.config import JobConfig
+
+__all__ = ["RegistryError", "log_run", "promote", "register_winner", "resolve_model_ref", "show_model", "list_models", "tracking_uri"]
+
+WINNER = "winner"
+
+
+class RegistryError(RuntimeError):
+    """A registry lookup or update failed; the message names the model/version/alias."""
+
+
+def tracking_uri() -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = assets.hone_home() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _artifact_root() -> str:
+    return str(assets.hone_home() / "mlflow" / "artifacts")
+
+
+@contextlib.contextmanager
+def _client() -> Iterator[Any]:
+    """An MlflowClient; local SQLite access is serialised across processes by a file lock."""
+    import fcntl
+    import logging
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:"):
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return
+    lock = assets.hone_home() / "mlflow" / "registry.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _experiment(client: Any, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else _artifact_root())
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dataset_fingerprint(job: JobConfig) -> str:
+    """A short hash of what decides the training data (source, format, split, length, sampling)."""
+    d = job.data
+    blob = json.dumps([d.source, d.format, d.columns.model_dump(), d.split, d.validation, d.seed, d.max_samples, d.max_length,
+                       d.train_on_inputs, d.packing, d.prompt_template], sort_keys=True, default=str)
+    source = Path(d.source)
+    if source.is_file():
+        stat = source.stat()
+        blob += f"{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def log_run(job: JobConfig, run_dir: Path, history: list[dict[str, Any]], final: dict[str, Any], *,
+            experiment: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
+    """Log a finished run (params, metrics over steps, lineage tags, export location); returns the MLflow run id."""
+    from hone import __version__
+    from mlflow.entities import Metric, Param, RunTag
+
+    params: dict[str, str] = {}
+    _flatten("", job.model_dump(mode="json", exclude={"tune"}), params)
+    tags = {
+        "hone.base_model": job.model.name,
+        "hone.method": job.method.type,
+        "hone.task": job.task.type,
+        "hone.zero_stage": str(job.distributed.deepspeed.stage) if job.distributed.deepspeed else "ddp",
+        "hone.dataset": job.data.source,
+        "hone.dataset_fingerprint": dataset_fingerprint(job),
+        "hone.git_commit": _git_commit(),
+        "hone.version": __version__,
+        "hone.run_dir": str(run_dir),
+        "hone.export_dir": str(run_dir / "export"),
+        "mlflow.runName": run_dir.name,
+        **(extra_tags or {}),
+    }
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), int(m.get("time", 0) * 1000) or now, int(m["step"]))
+               for m in history for k, v in m.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time", "total_steps")]
+    metrics += [Metric(f"final_{k}", float(v), now, int(final.get("step", 0))) for k, v in final.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("eval_", "loss"))]
+    with _client() as client:
+        run = client.create_run(_experiment(client, experiment or f"hone/{job.name}"), tags=tags, run_name=run_dir.name)
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]])
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run.info.run_id, metrics=metrics[i : i + 500])
+        client.log_batch(run.info.run_id, tags=[RunTag("hone.final_metrics", json.dumps(final, default=str)[:5000])])
+        client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def register_winner(name: str, run_id: str, export_dir: Path, metric: str, value: float, *, alias: str = WINNER,
+                    sweep: str | None = None) -> int:
+    """Register an export as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    with _client() as client:
+        try:
+            client.get_registered_model(name)
+        except Exception:  # noqa: BLE001 - MlflowException(RESOURCE_DOES_NOT_EXIST)
+            client.create_registered_model(name, tags={"hone": "true"})
+        tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": str(export_dir)}
+        if sweep:
+            tags["hone.sweep"] = sweep
+        version = client.create_model_version(name, source=str(export_dir), run_id=run_id, tags=tags)
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def promote(name: str, version: int, alias: str) -> None:
+    with _client() as client:
+        try:
+            client.get_model_version(name, str(version))
+        except Exception as e:  # noqa: BLE001
+            raise RegistryError(f"no version {version} of registered model {name!r}") from e
+        client.set_registered_model_alias(name, alias, str(version))
+
+
+def _parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, None, alias
+    name, _, version = body.partition("/")
+    if not version:
+        raise RegistryError(f"{ref!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version, None
+
+
+def resolve_model_ref(ref: str) -> dict[str, Any]:
+    """{name, version, source, tags, aliases} for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    name, version, alias = _parse_ref(ref)
+    with _client() as client:
+        try:
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        except Exception as e:  # noqa: BLE001
+            raise RegistryError(f"{ref!r} does not resolve: no registered model {name!r} with "
+                                f"{'alias ' + alias if alias else 'version ' + str(version)}") from e
+        return {"name": name, "version": int(mv.version), "source": mv.source, "tags": dict(mv.tags), "aliases": list(mv.aliases),
+                "run_id": mv.run_id}
+
+
+def list_models() -> list[dict[str, Any]]:
+    with _client() as client:
+        out = []
+        for rm in client.search_registered_models():
+            out.append({"name": rm.name, "aliases": dict(rm.aliases) if isinstance(rm.aliases, dict) else {a.alias: a.version for a in rm.aliases},
+                        "latest": max((int(v.version) for v in client.search_model_versions(f"name='{rm.name}'")), default=0)})
+        return out
+
+
+def show_model(name: str) -> list[dict[str, Any]]:
+    """Every version with its metrics and lineage (run tags)."""
+    with _client() as client:
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise RegistryError(f"no registered model {name!r}")
+        out = []
+        for found in sorted(versions, key=lambda v: int(v.version)):
+            v = client.get_model_version(name, found.version)  # search results carry no aliases
+            run = client.get_run(v.run_id) if v.run_id else None
+            out.append({
+                "version": int(v.version), "aliases": list(v.aliases), "source": v.source, "tags": dict(v.tags),
+                "metrics": dict(run.data.metrics) if run else {},
+                "lineage": {k: val for k, val in (run.data.tags.items() if run else []) if k.startswith("hone.") and k != "hone.final_metrics"},
+            })
+        return out

@@ -1,0 +1,298 @@
+"""``hone tune``: a Ray Tune sweep over a job's ``tune:`` section; the winner goes to the registry.
+
+Each trial is a Tune function trainable that validates its sampled config with the schema
+and runs a full hone training run (Ray Train + DeepSpeed) whose reports reach Tune through
+``TuneReportCallback`` — the pattern Ray 2.60 supports in place of passing a Trainer to a
+Tuner. The trial function itself reserves no CPU, so trials never deadlock their own
+training workers; ``max_concurrent_trials`` defaults to what the cluster's CPUs fit.
+
+Sweep directory (``<storage>/<name>-sweep-<timestamp>``): ``job.yaml``, ``tune/`` (Tune's
+experiment state, for ``--resume``), ``runs/<trial_id>/`` (each trial's run and export),
+``trials.csv``/``trials.json``, ``metric_vs_step.png``, ``params_vs_metric.png``, ``sweep.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hone.config import JobConfig, SearchDomain, _set_path, load_job, validate_job
+from hone.train import TrainError, default_storage, ray_session
+
+__all__ = ["SweepResult", "sweep"]
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    trials: list[dict[str, Any]]
+    winner: dict[str, Any] | None
+    registered: dict[str, Any] | None
+
+
+def _domain(d: SearchDomain) -> Any:
+    from ray import tune
+
+    kind = d.kind
+    value = getattr(d, kind)
+    return {
+        "choice": lambda: tune.choice(list(value)),
+        "grid": lambda: tune.grid_search(list(value)),
+        "uniform": lambda: tune.uniform(*value),
+        "loguniform": lambda: tune.loguniform(*value),
+        "randint": lambda: tune.randint(*value),
+    }[kind]()
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_name: str) -> None:
+    """One trial: the base job with the sampled values, validated, trained on Ray Train."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from hone.train import train
+
+    raw = copy.deepcopy(base)
+    for path, value in config.items():
+        _set_path(raw, path, value)
+    job = validate_job(raw, check_paths=False)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(sweep_dir) / "runs" / trial_id
+    resume = str(run_dir) if (run_dir / "job.yaml").exists() else None
+    # Tracking happens in the sweep driver: a scheduler may stop this function right after its last report.
+    train(None if resume else job, resume=resume, run_dir=None if resume else run_dir, quiet=True,
+          callbacks=[TuneReportCallback()], track=False)
+
+
+def _scheduler(job: JobConfig, metric: str, mode: str) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = job.tune
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    if t.scheduler == "pbt":
+        raise TrainError("tune.scheduler: pbt needs trials that hand Tune their checkpoints, which Ray Train V2 trials "
+                         "launched from a Tune function do not in Ray 2.60; use asha (early stopping) or fifo")
+    max_t = job.training.max_steps or 10**9
+    return ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=max_t,
+                         grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+
+
+def _searcher(job: JobConfig, metric: str, mode: str) -> Any:
+    if job.tune.searcher != "optuna":
+        return None
+    if any(d.kind == "grid" for d in job.tune.search_space.values()):
+        raise TrainError("tune.searcher: optuna samples points itself; replace grid domains with choice")
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:  # pragma: no cover - optuna is a dependency
+        raise TrainError("tune.searcher: optuna needs the optuna package (pip install optuna)") from e
+    return OptunaSearch(metric=metric, mode=mode, seed=job.training.seed)
+
+
+_TRIAL_DRIVER_CPU = 0.01
+
+
+def _concurrency(job: JobConfig) -> int:
+    import ray
+
+    per_trial = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + _TRIAL_DRIVER_CPU
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < per_trial:
+        raise TrainError(f"the cluster has {cpus:g} CPUs but one trial needs {per_trial:g} "
+                         f"({job.distributed.num_workers} workers × {job.distributed.resources_per_worker.get('CPU', 1.0):g} CPU "
+                         f"+ {_TRIAL_DRIVER_CPU} for the trial driver); add CPUs or lower distributed.resources_per_worker")
+    if job.tune.max_concurrent_trials:
+        return job.tune.max_concurrent_trials
+    return max(1, int(cpus // per_trial))
+
+
+def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+    metric = job.tune.metric
+    total = job.training.max_steps
+    rows = []
+    for r in result_grid:
+        match = re.search(r"_([0-9a-f]{5}_\d{5})", Path(r.path).name) if r.path else None
+        trial_id = (r.metrics or {}).get("trial_id") or (match.group(1) if match else Path(r.path or "?").name)
+        run_dir = sweep_dir / "runs" / str(trial_id)
+        # The run's own metrics.jsonl is the record (Tune's may miss results of an interrupted sweep);
+        # a step logged twice (a resumed run) keeps its last value.
+        by_step: dict[int, dict[str, Any]] = {}
+        if (run_dir / "metrics.jsonl").exists():
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                if line.strip():
+                    m = json.loads(line)
+                    by_step[int(m["step"])] = m
+        history = [by_step[k] for k in sorted(by_step)]
+        values = [h[metric] for h in history if h.get(metric) is not None]
+        last_step = max((h.get("step", 0) for h in history), default=0)
+        export = run_dir / "export"
+        status = "error" if r.error else ("completed" if export.exists() and (not total or last_step >= total) else "stopped early")
+        rows.append({
+            "trial": trial_id,
+            "run_seconds": float((r.metrics or {}).get("time_total_s", 0.0)),
+            "params": {k: v for k, v in r.config.items()},
+            metric: values[-1] if values else None,
+            f"best_{metric}": (min(values) if job.tune.mode == "min" else max(values)) if values else None,
+            "steps": last_step,
+            "status": status,
+            "export": str(export) if export.exists() else None,
+            "history": [{"step": h["step"], metric: h[metric]} for h in history if h.get(metric) is not None],
+        })
+    rows.sort(key=lambda row: str(row["trial"]))
+    return rows
+
+
+def _write_outputs(rows: list[dict[str, Any]], job: JobConfig, sweep_dir: Path) -> None:
+    metric = job.tune.metric
+    paths = list(job.tune.search_space)
+    (sweep_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    with open(sweep_dir / "trials.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["trial", *paths, metric, f"best_{metric}", "steps", "status", "export"])
+        for row in rows:
+            w.writerow([row["trial"], *[row["params"].get(p) for p in paths], row[metric], row[f"best_{metric}"], row["steps"], row["status"], row["export"]])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        xs = [h["step"] for h in row["history"]]
+        ys = [h[metric] for h in row["history"]]
+        style = "--" if row["status"] != "completed" else "-"
+        label = f"{row['trial']} ({row['status']})"
+        ax.plot(xs, ys, style, marker="o", label=label)
+        if xs and row["status"] != "completed":
+            ax.plot(xs[-1], ys[-1], "x", color="black", markersize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{job.name}: {metric} per trial (× = stopped early)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "metric_vs_step.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, max(1, len(paths)), figsize=(4.5 * max(1, len(paths)), 4), squeeze=False)
+    for ax, path in zip(axes[0], paths):
+        points = [(row["params"].get(path), row[metric]) for row in rows if row[metric] is not None]
+        log = job.tune.search_space[path].kind == "loguniform"
+        for (x, y), row in zip(points, [r for r in rows if r[metric] is not None]):
+            ax.scatter([x], [y], marker="o" if row["status"] == "completed" else "x")
+        ax.set_xscale("log" if log else "linear")
+        ax.set_xlabel(path)
+        ax.set_ylabel(f"final {metric}")
+    fig.suptitle(f"{job.name}: searched parameters vs {metric} (x = stopped early)")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "params_vs_metric.png", dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict[str, Any]], job: JobConfig, winner: dict[str, Any] | None) -> str:
+    metric = job.tune.metric
+    paths = list(job.tune.search_space)
+    header = ["trial", *paths, metric, "steps", "status"]
+    body = []
+    for row in rows:
+        cells = [str(row["trial"]) + (" *" if winner and row["trial"] == winner["trial"] else "")]
+        for p in paths:
+            v = row["params"].get(p)
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        cells += [f"{row[metric]:.5g}" if row[metric] is not None else "-", str(row["steps"]), row["status"]]
+        body.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: str | None = None,
+          storage_path: str | None = None, register: bool = True) -> SweepResult:
+    """Run (or resume) a sweep; returns the trials, the winner and its registry entry."""
+    from ray import tune
+
+    from hone import registry
+
+    if resume:
+        sweep_dir = Path(resume).expanduser()
+        if not (sweep_dir / "job.yaml").exists():
+            sweep_dir = Path(storage_path or default_storage()).expanduser() / resume
+        if not (sweep_dir / "job.yaml").exists():
+            raise TrainError(f"no hone sweep at {resume!r}")
+        sweep_dir = sweep_dir.resolve()
+        job = load_job(sweep_dir / "job.yaml", check_paths=False)
+    elif job is None:
+        raise TrainError("give a job or a sweep to resume")
+    else:
+        if job.tune is None or not job.tune.search_space:
+            raise TrainError(f"job {job.name!r} has no tune.search_space to search")
+        storage = Path(storage_path or job.training.storage_path or default_storage()).expanduser().resolve()
+        sweep_dir = storage / f"{job.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir.mkdir(parents=True)
+        (sweep_dir / "job.yaml").write_text(job.to_yaml())
+    assert job.tune is not None
+    metric, mode = job.tune.metric, job.tune.mode
+    base = job.to_dict()
+    base["tune"] = None
+    base["training"]["storage_path"] = str(sweep_dir / "runs")
+    name = sweep_dir.name
+    # The trial function only waits on its Train run: a token CPU share, so it never starves its workers.
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name),
+                                    {"CPU": _TRIAL_DRIVER_CPU})
+
+    with ray_session(job, address, extra_cpus=1.0):
+        started = time.time()
+        if resume and tune.Tuner.can_restore(str(sweep_dir / "tune" / "sweep")):
+            print(f"[hone] resuming sweep {name}: finished trials are kept, unfinished ones continue", flush=True)
+            tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={path: _domain(d) for path, d in job.tune.search_space.items()},
+                tune_config=tune.TuneConfig(num_samples=job.tune.num_samples, scheduler=_scheduler(job, metric, mode),
+                                            search_alg=_searcher(job, metric, mode), max_concurrent_trials=_concurrency(job),
+                                            reuse_actors=False),
+                run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        result_grid = tuner.fit()
+        wall = time.time() - started
+    rows = _trials_table(result_grid, job, sweep_dir)
+    done = [r for r in rows if r["status"] == "completed" and r[metric] is not None]
+    winner = (min(done, key=lambda r: r[metric]) if mode == "min" else max(done, key=lambda r: r[metric])) if done else None
+    _write_outputs(rows, job, sweep_dir)
+    registered = None
+    if register:
+        for row in done:
+            row["mlflow_run_id"] = _track_trial(sweep_dir / "runs" / str(row["trial"]), name, str(row["trial"]))
+    if winner and register:
+        model_name = job.tune.registered_model or job.name
+        version = registry.register_winner(model_name, winner["mlflow_run_id"], Path(winner["export"]), metric, winner[metric], sweep=name)
+        registered = {"name": model_name, "version": version, "ref": f"models:/{model_name}@{registry.WINNER}"}
+    trial_time = sum(r["run_seconds"] for r in rows)
+    summary = {"sweep": name, "metric": metric, "mode": mode, "wall_s": wall, "trials_run_s": trial_time,
+               "winner": winner and {k: winner[k] for k in ("trial", "params", metric, "export")}, "registered": registered}
+    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    return SweepResult(sweep_dir, rows, winner, registered)
+
+
+def _track_trial(run_dir: Path, sweep_name: str, trial: str) -> str:
+    """Log a finished trial's run to MLflow (once: the id is kept in the run directory)."""
+    from hone import registry
+
+    marker = run_dir / "mlflow_run_id"
+    if marker.exists():
+        return marker.read_text().strip()
+    job = load_job(run_dir / "job.yaml", check_paths=False)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    run_id = registry.log_run(job, run_dir, history, history[-1] if history else {}, experiment=f"hone/{sweep_name}",
+                              extra_tags={"hone.sweep": sweep_name, "hone.trial": trial})
+    marker.write_text(run_id)
+    return run_id
