@@ -24,7 +24,9 @@ def home(tmp_path, monkeypatch):
     """A private registry (HONE_HOME/mlflow) while keeping the shared built-in model cache."""
     registry_home = tmp_path / "home"
     (registry_home / "models").mkdir(parents=True)
-    for built in (Path(os.environ["HONE_HOME"]) / "models").iterdir():
+    shared = Path(os.environ["HONE_HOME"]) / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    for built in shared.iterdir():
         (registry_home / "models" / built.name).symlink_to(built)
     monkeypatch.setenv("HONE_HOME", str(registry_home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

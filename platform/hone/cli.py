@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from hone import assets
 from hone.config import JobConfigError, json_schema, load_job
@@ -52,14 +52,19 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_or_resume(args: argparse.Namespace, command: str, what: str) -> Any:
+    """The validated job, or None when resuming (a resumed run/sweep keeps its own job.yaml)."""
+    if args.resume and args.job:
+        raise SystemExit(f"hone {command}: give a job file or --resume {what}, not both (a resumed {what.lower()} keeps its own job.yaml)")
+    if not args.resume and not args.job:
+        raise SystemExit(f"hone {command}: give a job file (or --resume {what})")
+    return None if args.resume else load_job(args.job, args.overrides)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from hone.train import train
 
-    if args.resume and args.job:
-        raise SystemExit("hone train: give a job file or --resume RUN, not both (a resumed run keeps its own job.yaml)")
-    if not args.resume and not args.job:
-        raise SystemExit("hone train: give a job file (or --resume RUN)")
-    job = None if args.resume else load_job(args.job, args.overrides)
+    job = _job_or_resume(args, "train", "RUN")
     result = train(job, resume=args.resume, address=args.address, storage_path=args.storage_path)
     m = result.metrics
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1") if k in m)
@@ -74,15 +79,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from hone.tune import format_table, sweep
 
-    if args.resume and args.job:
-        raise SystemExit("hone tune: give a job file or --resume SWEEP, not both")
-    if not args.resume and not args.job:
-        raise SystemExit("hone tune: give a job file (or --resume SWEEP)")
-    job = None if args.resume else load_job(args.job, args.overrides)
+    job = _job_or_resume(args, "tune", "SWEEP")
     result = sweep(job, resume=args.resume, address=args.address, storage_path=args.storage_path)
-    from hone.config import load_job as _load
-
-    swept = _load(result.sweep_dir / "job.yaml", check_paths=False)
+    swept = load_job(result.sweep_dir / "job.yaml", check_paths=False)
     print(format_table(result.trials, swept, result.winner))
     print(f"sweep: {result.sweep_dir}  (trials.csv, trials.json, metric_vs_step.png, params_vs_metric.png)")
     if result.winner:
