@@ -74,3 +74,15 @@ def cluster(tmp_path_factory):
             ray.shutdown()
         subprocess.run([script, "down"], env=env, capture_output=True)
         shutil.rmtree(env["HONE_CLUSTER_DIR"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu holds CUDA-only checks: skipped (not faked) on machines without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if f"{os.sep}gpu{os.sep}" in str(item.fspath):
+            item.add_marker(skip)
