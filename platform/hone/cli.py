@@ -123,9 +123,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from hone.modeling import evaluate, generation_accuracy, load_base_model, load_export
     from hone.train import EXPORT_DIR, resolve_run_dir
 
-    target = Path(args.target)
-    if not (target / "hone.json").exists():
-        target = resolve_run_dir(args.target) / EXPORT_DIR
+    if args.target.startswith("models:/"):
+        from hone.registry import resolve_model_ref
+
+        target = Path(resolve_model_ref(args.target)["source"])
+    else:
+        target = Path(args.target)
+        if not (target / "hone.json").exists():
+            target = resolve_run_dir(args.target) / EXPORT_DIR
     model, tokenizer, job, info = load_export(str(target))
     what = f"export {target}"
     if args.base:
@@ -211,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=_cmd_models)
 
     p = sub.add_parser("eval", help="evaluate an export on a held-out split (loss; accuracy of generated answers)")
-    p.add_argument("target", help="an export directory, a run directory, or a run name")
+    p.add_argument("target", help="an export directory, a run directory or name, or models:/NAME@ALIAS")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("-n", type=int, default=200, help="rows to evaluate (default 200)")
     p.add_argument("--base", action="store_true", help="evaluate the untuned base model instead, for comparison")
