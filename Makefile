@@ -29,14 +29,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: the CPU build on this machine, not a CUDA one.
 	$(PIP) install -qq torch==2.13.0
 	# DeepSpeed is an sdist; without build isolation it sees the torch above.
-	# Its ops compile on first use (cached under TORCH_EXTENSIONS_DIR).
+	# hone needs none of its compiled ops on CPU (torch AdamW; gloo instead of the shm comm op).
 	$(PIP) install -qq --no-build-isolation deepspeed==0.19.8
 	$(PIP) install -qq -e '.[dev]'
 	$(PIP) install -qq --no-deps $(ASSETS)
-	# Build DeepSpeed's CPU shared-memory comm op now (~40 s, cached in TORCH_EXTENSIONS_DIR) so
-	# training never JIT-compiles it; a lock left by a build that was killed would hang every run.
-	rm -f "$$TORCH_EXTENSIONS_DIR"/py*_cpu/deepspeed_shm_comm/lock
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 test: setup

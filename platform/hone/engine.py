@@ -81,6 +81,13 @@ class _DeepSpeed:
     def __init__(self, job: JobConfig, model: Any, world_size: int, total_steps: int):
         import deepspeed
 
+        if not job.distributed.use_gpu and os.environ.get("HONE_DS_SHM_COMM") != "1":
+            # DeepSpeed's CPU shared-memory allreduce op JIT-compiles in every fresh environment, with
+            # the workers racing on one build lock (a killed build leaves it held and hangs every later
+            # run). Skipping it makes DeepSpeed use torch.distributed (gloo); HONE_DS_SHM_COMM=1 opts in.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.config = deepspeed_config(job, world_size)
         self.stage = self.config["zero_optimization"]["stage"]
         self.peft = job.method.is_peft
