@@ -239,24 +239,36 @@ def test_rotten_tomatoes_views_and_prepare(tiny_tokenizer):
     assert "train: 32 rows in" in str(prepared.report)
 
 
+_HANDOFF = """
+import tempfile, sys
+sys.path.insert(0, sys.argv[1])
+import ray
+from conftest import make_job
+from hone.data import load_tokenizer, prepare_data, to_ray_datasets
+
+job = make_job(data={"max_samples": 40, "max_eval_samples": 10})
+tokenizer = load_tokenizer(job)
+prepared = prepare_data(job, tokenizer)
+ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False)
+try:
+    ds = to_ray_datasets(prepared)
+    assert ds["train"].count() == 40 and ds["validation"].count() == 10
+    rows = sorted(ds["train"].take_all(), key=lambda r: r["row_id"])
+    assert [r["row_id"] for r in rows] == list(range(40))
+    assert list(rows[3]["input_ids"]) == prepared.train[3]["input_ids"]
+    shards = ds["train"].split(2, equal=True)
+    assert sum(s.count() for s in shards) == 40
+finally:
+    ray.shutdown()
+print("HANDOFF OK")
+"""
+
+
 @pytest.mark.slow
-def test_ray_data_handoff(tiny_tokenizer):
-    import tempfile
+def test_ray_data_handoff(repo):
+    """Runs in its own process: a Ray started here would linger in the test process's Ray state."""
+    import subprocess
+    import sys
 
-    import ray
-
-    from hone.data import to_ray_datasets
-
-    job = make_job(data={"max_samples": 40, "max_eval_samples": 10})
-    prepared = prepare_data(job, tiny_tokenizer)
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False)
-    try:
-        ds = to_ray_datasets(prepared)
-        assert ds["train"].count() == 40 and ds["validation"].count() == 10
-        rows = sorted(ds["train"].take_all(), key=lambda r: r["row_id"])
-        assert [r["row_id"] for r in rows] == list(range(40))
-        assert list(rows[3]["input_ids"]) == prepared.train[3]["input_ids"]
-        shards = ds["train"].split(2, equal=True)
-        assert sum(s.count() for s in shards) == 40
-    finally:
-        ray.shutdown()
+    out = subprocess.run([sys.executable, "-c", _HANDOFF, str(repo / "tests")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "HANDOFF OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
