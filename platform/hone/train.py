@@ -262,6 +262,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from hone.data import collate
     from hone.engine import make_engine
     from hone.modeling import build_model, evaluate, forward_loss
 
@@ -324,7 +325,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         start = time.perf_counter()
         for micro in range(t.grad_accum):
             rows = [train_rows[i] for i in sched.micro_rows(state.step, micro, rank)]
-            batch = {k: v.to(device) for k, v in _collate(rows, pad_id, task).items()}
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id, task).items()}
             with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                 loss, _, _ = forward_loss(engine.module, batch, task)
             engine.train_micro(loss)
@@ -390,12 +391,6 @@ def _train_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=report_checkpoint)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _collate(rows: list[dict[str, Any]], pad_id: int, task: str) -> dict[str, Any]:
-    from hone.data import collate
-
-    return collate(rows, pad_id, task)
 
 
 # --------------------------------------------------------------------------- driver-side progress

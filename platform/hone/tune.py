@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
-import os
 import re
 import time
 from dataclasses import dataclass
