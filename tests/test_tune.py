@@ -19,6 +19,19 @@ from hone.config import load_job
 HONE = str(Path(sys.executable).parent / "hone")
 
 
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a hone command in its own process group; on timeout kill the group and fail with its output."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args[1:3])} timed out after {timeout}s\n--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
     """A private registry (HONE_HOME/mlflow) while keeping the shared built-in model cache."""
@@ -36,8 +49,7 @@ def home(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sweep_stops_bad_trials_and_registers_the_winner(repo, home, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([HONE, "tune", str(repo / "jobs" / "sweep-tiny.yaml"), "--storage-path", str(tmp_path / "runs")],
-                         env=env, capture_output=True, text=True, timeout=900)
+    out = _run([HONE, "tune", str(repo / "jobs" / "sweep-tiny.yaml"), "--storage-path", str(tmp_path / "runs")], env, 480)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     sweep_dir = next((tmp_path / "runs").iterdir())
     trials = json.loads((sweep_dir / "trials.json").read_text())
@@ -96,7 +108,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(repo, home,
     sweep_dir = next(storage.iterdir())
     first = {p.parent.parent.name: p.stat().st_mtime_ns for p in storage.glob("*/runs/*/export/hone.json")}
     assert 1 <= len(first) < 3
-    out = subprocess.run([HONE, "tune", "--resume", str(sweep_dir)], env=env, capture_output=True, text=True, timeout=900)
+    out = _run([HONE, "tune", "--resume", str(sweep_dir)], env, 480)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "resuming sweep" in out.stdout
     trials = json.loads((sweep_dir / "trials.json").read_text())

@@ -510,29 +510,38 @@ def resolve_run_dir(run: str, storage_path: str | None = None) -> Path:
     return candidate.resolve()
 
 
-def _worker_env(job: JobConfig) -> dict[str, str]:
+def _base_worker_env() -> dict[str, str]:
+    """Environment every hone Ray worker gets: the hone cache, offline switches, quiet libraries."""
     env = {
         "HONE_HOME": str(assets.hone_home()),
         "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": str(max(1, int(job.distributed.resources_per_worker.get("CPU", 1)))),
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
-    if not job.distributed.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
 
 
+def _worker_env(job: JobConfig) -> dict[str, str]:
+    env = {**_base_worker_env(), "OMP_NUM_THREADS": str(max(1, int(job.distributed.resources_per_worker.get("CPU", 1))))}
+    if not job.distributed.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 @contextlib.contextmanager
-def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 0.0) -> Any:
+def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 0.0, *, env: dict[str, str] | None = None,
+                metrics_export_port: int | None = None) -> Any:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local embedded Ray shut down afterwards.
 
     A local session gets at least the CPUs the job's workers reserve (plus ``extra_cpus``), so a
-    2-worker job also starts on a 1-core laptop (logical CPUs, oversubscribed).
+    2-worker job also starts on a 1-core laptop (logical CPUs, oversubscribed). Its GCS port is
+    chosen here and passed to every worker as ``RAY_ADDRESS``: Ray's own helpers inside workers
+    (Train's placement-group cleaner uses the state API) would otherwise auto-detect the cluster
+    and fail when another Ray instance runs on the same machine.
     """
     import ray
 
@@ -541,7 +550,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
 
     DataContext.get_current().enable_progress_bars = False  # per-worker bars would flood the driver's console
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": _worker_env(job)} if job is not None else None
+    env_vars = {**(_worker_env(job) if job is not None else _base_worker_env()), **(env or {})}
     log_level = os.environ.get("HONE_RAY_LOG_LEVEL", "WARNING")
     logging_config = ray.LoggingConfig(encoding="TEXT", log_level=log_level)
     if ray.is_initialized():
@@ -549,7 +558,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         return
     if address:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_config=logging_config)
+            ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True, logging_config=logging_config)
         except Exception as e:  # noqa: BLE001 - re-raised with the address named
             raise TrainError(f"cannot connect to the Ray cluster at {address}: {e}") from e
     else:
@@ -557,12 +566,33 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         if job is not None:
             need = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
         cpus = max(os.cpu_count() or 1, int(math.ceil(need + extra_cpus)))
-        ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True,
-                 logging_config=logging_config)
+        port = _free_port()
+        env_vars["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        extra: dict[str, Any] = {}
+        if metrics_export_port:
+            extra["_metrics_export_port"] = metrics_export_port
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", num_cpus=cpus, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                     logging_config=logging_config, **extra)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def train(job: JobConfig | None = None, *, resume: str | None = None, address: str | None = None,

@@ -96,20 +96,29 @@ def _searcher(job: JobConfig, metric: str, mode: str) -> Any:
 
 
 _TRIAL_DRIVER_CPU = 0.01
+# A trial's driver builds its Ray datasets with 1-CPU metadata tasks that run outside the trial's
+# placement group: if running trials reserved every CPU, a new trial would wait on them forever.
+_DATA_TASK_CPU = 1.0
 
 
 def _concurrency(job: JobConfig) -> int:
     import ray
 
-    per_trial = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + _TRIAL_DRIVER_CPU
+    per_trial = _trial_cpus(job)
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < per_trial:
+    if cpus < per_trial + _DATA_TASK_CPU:
         raise TrainError(f"the cluster has {cpus:g} CPUs but one trial needs {per_trial:g} "
                          f"({job.distributed.num_workers} workers × {job.distributed.resources_per_worker.get('CPU', 1.0):g} CPU "
-                         f"+ {_TRIAL_DRIVER_CPU} for the trial driver); add CPUs or lower distributed.resources_per_worker")
+                         f"+ {_TRIAL_DRIVER_CPU} for the trial driver) and {_DATA_TASK_CPU:g} more must stay free for "
+                         "the trial's Ray Data tasks; add CPUs or lower distributed.resources_per_worker")
+    fits = max(1, int((cpus - _DATA_TASK_CPU) // per_trial))
     if job.tune.max_concurrent_trials:
-        return job.tune.max_concurrent_trials
-    return max(1, int(cpus // per_trial))
+        return min(job.tune.max_concurrent_trials, fits)
+    return fits
+
+
+def _trial_cpus(job: JobConfig) -> float:
+    return job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + _TRIAL_DRIVER_CPU
 
 
 def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dict[str, Any]]:
@@ -245,7 +254,7 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name),
                                     {"CPU": _TRIAL_DRIVER_CPU})
 
-    with ray_session(job, address, extra_cpus=1.0):
+    with ray_session(job, address, extra_cpus=_TRIAL_DRIVER_CPU + _DATA_TASK_CPU):
         started = time.time()
         if resume and tune.Tuner.can_restore(str(sweep_dir / "tune" / "sweep")):
             print(f"[hone] resuming sweep {name}: finished trials are kept, unfinished ones continue", flush=True)
