@@ -709,9 +709,9 @@ def _is_dict(annotation: Any) -> bool:
     return any(typing.get_origin(a) is dict or a is dict for a in _unwrap(annotation))
 
 
-def _path_problem(path: str) -> tuple[str, str] | None:
+def _path_problem(path: str, root: type[BaseModel] | None = None) -> tuple[str, str] | None:
     """Why a dotted path does not name a field of the schema (message, hint), or None."""
-    model: type[BaseModel] | None = JobConfig
+    model: type[BaseModel] | None = root or JobConfig
     parts = path.split(".")
     for i, part in enumerate(parts):
         if model is None:
@@ -727,7 +727,7 @@ def _path_problem(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _problems_from_validation(err: ValidationError, raw: Mapping[str, Any]) -> list[Problem]:
+def _problems_from_validation(err: ValidationError, raw: Mapping[str, Any], root: type[BaseModel] | None = None) -> list[Problem]:
     """Turn pydantic's errors into path + message + hint, merging union alternatives."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for e in err.errors(include_url=False):
@@ -743,7 +743,7 @@ def _problems_from_validation(err: ValidationError, raw: Mapping[str, Any]) -> l
             hint = _HINTS.get(path, "")
             if e["type"] == "extra_forbidden":
                 parent, _, key = path.rpartition(".")
-                fields = _fields_at(parent)
+                fields = _fields_at(parent, root)
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else (f"known keys: {', '.join(fields)}" if fields else "")
                 out.append(Problem(path, "unknown key", hint))
@@ -799,8 +799,8 @@ def _clean_loc(loc: Sequence[Any]) -> str:
     return ".".join(parts)
 
 
-def _fields_at(path: str) -> list[str]:
-    model: type[BaseModel] | None = JobConfig
+def _fields_at(path: str, root: type[BaseModel] | None = None) -> list[str]:
+    model: type[BaseModel] | None = root or JobConfig
     for part in [p for p in path.split(".") if p]:
         if model is None or part not in model.model_fields:
             return []

@@ -210,13 +210,14 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], job: JobConfig, pad_id:
     # Sums: [loss_sum, n_targets] + confusion matrix (classification).
     loss_sum = torch.zeros(2, dtype=torch.float64)
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.float64)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
             chunk = mine[b * batch_size : (b + 1) * batch_size]
             weight = 1.0 if chunk else 0.0
-            batch = collate(chunk or rows[:1], pad_id, task)
+            batch = {k: v.to(device) for k, v in collate(chunk or rows[:1], pad_id, task).items()}
             loss, count, logits = forward_loss(model, batch, task, reduction="sum")
             loss_sum += weight * torch.tensor([float(loss), float(count)], dtype=torch.float64)
             if task == "sequence_classification" and weight:
@@ -235,6 +236,16 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], job: JobConfig, pad_id:
     else:
         metrics.update(_classification_metrics(confusion))
     return metrics
+
+
+def model_device(model: Any) -> "torch.device":
+    """Where the model's (first real) parameters live: batches are moved there."""
+    import torch
+
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def _classification_metrics(confusion: "torch.Tensor") -> dict[str, float]:

@@ -168,6 +168,13 @@ def promote(name: str, version: int, alias: str) -> None:
         client.set_registered_model_alias(name, alias, str(version))
 
 
+def tag_version(name: str, version: int, tags: dict[str, str]) -> None:
+    """Set tags on one model version (quantisation verdicts, serving notes)."""
+    with _client() as client:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+
+
 def _parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     body = ref.removeprefix("models:/")
     if "@" in body:

@@ -1,0 +1,162 @@
+"""The serve YAML: one typed schema, validated once before any Ray work.
+
+Ray Serve's own settings (``autoscaling_config``, ``max_ongoing_requests``,
+``max_queued_requests``, ``ray_actor_options``) keep Ray's names and are checked against
+Ray's own models, so a serve YAML reads like a Ray Serve deployment config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from hone.config import JobConfigError, Problem, _problems_from_validation, _Section, _set_path
+
+__all__ = ["ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
+
+QUANTIZATION = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "bnb-8bit", "bnb-4bit"]
+
+
+class ServeConfigError(JobConfigError):
+    """A serve config failed validation; ``problems`` lists every problem with its path."""
+
+    def _text(self) -> str:
+        head = f"{self.source}: " if self.source else ""
+        n = len(self.problems)
+        return head + f"{n} problem{'s' if n != 1 else ''} in the serve config:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class ServeConfig(_Section):
+    """A model served on Ray Serve behind an OpenAI-compatible HTTP API."""
+
+    name: str = "hone"
+    """Ray Serve application name."""
+    model: str
+    """What to serve: ``models:/NAME@ALIAS`` (registry), a hone export or run, a quantised artifact, ``builtin:NAME``, a local path or a hub id."""
+    served_model_name: str | None = None
+    """The ``model`` name clients send and ``/v1/models`` lists (default: the registered name or the model's folder name)."""
+    quantization: QUANTIZATION = "none"
+    """Serve the artifact ``hone quantize MODEL --method M`` wrote for this model (its quality gate must have passed)."""
+    allow_failed_gate: bool = False
+    """Serve a quantised artifact even though its quality gate failed."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """``transformers`` (CPU or GPU, batched decoding in hone) or ``vllm`` (GPU only: Ray Serve LLM with vLLM)."""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """LoRA adapters served on the same base: request ``model`` name → adapter export/directory. Loaded on first use."""
+    max_loaded_adapters: int = Field(default=4, ge=1)
+    """Adapters kept in memory per replica (least recently used are unloaded)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds (0.0.0.0 to accept remote clients)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    metrics_export_port: int = Field(default=8080, ge=1, le=65535)
+    """Prometheus port of the local embedded Ray (a cluster's own setting applies with --address)."""
+    max_batch_size: int = Field(default=8, ge=1)
+    """Sequences decoded together in one forward pass."""
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """How long the engine waits for more requests before starting a batch."""
+    max_tokens_default: int = Field(default=128, ge=1)
+    """``max_tokens`` when a request gives none (always capped by the context window)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_replicas: int | None = Field(default=None, ge=1)
+    """A fixed replica count (use ``autoscaling_config`` instead to scale with load)."""
+    autoscaling_config: dict[str, Any] | None = None
+    """Ray Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, ..."""
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    """Requests one model replica works on at once (Ray Serve)."""
+    max_queued_requests: int = Field(default=64, ge=-1)
+    """Requests waiting for a model replica beyond which new ones get 503 + Retry-After (-1: unbounded)."""
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    """Resources of one model replica (num_cpus, num_gpus, memory, ...)."""
+    api_keys_file: str | None = None
+    """A file of SHA-256 hex digests of accepted API keys (one per line), besides the HONE_API_KEYS environment variable."""
+    retry_after_s: int = Field(default=1, ge=1)
+    """``Retry-After`` sent with 503 back-pressure answers."""
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _ray_autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        from ray.serve.config import AutoscalingConfig
+
+        try:
+            AutoscalingConfig(**v)
+        except Exception as e:  # noqa: BLE001 - Ray's own validation message
+            raise ValueError(f"not a valid Ray Serve autoscaling_config: {_first_line(e)}") from None
+        return v
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return v
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give num_replicas or autoscaling_config, not both")
+        if self.engine == "vllm" and self.quantization in ("int8-dynamic", "int8-weight-only"):
+            raise ValueError(f"engine vllm quantises with its own kernels: set quantization none (not {self.quantization})")
+        if self.adapters and self.quantization != "none":
+            raise ValueError("LoRA adapters are served on the full-precision base: set quantization none, "
+                             "or merge the adapter and quantise the merged export")
+        return self
+
+    def served_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith("models:/"):
+            return self.model.removeprefix("models:/").split("@")[0].split("/")[0]
+        if self.model.startswith("builtin:"):
+            return self.model.removeprefix("builtin:")
+        return Path(self.model.rstrip("/")).name or self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e)
+    lines = [line for line in text.splitlines() if line.strip() and "validation error" not in line and "For further" not in line]
+    return " ".join(line.strip() for line in lines[:2]) or text
+
+
+def validate_serve_config(raw: Mapping[str, Any], *, source: str | None = None) -> ServeConfig:
+    if not isinstance(raw, Mapping):
+        raise ServeConfigError([Problem("", f"a serve config must be a mapping, got {type(raw).__name__}")], source)
+    try:
+        return ServeConfig.model_validate(dict(raw))
+    except ValidationError as e:
+        raise ServeConfigError(_problems_from_validation(e, raw, ServeConfig), source) from None
+
+
+def load_serve_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ServeConfig:
+    """Read a serve YAML, apply ``key=value`` overrides, validate."""
+    text = Path(path).read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ServeConfigError([Problem("", f"not valid YAML: {e}")], str(path)) from None
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem(item, "an override must look like key=value", "e.g. port=8001"))
+            continue
+        _set_path(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    if problems:
+        raise ServeConfigError(problems, str(path))
+    return validate_serve_config(raw, source=str(path))

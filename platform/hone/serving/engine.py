@@ -1,0 +1,288 @@
+"""The transformers engine behind a model replica: loading, batched decoding, adapters, classification.
+
+Concurrent requests are decoded together: the scheduler (in the replica) hands the engine a
+batch of requests for the same model or adapter; the engine runs one prefill over the
+left-padded prompts and then one forward pass per step for the whole batch with a shared KV
+cache, streaming each request's text as its tokens come. Finished rows leave the batch (their
+cache rows are dropped) so the remaining ones run on a smaller batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["Engine", "GenRequest", "RequestError", "load_spec_model"]
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (HTTP status + OpenAI error type/code)."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    adapter: str | None = None
+    cancelled: bool = False
+
+
+def load_spec_model(spec: dict[str, Any], device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for a resolved serving spec (see ``hone.serving.app.resolve``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    kind, path, task = spec["kind"], spec["path"], spec["task"]
+    if kind == "quantized":
+        from hone.quantize import load_quantized
+
+        model, tokenizer, _ = load_quantized(path, device=None if device == "auto" else device)
+        return model, tokenizer
+    if kind == "export":
+        from hone.modeling import load_export
+
+        model, tokenizer, _, info = load_export(path)
+        if info.get("kind") == "adapter":
+            model = model.merge_and_unload()
+    else:
+        from hone import assets
+
+        folder = assets.resolve_model(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+        kwargs = {"num_labels": len(spec["labels"])} if task == "sequence_classification" and spec.get("labels") else {}
+        model = cls.from_pretrained(folder, dtype=torch.bfloat16 if device == "cuda" else torch.float32, **kwargs)
+    if device == "cuda":
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+class Engine:
+    """One replica's model: generation for causal LMs, scores for classifiers."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import torch
+
+        self.spec = spec
+        device = spec.get("device", "auto")
+        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.model, self.tokenizer = load_spec_model(spec, self.device)
+        self.task = spec["task"]
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config = self.model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or getattr(self.tokenizer, "model_max_length", 2048))
+        eos = set()
+        for source in (getattr(getattr(self.model, "generation_config", None), "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(source)
+        self.eos_ids = eos
+        self.labels = spec.get("labels") or [config.id2label[i] for i in range(len(getattr(config, "id2label", {}) or {}))]
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name → path (LRU order)
+        self._adapter_paths: dict[str, str] = dict(spec.get("adapters") or {})
+        self._max_adapters = int(spec.get("max_loaded_adapters", 4))
+        self._lock = threading.Lock()  # one batch at a time on the model
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("this model has no chat template: use /v1/completions", code="no_chat_template")
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # noqa: BLE001 - template errors are the request's
+                raise RequestError(f"messages do not fit the model's chat template: {e}", param="messages") from None
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt or "")["input_ids"]
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if len(prompt_ids) + max_tokens > self.context_length:
+            raise RequestError(
+                f"this model's maximum context length is {self.context_length} tokens; the prompt has {len(prompt_ids)} "
+                f"and max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+                code="context_length_exceeded", param="max_tokens")
+
+    # ------------------------------------------------------------------ adapters
+
+    def adapter_names(self) -> list[str]:
+        return list(self._adapter_paths)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def _use_adapter(self, name: str | None) -> Any:
+        """Activate ``name`` (loading it, evicting the least recently used), or the plain base for None."""
+        import contextlib
+
+        if name is None:
+            if self._adapters:
+                return self.model.disable_adapter()
+            return contextlib.nullcontext()
+        if name not in self._adapter_paths:
+            raise RequestError(f"unknown adapter {name!r}", status=404, code="model_not_found", param="model")
+        if name not in self._adapters:
+            import peft
+
+            path = self._adapter_paths[name]
+            if not isinstance(self.model, peft.PeftModel):
+                self.model = peft.PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+            self._adapters[name] = path
+            while len(self._adapters) > self._max_adapters:
+                evict, _ = self._adapters.popitem(last=False)
+                if evict != name:
+                    self.model.delete_adapter(evict)
+        self._adapters.move_to_end(name)
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ generation
+
+    def _sample(self, logits: Any, reqs: list[GenRequest], generators: list[Any]) -> list[int]:
+        import torch
+
+        out = []
+        greedy = logits.argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            if req.temperature <= 0:
+                out.append(greedy[i])
+                continue
+            row = logits[i].float() / req.temperature
+            if req.top_p < 1.0:
+                sorted_logits, order = torch.sort(row, descending=True)
+                probs = torch.softmax(sorted_logits, -1)
+                cut = probs.cumsum(-1) - probs > req.top_p
+                sorted_logits[cut] = float("-inf")
+                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+            probs = torch.softmax(row, -1)
+            out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+        return out
+
+    @staticmethod
+    def _held_back(text: str, stops: list[str]) -> int:
+        """Characters at the end of ``text`` that could begin a stop string (not streamed yet)."""
+        hold = 1 if text.endswith("\ufffd") else 0
+        for stop in stops:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def generate_batch(self, reqs: list[GenRequest], emit: Callable[[int, str, str | None, int], None]) -> None:
+        """Decode ``reqs`` together (same adapter); ``emit(i, text, finish_reason, n_tokens)`` per new piece."""
+        import torch
+        from transformers import DynamicCache
+
+        with self._lock, torch.inference_mode(), self._use_adapter(reqs[0].adapter):
+            pad = self.tokenizer.pad_token_id
+            width = max(len(r.prompt_ids) for r in reqs)
+            input_ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(reqs), width), dtype=torch.long)
+            for i, r in enumerate(reqs):
+                input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[i, width - len(r.prompt_ids):] = 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            generators = []
+            for r in reqs:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**63))
+                generators.append(g)
+            active = list(range(len(reqs)))
+            tokens: list[list[int]] = [[] for _ in reqs]
+            sent = [0] * len(reqs)
+            cache = DynamicCache(config=self.model.config)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]
+            while active:
+                picked = self._sample(logits, [reqs[i] for i in active], [generators[i] for i in active])
+                keep = []
+                for row, (i, tok) in enumerate(zip(active, picked)):
+                    req = reqs[i]
+                    finish = None
+                    if req.cancelled:
+                        finish = "cancelled"
+                    elif tok in self.eos_ids:
+                        finish = "stop"
+                    else:
+                        tokens[i].append(tok)
+                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+                    if finish is None and req.stop:
+                        hits = [text.find(s, max(0, sent[i] - len(s))) for s in req.stop]
+                        hits = [h for h in hits if h >= 0]
+                        if hits:
+                            text, finish = text[: min(hits)], "stop"
+                    if finish is None and len(tokens[i]) >= req.max_tokens:
+                        finish = "length"
+                    end = len(text) if finish else len(text) - self._held_back(text, req.stop)
+                    if end > sent[i] or finish:
+                        emit(i, text[sent[i]:end] if end > sent[i] else "", finish, len(tokens[i]))
+                        sent[i] = max(sent[i], end)
+                    if finish is None:
+                        keep.append(row)
+                if not keep:
+                    break
+                next_ids = torch.tensor([[picked[row]] for row in keep], device=self.device)
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask = mask[index]
+                active = [active[row] for row in keep]
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
+                positions = (mask.sum(-1, keepdim=True) - 1)
+                logits = self.model(input_ids=next_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
+
+    # ------------------------------------------------------------------ classification
+
+    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
+        import torch
+
+        if self.task != "sequence_classification":
+            raise RequestError("this model is a causal LM: use /v1/completions or /v1/chat/completions", code="wrong_task")
+        with self._lock, torch.inference_mode():
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=min(self.context_length, 512)).to(self.device)
+            probs = torch.softmax(self.model(**enc).logits.float(), -1).cpu()
+        labels = self.labels or [str(i) for i in range(probs.shape[-1])]
+        out = []
+        for i, row in enumerate(probs.tolist()):
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append({"index": i, "label": labels[best], "score": row[best], "scores": dict(zip(labels, row))})
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.task, "context_length": self.context_length, "device": self.device,
+                "adapters": self.adapter_names(), "loaded_adapters": self.loaded_adapters()}
+
+
+def read_labels(export_dir: str) -> list[str] | None:
+    info_path = Path(export_dir) / "hone.json"
+    if not info_path.exists():
+        return None
+    task = json.loads(info_path.read_text())["job"].get("task") or {}
+    return list(task.get("labels") or []) or None

@@ -1,0 +1,145 @@
+"""hone quantize: real torch/torchao quantisation, the quality gate, the registry verdict, serve's refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HONE = str(Path(sys.executable).parent / "hone")
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A private registry (HONE_HOME) sharing the built-in model cache."""
+    registry_home = tmp_path / "home"
+    (registry_home / "models").mkdir(parents=True)
+    shared = Path(os.environ["HONE_HOME"]) / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    for built in shared.iterdir():
+        (registry_home / "models" / built.name).symlink_to(built)
+    monkeypatch.setenv("HONE_HOME", str(registry_home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return registry_home
+
+
+@pytest.fixture()
+def registered_export(home, tmp_path):
+    """A full-model export of the tiny Llama in hone's export format, registered as models:/tiny@winner."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hone import assets, registry
+    from conftest import make_job
+
+    export = tmp_path / "export"
+    path = assets.resolve_model("builtin:tiny-llama")
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(export)
+    AutoTokenizer.from_pretrained(path).save_pretrained(export)
+    job = make_job(method="full")
+    (export / "hone.json").write_text(json.dumps({"kind": "model", "job": job.to_dict()}))
+    with registry._client() as client:  # noqa: SLF001 - a run to hang the version on, as a sweep would
+        exp = registry._experiment(client, "quantize-test")  # noqa: SLF001
+        run = client.create_run(exp)
+        client.set_terminated(run.info.run_id)
+    registry.register_winner("tiny", run.info.run_id, export, "eval_loss", 1.0)
+    return export
+
+
+def test_int8_gate_passes_and_is_recorded(registered_export, home):
+    from hone import registry
+    from hone.quantize import load_quantized, quantize
+
+    result = quantize("models:/tiny@winner", "int8-dynamic", n=16, quiet=True)
+    assert result.passed, result.table()
+    assert result.quantized["size_mb"] < result.original["size_mb"]
+    for key in ("eval_loss", "peak_rss_mb", "decode_ms_per_token"):
+        assert result.original[key] > 0 and result.quantized[key] > 0
+    assert abs(result.quantized["eval_loss"] - result.original["eval_loss"]) / result.original["eval_loss"] < 0.01
+    tags = registry.resolve_model_ref("models:/tiny@winner")["tags"]
+    assert tags["hone.quantized.int8-dynamic.gate"] == "passed"
+    assert Path(tags["hone.quantized.int8-dynamic"]) == result.artifact
+    model, _, info = load_quantized(result.artifact)
+    import torch
+
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+    assert info["gate"]["passed"] is True
+
+    from hone.serving.app import resolve
+    from hone.serving.config import validate_serve_config
+
+    spec = resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
+    assert spec["kind"] == "quantized" and spec["path"] == str(result.artifact)
+
+
+def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, home, tmp_path):
+    env = {**os.environ, "HONE_HOME": str(home)}
+    out = subprocess.run([HONE, "quantize", "models:/tiny@winner", "--method", "int8-weight-only", "-n", "8",
+                          "--max-loss-increase", "-0.5"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "quality gate FAILED" in out.stdout
+    from hone import registry
+
+    assert registry.resolve_model_ref("models:/tiny@winner")["tags"]["hone.quantized.int8-weight-only.gate"] == "failed"
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text("model: models:/tiny@winner\nquantization: int8-weight-only\n")
+    refused = subprocess.run([HONE, "serve", str(serve_yaml)], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 1 and "failed its quality gate" in refused.stderr and "--allow-failed-gate" in refused.stderr
+
+    from hone.serving.app import resolve
+    from hone.serving.config import validate_serve_config
+
+    spec = resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-weight-only", "allow_failed_gate": True}))
+    assert spec["gate"] is False
+
+
+def test_missing_artifact_and_gpu_methods_fail_clearly(registered_export, home, tmp_path):
+    import torch
+
+    from hone.quantize import QuantizeError, quantize
+    from hone.serving.app import ServeError, resolve
+    from hone.serving.config import validate_serve_config
+
+    with pytest.raises(ServeError, match="hone quantize models:/tiny@winner --method int8-dynamic"):
+        resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantizeError, match="needs a CUDA GPU"):
+            quantize("builtin:tiny-llama", "int4-weight-only")
+    with pytest.raises(QuantizeError, match="unknown quantisation method"):
+        quantize("builtin:tiny-llama", "int3")
+
+
+def test_serve_config_validation():
+    from hone.serving.config import ServeConfigError, validate_serve_config
+
+    with pytest.raises(ServeConfigError) as e:
+        validate_serve_config({"model": "builtin:tiny-llama", "prot": 1, "autoscaling_config": {"min_replicas": 3, "max_replicas": 1},
+                               "num_replicas": 2, "max_ongoing_requests": 0})
+    text = str(e.value)
+    assert "did you mean 'port'" in text and "autoscaling_config" in text and "max_ongoing_requests" in text
+    with pytest.raises(ServeConfigError, match="adapters"):
+        validate_serve_config({"model": "x", "quantization": "int8-dynamic", "adapters": {"a": "/tmp"}})
+
+
+def test_emit_serve_config_matches_the_app_builder(repo):
+    import yaml
+
+    out = subprocess.run([HONE, "serve", str(repo / "serving" / "tiny.yaml"), "--emit-serve-config"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    doc = yaml.safe_load(out.stdout)
+    app = doc["applications"][0]
+    assert app["import_path"] == "hone.serving.app:build_app"
+    from hone.serving.config import load_serve_config
+
+    assert app["args"]["config"] == load_serve_config(repo / "serving" / "tiny.yaml").to_dict()
+
+
+def test_shipped_serve_configs_validate(repo):
+    from hone.serving.config import load_serve_config
+
+    for path in sorted((repo / "serving").glob("*.yaml")):
+        cfg = load_serve_config(path)
+        assert cfg.model

@@ -1,0 +1,346 @@
+"""hone serve: a real Ray Serve application on 127.0.0.1, driven with the official openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+HONE = str(Path(sys.executable).parent / "hone")
+KEY = "sk-hone-test-key"
+PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "Overall the plot", "The director", "Fans of"]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cfg: dict, tmp: Path, env_extra: dict[str, str] | None = None):
+    path = tmp / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ready = tmp / "ready.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(env_extra or {})
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen([HONE, "serve", str(path), "--ready-file", str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            pytest.fail("hone serve did not come up:\n" + (tmp / "serve.log").read_text()[-5000:])
+        time.sleep(0.5)
+    return proc, yaml.safe_load(ready.read_text())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A real (randomly initialised, non-zero) LoRA adapter for the tiny Llama, saved with peft."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hone import assets
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(assets.resolve_model("builtin:tiny-llama"))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, adapter_dir):
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = {"name": "t", "model": "builtin:tiny-llama", "port": _free_port(), "metrics_export_port": _free_port(),
+           "adapters": {"tiny-sentiment": str(adapter_dir)}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+           "max_tokens_default": 16, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    proc, info = _start(cfg, tmp, {"HONE_API_KEYS": f"other-key, {KEY}"})
+    yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log"}
+    _stop(proc)
+    log = (tmp / "serve.log").read_text()
+    assert KEY not in log and PROMPTS[1] not in log, "an API key or a prompt reached the server's log"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(adapter_dir):
+    """Greedy continuations computed locally with transformers/peft, one prompt at a time."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hone import assets
+
+    path = assets.resolve_model("builtin:tiny-llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+
+    def greedy(model, prompt: str, n: int) -> str:
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    plain = {p: greedy(base, p, 12) for p in PROMPTS}
+    lora = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    adapted = {p: greedy(lora, p, 12) for p in PROMPTS[:2]}
+    return {"base": plain, "adapter": adapted, "tokenizer": tok}
+
+
+def _metrics(port: int, ready, timeout: float = 60.0) -> dict[str, list]:
+    """Scrape Ray's metrics export port (parsed Prometheus text) until ``ready(samples)`` holds.
+
+    Ray exports metrics every ~10 s, so fresh observations take a while to appear.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        families: dict[str, list] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                families.setdefault(sample.name, []).append(sample)
+        if ready(families) or time.time() > deadline:
+            return families
+        time.sleep(1)
+
+
+def test_models_lists_base_and_adapters(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny-llama", "tiny-sentiment"]
+
+
+def test_completion_matches_transformers_greedy(client, reference):
+    out = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert out.choices[0].text == reference["base"][PROMPTS[0]]
+    assert out.choices[0].finish_reason == "length" and out.object == "text_completion"
+    assert out.usage.completion_tokens == 12
+    assert out.usage.prompt_tokens == len(reference["tokenizer"](PROMPTS[0])["input_ids"])
+
+
+def test_chat_completion_uses_the_chat_template(client, reference):
+    messages = [{"role": "user", "content": "Is this review positive? 'A delight.'"}]
+    out = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0)
+    tok = reference["tokenizer"]
+    expected_prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert out.usage.prompt_tokens == len(tok(expected_prompt, add_special_tokens=False)["input_ids"])
+    assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_streaming_sends_tokens_as_they_come(client, reference):
+    chunks = list(client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len([t for t in texts if t]) >= 3
+    assert "".join(texts) == reference["base"][PROMPTS[0]]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chat_chunks = list(stream)
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert chat_chunks[-1].usage is not None and chat_chunks[-1].usage.completion_tokens >= 1
+
+
+def test_raw_sse_framing(server):
+    body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_stop_and_seed(client, reference):
+    full = reference["base"][PROMPTS[0]]
+    stop = full.strip().split()[1] if len(full.split()) > 1 else full[2:4]
+    out = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+    assert out.choices[0].finish_reason == "stop" and stop not in out.choices[0].text
+    assert full.startswith(out.choices[0].text)
+    a = client.completions.create(model="tiny-llama", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
+    b = client.completions.create(model="tiny-llama", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_concurrent_requests_share_batches(server, client, reference):
+    def one(prompt: str) -> str:
+        return client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        texts = list(pool.map(one, PROMPTS))
+    assert texts == [reference["base"][p] for p in PROMPTS]  # batched greedy == one-at-a-time greedy
+    families = _metrics(server["metrics_export_port"], lambda f: "ray_hone_batch_size_bucket" in f)
+    buckets = {s.labels["le"]: s.value for s in families["ray_hone_batch_size_bucket"]}
+    total = max(s.value for s in families["ray_hone_batch_size_count"])
+    assert total > buckets["1.0"], f"no batch held more than one sequence: {buckets}"
+
+
+def test_multi_lora_routes_by_model_name(client, reference):
+    adapted = client.completions.create(model="tiny-sentiment", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+    base = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+    assert adapted == reference["adapter"][PROMPTS[0]]
+    assert base == reference["base"][PROMPTS[0]]
+    assert adapted != base
+
+
+def test_auth(server):
+    url = server["url"]
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    missing = httpx.get(url + "/v1/models", timeout=10)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.post(url + "/v1/completions", json={"model": "tiny-llama", "prompt": "x"}, headers={"Authorization": "Bearer nope"},
+                       timeout=10)
+    assert wrong.status_code == 401 and "incorrect API key" in wrong.json()["error"]["message"]
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    other = openai.OpenAI(base_url=url + "/v1", api_key="other-key", max_retries=0)
+    assert other.models.list().data[0].id == "tiny-llama"
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ("{not json", 400, "not valid JSON"),
+    ('["a list"]', 400, "JSON object"),
+    ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "tiny-llama"}, 400, "prompt"),
+    ({"model": "tiny-llama", "prompt": "x", "temperature": 5}, 400, "temperature"),
+    ({"model": "tiny-llama", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny-llama", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny-llama", "prompt": "x", "n": 3}, 400, "n"),
+    ({"model": "tiny-llama", "prompt": "x", "max_tokens": 100000}, 400, "maximum context length"),
+    ({"model": "tiny-llama", "prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"model": "tiny-llama", "prompt": "", "max_tokens": 2}, 400, "empty"),
+    ({"model": "tiny-llama", "prompt": "x", "stop": [""]}, 400, "stop"),
+])
+def test_bad_input_gets_a_clear_openai_error(server, body, status, needle):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server["url"] + "/v1/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_and_classify_input(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"model": "tiny-llama", "messages": []}, headers=headers, timeout=30)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"model": "tiny-llama", "messages": [{"role": "robot", "content": "x"}]},
+                   headers=headers, timeout=30)
+    assert r.status_code == 400
+    r = httpx.post(server["url"] + "/v1/classify", json={"model": "tiny-llama", "input": "x"}, headers=headers, timeout=30)
+    assert r.status_code == 400 and "causal LM" in r.json()["error"]["message"]
+    # the replica survived all of it
+    ok = httpx.post(server["url"] + "/v1/completions", json={"model": "tiny-llama", "prompt": "x", "max_tokens": 2}, headers=headers,
+                    timeout=30)
+    assert ok.status_code == 200
+
+
+def test_metrics_on_the_ray_export_port(server, client):
+    client.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=4, temperature=0)
+    def statuses(families: dict) -> set:
+        return {(s.labels.get("route"), s.labels.get("status")) for s in families.get("ray_hone_requests_total", [])}
+
+    wanted = {("/v1/completions", "200"), ("/v1/completions", "404"), ("/v1/completions", "400"), ("/v1/models", "401")}
+    families = _metrics(server["metrics_export_port"], lambda f: wanted <= statuses(f))
+    assert wanted <= statuses(families), statuses(families)
+    for name in ("ray_hone_e2e_request_latency_seconds_count", "ray_hone_time_to_first_token_seconds_count",
+                 "ray_hone_time_per_output_token_seconds_count", "ray_hone_prompt_tokens_total", "ray_hone_generation_tokens_total",
+                 "ray_hone_num_requests_running", "ray_hone_num_requests_waiting"):
+        assert name in families, name
+    assert any(name.startswith("ray_serve_") for name in families), "Ray Serve's own metrics are missing"
+
+
+# --------------------------------------------------------------------------- autoscaling and back-pressure
+
+
+def _replicas(ray_address: str, app: str) -> int:
+    code = ("import ray, json; from ray import serve; ray.init(address=%r, logging_level='ERROR', log_to_driver=False);"
+            "s = serve.status().applications[%r].deployments['ModelServer'];"
+            "print(json.dumps(s.replica_states))") % (ray_address, app)
+    # hone serve's embedded Ray uses Ray's default token auth (token in ~/.ray/auth_token)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
+    states = json.loads(out.stdout.strip().splitlines()[-1])
+    return int(states.get("RUNNING", 0))
+
+
+def test_back_pressure_and_autoscaling(tmp_path):
+    cfg = {"name": "scale", "model": "builtin:tiny-llama", "port": _free_port(), "metrics_export_port": _free_port(),
+           "max_batch_size": 2, "batch_wait_timeout_s": 0.0, "max_tokens_default": 16,
+           "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                                  "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2},
+           "max_ongoing_requests": 2, "max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.25}, "retry_after_s": 2}
+    proc, info = _start(cfg, tmp_path)
+    url = info["url"] + "/v1/completions"
+    body = {"model": "tiny-llama", "prompt": "The movie was", "max_tokens": 600, "temperature": 0}
+    try:
+        assert _replicas(info["ray_address"], "scale") == 1
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(url, json=body, timeout=120)
+
+        # A burst far past the queue bound: some requests are refused at once with 503 + Retry-After,
+        # every other one completes; none hangs.
+        with cf.ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(24)))
+        codes = [r.status_code for r in answers]
+        assert set(codes) <= {200, 503}, codes
+        refused = [r for r in answers if r.status_code == 503]
+        assert refused and codes.count(200) >= 2, codes
+        assert refused[0].headers["Retry-After"] == "2"
+        assert refused[0].json()["error"]["code"] == "server_overloaded"
+
+        # Sustained load scales the model deployment up to 2 replicas ...
+        stop = time.time() + 90
+        scaled = False
+        with cf.ThreadPoolExecutor(4) as pool:
+            while time.time() < stop and not scaled:
+                list(pool.map(one, range(4)))
+                scaled = _replicas(info["ray_address"], "scale") == 2
+        assert scaled, "the model deployment never scaled up to 2 replicas"
+        # ... and back down once idle.
+        deadline = time.time() + 90
+        while time.time() < deadline and _replicas(info["ray_address"], "scale") != 1:
+            time.sleep(2)
+        assert _replicas(info["ray_address"], "scale") == 1, "the model deployment never scaled back down"
+    finally:
+        _stop(proc)
