@@ -140,6 +140,25 @@ def test_emit_serve_config_matches_the_app_builder(repo):
 def test_shipped_serve_configs_validate(repo):
     from hone.serving.config import load_serve_config
 
-    for path in sorted((repo / "serving").glob("*.yaml")):
+    for path in sorted(p for p in (repo / "serving").glob("*.yaml") if not p.name.startswith("prometheus")):
         cfg = load_serve_config(path)
         assert cfg.model
+
+
+def test_dashboard_and_alerts_use_metrics_the_server_exports(repo):
+    """Every hone series the Grafana dashboard and the alert rules query is one the app defines."""
+    import re
+
+    import yaml
+
+    source = (repo / "platform" / "hone" / "serving" / "app.py").read_text()
+    defined = set(re.findall(r'metrics\.(?:Counter|Gauge|Histogram)\(\s*"(hone_[a-z0-9_]+)"', source))
+    assert {"hone_requests_total", "hone_time_to_first_token_seconds", "hone_e2e_request_latency_seconds"} <= defined
+    dashboard = json.loads((repo / "serving" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((repo / "serving" / "prometheus-alerts.yaml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert {r["alert"] for g in rules["groups"] for r in g["rules"]} >= {"HoneHighErrorRate", "HoneP99LatencyHigh",
+                                                                       "HoneReplicaRestarts", "HoneQueueSaturated"}
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_(hone_[a-z0-9_]+)", e)}
+    assert used and used <= defined, used - defined

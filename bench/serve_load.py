@@ -1,0 +1,261 @@
+"""Serving throughput and latency: hone serve against a naive baseline measured in the same run.
+
+Baseline: one FastAPI + uvicorn process whose endpoint calls ``model.generate`` per request
+(same model, same machine, same greedy decoding and max_tokens). hone: ``hone serve`` with one
+replica that batches concurrent requests. Each server is loaded with streaming OpenAI
+completion requests at concurrency 1, 8 and 32; reported: requests/s, generated tokens/s,
+p50/p99 latency, p50 time to first token (the baseline does not stream: its TTFT is its
+latency). Then the Serve layer's own cost: p50 of a 1-token request over HTTP against the same
+request on the engine called in-process. Finally fp32 against the int8 artifact ``hone quantize``
+writes (run first if missing): decode latency, memory and size from its quality gate, and
+throughput at concurrency 8.
+
+    python bench/serve_load.py [--model builtin:smollm2-135m-instruct] [--levels 1,8,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+HONE = str(Path(sys.executable).parent / "hone")
+PROMPTS = ["Review: a gorgeous, witty, seductive movie. Is this review positive or negative?",
+           "Review: the plot is a mess and the acting is worse. Is this review positive or negative?",
+           "Review: a quiet, moving film that stays with you. Is this review positive or negative?",
+           "Review: two hours I will never get back. Is this review positive or negative?"]
+
+BASELINE = textwrap.dedent('''
+    import sys, torch
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hone import assets
+    path = assets.resolve_model(sys.argv[1])
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    app = FastAPI()
+    class Req(BaseModel):
+        prompt: str
+        max_tokens: int = 16
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+    @app.post("/v1/completions")
+    def complete(req: Req):  # sync: FastAPI runs it in its thread pool, one generate per request
+        ids = tok(req.prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=req.max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        return {"choices": [{"text": tok.decode(new, skip_special_tokens=True)}], "usage": {"completion_tokens": int(new.numel())}}
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early ({proc.returncode})")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{url} not up after {timeout}s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _one(client, url: str, model: str, i: int, max_tokens: int, stream: bool) -> tuple[float, float, int]:
+    body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+    started = time.perf_counter()
+    if not stream:
+        r = await client.post(url, json=body)
+        r.raise_for_status()
+        done = time.perf_counter() - started
+        return done, done, r.json()["usage"]["completion_tokens"]
+    body.update(stream=True, stream_options={"include_usage": True})
+    first, tokens = None, 0
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    done = time.perf_counter() - started
+    return done, first if first is not None else done, tokens
+
+
+async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int, stream: bool) -> dict[str, float]:
+    import httpx
+
+    results: list[tuple[float, float, int]] = []
+    queue = list(range(n))
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        for i in range(2):  # warm-up (first-request costs are not throughput)
+            await _one(client, url, model, i, max_tokens, stream)
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                results.append(await _one(client, url, model, i, max_tokens, stream))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    lat = sorted(r[0] for r in results)
+    return {"rps": n / wall, "tok_s": sum(r[2] for r in results) / wall, "p50": statistics.median(lat),
+            "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], "ttft_p50": statistics.median(r[1] for r in results)}
+
+
+def _hone_server(model: str, quantization: str, tmp: Path) -> tuple[subprocess.Popen, str]:
+    import yaml
+
+    port = _free_port()
+    cfg = {"name": "bench", "model": model, "quantization": quantization, "port": port, "metrics_export_port": _free_port(),
+           "num_replicas": 1, "max_batch_size": 32, "batch_wait_timeout_s": 0.02, "max_ongoing_requests": 64,
+           "max_queued_requests": 512, "ray_actor_options": {"num_cpus": os.cpu_count() or 2}}
+    path = tmp / f"serve-{quantization}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
+    proc = subprocess.Popen([HONE, "serve", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _wait(f"http://127.0.0.1:{port}/health", proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _engine_p50(model: str, reps: int) -> float:
+    from hone.serving.engine import Engine, GenRequest
+
+    engine = Engine({"kind": "model", "path": model, "task": "causal_lm", "device": "cpu"})
+    ids = engine.encode_prompt(PROMPTS[0], None)
+    times = []
+    for _ in range(reps + 2):
+        started = time.perf_counter()
+        engine.generate_batch([GenRequest(ids, 1, temperature=0)], lambda *a: None)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
+
+
+def _http_p50(url: str, model: str, reps: int) -> float:
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(reps + 2):
+            started = time.perf_counter()
+            client.post(url + "/v1/completions", json={"model": model, "prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0}
+                        ).raise_for_status()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--quantization", default="int8-dynamic")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    served = args.model.removeprefix("builtin:")
+    rows: list[tuple[str, int, dict[str, float]]] = []
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        port = _free_port()
+        script = tmp / "baseline.py"
+        script.write_text(BASELINE)
+        base = subprocess.Popen([sys.executable, str(script), args.model, str(port)], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait(f"http://127.0.0.1:{port}/health", base)
+            for c in levels:
+                rows.append(("baseline (uvicorn + generate)", c, asyncio.run(_load(f"http://127.0.0.1:{port}/v1/completions", served, c,
+                                                                                     max(8, 2 * c), args.max_tokens, stream=False))))
+                print(f"baseline c={c}: {rows[-1][2]}", flush=True)
+        finally:
+            _stop(base)
+
+        hone, url = _hone_server(args.model, "none", tmp)
+        try:
+            for c in levels:
+                rows.append(("hone serve fp32", c, asyncio.run(_load(url + "/v1/completions", served, c, max(8, 2 * c), args.max_tokens,
+                                                                     stream=True))))
+                print(f"hone c={c}: {rows[-1][2]}", flush=True)
+            http_p50 = _http_p50(url, served, 20)
+        finally:
+            _stop(hone)
+        engine_p50 = _engine_p50(args.model, 20)
+
+        quant_info = None
+        if args.quantization != "none":
+            from hone.quantize import INFO_FILE, quantized_artifact
+
+            artifact = quantized_artifact(args.model, args.quantization)
+            if not (artifact / INFO_FILE).exists():
+                subprocess.run([HONE, "quantize", args.model, "--method", args.quantization], check=True)
+            quant_info = json.loads((artifact / INFO_FILE).read_text())["gate"]
+            hone_q, url_q = _hone_server(args.model, args.quantization, tmp)
+            try:
+                c = 8 if 8 in levels else levels[-1]
+                rows.append((f"hone serve {args.quantization}", c, asyncio.run(_load(url_q + "/v1/completions", served, c, max(8, 2 * c),
+                                                                                    args.max_tokens, stream=True))))
+            finally:
+                _stop(hone_q)
+
+    print(f"\n{args.model}, {args.max_tokens} new tokens per request, greedy; {os.cpu_count()} CPUs\n")
+    print(f"| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
+    for name, c, r in rows:
+        print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
+    by = {(n.split()[0], c): r for n, c, r in rows if "int8" not in n and "weight" not in n}
+    top = max(levels)
+    if ("baseline", top) in by and ("hone", top) in by:
+        print(f"\nthroughput at {top} concurrent: hone / baseline = {by[('hone', top)]['tok_s'] / by[('baseline', top)]['tok_s']:.2f}x "
+              "(target >= 3x)")
+    print(f"Serve layer overhead, p50 of a 1-token request: HTTP {http_p50 * 1000:.1f} ms vs engine in-process "
+          f"{engine_p50 * 1000:.1f} ms = +{(http_p50 - engine_p50) * 1000:.1f} ms (target <= 3 ms)")
+    if quant_info:
+        o, q = quant_info["original"], quant_info["quantized"]
+        print(f"\nfp32 vs {args.quantization} (quality gate: {quant_info['rule']}):")
+        for key in ("eval_loss", "size_mb", "peak_rss_mb", "decode_ms_per_token"):
+            print(f"  {key:20} {o[key]:10.3f} {q[key]:10.3f}  ({q[key] / o[key]:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
