@@ -319,6 +319,8 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
             model, tokenizer, _ = load_quantized(spec["artifact"])
         else:
             model, tokenizer = _load_original(source)
+            if torch.cuda.is_available() and spec.get("method") != "int8-dynamic":
+                model = model.to("cuda")  # compare like with like: the GPU methods run on the GPU
         device = model_device(model)
         rows, _ = _eval_rows(source.job, tokenizer, spec["n"])
         metrics = evaluate(model, rows, source.job, tokenizer.pad_token_id)
@@ -339,10 +341,11 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def _measure_in_child(source: _Source, artifact: Path | None, n: int) -> dict[str, float]:
+def _measure_in_child(source: _Source, artifact: Path | None, n: int, method: str) -> dict[str, float]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=({"source": source, "artifact": str(artifact) if artifact else None, "n": n}, queue))
+    spec = {"source": source, "artifact": str(artifact) if artifact else None, "n": n, "method": method}
+    proc = ctx.Process(target=_measure, args=(spec, queue))
     proc.start()
     try:
         status, payload = queue.get(timeout=1800)
@@ -402,8 +405,8 @@ def quantize(ref: str, method: str | None = None, *, out: str | Path | None = No
     del model
 
     say(f"measuring the original and the quantised model on {n} {source.job.data.source} rows (each in a fresh process)")
-    original = _measure_in_child(source, None, n)
-    quantized = _measure_in_child(source, staging, n)
+    original = _measure_in_child(source, None, n, method)
+    quantized = _measure_in_child(source, staging, n, method)
     original["size_mb"] = original_mb if original_mb is not None else float("nan")
     quantized["size_mb"] = _folder_mb(staging) - sum(p.stat().st_size for p in staging.glob("tokenizer*")) / 2**20
     gate = _gate(source.job.task.type, original, quantized, thresholds)
