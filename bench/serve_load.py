@@ -32,10 +32,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 HONE = str(Path(sys.executable).parent / "hone")
-PROMPTS = ["Review: a gorgeous, witty, seductive movie. Is this review positive or negative?",
-           "Review: the plot is a mess and the acting is worse. Is this review positive or negative?",
-           "Review: a quiet, moving film that stays with you. Is this review positive or negative?",
-           "Review: two hours I will never get back. Is this review positive or negative?"]
+WORKLOADS = {
+    # short answers: the model says a label and stops (prefill-bound)
+    "sentiment": ["Review: a gorgeous, witty, seductive movie. Is this review positive or negative?",
+                  "Review: the plot is a mess and the acting is worse. Is this review positive or negative?",
+                  "Review: a quiet, moving film that stays with you. Is this review positive or negative?",
+                  "Review: two hours I will never get back. Is this review positive or negative?"],
+    # long continuations (decode-bound): every request generates max_tokens tokens or close to it
+    "story": ["Once upon a time, in a small village by the sea,", "The history of the city begins in the year",
+              "In this chapter we describe how the engine works. First,", "My favourite recipe starts with"],
+}
+PROMPTS = WORKLOADS["sentiment"]
 
 BASELINE = textwrap.dedent('''
     import sys, torch
@@ -142,13 +149,14 @@ async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int,
             "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], "ttft_p50": statistics.median(r[1] for r in results)}
 
 
-def _hone_server(model: str, quantization: str, tmp: Path) -> tuple[subprocess.Popen, str]:
+def _hone_server(model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False) -> tuple[subprocess.Popen, str]:
     import yaml
 
     port = _free_port()
     cfg = {"name": "bench", "model": model, "quantization": quantization, "port": port, "metrics_export_port": _free_port(),
-           "num_replicas": 1, "max_batch_size": 32, "batch_wait_timeout_s": 0.02, "max_ongoing_requests": 64,
-           "max_queued_requests": 512, "ray_actor_options": {"num_cpus": os.cpu_count() or 2}}
+           "num_replicas": 1, "max_batch_size": 32, "max_ongoing_requests": 64,
+           "max_queued_requests": 512, "ray_actor_options": {"num_cpus": os.cpu_count() or 2},
+           "allow_failed_gate": allow_failed_gate}  # the benchmark measures speed whatever the gate said
     path = tmp / f"serve-{quantization}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
@@ -190,7 +198,10 @@ def main() -> int:
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--quantization", default="int8-dynamic")
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="sentiment")
     args = parser.parse_args()
+    global PROMPTS
+    PROMPTS = WORKLOADS[args.workload]
     levels = [int(x) for x in args.levels.split(",")]
     served = args.model.removeprefix("builtin:")
     rows: list[tuple[str, int, dict[str, float]]] = []
@@ -228,9 +239,9 @@ def main() -> int:
 
             artifact = quantized_artifact(args.model, args.quantization)
             if not (artifact / INFO_FILE).exists():
-                subprocess.run([HONE, "quantize", args.model, "--method", args.quantization], check=True)
+                subprocess.run([HONE, "quantize", args.model, "--method", args.quantization])  # exit 3: gate failed, still measured
             quant_info = json.loads((artifact / INFO_FILE).read_text())["gate"]
-            hone_q, url_q = _hone_server(args.model, args.quantization, tmp)
+            hone_q, url_q = _hone_server(args.model, args.quantization, tmp, allow_failed_gate=True)
             try:
                 c = 8 if 8 in levels else levels[-1]
                 rows.append((f"hone serve {args.quantization}", c, asyncio.run(_load(url_q + "/v1/completions", served, c, max(8, 2 * c),
@@ -238,7 +249,7 @@ def main() -> int:
             finally:
                 _stop(hone_q)
 
-    print(f"\n{args.model}, {args.max_tokens} new tokens per request, greedy; {os.cpu_count()} CPUs\n")
+    print(f"\n{args.model}, workload {args.workload}, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPUs\n")
     print(f"| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
     for name, c, r in rows:
         print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")

@@ -51,22 +51,27 @@ def make_job(**sections):
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """A real two-node Ray cluster on this machine (cluster/local.sh): head + 1 worker node, 2 CPUs each."""
+    """A real three-node Ray cluster on this machine (cluster/local.sh): head + 2 worker nodes, 2 CPUs each, Jobs API on.
+
+    Its state lives in a short /tmp path: Ray's dashboard modules use AF_UNIX sockets under it (≤ 107 bytes).
+    """
     import shutil
     import subprocess
     import sys
+    import tempfile
 
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-           "HONE_CLUSTER_PORT": "6391", "HONE_CLUSTER_METRICS_PORT": "8181", "HONE_CLUSTER_DASHBOARD": "0",
-           "HONE_CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")), "RAY_AUTH_MODE": "disabled"}
+           "HONE_CLUSTER_PORT": "6391", "HONE_CLUSTER_METRICS_PORT": "8181", "HONE_CLUSTER_DASHBOARD": "1",
+           "HONE_CLUSTER_DASHBOARD_PORT": "8275",
+           "HONE_CLUSTER_DIR": tempfile.mkdtemp(prefix="hone-c", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
     script = str(REPO / "cluster" / "local.sh")
     subprocess.run([script, "down"], env=env, capture_output=True)
-    up = subprocess.run([script, "up", "1"], env=env, capture_output=True, text=True)
+    up = subprocess.run([script, "up", "2"], env=env, capture_output=True, text=True)
     assert up.returncode == 0, up.stdout + up.stderr
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        yield {"address": "127.0.0.1:6391", "env": env}
+        yield {"address": "127.0.0.1:6391", "jobs_api": "http://127.0.0.1:8275", "env": env}
     finally:
         import ray
 

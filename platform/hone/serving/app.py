@@ -224,8 +224,8 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            if self.batch_wait_timeout_s:
-                await asyncio.sleep(self.batch_wait_timeout_s)
+            if self.batch_wait_timeout_s and len(self._waiting) < self.max_batch_size:
+                await asyncio.sleep(self.batch_wait_timeout_s)  # optional: gather a burst before starting
             self._waiting = [(r, q) for r, q in self._waiting if not r.cancelled]
             if not self._waiting:
                 self._wake.clear()

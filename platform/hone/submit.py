@@ -1,0 +1,194 @@
+"""Submit hone jobs to any Ray cluster through the Ray Jobs API.
+
+``hone submit JOB.yaml --address http://HEAD:8265`` validates the job here first (nothing is
+sent when it is invalid), checks that every local path it names can be seen by the cluster,
+then submits an ordinary Ray job whose entrypoint is the same ``hone`` command a user would run
+on the head node, with the job file in the runtime environment's working directory. ``ray job
+logs/status/stop`` work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from hone.config import apply_overrides, validate_job
+
+__all__ = ["SubmitError", "Submission", "submit", "job_client", "resolve_address"]
+
+# Ray's Jobs API refuses working directories above 500 MiB; leave room for the job file.
+_UPLOAD_LIMIT = 100 * 2**20
+_REMOTE_PREFIXES = ("builtin:", "s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://", "models:/")
+
+
+class SubmitError(RuntimeError):
+    """The job cannot be submitted as given (unreachable cluster, local paths the cluster cannot see)."""
+
+
+@dataclass
+class Submission:
+    id: str
+    address: str
+    entrypoint: str
+
+
+def resolve_address(address: str | None) -> str:
+    """The Jobs API address: ``--address``, else ``RAY_ADDRESS``; ``HOST:PORT`` of a GCS means its dashboard."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    host = address.removeprefix("ray://").split(":")[0]
+    return f"http://{host}:8265"
+
+
+def _check_reachable(address: str) -> None:
+    try:
+        with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:  # noqa: S310 - the user's cluster
+            r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address} ({getattr(e, 'reason', e)}): is the cluster up and "
+                          "its dashboard reachable? (ray start --head --dashboard-host=0.0.0.0)") from None
+
+
+def job_client(address: str | None) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    _check_reachable(url)
+    return JobSubmissionClient(url)
+
+
+def _is_local_path(value: str) -> bool:
+    return bool(value) and not value.startswith(_REMOTE_PREFIXES) and (
+        value.startswith(("/", "./", "../", "~")) or Path(value).exists() or any(ch in value for ch in "*?") and "/" in value)
+
+
+def _local_paths(raw: dict[str, Any], kind: str) -> list[tuple[str, str]]:
+    """(dotted key, value) of every field that names a local file or directory."""
+    found = []
+    if kind == "serve":
+        keys = [("model", raw.get("model")), ("api_keys_file", raw.get("api_keys_file"))]
+        keys += [(f"adapters.{k}", v) for k, v in (raw.get("adapters") or {}).items()]
+    else:
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {"name": raw.get("model")}
+        data = raw.get("data") or {}
+        keys = [("model.name", model.get("name")), ("data.source", data.get("source"))]
+        keys += [(f"data.{k}", data.get(k)) for k in ("validation", "test") if isinstance(data.get(k), str)]
+    for key, value in keys:
+        if isinstance(value, str) and _is_local_path(value):
+            found.append((key, value))
+    return found
+
+
+def _shared(value: str, shared: Sequence[str]) -> bool:
+    path = str(Path(value).expanduser().resolve()) if not any(ch in value for ch in "*?") else value
+    return any(path.startswith(str(Path(p).resolve())) for p in shared if p)
+
+
+def _upload(paths: list[tuple[str, str]], raw: dict[str, Any], workdir: Path) -> None:
+    """Copy local files into the working directory and point the job at the copies."""
+    total = 0
+    for key, value in paths:
+        matches = sorted(Path().glob(value)) if any(ch in value for ch in "*?") else [Path(value).expanduser()]
+        if not matches or not all(m.exists() for m in matches):
+            raise SubmitError(f"{key}: {value} does not exist here, so it cannot be uploaded")
+        dest_root = workdir / "files" / key.replace(".", "_")
+        for m in matches:
+            dest = dest_root / m.name
+            if m.is_dir():
+                shutil.copytree(m, dest)
+                total += sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(m, dest)
+                total += dest.stat().st_size
+        if total > _UPLOAD_LIMIT:
+            raise SubmitError(f"--upload carries at most {_UPLOAD_LIMIT // 2**20} MiB through the Jobs API; {key} brings it to "
+                              f"{total / 2**20:.0f} MiB: put the data on shared storage (NFS, an object store URI) instead")
+        rel = dest_root.relative_to(workdir)
+        new = str(rel / Path(value).name) if not any(ch in value for ch in "*?") else str(rel / Path(value).name)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {"name": node.get(part)} if part == "model" else {}
+            node = node[part]
+        node[parts[-1]] = new
+
+
+def submit(path: str, overrides: Sequence[str] = (), *, address: str | None = None, command: str = "train",
+           upload: bool = False, shared_paths: Sequence[str] = (), storage_path: str | None = None,
+           submission_id: str | None = None, extra_args: Sequence[str] = ()) -> Submission:
+    """Validate ``path`` locally, then submit ``hone COMMAND`` for it through the Jobs API."""
+    kind = "serve" if command == "serve" else "job"
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    if kind == "serve":
+        from hone.serving.config import load_serve_config
+
+        load_serve_config(path, overrides)  # raises ServeConfigError before anything is sent
+        from hone.config import _set_path
+
+        for item in overrides:
+            key, _, value = item.partition("=")
+            _set_path(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    else:
+        raw = apply_overrides(raw, overrides)
+        job = validate_job(raw, source=path)  # raises JobConfigError before anything is sent
+        if command == "tune" and job.tune is None:
+            raise SubmitError(f"{path} has no tune: section to sweep")
+    shared = list(shared_paths) + [p for p in os.environ.get("HONE_SHARED_PATHS", "").split(":") if p]
+    local = [(k, v) for k, v in _local_paths(raw, kind) if not _shared(v, shared)]
+    client = job_client(address)
+    with tempfile.TemporaryDirectory(prefix="hone-submit-") as tmp:
+        workdir = Path(tmp)
+        if local and not upload:
+            listed = "\n".join(f"  - {k}: {v}" for k, v in local)
+            raise SubmitError(
+                "the job names local paths the cluster's nodes cannot see:\n" + listed + "\n"
+                "  options: put them on storage every node mounts and declare it (--shared-path /mnt/data, or "
+                "HONE_SHARED_PATHS), use an object store URI (s3://, gs://), or pass --upload to send small files "
+                f"(≤ {_UPLOAD_LIMIT // 2**20} MiB) with the job")
+        if local:
+            _upload(local, raw, workdir)
+        name = Path(path).name
+        (workdir / name).write_text(yaml.safe_dump(raw, sort_keys=False))
+        args = ["hone", command, name]
+        if storage_path and command != "serve":
+            args += ["--storage-path", storage_path]
+        args += list(extra_args)
+        entrypoint = shlex.join(args)
+        env = {k: os.environ[k] for k in ("HONE_API_KEYS", "MLFLOW_TRACKING_URI", "HF_TOKEN", "HONE_DEBUG") if os.environ.get(k)}
+        import uuid
+
+        submission_id = submission_id or f"hone-{command}-{uuid.uuid4().hex[:12]}"
+        env.update({"HONE_SUBMITTED": "1", "HONE_SUBMISSION_ID": submission_id})
+        runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": env}
+        sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                metadata={"hone": command, "job_file": name})
+    return Submission(sid, resolve_address(address), entrypoint)
+
+
+def follow_logs(address: str | None, submission_id: str) -> str:
+    """Print a job's logs as they come until it ends; return its final status."""
+    import asyncio
+
+    client = job_client(address)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(tail())
+    return str(client.get_job_status(submission_id))
