@@ -217,3 +217,10 @@ def test_json_schema_documents_every_section():
 
 def test_make_job_helper_is_valid():
     assert make_job(training={"max_steps": 3}).training.max_steps == 3
+
+
+def test_search_space_override_keeps_the_dotted_path(repo):
+    from hone.config import load_job
+
+    job = load_job(repo / "jobs" / "sweep-tiny.yaml", ["tune.search_space.training.lr={grid: [1.0e-4, 2.0e-4]}"])
+    assert job.tune.search_space["training.lr"].candidates() == [1e-4, 2e-4]

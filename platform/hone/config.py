@@ -845,6 +845,13 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        if key.startswith("tune.search_space."):  # the searched field's path is one key: keep its dots
+            tune = out.setdefault("tune", {}) if isinstance(out.get("tune"), dict) or out.get("tune") is None else out["tune"]
+            out["tune"] = tune
+            space = tune.setdefault("search_space", {}) if isinstance(tune.get("search_space"), dict) else {}
+            tune["search_space"] = space
+            space[key.removeprefix("tune.search_space.")] = value
+            continue
         _set_path(out, key, value)
     if problems:
         raise JobConfigError(problems)

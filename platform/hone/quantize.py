@@ -188,17 +188,25 @@ def _quantized_linears(model: Any, skip: tuple[str, ...] = _SKIP) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in skip]
 
 
-def _apply(model: Any, method: str) -> Any:
-    """Quantise ``model``'s linear layers (not its output head) in place and return it."""
+def _default_modules(model: Any, method: str) -> list[str]:
+    return _quantized_linears(model, _SKIP_DYNAMIC if method == "int8-dynamic" else _SKIP)
+
+
+def _apply(model: Any, method: str, modules: list[str] | None = None) -> Any:
+    """Quantise ``modules`` (default: the method's recipe) of ``model`` in place and return it.
+
+    The artifact records the module list, so it reloads with the recipe it was made with.
+    """
+    modules = modules if modules is not None else _default_modules(model, method)
     if method == "int8-dynamic":
         import torch
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        spec = {name: per_channel_dynamic_qconfig for name in _quantized_linears(model, _SKIP_DYNAMIC)}
+        spec = {name: per_channel_dynamic_qconfig for name in modules}
         return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    chosen = set(_quantized_linears(model))
+    chosen = set(modules)
     keep = lambda module, fqn: fqn in chosen  # noqa: E731
     if method == "int8-weight-only":
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=keep)
@@ -237,7 +245,7 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
 
         cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
         return cls.from_pretrained(folder, device_map=device).eval(), tokenizer, info
-    model = _apply(_skeleton(folder, task, device), method)
+    model = _apply(_skeleton(folder, task, device), method, info.get("quantized_modules"))
     state = torch.load(folder / _STATE_FILE, map_location=device, weights_only=False)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight")}
@@ -388,19 +396,21 @@ def quantize(ref: str, method: str | None = None, *, out: str | Path | None = No
     say(f"quantising {ref} with {method}")
     if method.startswith("bnb-"):
         model, tokenizer = _bnb_load(source, method)
-        original_mb = None
+        original_mb, modules = None, None
     else:
         model, tokenizer = _load_original(source)
         original_mb = _original_size_mb(model)
         if method != "int8-dynamic" and torch.cuda.is_available():
             model = model.to("cuda")
-        model = _apply(model, method)
+        modules = _default_modules(model, method)
+        model = _apply(model, method, modules)
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     _save(model, tokenizer, method, staging)
     info: dict[str, Any] = {"method": method, "source": ref, "source_path": source.path, "task": source.job.task.type,
-                            "job": source.job.to_dict(), "created": time.time(), "gate": {"passed": None}}
+                            "job": source.job.to_dict(), "created": time.time(), "gate": {"passed": None},
+                            "quantized_modules": None if method.startswith("bnb-") else modules}
     (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     del model
 
