@@ -49,6 +49,20 @@ def make_job(**sections):
     return validate_job(raw)
 
 
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A private registry (HONE_HOME/mlflow) while keeping the shared built-in model cache."""
+    registry_home = tmp_path / "home"
+    (registry_home / "models").mkdir(parents=True)
+    shared = Path(os.environ["HONE_HOME"]) / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    for built in shared.iterdir():
+        (registry_home / "models" / built.name).symlink_to(built)
+    monkeypatch.setenv("HONE_HOME", str(registry_home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return registry_home
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """A real three-node Ray cluster on this machine (cluster/local.sh): head + 2 worker nodes, 2 CPUs each, Jobs API on.

@@ -157,6 +157,16 @@ def test_submit_fails_fast_and_sends_nothing(tmp_path, repo):
     assert out.returncode == 1 and "RAY_ADDRESS" in out.stderr
 
 
+def _wait_status(cluster: dict, env: dict[str, str], sid: str, want: str, timeout: float) -> str:
+    """Poll `hone jobs status` until it reports ``want``; return the last status line."""
+    deadline, status = time.time() + timeout, ""
+    while time.time() < deadline and want not in status:
+        status = subprocess.run([HONE, "jobs", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True,
+                                text=True).stdout
+        time.sleep(1)
+    return status
+
+
 @pytest.mark.slow
 def test_stop_a_running_job(cluster, repo, tmp_path):
     env = _env(cluster)
@@ -164,20 +174,9 @@ def test_stop_a_running_job(cluster, repo, tmp_path):
                                       "--storage-path", str(tmp_path / "runs")), env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     sid = out.stdout.split("submitted ", 1)[1].split()[0]
-    deadline = time.time() + 180
-    status = ""
-    while time.time() < deadline and "RUNNING" not in status:
-        status = subprocess.run([HONE, "jobs", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True,
-                                text=True).stdout
-        time.sleep(1)
-    assert "RUNNING" in status, status
+    assert "RUNNING" in _wait_status(cluster, env, sid, "RUNNING", 180)
     stopped = subprocess.run([HONE, "jobs", "stop", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
-    deadline = time.time() + 120
-    while time.time() < deadline and "STOPPED" not in status:
-        status = subprocess.run([HONE, "jobs", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True,
-                                text=True).stdout
-        time.sleep(1)
-    assert "STOPPED" in status, status
+    assert "STOPPED" in _wait_status(cluster, env, sid, "STOPPED", 120)
     logs = subprocess.run([HONE, "jobs", "logs", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
     assert logs.returncode == 0 and "hone train tiny-smoke.yaml" in logs.stdout

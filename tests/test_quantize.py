@@ -14,20 +14,6 @@ HONE = str(Path(sys.executable).parent / "hone")
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
-    """A private registry (HONE_HOME) sharing the built-in model cache."""
-    registry_home = tmp_path / "home"
-    (registry_home / "models").mkdir(parents=True)
-    shared = Path(os.environ["HONE_HOME"]) / "models"
-    shared.mkdir(parents=True, exist_ok=True)
-    for built in shared.iterdir():
-        (registry_home / "models" / built.name).symlink_to(built)
-    monkeypatch.setenv("HONE_HOME", str(registry_home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return registry_home
-
-
-@pytest.fixture()
 def registered_export(home, tmp_path):
     """A full-model export of the tiny Llama in hone's export format, registered as models:/tiny@winner."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -32,20 +32,6 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    """A private registry (HONE_HOME/mlflow) while keeping the shared built-in model cache."""
-    registry_home = tmp_path / "home"
-    (registry_home / "models").mkdir(parents=True)
-    shared = Path(os.environ["HONE_HOME"]) / "models"
-    shared.mkdir(parents=True, exist_ok=True)
-    for built in shared.iterdir():
-        (registry_home / "models" / built.name).symlink_to(built)
-    monkeypatch.setenv("HONE_HOME", str(registry_home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return registry_home
-
-
 @pytest.mark.slow
 def test_sweep_stops_bad_trials_and_registers_the_winner(repo, home, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -827,17 +827,18 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML, typed later by the schema)."""
-    out = copy.deepcopy(dict(raw))
+def parse_overrides(overrides: Sequence[str], root: type[BaseModel] | None = None) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """``key.path=value`` items → (key, YAML-parsed value) pairs, and a problem per malformed or unknown key."""
+    pairs: list[tuple[str, Any]] = []
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            problems.append(Problem(item, "an override must look like key.path=value", "e.g. training.lr=1e-4"))
+            problems.append(Problem(item, "an override must look like key.path=value",
+                                    "e.g. training.lr=1e-4" if root is None else "e.g. port=8001"))
             continue
         key = key.strip()
-        problem = _path_problem(key) if not key.startswith("tune.search_space.") else None
+        problem = _path_problem(key, root) if not key.startswith("tune.search_space.") else None
         if problem:
             problems.append(Problem(key, problem[0] + " (from the command line)", problem[1]))
             continue
@@ -845,12 +846,21 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        pairs.append((key, value))
+    return pairs, problems
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML, typed later by the schema)."""
+    out = copy.deepcopy(dict(raw))
+    pairs, problems = parse_overrides(overrides)
+    for key, value in pairs:
         if key.startswith("tune.search_space."):  # the searched field's path is one key: keep its dots
-            tune = out.setdefault("tune", {}) if isinstance(out.get("tune"), dict) or out.get("tune") is None else out["tune"]
-            out["tune"] = tune
-            space = tune.setdefault("search_space", {}) if isinstance(tune.get("search_space"), dict) else {}
-            tune["search_space"] = space
-            space[key.removeprefix("tune.search_space.")] = value
+            if not isinstance(out.get("tune"), dict):
+                out["tune"] = {}
+            if not isinstance(out["tune"].get("search_space"), dict):
+                out["tune"]["search_space"] = {}
+            out["tune"]["search_space"][key.removeprefix("tune.search_space.")] = value
             continue
         _set_path(out, key, value)
     if problems:

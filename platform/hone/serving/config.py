@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from hone.config import JobConfigError, Problem, _problems_from_validation, _Section, _set_path
+from hone.config import JobConfigError, Problem, _problems_from_validation, _Section, _set_path, parse_overrides
 
 __all__ = ["ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
 
@@ -151,13 +151,9 @@ def load_serve_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ServeConfigError([Problem("", f"not valid YAML: {e}")], str(path)) from None
-    problems = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(Problem(item, "an override must look like key=value", "e.g. port=8001"))
-            continue
-        _set_path(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    pairs, problems = parse_overrides(overrides, ServeConfig)
+    for key, value in pairs:
+        _set_path(raw, key, value)
     if problems:
         raise ServeConfigError(problems, str(path))
     return validate_serve_config(raw, source=str(path))
