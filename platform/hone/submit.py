@@ -117,7 +117,7 @@ def _upload(paths: list[tuple[str, str]], raw: dict[str, Any], workdir: Path) ->
             raise SubmitError(f"--upload carries at most {_UPLOAD_LIMIT // 2**20} MiB through the Jobs API; {key} brings it to "
                               f"{total / 2**20:.0f} MiB: put the data on shared storage (NFS, an object store URI) instead")
         rel = dest_root.relative_to(workdir)
-        new = str(rel / Path(value).name) if not any(ch in value for ch in "*?") else str(rel / Path(value).name)
+        new = str(rel / Path(value).name)  # a glob keeps its pattern, now matching the copies
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:

@@ -9,12 +9,10 @@ cache rows are dropped) so the remaining ones run on a smaller batch.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["Engine", "GenRequest", "RequestError", "load_spec_model"]
@@ -279,10 +277,3 @@ class Engine:
         return {"task": self.task, "context_length": self.context_length, "device": self.device,
                 "adapters": self.adapter_names(), "loaded_adapters": self.loaded_adapters()}
 
-
-def read_labels(export_dir: str) -> list[str] | None:
-    info_path = Path(export_dir) / "hone.json"
-    if not info_path.exists():
-        return None
-    task = json.loads(info_path.read_text())["job"].get("task") or {}
-    return list(task.get("labels") or []) or None
