@@ -41,11 +41,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-# Until the full pipeline (sweep → quantise → serve) lands, the quickstart is the smoke training
-# job end to end on a local embedded Ray: train with 2 workers + ZeRO-2, export, evaluate the export.
+# The whole platform end to end on a local embedded Ray: sweep → registry → quantise + gate →
+# Ray Serve → smoke test through the openai client (jobs/pipeline-quickstart.yaml).
+# QUICKSTART_ARGS="--keep-serving" leaves the endpoint up; "--tiny" runs the 2-minute variant.
+QUICKSTART_ARGS ?=
 quickstart: setup
-	$(VENV)/bin/hone train jobs/tiny-smoke.yaml --storage-path runs
-	$(VENV)/bin/hone eval "$$(ls -d runs/tiny-smoke-* | tail -n 1)" -n 32
+	$(VENV)/bin/hone quickstart $(QUICKSTART_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info .pytest_cache

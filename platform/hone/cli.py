@@ -237,6 +237,47 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_pipeline(path: Path, args: argparse.Namespace) -> int:
+    import time
+
+    from hone.pipeline import format_summary, load_pipeline, run_pipeline
+
+    started = time.time()
+    pipeline = load_pipeline(path, args.overrides)
+    print(f"[hone] pipeline {pipeline.config.name} ({path}): "
+          f"{'sweep' if pipeline.sweep else 'train'} → {'quantise → ' if pipeline.config.quantize else ''}serve"
+          f"{' → smoke test' if pipeline.config.smoke_test else ''}", flush=True)
+
+    def ready(result: Any) -> None:
+        result.wall_s = time.time() - started
+        print("\n" + format_summary(result), flush=True)
+
+    run_pipeline(pipeline, address=args.address, storage_path=args.storage_path, keep_serving=args.keep_serving,
+                 rerun=args.rerun, on_ready=ready)
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    """Run a pipeline YAML: train/sweep → quantise → serve → smoke test."""
+    return _run_pipeline(Path(args.pipeline), args)
+
+
+def _recipes_dir() -> Path:
+    """Where the shipped recipes live: $HONE_RECIPES, ./jobs, or the jobs/ folder of the checkout hone runs from."""
+    here = Path(__file__).resolve()
+    for candidate in (os.environ.get("HONE_RECIPES"), "jobs", here.parents[2] / "jobs"):
+        if candidate and (Path(candidate) / "pipeline-quickstart.yaml").is_file():
+            return Path(candidate)
+    raise SystemExit("hone quickstart: the quickstart recipes (jobs/pipeline-quickstart.yaml) are not here; run it from a hone "
+                     "checkout or set HONE_RECIPES to its jobs/ folder")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    """The quickstart pipeline on the built-in model and data (``--tiny``: the built-in tiny Llama)."""
+    path = _recipes_dir() / ("pipeline-quickstart-tiny.yaml" if args.tiny else "pipeline-quickstart.yaml")
+    return _run_pipeline(path, args)
+
+
 def _cmd_builtins(args: argparse.Namespace) -> int:
     print("models:")
     for name, doc in assets.BUILTIN_MODELS.items():
@@ -245,6 +286,15 @@ def _cmd_builtins(args: argparse.Namespace) -> int:
     for name, doc in assets.BUILTIN_DATASETS.items():
         print(f"  {name:32s} {doc}")
     return 0
+
+
+def _threshold(text: str) -> float | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -319,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="artifact directory (default: $HONE_HOME/quantized/<model>-<method>)")
     p.add_argument("-n", type=int, default=64, help="validation rows the gate evaluates (default 64)")
     p.add_argument("--job", help="take the evaluation data from this job instead of the export's own")
-    p.add_argument("--max-loss-increase", type=float, default=0.01, help="causal LM: allowed relative eval-loss increase (0.01)")
-    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="classification: allowed accuracy drop (0.01 = 1 point)")
+    p.add_argument("--max-loss-increase", type=_threshold, default=0.01,
+                   help="causal LM: allowed relative eval-loss increase (default 0.01; 'none' = not checked)")
+    p.add_argument("--max-accuracy-drop", type=_threshold, default=0.01,
+                   help="allowed drop of classification accuracy, or of generated-answer accuracy for causal LMs on "
+                        "instruction/chat data (default 0.01 = 1 point; 'none' = not checked)")
     p.set_defaults(fn=_cmd_quantize)
 
     p = sub.add_parser("serve", help="serve a model on Ray Serve behind an OpenAI-compatible API")
@@ -333,6 +386,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the plain Ray Serve config (serve deploy / KubeRay) instead of serving")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.set_defaults(fn=_cmd_serve)
+
+    def pipeline_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="override a pipeline field, e.g. serve.port=8001 or quantize.max_accuracy_drop=0.05")
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local embedded Ray)")
+        p.add_argument("--storage-path", help="where runs, sweeps and the pipeline state live (default: $HONE_HOME/runs)")
+        p.add_argument("--keep-serving", action="store_true",
+                       help="leave the endpoint up after the smoke test (local: until Ctrl-C; a cluster: deployed)")
+        p.add_argument("--rerun", action="store_true", help="run every stage again even when its outputs exist for the same inputs")
+
+    p = sub.add_parser("pipeline", help="run a pipeline YAML: train or sweep → quantise → serve → smoke test")
+    p.add_argument("pipeline", help="pipeline YAML (jobs/pipeline-*.yaml)")
+    pipeline_args(p)
+    p.set_defaults(fn=_cmd_pipeline)
+
+    p = sub.add_parser("quickstart", help="the whole platform on the built-ins: sweep → quantise → serve → smoke test")
+    p.add_argument("--tiny", action="store_true", help="the same stages on the built-in tiny Llama (about 3 minutes)")
+    pipeline_args(p)
+    p.set_defaults(fn=_cmd_quickstart)
 
     p = sub.add_parser("submit", help="validate a job here, then submit it to a Ray cluster through the Jobs API")
     p.add_argument("file", help="job YAML (train / --tune) or serve YAML (--serve)")
@@ -367,13 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[Exception], ...]:
     from hone.modeling import ModelError
+    from hone.pipeline import PipelineError
     from hone.registry import RegistryError
     from hone.quantize import QuantizeError
     from hone.serving.app import ServeError
     from hone.submit import SubmitError
     from hone.train import TrainError
 
-    return (ModelError, RegistryError, TrainError, QuantizeError, ServeError, SubmitError)
+    return (ModelError, PipelineError, RegistryError, TrainError, QuantizeError, ServeError, SubmitError)
 
 
 def _quiet_libraries() -> None:
@@ -384,6 +457,12 @@ def _quiet_libraries() -> None:
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars follow it
+    # Deprecation notices from the libraries (here and in the processes hone spawns) are not the user's to act on.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _stable_workdir() -> None:

@@ -260,12 +260,17 @@ def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
             input_block=f"### Input:\n{extra}\n\n" if extra else "",
         )
         return prompt, str(row[c.output])
+    messages, answer = prompt_messages(row, cfg)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), answer
+
+
+def prompt_messages(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
+    """The chat messages a client sends for a row (every turn before the last assistant turn) and that turn's text."""
     if cfg.format not in ("alpaca", "messages", "sharegpt"):
         raise DataError(f"data.format {cfg.format!r} has no prompt/answer to generate")
     messages = _row_messages(row, cfg)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-    return prompt, messages[last]["content"]
+    return messages[:last], messages[last]["content"]
 
 
 def _chat_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[bool]]:

@@ -47,10 +47,15 @@ class QuantizeError(RuntimeError):
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """How much worse the quantised model may be: relative eval loss (causal LM), accuracy points (classification)."""
+    """How much worse the quantised model may be; ``None`` leaves that measure unchecked.
 
-    max_relative_loss_increase: float = 0.01
-    max_accuracy_drop: float = 0.01
+    ``max_relative_loss_increase``: eval loss, relative (causal LM). ``max_accuracy_drop``: accuracy
+    points as a fraction (classification accuracy; for causal LM on instruction/chat data, the accuracy
+    of the generated answers, the measure a task like sentiment is judged by).
+    """
+
+    max_relative_loss_increase: float | None = 0.01
+    max_accuracy_drop: float | None = 0.01
 
 
 @dataclass
@@ -63,7 +68,8 @@ class QuantizeResult:
     gate: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
-        keys = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "size_mb", "peak_rss_mb", "decode_ms_per_token")
+        keys = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "answer_accuracy", "size_mb", "peak_rss_mb",
+                            "decode_ms_per_token")
                 if k in self.original]
         lines = [f"{'':22} {'original':>12} {self.method:>16}"]
         for k in keys:
@@ -293,14 +299,20 @@ def quantized_artifact(ref: str, method: str) -> Path:
 # --------------------------------------------------------------------------- measurement
 
 
-def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, Any]], str]:
+def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(raw rows, tokenized rows): the first ``n`` validation rows (training rows when there is no validation split)."""
     from hone.data import load_splits, tokenize_split
 
     splits = load_splits(job.data.model_copy(update={"max_eval_samples": None}))
     split = "validation" if "validation" in splits else "train"
     rows = splits[split].select(range(min(n, len(splits[split]))))
     tokenized, _ = tokenize_split(rows, job, tokenizer, split, pack=False)
-    return list(tokenized), split
+    return list(rows), list(tokenized)
+
+
+def _answers_gated(job: JobConfig) -> bool:
+    """Causal LM data with a prompt and an expected answer: the gate also compares generated answers."""
+    return job.task.type == "causal_lm" and job.data.format in ("alpaca", "messages", "sharegpt")
 
 
 def _folder_mb(folder: Path) -> float:
@@ -319,7 +331,7 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
         import torch
 
-        from hone.modeling import model_device, evaluate
+        from hone.modeling import evaluate, generation_accuracy, model_device
 
         torch.manual_seed(0)
         source: _Source = spec["source"]
@@ -330,9 +342,11 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
             if torch.cuda.is_available() and spec.get("method") != "int8-dynamic":
                 model = model.to("cuda")  # compare like with like: the GPU methods run on the GPU
         device = model_device(model)
-        rows, _ = _eval_rows(source.job, tokenizer, spec["n"])
+        raw, rows = _eval_rows(source.job, tokenizer, spec["n"])
         metrics = evaluate(model, rows, source.job, tokenizer.pad_token_id)
         out = {k: v for k, v in metrics.items() if k != "eval_tokens"}
+        if _answers_gated(source.job):
+            out["answer_accuracy"], _ = generation_accuracy(model, tokenizer, raw, source.job, max_new_tokens=12)
         if source.job.task.type == "causal_lm":
             prompt = tokenizer("The movie was", return_tensors="pt").to(device)
             new = 32
@@ -341,12 +355,24 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
                 started = time.perf_counter()
                 model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             out["decode_ms_per_token"] = (time.perf_counter() - started) * 1000 / new
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_rss_mb"] = _peak_rss_mb(resource)
         queue.put(("ok", out))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
         queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _peak_rss_mb(resource: Any) -> float:
+    """This process's peak resident memory. ``ru_maxrss`` survives execve, so a child spawned by a big parent
+    would report the parent's peak; Linux's VmHWM belongs to the new address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure_in_child(source: _Source, artifact: Path | None, n: int, method: str) -> dict[str, float]:
@@ -370,15 +396,27 @@ def _original_size_mb(model: Any) -> float:
 
 
 def _gate(task: str, original: dict[str, float], quantized: dict[str, float], thresholds: GateThresholds) -> dict[str, Any]:
-    if task == "sequence_classification":
-        drop = original["eval_accuracy"] - quantized["eval_accuracy"]
-        passed = drop <= thresholds.max_accuracy_drop + 1e-12
-        rule = (f"accuracy drop {drop * 100:+.2f} points (allowed ≤ {thresholds.max_accuracy_drop * 100:.2f})")
-        return {"passed": passed, "rule": rule, "metric": "eval_accuracy", "change": drop}
-    rel = (quantized["eval_loss"] - original["eval_loss"]) / max(abs(original["eval_loss"]), 1e-12)
-    passed = rel <= thresholds.max_relative_loss_increase + 1e-12
-    rule = f"eval loss {rel * 100:+.2f}% relative (allowed ≤ {thresholds.max_relative_loss_increase * 100:.2f}%)"
-    return {"passed": passed, "rule": rule, "metric": "eval_loss", "change": rel}
+    """Every checked measure must hold: accuracy drop (classification accuracy, or generated-answer accuracy)
+    and, for causal LMs, the relative eval-loss increase."""
+    checks: list[tuple[str, float, float | None, str]] = []
+    accuracy = "eval_accuracy" if task == "sequence_classification" else "answer_accuracy"
+    if task != "sequence_classification":
+        rel = (quantized["eval_loss"] - original["eval_loss"]) / max(abs(original["eval_loss"]), 1e-12)
+        allowed = thresholds.max_relative_loss_increase
+        checks.append(("eval_loss", rel, allowed, f"eval loss {rel * 100:+.2f}% relative"
+                       + (f" (allowed ≤ {allowed * 100:.2f}%)" if allowed is not None else " (not checked)")))
+    if accuracy in original and accuracy in quantized:
+        drop = original[accuracy] - quantized[accuracy]
+        allowed = thresholds.max_accuracy_drop
+        what = "accuracy" if accuracy == "eval_accuracy" else "answer accuracy"
+        checks.append((accuracy, drop, allowed, f"{what} drop {drop * 100:+.2f} points"
+                       + (f" (allowed ≤ {allowed * 100:.2f})" if allowed is not None else " (not checked)")))
+    if all(allowed is None for _, _, allowed, _ in checks):
+        raise QuantizeError(f"the quality gate checks nothing for this {task} model: "
+                            + ("give an accuracy threshold" if task == "sequence_classification" else "give a loss threshold"))
+    failed = [metric for metric, change, allowed, _ in checks if allowed is not None and change > allowed + 1e-12]
+    return {"passed": not failed, "rule": "; ".join(text for *_, text in checks), "failed": failed,
+            "changes": {metric: change for metric, change, _, _ in checks}}
 
 
 def quantize(ref: str, method: str | None = None, *, out: str | Path | None = None, n: int = 64,
@@ -389,6 +427,8 @@ def quantize(ref: str, method: str | None = None, *, out: str | Path | None = No
     method = method or (GPU_DEFAULT if torch.cuda.is_available() else CPU_DEFAULT)
     _check_method(method)
     thresholds = thresholds or GateThresholds()
+    if thresholds.max_relative_loss_increase is None and thresholds.max_accuracy_drop is None:
+        raise QuantizeError("the quality gate would check nothing: give a loss or an accuracy threshold")
     source = resolve_source(ref, job)
     folder = Path(out) if out else assets.hone_home() / "quantized" / f"{source.slug()}-{method}"
     say = (lambda *_: None) if quiet else (lambda msg: print(f"[hone] {msg}", flush=True))

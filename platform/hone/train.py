@@ -231,6 +231,15 @@ def _export(engine: Any, job: JobConfig, run_dir: Path, rank: int, metrics: dict
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _worker_setup() -> None:
+    """Ray's ``worker_process_setup_hook`` for hone sessions: optional-kernel load failures that torchao logs
+    on import (and torch's deprecation notes about them) stay off the driver's console."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _quiet_worker() -> None:
     """Keep per-worker library chatter off the driver's console (errors still show)."""
     import logging
@@ -516,6 +525,7 @@ def _base_worker_env() -> dict[str, str]:
         "HONE_HOME": str(assets.hone_home()),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers follows it (weight loading, shard writing)
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
@@ -551,6 +561,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
     DataContext.get_current().enable_progress_bars = False  # per-worker bars would flood the driver's console
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {**(_worker_env(job) if job is not None else _base_worker_env()), **(env or {})}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "hone.train._worker_setup"}
     log_level = os.environ.get("HONE_RAY_LOG_LEVEL", "WARNING")
     logging_config = ray.LoggingConfig(encoding="TEXT", log_level=log_level)
     if ray.is_initialized():
@@ -558,7 +569,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         return
     if address:
         try:
-            ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True, logging_config=logging_config)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_config=logging_config)
         except Exception as e:  # noqa: BLE001 - re-raised with the address named
             raise TrainError(f"cannot connect to the Ray cluster at {address}: {e}") from e
     else:
@@ -574,7 +585,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         previous = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            ray.init(address="local", num_cpus=cpus, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+            ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True,
                      logging_config=logging_config, **extra)
         finally:
             if previous is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -83,16 +84,21 @@ def _scheduler(job: JobConfig, metric: str, mode: str) -> Any:
                          grace_period=t.grace_period, reduction_factor=t.reduction_factor)
 
 
-def _searcher(job: JobConfig, metric: str, mode: str) -> Any:
+def _searcher(job: JobConfig, metric: str, mode: str, concurrency: int) -> Any:
     if job.tune.searcher != "optuna":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Seeded: the same job samples the same trials (a re-run or a pipeline re-run is comparable).
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=job.training.seed)
     if any(d.kind == "grid" for d in job.tune.search_space.values()):
         raise TrainError("tune.searcher: optuna samples points itself; replace grid domains with choice")
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as e:  # pragma: no cover - optuna is a dependency
         raise TrainError("tune.searcher: optuna needs the optuna package (pip install optuna)") from e
-    return OptunaSearch(metric=metric, mode=mode, seed=job.training.seed)
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=job.training.seed), max_concurrent=concurrency)
 
 
 _TRIAL_DRIVER_CPU = 0.01
@@ -254,6 +260,9 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name),
                                     {"CPU": _TRIAL_DRIVER_CPU})
 
+    # Trials report every training.log_every steps and evaluate every eval_every: reports without the metric
+    # are normal (ASHA decides on those that carry it), so Tune must not reject them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with ray_session(job, address, extra_cpus=_TRIAL_DRIVER_CPU + _DATA_TASK_CPU):
         started = time.time()
         if resume and tune.Tuner.can_restore(str(sweep_dir / "tune" / "sweep")):
@@ -264,8 +273,7 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
                 trainable,
                 param_space={path: _domain(d) for path, d in job.tune.search_space.items()},
                 tune_config=tune.TuneConfig(num_samples=job.tune.num_samples, scheduler=_scheduler(job, metric, mode),
-                                            search_alg=_searcher(job, metric, mode), max_concurrent_trials=_concurrency(job),
-                                            reuse_actors=False),
+                                            search_alg=_searcher(job, metric, mode, _concurrency(job)), reuse_actors=False),
                 run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )

@@ -30,6 +30,12 @@ def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def _cpus_needed(cfg: ServeConfig) -> float:
+    """Logical CPUs the application reserves at its largest: every model replica plus the ingress."""
+    replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
+    return float(cfg.ray_actor_options.get("num_cpus", 1)) * replicas + 0.1
+
+
 def _wait_ready(name: str, timeout: float) -> None:
     from ray import serve
 
@@ -51,8 +57,13 @@ def _dashboard_url(ray: Any) -> str | None:
         return None
 
 
-def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, ready_file: str | None = None) -> None:
-    """Deploy ``cfg`` (local embedded Ray unless ``address``/``RAY_ADDRESS``) and serve until SIGINT/SIGTERM."""
+def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, ready_file: str | None = None,
+          access_log: bool = True) -> None:
+    """Deploy ``cfg`` (local embedded Ray unless ``address``/``RAY_ADDRESS``) and serve until SIGINT/SIGTERM.
+
+    ``block=False`` returns once the application runs (inside a Ray session the caller holds);
+    ``access_log=False`` keeps per-request lines and Serve's INFO chatter off the console.
+    """
     from ray import serve as ray_serve
 
     from hone.serving.app import api_key_hashes, build_app, resolve
@@ -60,8 +71,7 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
 
     spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate
     keys = api_key_hashes(cfg)
-    replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
-    need = float(cfg.ray_actor_options.get("num_cpus", 1)) * replicas + 0.1
+    need = _cpus_needed(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -69,9 +79,10 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
                      metrics_export_port=cfg.metrics_export_port):
         import ray
 
-        ray_serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        logging_config = None if access_log else {"log_level": "WARNING", "enable_access_log": False}
+        ray_serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
         app = build_app({"config": cfg.to_dict()})
-        ray_serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+        ray_serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False, logging_config=logging_config)
         _wait_ready(cfg.name, 600)
         base = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         what = f"{spec['source']} ({spec['kind']}, {spec['task']}, quantisation {spec['quantization']})"

@@ -1,0 +1,135 @@
+"""hone pipeline / hone quickstart: validation before any work, the tiny quickstart end to end
+(real sweep → registry → quantisation gate → Ray Serve → openai client), re-runs that skip
+finished stages, and a failed stage that stops the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+HONE = str(Path(sys.executable).parent / "hone")
+PIPELINES = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("pipeline-*.yaml"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_shipped_pipelines_validate(path):
+    from hone.pipeline import load_pipeline
+
+    p = load_pipeline(path)
+    assert p.config.name == path.stem.removeprefix("pipeline-") and p.sweep
+    assert p.serve.autoscaling_config and p.serve.autoscaling_config["max_replicas"] == 2
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("hone " in line and path.name in line for line in header), f"{path.name} must open with its command"
+
+
+def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "builtin:tiny-llama"}, "data": {"source": "builtin:rotten-tomatoes", "format": "text"}}))
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_text(yaml.safe_dump({
+        "train": {"job": "job.yaml", "sweep": True},
+        "quantize": {"method": "bnb-4bit", "max_loss_increase": None, "max_accuracy_drop": None},
+        "serve": {"model": "builtin:tiny-llama", "port": 0},
+        "smoke_test": {"requests": 4},
+    }))
+    started = time.time()
+    out = subprocess.run([HONE, "pipeline", str(bad), "--storage-path", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    for text in ("train.sweep", "no tune.search_space", "quantize.method", "quantize: the quality gate would check nothing",
+                 "serve.model", "comes from the earlier stages", "serve.port", "smoke_test", "no prompts and answers"):
+        assert text in out.stderr, (text, out.stderr)
+    assert not (tmp_path / "runs").exists() and time.time() - started < 60
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("train: {job: nowhere.yaml}\nquantize: {metod: int8-dynamic}\n")
+    out = subprocess.run([HONE, "pipeline", str(missing)], capture_output=True, text=True)
+    assert out.returncode == 2 and "nowhere.yaml" in out.stderr and "quantize.metod" in out.stderr, out.stderr
+
+
+def _quickstart(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    from test_tune import _run
+
+    return _run([HONE, "quickstart", "--tiny", *args], env, timeout)
+
+
+@pytest.mark.slow
+def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
+    env["HONE_API_KEYS"] = "smoke-key"  # auth on: the smoke test must authenticate like any client
+    storage = tmp_path / "runs"
+    ports = [f"serve.port={_free_port()}", f"serve.metrics_export_port={_free_port()}"]
+    started = time.time()
+    out = _quickstart(["--storage-path", str(storage), *ports], env, 600)
+    first_wall = time.time() - started
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-6000:]
+    text = out.stdout
+    for stage in ("[1/4] train", "[2/4] quantize", "[3/4] serve", "[4/4] smoke_test", "hone pipeline quickstart-tiny: done in"):
+        assert stage in text, stage
+    for line in ("accuracy    untuned", "latency     p50", "throughput", "quality gate PASSED", "endpoint  http://127.0.0.1:",
+                 "metrics   http://127.0.0.1:", "metric_vs_step.png"):
+        assert line in text, line
+
+    folder = storage / "quickstart-tiny-pipeline"
+    summary = json.loads((folder / "summary.json").read_text())
+    smoke = summary["stages"]["smoke_test"]
+    assert smoke["ok"] == smoke["requests"] == 32 and smoke["failed"] == 0
+    assert 0 <= smoke["accuracy"] <= 1 and 0 <= smoke["untuned_accuracy"] <= 1
+    assert smoke["latency_p50_s"] > 0 and smoke["requests_per_s"] > 0 and smoke["ttft_s"] > 0
+
+    # The sweep: ASHA stopped the hopeless learning rate at the grace period; the winner is registered with lineage.
+    train = summary["stages"]["train"]
+    sweep_dir = Path(train["sweep_dir"])
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    assert sorted(t["status"] for t in trials) == ["completed", "stopped early"], trials
+    stopped = next(t for t in trials if t["status"] == "stopped early")
+    assert stopped["steps"] < 6 and stopped["export"] is None and stopped["params"]["training.lr"] == 1e-5
+    best = next(t for t in trials if t["status"] == "completed")
+    assert json.loads((sweep_dir / "sweep.json").read_text())["winner"]["trial"] == best["trial"]
+    for name in ("trials.csv", "params_vs_metric.png"):
+        assert (sweep_dir / name).stat().st_size > 0, name
+    assert (sweep_dir / "metric_vs_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from hone import registry
+
+    ref = registry.resolve_model_ref("models:/quickstart-tiny@winner")
+    assert ref["source"] == best["export"] and train["model"] == f"models:/quickstart-tiny/{ref['version']}"
+    # the quantisation stage's verdict hangs on the same registry version the serve stage deployed
+    assert ref["tags"]["hone.quantized.int8-dynamic.gate"] == "passed"
+    assert Path(ref["tags"]["hone.quantized.int8-dynamic"]) == Path(summary["stages"]["quantize"]["artifact"])
+    lineage = registry.show_model("quickstart-tiny")[-1]["lineage"]
+    assert lineage["hone.base_model"] == "builtin:tiny-llama" and lineage["hone.method"] == "lora"
+    assert lineage["hone.zero_stage"] == "2" and len(lineage["hone.dataset_fingerprint"]) == 12
+    assert lineage["hone.git_commit"] and lineage["hone.sweep"] == sweep_dir.name
+    listed = subprocess.run([HONE, "models", "list"], env=env, capture_output=True, text=True)
+    assert "quickstart-tiny" in listed.stdout and "@winner→v1" in listed.stdout
+
+    # Same inputs again: training and quantisation are reused, the endpoint is deployed and checked again.
+    started = time.time()
+    again = _quickstart(["--storage-path", str(storage), *ports], env, 400)
+    assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-6000:]
+    assert "train: reusing models:/quickstart-tiny/1" in again.stdout and "quantize: reusing" in again.stdout
+    assert "Trial status" not in again.stdout and len(list(storage.glob("*-sweep-*"))) == 1
+    assert time.time() - started < first_wall
+    assert json.loads((folder / "summary.json").read_text())["stages"]["train"]["skipped"] is True
+
+    # A stage that fails stops the pipeline with its reason; nothing after it runs.
+    failed = _quickstart(["--storage-path", str(storage), *ports, "quantize.max_loss_increase=-1"], env, 400)
+    assert failed.returncode == 1, failed.stdout[-4000:] + failed.stderr[-4000:]
+    assert "pipeline stopped at stage quantize" in failed.stderr and "failed its quality gate" in failed.stderr
+    assert "[3/4] serve" not in failed.stdout and "train: reusing" in failed.stdout
+    state = json.loads((folder / "state.json").read_text())
+    assert state["quantize"]["ok"] is False and state["train"]["ok"] is True
