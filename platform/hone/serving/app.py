@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -206,11 +207,12 @@ class ModelServer:
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self._waiting: list[tuple[GenRequest, asyncio.Queue]] = []
+        self._waiting_lock = threading.Lock()  # the engine thread admits waiting requests into a running batch
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._running = 0
         self._m_running = metrics.Gauge("hone_num_requests_running", "Requests in the batch being decoded.", tag_keys=("model",))
-        self._m_waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting for the next batch.", tag_keys=("model",))
+        self._m_waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting to join a decoding batch.", tag_keys=("model",))
         self._m_batch = metrics.Histogram("hone_batch_size", "Sequences per decoding batch.", boundaries=[1, 2, 4, 8, 16, 32, 64],
                                           tag_keys=("model",))
         self._report_gauges()
@@ -226,16 +228,15 @@ class ModelServer:
             await self._wake.wait()
             if self.batch_wait_timeout_s and len(self._waiting) < self.max_batch_size:
                 await asyncio.sleep(self.batch_wait_timeout_s)  # optional: gather a burst before starting
-            self._waiting = [(r, q) for r, q in self._waiting if not r.cancelled]
-            if not self._waiting:
-                self._wake.clear()
-                continue
-            adapter = self._waiting[0][0].adapter
-            batch = [item for item in self._waiting if item[0].adapter == adapter][: self.max_batch_size]
-            taken = {id(item[0]) for item in batch}
-            self._waiting = [item for item in self._waiting if id(item[0]) not in taken]
-            if not self._waiting:
-                self._wake.clear()
+            with self._waiting_lock:
+                self._waiting = [(r, q) for r, q in self._waiting if not r.cancelled]
+                if not self._waiting:
+                    self._wake.clear()
+                    continue
+                adapter = self._waiting[0][0].adapter
+                batch = self._take(adapter, self.max_batch_size)
+                if not self._waiting:
+                    self._wake.clear()
             self._running = len(batch)
             self._report_gauges()
             self._m_batch.observe(len(batch), tags={"model": self.name})
@@ -244,8 +245,19 @@ class ModelServer:
             def emit(i: int, text: str, finish: str | None, n: int) -> None:
                 loop.call_soon_threadsafe(queues[i].put_nowait, {"text": text, "finish_reason": finish, "completion_tokens": n})
 
+            def admit(free: int, adapter: str | None = adapter) -> list[GenRequest]:
+                """Engine thread, between decode steps: requests that arrived since the batch started join it."""
+                if not self._waiting:  # a racy read is fine: anything missed waits for the next batch
+                    return []
+                with self._waiting_lock:
+                    joined = self._take(adapter, free)
+                if joined:
+                    queues.extend(q for _, q in joined)  # emit's index i continues after the batch's own requests
+                    loop.call_soon_threadsafe(self._joined, len(joined))
+                return [r for r, _ in joined]
+
             try:
-                await asyncio.to_thread(self.engine.generate_batch, [r for r, _ in batch], emit)
+                await asyncio.to_thread(self.engine.generate_batch, [r for r, _ in batch], emit, admit, self.max_batch_size)
             except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the replica lives on
                 logger.exception("batch failed")
                 for q in queues:
@@ -253,6 +265,18 @@ class ModelServer:
             finally:
                 self._running = 0
                 self._report_gauges()
+
+    def _take(self, adapter: str | None, n: int) -> list[tuple[GenRequest, asyncio.Queue]]:
+        """Remove and return up to ``n`` live waiting requests for ``adapter`` (caller holds the lock)."""
+        taken = [item for item in self._waiting if item[0].adapter == adapter and not item[0].cancelled][:n]
+        ids = {id(item[0]) for item in taken}
+        self._waiting = [item for item in self._waiting if id(item[0]) not in ids]
+        return taken
+
+    def _joined(self, n: int) -> None:
+        self._running += n
+        self._report_gauges()
+        self._m_batch.observe(self._running, tags={"model": self.name})
 
     async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream events for one request: first ``{"prompt_tokens"}``, then text pieces, the last with a finish reason."""
@@ -273,7 +297,8 @@ class ModelServer:
         req = GenRequest(ids, max_tokens, body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("stop") or [],
                          body.get("seed"), adapter)
         queue: asyncio.Queue = asyncio.Queue()
-        self._waiting.append((req, queue))
+        with self._waiting_lock:
+            self._waiting.append((req, queue))
         self._report_gauges()
         if self._scheduler is None or self._scheduler.done():
             self._scheduler = asyncio.create_task(self._schedule())

@@ -59,7 +59,7 @@ class ServeConfig(_Section):
     """Sequences decoded together in one forward pass."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     """How long an idle replica waits for more requests before starting a batch (0: start at once; requests
-    arriving while a batch decodes join the next one)."""
+    arriving while a batch decodes join it between steps)."""
     max_tokens_default: int = Field(default=128, ge=1)
     """``max_tokens`` when a request gives none (always capped by the context window)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

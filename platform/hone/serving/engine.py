@@ -4,7 +4,8 @@ Concurrent requests are decoded together: the scheduler (in the replica) hands t
 batch of requests for the same model or adapter; the engine runs one prefill over the
 left-padded prompts and then one forward pass per step for the whole batch with a shared KV
 cache, streaming each request's text as its tokens come. Finished rows leave the batch (their
-cache rows are dropped) so the remaining ones run on a smaller batch.
+cache rows are dropped), and requests that arrive meanwhile join it between steps (continuous
+batching: they are prefilled on their own and their cache rows appended, left-padded).
 """
 
 from __future__ import annotations
@@ -190,66 +191,132 @@ class Engine:
                     break
         return hold
 
-    def generate_batch(self, reqs: list[GenRequest], emit: Callable[[int, str, str | None, int], None]) -> None:
-        """Decode ``reqs`` together (same adapter); ``emit(i, text, finish_reason, n_tokens)`` per new piece."""
+    def _prefill(self, reqs: list[GenRequest]) -> tuple[Any, Any, Any]:
+        """One forward pass over the left-padded prompts: (cache, attention mask, last-position logits)."""
         import torch
         from transformers import DynamicCache
 
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in reqs)
+        input_ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        return cache, mask, logits
+
+    @staticmethod
+    def _mergeable(cache: Any) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    @staticmethod
+    def _merge(cache: Any, mask: Any, other: Any, other_mask: Any) -> Any:
+        """Append ``other``'s rows to ``cache`` (in place), left-padding the shorter one; returns the joint mask."""
+        import torch.nn.functional as F
+
+        import torch
+
+        width = max(mask.shape[1], other_mask.shape[1])
+
+        def left_pad(t: Any, w: int) -> Any:
+            return F.pad(t, (0, 0, width - w, 0)) if w < width else t
+
+        for mine, theirs in zip(cache.layers, other.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, mask.shape[1]), left_pad(theirs.keys, other_mask.shape[1])], 0)
+            mine.values = torch.cat([left_pad(mine.values, mask.shape[1]), left_pad(theirs.values, other_mask.shape[1])], 0)
+        return torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(other_mask, (width - other_mask.shape[1], 0))], 0)
+
+    def generate_batch(self, reqs: list[GenRequest], emit: Callable[[int, str, str | None, int], None],
+                       admit: Callable[[int], list[GenRequest]] | None = None, max_batch: int | None = None) -> None:
+        """Decode ``reqs`` together (same adapter); ``emit(i, text, finish_reason, n_tokens)`` per new piece.
+
+        Continuous batching: between decode steps ``admit(free_rows)`` may hand over requests that arrived
+        meanwhile (same adapter); they are prefilled, their cache rows joined to the running batch, and
+        decoded with it from the next step on (their index ``i`` continues after the ones before).
+        """
+        import torch
+
+        reqs = list(reqs)
+        limit = max_batch or len(reqs)
         with self._lock, torch.inference_mode(), self._use_adapter(reqs[0].adapter):
-            pad = self.tokenizer.pad_token_id
-            width = max(len(r.prompt_ids) for r in reqs)
-            input_ids = torch.full((len(reqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(reqs), width), dtype=torch.long)
-            for i, r in enumerate(reqs):
-                input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-                mask[i, width - len(r.prompt_ids):] = 1
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            generators = []
-            for r in reqs:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**63))
-                generators.append(g)
+            generators: list[Any] = []
+            tokens: list[list[int]] = []
+            sent: list[int] = []
+
+            def start(new: list[GenRequest]) -> None:
+                for r in new:
+                    g = torch.Generator(device=self.device)
+                    g.manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**63))
+                    generators.append(g)
+                    tokens.append([])
+                    sent.append(0)
+
+            def advance(i: int, tok: int) -> bool:
+                """Record request ``i``'s new token and emit its text; False once it has finished."""
+                req = reqs[i]
+                finish = None
+                if req.cancelled:
+                    finish = "cancelled"
+                elif tok in self.eos_ids:
+                    finish = "stop"
+                else:
+                    tokens[i].append(tok)
+                text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+                if finish is None and req.stop:
+                    hits = [text.find(s, max(0, sent[i] - len(s))) for s in req.stop]
+                    hits = [h for h in hits if h >= 0]
+                    if hits:
+                        text, finish = text[: min(hits)], "stop"
+                if finish is None and len(tokens[i]) >= req.max_tokens:
+                    finish = "length"
+                end = len(text) if finish else len(text) - self._held_back(text, req.stop)
+                if end > sent[i] or finish:
+                    emit(i, text[sent[i]:end] if end > sent[i] else "", finish, len(tokens[i]))
+                    sent[i] = max(sent[i], end)
+                return finish is None
+
+            def step(rows: list[int], logits: Any) -> tuple[list[int], list[int]]:
+                """Sample a token for each row; (kept row positions, their tokens)."""
+                picked = self._sample(logits, [reqs[i] for i in rows], [generators[i] for i in rows])
+                keep = [k for k, (i, tok) in enumerate(zip(rows, picked)) if advance(i, tok)]
+                return keep, [picked[k] for k in keep]
+
+            start(reqs)
+            cache, mask, logits = self._prefill(reqs)
             active = list(range(len(reqs)))
-            tokens: list[list[int]] = [[] for _ in reqs]
-            sent = [0] * len(reqs)
-            cache = DynamicCache(config=self.model.config)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
             while active:
-                picked = self._sample(logits, [reqs[i] for i in active], [generators[i] for i in active])
-                keep = []
-                for row, (i, tok) in enumerate(zip(active, picked)):
-                    req = reqs[i]
-                    finish = None
-                    if req.cancelled:
-                        finish = "cancelled"
-                    elif tok in self.eos_ids:
-                        finish = "stop"
-                    else:
-                        tokens[i].append(tok)
-                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                    if finish is None and req.stop:
-                        hits = [text.find(s, max(0, sent[i] - len(s))) for s in req.stop]
-                        hits = [h for h in hits if h >= 0]
-                        if hits:
-                            text, finish = text[: min(hits)], "stop"
-                    if finish is None and len(tokens[i]) >= req.max_tokens:
-                        finish = "length"
-                    end = len(text) if finish else len(text) - self._held_back(text, req.stop)
-                    if end > sent[i] or finish:
-                        emit(i, text[sent[i]:end] if end > sent[i] else "", finish, len(tokens[i]))
-                        sent[i] = max(sent[i], end)
-                    if finish is None:
-                        keep.append(row)
-                if not keep:
-                    break
-                next_ids = torch.tensor([[picked[row]] for row in keep], device=self.device)
-                if len(keep) < len(active):
+                keep, next_tokens = step(active, logits)
+                if len(keep) < len(active) and keep:
                     index = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(index)
                     mask = mask[index]
-                active = [active[row] for row in keep]
+                active = [active[k] for k in keep]
+                if active and admit is not None and len(active) < limit and self._mergeable(cache):
+                    new = admit(limit - len(active))
+                    if new:
+                        first = len(reqs)
+                        reqs.extend(new)
+                        start(new)
+                        new_cache, new_mask, new_logits = self._prefill(new)
+                        new_keep, new_tokens = step(list(range(first, first + len(new))), new_logits)
+                        if new_keep:
+                            if len(new_keep) < len(new):
+                                index = torch.tensor(new_keep, device=self.device)
+                                new_cache.batch_select_indices(index)
+                                new_mask = new_mask[index]
+                            mask = self._merge(cache, mask, new_cache, new_mask)
+                            active += [first + k for k in new_keep]
+                            next_tokens += new_tokens
+                if not active:
+                    break
+                next_ids = torch.tensor([[t] for t in next_tokens], device=self.device)
                 mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
                 positions = (mask.sum(-1, keepdim=True) - 1)
                 logits = self.model(input_ids=next_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

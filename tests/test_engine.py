@@ -1,0 +1,64 @@
+"""The serving engine in-process (no Ray): requests that arrive while a batch decodes join it between
+steps (continuous batching), and every request still gets exactly its one-at-a-time greedy output."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from hone import assets
+    from hone.serving.engine import Engine
+
+    path = assets.resolve_model("builtin:tiny-llama")
+    return Engine({"served_name": "tiny", "device": "cpu", "adapters": {}, "max_loaded_adapters": 1, "source": path,
+                   "kind": "model", "path": path, "task": "causal_lm", "labels": None, "quantization": "none"})
+
+
+def _run(engine, reqs, admit=None, max_batch=None):
+    texts = {}
+    finished = {}
+    steps = {}
+
+    def emit(i, text, finish, n):
+        texts[i] = texts.get(i, "") + text
+        steps[i] = n
+        if finish:
+            finished[i] = finish
+
+    engine.generate_batch(reqs, emit, admit, max_batch)
+    return texts, finished
+
+
+def _req(engine, prompt, n):
+    from hone.serving.engine import GenRequest
+
+    return GenRequest(engine.encode_prompt(prompt, None), n, temperature=0.0)
+
+
+PROMPTS = ["The movie was", "A slow, dull film about", "Brilliant acting and a sharp script make this", "Not"]
+
+
+def test_requests_join_a_running_batch_and_match_solo_greedy(engine):
+    solo = {p: _run(engine, [_req(engine, p, 16)])[0][0] for p in PROMPTS}
+    # A long-running pair is decoding; two more arrive at the 3rd and 6th step (different prompt lengths).
+    arrivals = {3: [_req(engine, PROMPTS[2], 16)], 6: [_req(engine, PROMPTS[3], 16)]}
+    calls = {"n": 0, "free": []}
+
+    def admit(free):
+        calls["n"] += 1
+        calls["free"].append(free)
+        return arrivals.pop(calls["n"], [])
+
+    texts, finished = _run(engine, [_req(engine, PROMPTS[0], 16), _req(engine, PROMPTS[1], 16)], admit, max_batch=4)
+    assert not arrivals, "the engine stopped asking for new requests before they arrived"
+    assert [texts[i] for i in range(4)] == [solo[p] for p in PROMPTS]
+    assert set(finished) == {0, 1, 2, 3}
+    assert calls["free"][0] == 2 and min(calls["free"]) >= 0
+
+
+def test_full_batch_admits_nothing(engine):
+    asked = []
+    _run(engine, [_req(engine, p, 4) for p in PROMPTS[:2]], lambda free: asked.append(free) or [], max_batch=2)
+    assert asked == []  # no free row: the engine never asks
