@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_pipeline)
 
     p = sub.add_parser("quickstart", help="the whole platform on the built-ins: sweep → quantise → serve → smoke test")
-    p.add_argument("--tiny", action="store_true", help="the same stages on the built-in tiny Llama (about 3 minutes)")
+    p.add_argument("--tiny", action="store_true", help="the same stages on the built-in tiny Llama (about 2 minutes)")
     pipeline_args(p)
     p.set_defaults(fn=_cmd_quickstart)
 

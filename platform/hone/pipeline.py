@@ -195,6 +195,9 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
         serve_cfg = validate_serve_config(serve_raw)
     except ServeConfigError as e:
         problems += [Problem(f"serve.{p.path}" if p.path else "serve", p.message, p.hint) for p in e.problems]
+    if cfg.smoke_test is not None and cfg.serve.get("api_keys_file") and not os.environ.get("HONE_API_KEYS"):
+        problems.append(Problem("smoke_test", "the endpoint will require an API key and only key hashes are configured "
+                                              "(serve.api_keys_file)", "set HONE_API_KEYS to a key for the smoke test to send"))
     if cfg.smoke_test is not None and job.task.type == "causal_lm" and job.data.format == "text":
         problems.append(Problem("smoke_test", "the job's data (format text) has no prompts and answers to send",
                                 "use instruction/chat data, or smoke_test: null"))
@@ -508,9 +511,6 @@ def _smoke_stage(p: Pipeline, state: _State, cfg: ServeConfig, rerun: bool) -> d
     sm = p.config.smoke_test
     assert sm is not None
     job = p.job
-    if cfg.api_keys_file and not os.environ.get("HONE_API_KEYS"):
-        raise PipelineError("smoke_test", "the endpoint requires an API key and only hashes are configured (api_keys_file): "
-                                          "set HONE_API_KEYS to a key for the smoke test to send")
     splits = load_splits(job.data.model_copy(update={sm.split: getattr(job.data, sm.split) or 0.1, "max_eval_samples": None}))
     if sm.split not in splits:
         raise PipelineError("smoke_test", f"the job's data has no {sm.split} split")
