@@ -438,11 +438,19 @@ def _serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None) -> t
     replicas = (f"autoscaling {auto.get('min_replicas', 1)}-{auto.get('max_replicas', 1)} replicas" if auto
                 else f"{cfg.num_replicas or 1} replica(s)")
     return cfg, {"served_name": cfg.served_name(), "model": cfg.model, "quantization": cfg.quantization, "replicas": replicas,
-                 "seconds": time.time() - started, "url": _base_url(cfg)}
+                 "seconds": time.time() - started, "url": _base_url(cfg, remote=bool(address or os.environ.get("RAY_ADDRESS")))}
 
 
-def _base_url(cfg: ServeConfig) -> str:
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+def _base_url(cfg: ServeConfig, remote: bool = False) -> str:
+    """Where clients reach the endpoint: this machine for a local Ray; the head node (the GCS host) on a
+    cluster, whose proxy must then listen beyond loopback (serve.host: 0.0.0.0)."""
+    host = cfg.host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+        if remote:
+            import ray
+
+            host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
@@ -501,7 +509,7 @@ def _api_key() -> str:
     return keys[0] if keys else "no-key"
 
 
-def _smoke_stage(p: Pipeline, state: _State, cfg: ServeConfig, rerun: bool) -> dict[str, Any]:
+def _smoke_stage(p: Pipeline, state: _State, cfg: ServeConfig, base: str, rerun: bool) -> dict[str, Any]:
     import httpx
     import openai
 
@@ -519,7 +527,6 @@ def _smoke_stage(p: Pipeline, state: _State, cfg: ServeConfig, rerun: bool) -> d
     chat = not classify and not (job.data.format == "alpaca" and job.data.prompt_template == "alpaca")
     untuned = _untuned_accuracy(p, state, rows, rerun) if sm.compare_untuned and not classify else None
 
-    base = _base_url(cfg)
     client = openai.OpenAI(base_url=base + "/v1", api_key=_api_key(), max_retries=6, timeout=300)
     served = cfg.served_name()
     listed = [m.id for m in client.models.list().data]
@@ -674,7 +681,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 result.metrics_url = f"http://127.0.0.1:{p.serve.metrics_export_port}/metrics"
             if cfg.smoke_test:
                 _banner(i + 1, n, "smoke_test", f"{cfg.smoke_test.requests} held-out {cfg.smoke_test.split} rows through the openai client")
-                result.stages["smoke_test"] = _smoke_stage(p, state, serve_cfg, rerun)
+                result.stages["smoke_test"] = _smoke_stage(p, state, serve_cfg, served["url"], rerun)
             result.wall_s = time.time() - started
             (folder / "summary.json").write_text(json.dumps({**result.__dict__, "folder": str(folder)}, indent=2, default=str))
             if on_ready:
