@@ -604,10 +604,13 @@ class JobConfigError(Exception):
         self.source = source
         super().__init__(self._text())
 
+    what = "the job"
+    """What failed validation, as the message names it (subclasses: the serve config, the pipeline)."""
+
     def _text(self) -> str:
         head = f"{self.source}: " if self.source else ""
         n = len(self.problems)
-        return head + f"{n} problem{'s' if n != 1 else ''} in the job:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        return head + f"{n} problem{'s' if n != 1 else ''} in {self.what}:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
 _HINTS = {

@@ -44,10 +44,7 @@ __all__ = ["Pipeline", "PipelineConfig", "PipelineConfigError", "PipelineError",
 class PipelineConfigError(JobConfigError):
     """A pipeline YAML failed validation; ``problems`` lists every problem with its path."""
 
-    def _text(self) -> str:
-        head = f"{self.source}: " if self.source else ""
-        n = len(self.problems)
-        return head + f"{n} problem{'s' if n != 1 else ''} in the pipeline:\n" + "\n".join(f"  - {p}" for p in self.problems)
+    what = "the pipeline"
 
 
 class PipelineError(RuntimeError):

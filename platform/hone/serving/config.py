@@ -24,10 +24,7 @@ QUANTIZATION = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-
 class ServeConfigError(JobConfigError):
     """A serve config failed validation; ``problems`` lists every problem with its path."""
 
-    def _text(self) -> str:
-        head = f"{self.source}: " if self.source else ""
-        n = len(self.problems)
-        return head + f"{n} problem{'s' if n != 1 else ''} in the serve config:\n" + "\n".join(f"  - {p}" for p in self.problems)
+    what = "the serve config"
 
 
 class ServeConfig(_Section):
