@@ -96,7 +96,7 @@ def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
     trials = json.loads((sweep_dir / "trials.json").read_text())
     assert sorted(t["status"] for t in trials) == ["completed", "stopped early"], trials
     stopped = next(t for t in trials if t["status"] == "stopped early")
-    assert stopped["steps"] < 6 and stopped["export"] is None and stopped["params"]["training.lr"] == 1e-5
+    assert stopped["steps"] < 12 and stopped["export"] is None and stopped["params"]["training.lr"] == 1e-5
     best = next(t for t in trials if t["status"] == "completed")
     assert json.loads((sweep_dir / "sweep.json").read_text())["winner"]["trial"] == best["trial"]
     for name in ("trials.csv", "params_vs_metric.png"):
