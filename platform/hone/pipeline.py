@@ -172,15 +172,17 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     if cfg.quantize is not None:
         import torch
 
-        from hone.quantize import CPU_DEFAULT, GPU_DEFAULT, QuantizeError, _check_method
+        from hone.quantize import CPU_DEFAULT, GPU_DEFAULT, GateThresholds, QuantizeError, _check_method
 
         method = cfg.quantize.method or (GPU_DEFAULT if torch.cuda.is_available() else CPU_DEFAULT)
         try:
             _check_method(method)
         except QuantizeError as e:
             problems.append(Problem("quantize.method", str(e)))
-        if cfg.quantize.max_loss_increase is None and cfg.quantize.max_accuracy_drop is None:
-            problems.append(Problem("quantize", "the quality gate would check nothing", "give max_loss_increase or max_accuracy_drop"))
+        try:
+            GateThresholds(cfg.quantize.max_loss_increase, cfg.quantize.max_accuracy_drop)
+        except QuantizeError as e:
+            problems.append(Problem("quantize", str(e), "give max_loss_increase or max_accuracy_drop"))
     for key in ("model", "quantization"):
         if key in cfg.serve:
             problems.append(Problem(f"serve.{key}", "comes from the earlier stages (the trained model and quantize.method)",
@@ -347,7 +349,9 @@ def _train_stage(p: Pipeline, state: _State, storage: Path, address: str | None,
     from hone.tune import format_table, sweep
 
     job = p.job
-    fp = _fingerprint({"job": {**job.to_dict(), "training": {**job.to_dict()["training"], "storage_path": None}}, "sweep": p.sweep})
+    inputs = job.to_dict()
+    inputs["training"]["storage_path"] = None  # where runs are written is not an input of the result
+    fp = _fingerprint({"job": inputs, "sweep": p.sweep})
 
     def exists(out: dict[str, Any]) -> bool:
         return Path(registry.resolve_model_ref(out["model"])["source"]).is_dir()
@@ -409,8 +413,7 @@ def _quantize_stage(p: Pipeline, state: _State, trained: dict[str, Any], rerun: 
         _say(f"quantize: reusing {reused['artifact']} (same model, method and gate since {state.data['quantize']['at']})")
         return {**reused, "skipped": True}
     started = time.time()
-    thresholds = GateThresholds(max_relative_loss_increase=q.max_loss_increase, max_accuracy_drop=q.max_accuracy_drop)
-    result = quantize(ref, p.method, n=q.eval_rows, thresholds=thresholds)
+    result = quantize(ref, p.method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop))
     print(result.table(), flush=True)
     out = {"method": p.method, "artifact": str(result.artifact), "passed": result.passed, "rule": result.gate["rule"],
            "original": result.original, "quantized": result.quantized, "table": result.table(), "seconds": time.time() - started}
@@ -422,7 +425,7 @@ def _quantize_stage(p: Pipeline, state: _State, trained: dict[str, Any], rerun: 
     return {**out, "skipped": False}
 
 
-def _serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None) -> tuple[ServeConfig, dict[str, Any]]:
+def _serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remote: bool) -> tuple[ServeConfig, dict[str, Any]]:
     from hone.serving.runner import serve
 
     cfg = p.serve.model_copy(update={"model": trained["model"]})
@@ -435,7 +438,7 @@ def _serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None) -> t
     replicas = (f"autoscaling {auto.get('min_replicas', 1)}-{auto.get('max_replicas', 1)} replicas" if auto
                 else f"{cfg.num_replicas or 1} replica(s)")
     return cfg, {"served_name": cfg.served_name(), "model": cfg.model, "quantization": cfg.quantization, "replicas": replicas,
-                 "seconds": time.time() - started, "url": _base_url(cfg, remote=bool(address or os.environ.get("RAY_ADDRESS")))}
+                 "seconds": time.time() - started, "url": _base_url(cfg, remote)}
 
 
 def _base_url(cfg: ServeConfig, remote: bool = False) -> str:
@@ -629,9 +632,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
     Returns after the smoke test with everything it started shut down, unless ``keep_serving``:
     then a local endpoint is served until SIGINT/SIGTERM, a cluster's is left deployed.
     """
-    import signal
-
-    from hone.serving.runner import _dashboard_url
+    from hone.serving.runner import _dashboard_url, _stop_event
     from hone.train import default_storage, ray_session
 
     cfg = p.config
@@ -668,7 +669,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 result.stages["quantize"] = _quantize_stage(p, state, trained, rerun)
                 i += 1
             _banner(i, n, "serve", f"{trained['model']} on Ray Serve")
-            serve_cfg, served = _serve_stage(p, trained, address)
+            serve_cfg, served = _serve_stage(p, trained, address, remote)
             deployed = True
             result.stages["serve"] = served
             result.endpoint = served["url"] + "/v1"
@@ -684,9 +685,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
             if on_ready:
                 on_ready(result)
             if keep_serving and not remote:
-                stop = threading.Event()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, lambda *_: stop.set())
+                stop = _stop_event()
                 _say(f"serving {result.endpoint} until Ctrl-C")
                 while not stop.wait(0.5):
                     pass

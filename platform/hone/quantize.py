@@ -57,6 +57,10 @@ class GateThresholds:
     max_relative_loss_increase: float | None = 0.01
     max_accuracy_drop: float | None = 0.01
 
+    def __post_init__(self) -> None:
+        if self.max_relative_loss_increase is None and self.max_accuracy_drop is None:
+            raise QuantizeError("the quality gate would check nothing: give a loss or an accuracy threshold")
+
 
 @dataclass
 class QuantizeResult:
@@ -427,8 +431,6 @@ def quantize(ref: str, method: str | None = None, *, out: str | Path | None = No
     method = method or (GPU_DEFAULT if torch.cuda.is_available() else CPU_DEFAULT)
     _check_method(method)
     thresholds = thresholds or GateThresholds()
-    if thresholds.max_relative_loss_increase is None and thresholds.max_accuracy_drop is None:
-        raise QuantizeError("the quality gate would check nothing: give a loss or an accuracy threshold")
     source = resolve_source(ref, job)
     folder = Path(out) if out else assets.hone_home() / "quantized" / f"{source.slug()}-{method}"
     say = (lambda *_: None) if quiet else (lambda msg: print(f"[hone] {msg}", flush=True))

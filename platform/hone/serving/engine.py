@@ -219,9 +219,8 @@ class Engine:
     @staticmethod
     def _merge(cache: Any, mask: Any, other: Any, other_mask: Any) -> Any:
         """Append ``other``'s rows to ``cache`` (in place), left-padding the shorter one; returns the joint mask."""
-        import torch.nn.functional as F
-
         import torch
+        import torch.nn.functional as F
 
         width = max(mask.shape[1], other_mask.shape[1])
 

@@ -30,6 +30,14 @@ def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def _stop_event() -> threading.Event:
+    """An event that SIGINT/SIGTERM set, so a serving loop ends with a clean Serve and Ray shutdown."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def _cpus_needed(cfg: ServeConfig) -> float:
     """Logical CPUs the application reserves at its largest: every model replica plus the ingress."""
     replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
@@ -72,9 +80,7 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
     spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate
     keys = api_key_hashes(cfg)
     need = _cpus_needed(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_event() if block else None  # non-blocking callers keep their own Ctrl-C handling
     with ray_session(None, address, extra_cpus=need, env={"OMP_NUM_THREADS": str(max(1, int(cfg.ray_actor_options.get("num_cpus", 1))))},
                      metrics_export_port=cfg.metrics_export_port):
         import ray
@@ -102,7 +108,7 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
         if ready_file:
             Path(ready_file).write_text(yaml.safe_dump({"url": base, "served_name": spec["served_name"],
                                                         "ray_address": ray.get_runtime_context().gcs_address}))
-        if not block:
+        if stop is None:
             return
         print("[hone] serving until Ctrl-C", flush=True)
         while not stop.wait(0.5):
