@@ -87,16 +87,65 @@ def test_invalid_search_space_rejected_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists() and time.time() - started < 30
 
 
-def test_pbt_and_optuna_grid_are_refused_clearly(tmp_path):
+def test_optuna_grid_is_refused_clearly(tmp_path):
     from hone.train import TrainError
-    from hone.tune import _scheduler, _searcher
+    from hone.tune import _searcher
 
-    job = load_job(Path(__file__).resolve().parents[1] / "jobs" / "sweep-tiny.yaml", ["tune.scheduler=pbt"])
-    with pytest.raises(TrainError, match="pbt"):
-        _scheduler(job, "eval_loss", "min")
     job = load_job(Path(__file__).resolve().parents[1] / "jobs" / "sweep-tiny.yaml", ["tune.searcher=optuna"])
     with pytest.raises(TrainError, match="grid"):
         _searcher(job, "eval_loss", "min", 1)
+
+
+def test_pbt_sweeps_that_cannot_work_are_rejected_with_the_field(repo):
+    from hone.config import JobConfigError
+
+    recipe = repo / "jobs" / "sweep-pbt-tiny.yaml"
+    cases = {
+        # a searched field that a running trial cannot change
+        "tune.search_space.method.lora.r={choice: [4, 8]}": ("tune.search_space.method.lora.r", "cannot change in flight"),
+        "training.checkpoint_every=null": ("training.checkpoint_every", "checkpoints only at the end"),
+        "tune.perturbation_interval=4": ("tune.perturbation_interval", "not a multiple of training.checkpoint_every (6)"),
+        "tune.searcher=optuna": ("tune.searcher", "takes no searcher"),
+        "tune.search_space.training.lr={choice: [0.001]}": ("tune.num_samples", "at least 2 trials"),
+    }
+    for override, (path, text) in cases.items():
+        with pytest.raises(JobConfigError) as e:
+            load_job(recipe, [override])
+        assert path in str(e.value) and text in str(e.value), (override, str(e.value))
+    assert load_job(recipe, ["tune.perturbation_interval=12"]).tune.perturbation_interval == 12
+
+
+@pytest.mark.slow
+def test_pbt_sweep_clones_the_better_trial_with_a_perturbed_lr(repo, home, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = _run([HONE, "tune", str(repo / "jobs" / "sweep-pbt-tiny.yaml"), "--storage-path", str(tmp_path)], env, 480)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    sweep_dir = next(tmp_path.glob("sweep-pbt-tiny-sweep-*"))
+    trials = {t["trial"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    assert len(trials) == 2 and all(t["status"] == "completed" and t["export"] for t in trials.values())
+    cloned = [t for t in trials.values() if t["cloned"]]
+    # lr 1e-5 barely moves in 6 steps, lr 2e-2 does: at step 6 the slow trial continues from the fast one's state
+    assert len(cloned) == 1, trials
+    clone = cloned[0]
+    donor = trials[clone["cloned"][0]["from"]]
+    assert clone["cloned"][0]["step"] == 6 and not donor["cloned"]
+    history = {h["step"]: h["eval_loss"] for h in clone["history"]}
+    donor_history = {h["step"]: h["eval_loss"] for h in donor["history"]}
+    assert history[6] > donor_history[6] + 0.1  # its own step 6, before the clone
+    assert history[9] < history[6] - 0.1  # continued from the donor's weights
+    # the perturbed learning rate is the one it trained with from then on, and the one the table reports
+    run_job = load_job(sweep_dir / "runs" / clone["trial"] / "job.yaml", check_paths=False)
+    assert run_job.training.lr == clone["cloned"][0]["params"]["training.lr"] == clone["params"]["training.lr"]
+    assert (sweep_dir / "runs" / f"{clone['trial']}.seg1" / "metrics.jsonl").exists()
+    assert not list(sweep_dir.glob("runs/*/pbt_init")) and not list(sweep_dir.glob("runs/*.seg1/checkpoint_*"))
+    assert f"cloned {donor['trial']} at step 6" in out.stdout
+    # both continued at step 6: the donor after its pause (synch), the clone from the donor's checkpoint
+    assert out.stdout.count("continued at step 6/12") + out.stderr.count("continued at step 6/12") >= 2
+    best = min(trials.values(), key=lambda t: t["eval_loss"])
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert sweep["winner"]["eval_loss"] == best["eval_loss"] and sweep["registered"]["name"] == "sweep-pbt-tiny"
+    for png in ("metric_vs_step.png", "params_vs_metric.png"):
+        assert (sweep_dir / png).stat().st_size > 1000
 
 
 def _register_many(home: str, worker: int, n: int, export: str) -> None:

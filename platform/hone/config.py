@@ -525,6 +525,12 @@ class TuneConfig(_Section):
     """ASHA: training steps every trial runs before it can be stopped (the time attribute is ``step``)."""
     reduction_factor: float = Field(default=2.0, gt=1.0)
     """ASHA: keep 1/reduction_factor of trials at each rung."""
+    perturbation_interval: int | None = Field(default=None, ge=1)
+    """PBT: training steps between exploit/explore decisions; default and multiple of ``training.checkpoint_every``."""
+    quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5)
+    """PBT: trials in this bottom fraction clone a trial of the top fraction (its checkpoint, then perturbed hyperparameters)."""
+    synch: bool = False
+    """PBT: perturb all running trials together at each interval (early trials pause and wait); reproducible even when trials are short."""
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     """Trials at once; default from the cluster's free resources."""
     registered_model: str | None = None
@@ -652,6 +658,41 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
         if task is not None and tune.metric not in allowed:
             out.append(Problem("tune.metric", f"unknown metric {tune.metric!r} for {task.type}", f"one of {', '.join(allowed)}"))
         out += _search_path_problems(tune.search_space)
+        if tune.scheduler == "pbt":
+            out += _pbt_problems(tune, training)
+    return out
+
+
+PBT_MUTABLE = ("training.lr", "training.weight_decay")
+"""Fields population-based training may change in a running trial (the rest shape the model or the data)."""
+
+
+def _pbt_problems(tune: TuneConfig, training: TrainingConfig | None) -> list[Problem]:
+    out = []
+    for path in tune.search_space:
+        if path not in PBT_MUTABLE:
+            out.append(Problem(f"tune.search_space.{path}", "population-based training changes hyperparameters of running "
+                               "trials from their checkpoints, and this field cannot change in flight",
+                               f"search {' or '.join(PBT_MUTABLE)} with pbt, or use tune.scheduler: asha"))
+    if tune.searcher != "random":
+        out.append(Problem("tune.searcher", "population-based training explores by perturbing trials; it takes no searcher",
+                           "set tune.searcher: random (or leave it out) with pbt"))
+    population = tune.num_samples
+    for d in tune.search_space.values():
+        if d.kind == "grid":
+            population *= len(d.grid or [])
+    if population < 2:
+        out.append(Problem("tune.num_samples", f"population-based training needs at least 2 trials, this sweep has {population}",
+                           "raise tune.num_samples or list more grid values"))
+    if training is not None:
+        if training.checkpoint_every is None:
+            out.append(Problem("training.checkpoint_every", "population-based training clones trials from their "
+                               "checkpoints, and this job checkpoints only at the end",
+                               "set training.checkpoint_every (tune.perturbation_interval defaults to it)"))
+        elif tune.perturbation_interval is not None and tune.perturbation_interval % training.checkpoint_every:
+            out.append(Problem("tune.perturbation_interval", f"{tune.perturbation_interval} is not a multiple of "
+                               f"training.checkpoint_every ({training.checkpoint_every}): a trial could be cloned from "
+                               "a step without a checkpoint", f"use a multiple of {training.checkpoint_every}"))
     return out
 
 

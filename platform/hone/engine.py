@@ -1,8 +1,8 @@
 """Training engines: DeepSpeed ZeRO (generated config) or plain DDP, behind one small interface.
 
 ``make_engine`` returns an object with ``module``, ``train_micro(batch_loss)``,
-``step_boundary()``, ``lr``, ``grad_norm``, ``save(dir)``, ``load(dir)`` and
-``full_state_dict()`` (the consolidated weights on rank 0, also under ZeRO-3).
+``step_boundary()``, ``lr``, ``grad_norm``, ``save(dir)``, ``load(dir)``, ``retarget(lr, weight_decay)``
+and ``full_state_dict()`` (the consolidated weights on rank 0, also under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -77,6 +77,22 @@ def _scheduler_fn(job: JobConfig, total_steps: int) -> Any:
     return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def _retarget(scheduler: Any, lr: float, weight_decay: float) -> None:
+    """Point a restored optimizer and its LR schedule at new base hyperparameters.
+
+    A checkpoint restores the optimizer's groups and the schedule's ``base_lrs`` as they were
+    saved; population-based training continues another trial's state with perturbed values, so
+    the schedule is rebased (same step, same warm-up/decay shape, new peak) and the groups follow.
+    """
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 class _DeepSpeed:
     def __init__(self, job: JobConfig, model: Any, world_size: int, total_steps: int):
         import deepspeed
@@ -122,6 +138,9 @@ class _DeepSpeed:
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory}")
+
+    def retarget(self, lr: float, weight_decay: float) -> None:
+        _retarget(self.scheduler, lr, weight_decay)
 
     def full_state_dict(self) -> dict[str, "torch.Tensor"] | None:
         """Consolidated weights on rank 0 (None elsewhere); every rank must call this."""
@@ -203,6 +222,9 @@ class _DDP:
         self.hf_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def retarget(self, lr: float, weight_decay: float) -> None:
+        _retarget(self.scheduler, lr, weight_decay)
 
     def full_state_dict(self) -> dict[str, "torch.Tensor"] | None:
         import torch.distributed as dist

@@ -306,6 +306,11 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     state = _State(world_size=world)
     checkpoint = ray.train.get_checkpoint()
+    # A run's own checkpoints come first; ``init_checkpoint`` (another run's state that population-based
+    # training continues with perturbed hyperparameters) only starts a run that has none yet.
+    cloned = checkpoint is None and bool(config.get("init_checkpoint"))
+    if cloned:
+        checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = json.loads((Path(d) / "trainer_state.json").read_text())
@@ -315,8 +320,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             engine.load(d)
             state = _State(**saved)
             _set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
+        if cloned:
+            engine.retarget(t.lr, t.weight_decay)
         if rank == 0:
-            print(f"[hone] resumed at step {state.step}/{total} from {checkpoint.path}", flush=True)
+            print(f"[hone] {'continued' if cloned else 'resumed'} at step {state.step}/{total} from {checkpoint.path}", flush=True)
 
     metric = t.eval_metric if val_rows else "loss"
     mode = metric_mode(metric)
@@ -329,6 +336,17 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     def eval_now() -> dict[str, float]:
         return evaluate(engine.module, val_rows, job, pad_id, batch_size=t.batch_size, rank=rank, world_size=world, all_reduce=all_reduce)
+
+    if cloned and (state.step >= total or state.stopped_early):
+        # Continued from a finished run's final state: nothing left to train, so this run ends as
+        # its copy (evaluated and exported here, so every trial of a sweep has its own export).
+        final = {"step": state.step, "total_steps": total, "epoch": state.step / sched.steps_per_epoch, "lr": engine.lr,
+                 **(eval_now() if val_rows else {}), "done": True, "stopped_early": state.stopped_early}
+        if state.best is not None:
+            final["best_" + metric] = state.best
+        _export(engine, job, run_dir, rank, {k: v for k, v in final.items() if isinstance(v, (int, float, bool))}, workers)
+        ray.train.report(final)
+        return
 
     while state.step < total and not state.stopped_early:
         start = time.perf_counter()
@@ -609,12 +627,13 @@ def _free_port() -> int:
 def train(job: JobConfig | None = None, *, resume: str | None = None, address: str | None = None,
           storage_path: str | None = None, quiet: bool = False, run_dir: Path | None = None,
           callbacks: list[Any] | None = None, track: bool | None = None, experiment: str | None = None,
-          extra_tags: dict[str, str] | None = None) -> TrainResult:
+          extra_tags: dict[str, str] | None = None, init_checkpoint: str | None = None) -> TrainResult:
     """Run (or resume) a training job and return where its export is.
 
     ``run_dir`` pins the run directory (sweep trials); ``callbacks`` are extra Ray Train
     callbacks (Tune's report bridge); ``track`` logs the finished run to MLflow (default on,
-    ``HONE_MLFLOW=0`` turns it off).
+    ``HONE_MLFLOW=0`` turns it off); ``init_checkpoint`` starts the run from another run's
+    checkpoint directory with this job's learning rate and weight decay (population-based training).
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -660,7 +679,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "pad_id": tokenizer.pad_token_id,
-                               "total_steps": steps, "has_validation": has_val},
+                               "total_steps": steps, "has_validation": has_val, "init_checkpoint": init_checkpoint},
             scaling_config=ScalingConfig(num_workers=job.distributed.num_workers, use_gpu=job.distributed.use_gpu,
                                          resources_per_worker=dict(job.distributed.resources_per_worker),
                                          placement_strategy=job.distributed.placement_strategy),

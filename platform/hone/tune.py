@@ -1,13 +1,16 @@
 """``hone tune``: a Ray Tune sweep over a job's ``tune:`` section; the winner goes to the registry.
 
 Each trial is a Tune function trainable that validates its sampled config with the schema
-and runs a full hone training run (Ray Train + DeepSpeed) whose reports reach Tune through
-``TuneReportCallback`` — the pattern Ray 2.60 supports in place of passing a Trainer to a
-Tuner. The trial function itself reserves no CPU, so trials never deadlock their own
-training workers; ``max_concurrent_trials`` defaults to what the cluster's CPUs fit.
+and runs a full hone training run (Ray Train + DeepSpeed) — the pattern Ray 2.60 supports in
+place of passing a Trainer to a Tuner. The run's reports reach Tune through a callback in its
+Train controller; under population-based training each checkpoint goes along, so Tune can pause
+a trial and start another from its state with perturbed hyperparameters (``training.lr``,
+``training.weight_decay``). The trial function itself reserves no CPU, so trials never deadlock
+their own training workers; ``max_concurrent_trials`` defaults to what the cluster's CPUs fit.
 
 Sweep directory (``<storage>/<name>-sweep-<timestamp>``): ``job.yaml``, ``tune/`` (Tune's
-experiment state, for ``--resume``), ``runs/<trial_id>/`` (each trial's run and export),
+experiment state, for ``--resume``), ``runs/<trial_id>/`` (each trial's run and export; under PBT
+``pbt.json`` lists its restarts and ``<trial_id>.segN/`` keeps earlier segments),
 ``trials.csv``/``trials.json``, ``metric_vs_step.png``, ``params_vs_metric.png``, ``sweep.json``.
 """
 
@@ -17,7 +20,9 @@ import copy
 import csv
 import json
 import os
+import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +56,34 @@ def _domain(d: SearchDomain) -> Any:
     }[kind]()
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_name: str) -> None:
-    """One trial: the base job with the sampled values, validated, trained on Ray Train."""
+def _report_bridge(queue: Any, with_checkpoints: bool) -> Any:
+    from ray.train import UserCallback
+
+    class _ReportBridge(UserCallback):
+        """Runs in the trial's Ray Train controller: hands each report (and, for PBT, its checkpoint) to the trial."""
+
+        def __init__(self, queue: Any, with_checkpoints: bool):
+            self._queue = queue
+            self._with_checkpoints = with_checkpoints
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # The queue holds one item: the run waits while Tune's scheduler decides on this report.
+            self._queue.put((dict(metrics[0]), checkpoint.path if checkpoint is not None and self._with_checkpoints else None))
+
+    return _ReportBridge(queue, with_checkpoints)
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_name: str, pbt: bool = False) -> None:
+    """One trial: the base job with the sampled values, validated, trained on Ray Train.
+
+    The Train run reports through a queue that this function drains into ``tune.report``; with
+    population-based training each checkpoint goes along, and a trial that Tune starts from a
+    checkpoint (its own after a pause, or a better trial's with perturbed values) continues from it.
+    """
+    import threading
+
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from hone.train import train
 
@@ -64,10 +93,65 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
     job = validate_job(raw, check_paths=False)
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / "runs" / trial_id
-    resume = str(run_dir) if (run_dir / "job.yaml").exists() else None
-    # Tracking happens in the sweep driver: a scheduler may stop this function right after its last report.
-    train(None if resume else job, resume=resume, run_dir=None if resume else run_dir, quiet=True,
-          callbacks=[TuneReportCallback()], track=False)
+    start = tune.get_checkpoint() if pbt else None
+    init = _continue_from(run_dir, start, config) if start is not None else None
+    resume = str(run_dir) if init is None and (run_dir / "job.yaml").exists() else None
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            # Tracking happens in the sweep driver: a scheduler may stop this trial right after its last report.
+            train(None if resume else job, resume=resume, run_dir=None if resume else run_dir, quiet=True,
+                  callbacks=[_report_bridge(queue, pbt)], track=False, init_checkpoint=init)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
+            failure.append(e)
+        finally:
+            queue.put(None)
+
+    runner = threading.Thread(target=run, name=f"hone-trial-{trial_id}", daemon=True)
+    runner.start()
+    while (item := queue.get()) is not None:
+        metrics, checkpoint = item
+        if checkpoint and init:  # the run has a checkpoint of its own: a restarted worker no longer needs the copy
+            shutil.rmtree(init, ignore_errors=True)
+            init = None
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+    runner.join()
+    if failure:
+        raise failure[0]
+
+
+def _continue_from(run_dir: Path, checkpoint: Any, config: dict[str, Any]) -> str:
+    """Start a PBT trial's next segment from a Tune checkpoint; returns the copy its workers load.
+
+    The previous segment's run directory is kept as ``<trial>.segN``; the new run directory carries
+    the trial's history up to the checkpoint's step and ``pbt.json``, the trial's list of restarts
+    (step, the trial whose state it continued, the hyperparameters from then on).
+    """
+    with checkpoint.as_directory() as d:
+        step = json.loads((Path(d) / "trainer_state.json").read_text())["step"]
+        history, events = [], []
+        if run_dir.exists():
+            n = 1
+            while (previous := run_dir.with_name(f"{run_dir.name}.seg{n}")).exists():
+                n += 1
+            run_dir.rename(previous)
+            for stale in [*previous.glob("checkpoint_*"), previous / "pbt_init"]:  # Tune holds the checkpoints PBT uses
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            if (previous / "metrics.jsonl").exists():
+                history = [line for line in (previous / "metrics.jsonl").read_text().splitlines()
+                           if line.strip() and json.loads(line)["step"] <= step]
+            if (previous / "pbt.json").exists():
+                events = json.loads((previous / "pbt.json").read_text())
+        run_dir.mkdir(parents=True)
+        init = run_dir / "pbt_init"
+        shutil.copytree(d, init)  # Tune may delete its copy while this run starts (checkpoint_config.num_to_keep)
+    donor = re.search(r"_([0-9a-f]{5}_\d{5})", str(Path(checkpoint.path).parent.name))
+    events.append({"step": step, "from": donor.group(1) if donor else None, "params": dict(config)})
+    (run_dir / "pbt.json").write_text(json.dumps(events, indent=2, default=str))
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in history))
+    return str(init)
 
 
 def _scheduler(job: JobConfig, metric: str, mode: str) -> Any:
@@ -77,11 +161,31 @@ def _scheduler(job: JobConfig, metric: str, mode: str) -> Any:
     if t.scheduler == "fifo":
         return FIFOScheduler()
     if t.scheduler == "pbt":
-        raise TrainError("tune.scheduler: pbt needs trials that hand Tune their checkpoints, which Ray Train V2 trials "
-                         "launched from a Tune function do not in Ray 2.60; use asha (early stopping) or fifo")
+        return _pbt(job, metric, mode)
     max_t = job.training.max_steps or 10**9
     return ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=max_t,
                          grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+
+
+def _pbt(job: JobConfig, metric: str, mode: str) -> Any:
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    class _PBT(PopulationBasedTraining):
+        """Tune's PBT on training steps, except that a trial's final report is never exploited:
+        cloning a finished trial into another would only copy its export."""
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+            if result.get("done"):
+                return self.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    t = job.tune
+    assert t is not None and job.training.checkpoint_every is not None  # validated with the job
+    mutations = {path: list(getattr(d, d.kind)) if d.kind in ("choice", "grid") else _domain(d)
+                 for path, d in t.search_space.items()}
+    return _PBT(time_attr="step", metric=metric, mode=mode, hyperparam_mutations=mutations,
+                perturbation_interval=t.perturbation_interval or job.training.checkpoint_every,
+                quantile_fraction=t.quantile_fraction, synch=t.synch, require_attrs=False)
 
 
 def _searcher(job: JobConfig, metric: str, mode: str, concurrency: int) -> Any:
@@ -147,6 +251,9 @@ def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dic
         values = [h[metric] for h in history if h.get(metric) is not None]
         last_step = max((h.get("step", 0) for h in history), default=0)
         export = run_dir / "export"
+        # PBT: the segments that continued another trial's state (restarts from the trial's own pause are not).
+        events = json.loads((run_dir / "pbt.json").read_text()) if (run_dir / "pbt.json").exists() else []
+        clones = [e for e in events if e.get("from") and e["from"] != str(trial_id)]
         status = "error" if r.error else ("completed" if export.exists() and (not total or last_step >= total) else "stopped early")
         rows.append({
             "trial": trial_id,
@@ -157,6 +264,7 @@ def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dic
             "steps": last_step,
             "status": status,
             "export": str(export) if export.exists() else None,
+            "cloned": [{"step": e["step"], "from": e["from"], "params": e["params"]} for e in clones],
             "history": [{"step": h["step"], metric: h[metric]} for h in history if h.get(metric) is not None],
         })
     rows.sort(key=lambda row: str(row["trial"]))
@@ -219,7 +327,8 @@ def format_table(rows: list[dict[str, Any]], job: JobConfig, winner: dict[str, A
         for p in paths:
             v = row["params"].get(p)
             cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-        cells += [f"{row[metric]:.5g}" if row[metric] is not None else "-", str(row["steps"]), row["status"]]
+        status = row["status"] + "".join(f", cloned {c['from']} at step {c['step']}" for c in row.get("cloned", []))
+        cells += [f"{row[metric]:.5g}" if row[metric] is not None else "-", str(row["steps"]), status]
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -257,8 +366,11 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
     base["training"]["storage_path"] = str(sweep_dir / "runs")
     name = sweep_dir.name
     # The trial function only waits on its Train run: a token CPU share, so it never starves its workers.
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name),
+    pbt = job.tune.scheduler == "pbt"
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name, pbt=pbt),
                                     {"CPU": _TRIAL_DRIVER_CPU})
+    if pbt:
+        random.seed(job.training.seed)  # PBT's exploit/explore draws use the random module
 
     # Trials report every training.log_every steps and evaluate every eval_every: reports without the metric
     # are normal (ASHA decides on those that carry it), so Tune must not reject them.
@@ -275,7 +387,9 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
                 tune_config=tune.TuneConfig(num_samples=job.tune.num_samples, scheduler=_scheduler(job, metric, mode),
                                             search_alg=_searcher(job, metric, mode, _concurrency(job)), reuse_actors=False),
                 run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          # PBT clones from the latest checkpoint; Tune keeps three per trial.
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=3) if pbt else None),
             )
         result_grid = tuner.fit()
         wall = time.time() - started
