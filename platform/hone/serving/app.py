@@ -279,7 +279,8 @@ class ModelServer:
         self._m_batch.observe(self._running, tags={"model": self.name})
 
     async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream events for one request: first ``{"prompt_tokens"}``, then text pieces, the last with a finish reason."""
+        """Stream events for one request: text pieces, the last with a finish reason; the first also carries
+        ``prompt_tokens``. A request that cannot run gets one event instead, ``{"error", "status", ...}``."""
         try:
             adapter = None if body["model"] == self.name else body["model"]
             if adapter is not None and adapter not in self.engine.adapter_names():
@@ -303,15 +304,30 @@ class ModelServer:
         if self._scheduler is None or self._scheduler.done():
             self._scheduler = asyncio.create_task(self._schedule())
         self._wake.set()
-        yield {"prompt_tokens": len(ids)}
         try:
+            event = {**await queue.get(), "prompt_tokens": len(ids)}
             while True:
-                event = await queue.get()
                 yield event
                 if event.get("finish_reason") or event.get("error"):
                     return
+                event = await queue.get()
         finally:
             req.cancelled = True  # a client that went away frees its batch row at the next step
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer in one reply, for requests that do not stream: one round trip instead of a stream."""
+        started = time.perf_counter()
+        out: dict[str, Any] = {"text": "", "finish_reason": None, "completion_tokens": 0, "first_token_s": None}
+        async for event in self.generate(body):
+            if "error" in event:
+                return event
+            if event["text"] and out["first_token_s"] is None:
+                out["first_token_s"] = time.perf_counter() - started
+            out["prompt_tokens"] = event.get("prompt_tokens", out.get("prompt_tokens"))
+            out["text"] += event["text"]
+            out["finish_reason"] = event.get("finish_reason") or out["finish_reason"]
+            out["completion_tokens"] = event["completion_tokens"]
+        return out
 
     async def classify(self, body: dict[str, Any]) -> dict[str, Any]:
         texts = [body["input"]] if isinstance(body["input"], str) else list(body["input"])
@@ -329,6 +345,19 @@ class ModelServer:
 
 
 # --------------------------------------------------------------------------- the HTTP ingress
+
+# Helpers the deployments use are defined above them: Serve serialises a deployment's class when
+# the decorator runs, with the module globals that exist at that moment.
+
+
+async def _after(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, Any]]:
+    """A stream whose first event was already read (``first`` ends it when it finishes or fails)."""
+    yield first
+    if not (first.get("finish_reason") or first.get("error")):
+        async for event in rest:
+            yield event
+
+
 
 api = FastAPI(title="hone", docs_url=None, redoc_url=None)
 
@@ -404,24 +433,29 @@ class OpenAIIngress:
             raise _APIError(404, f"the model {model!r} does not exist; this server has {', '.join([self.name, *self.adapters])}",
                             code="model_not_found", param="model")
 
-    async def _events(self, body: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
-        """Start generation; return the first event (prompt tokens or an error) and the rest of the stream."""
+    async def _start(self, body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], Any]:
+        """Send a request to the model deployment: the first event (or, not streaming, the whole answer) and the stream."""
         from ray.serve.exceptions import BackPressureError
 
-        stream = self.model.options(stream=True).generate.remote(body)
         try:
-            first = await stream.__anext__()
+            if stream:
+                events = self.model.options(stream=True).generate.remote(body)
+                first = await events.__anext__()
+            else:
+                first, events = await self.model.complete.remote(body), None
         except BackPressureError:
-            raise _APIError(503, "the server is at capacity: retry after a moment", code="server_overloaded",
-                            headers={"Retry-After": self.retry_after}, kind="server_overloaded") from None
+            raise self._overloaded() from None
         except Exception as e:  # noqa: BLE001 - a wrapped back-pressure error from a remote caller
             if "BackPressureError" in type(e).__name__ or "max_queued_requests" in str(e):
-                raise _APIError(503, "the server is at capacity: retry after a moment", code="server_overloaded",
-                                headers={"Retry-After": self.retry_after}, kind="server_overloaded") from None
+                raise self._overloaded() from None
             raise
         if "error" in first:
             raise _APIError(first.get("status", 400), first["error"], code=first.get("code"), param=first.get("param"))
-        return first, stream
+        return first, events
+
+    def _overloaded(self) -> _APIError:
+        return _APIError(503, "the server is at capacity: retry after a moment", code="server_overloaded",
+                         headers={"Retry-After": self.retry_after}, kind="server_overloaded")
 
     async def _generate(self, request: Request, route: str, chat: bool) -> Any:
         started = time.perf_counter()
@@ -438,7 +472,8 @@ class OpenAIIngress:
                 body["messages"] = [m.plain() for m in req.messages]
             else:
                 body["prompt"] = req.text()
-            first, stream = await self._events(body)
+            sent = time.perf_counter()
+            first, events = await self._start(body, req.stream)
         except _APIError as e:
             self._record(model, route, e.status, started)
             return e.response()
@@ -447,24 +482,17 @@ class OpenAIIngress:
         prompt_tokens = first["prompt_tokens"]
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(stream, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
+            return StreamingResponse(self._sse(first, events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-        text, finish, n, first_at = [], None, 0, None
-        async for event in stream:
-            if "error" in event:
-                self._record(model, route, 500, started)
-                return _APIError(500, event["error"], code="generation_failed").response()
-            if event["text"] and first_at is None:
-                first_at = time.perf_counter()
-            text.append(event["text"])
-            finish, n = event.get("finish_reason") or finish, event["completion_tokens"]
+        n, finish = first["completion_tokens"], first["finish_reason"]
+        first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
         self._token_metrics(req.model, started, first_at, n, prompt_tokens)
         self._record(model, route, 200, started)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": {"role": "assistant", "content": first["text"]}, "logprobs": None, "finish_reason": finish}
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": first["text"], "logprobs": None, "finish_reason": finish}
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice], "usage": usage}
 
     def _token_metrics(self, model: str, started: float, first_at: float | None, n: int, prompt_tokens: int) -> None:
@@ -478,8 +506,8 @@ class OpenAIIngress:
         if n:
             self.m_generated.inc(n, tags=tags)
 
-    async def _sse(self, stream: Any, rid: str, created: int, model: str, chat: bool, prompt_tokens: int, include_usage: bool,
-                   route: str, started: float) -> AsyncIterator[bytes]:
+    async def _sse(self, first: dict[str, Any], stream: Any, rid: str, created: int, model: str, chat: bool, prompt_tokens: int,
+                   include_usage: bool, route: str, started: float) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None, choices: bool = True) -> bytes:
@@ -492,7 +520,7 @@ class OpenAIIngress:
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-            async for event in stream:
+            async for event in _after(first, stream):
                 if "error" in event:
                     status = 500
                     yield f"data: {json.dumps({'error': {'message': event['error'], 'type': 'server_error'}})}\n\n".encode()
@@ -560,8 +588,7 @@ class OpenAIIngress:
                 out = await self.model.classify.remote({"model": req.model, "input": req.input})
             except Exception as e:  # noqa: BLE001
                 if "BackPressureError" in type(e).__name__:
-                    raise _APIError(503, "the server is at capacity: retry after a moment", code="server_overloaded",
-                                    headers={"Retry-After": self.retry_after}, kind="server_overloaded") from None
+                    raise self._overloaded() from None
                 raise
             if "error" in out:
                 raise _APIError(out["status"], out["error"], code=out.get("code"))
