@@ -107,7 +107,10 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
             failure.append(e)
         finally:
-            queue.put(None)
+            try:
+                queue.put(None)
+            except Exception:  # noqa: BLE001 - Tune ends a trial at its final report, and the queue with it
+                pass
 
     runner = threading.Thread(target=run, name=f"hone-trial-{trial_id}", daemon=True)
     runner.start()
