@@ -256,7 +256,8 @@ def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dic
         export = run_dir / "export"
         # PBT: the segments that continued another trial's state (restarts from the trial's own pause are not).
         events = json.loads((run_dir / "pbt.json").read_text()) if (run_dir / "pbt.json").exists() else []
-        clones = [e for e in events if e.get("from") and e["from"] != str(trial_id)]
+        # (a resumed sweep restarts a clone from the same checkpoint: one clone, its latest parameters)
+        clones = list({(e["step"], e["from"]): e for e in events if e.get("from") and e["from"] != str(trial_id)}.values())
         status = "error" if r.error else ("completed" if export.exists() and (not total or last_step >= total) else "stopped early")
         rows.append({
             "trial": trial_id,
