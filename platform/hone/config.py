@@ -530,7 +530,7 @@ class TuneConfig(_Section):
     quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5)
     """PBT: trials in this bottom fraction clone a trial of the top fraction (its checkpoint, then perturbed hyperparameters)."""
     synch: bool = False
-    """PBT: perturb all running trials together at each interval (early trials pause and wait); reproducible even when trials are short."""
+    """PBT: perturb all running trials together at each interval (early trials pause and wait), so short trials still meet."""
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     """Trials at once; default from the cluster's free resources."""
     registered_model: str | None = None
