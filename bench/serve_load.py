@@ -170,7 +170,7 @@ def _hone_server(model: str, quantization: str, tmp: Path, allow_failed_gate: bo
 
 
 FLOOR = textwrap.dedent('''
-    import sys, time
+    import signal, sys, time
     import ray
     from fastapi import FastAPI, Request
     from ray import serve
@@ -197,8 +197,13 @@ FLOOR = textwrap.dedent('''
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
     serve.run(Ingress.bind(Model.bind()), name="floor", route_prefix="/")
-    while True:
-        time.sleep(3600)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    finally:  # its own Ray goes with it
+        serve.shutdown()
+        ray.shutdown()
 ''')
 
 
@@ -249,7 +254,6 @@ def _overhead(model: str, reps: int, tmp: Path) -> dict[str, float]:
         out["floor"] = _http_p50(f"http://127.0.0.1:{port}", served, reps)
     finally:
         _stop(floor)
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
     hone, url = _hone_server(model, "none", tmp)
     try:
         out["http"] = _http_p50(url, served, reps)

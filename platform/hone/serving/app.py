@@ -358,6 +358,12 @@ async def _after(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, An
             yield event
 
 
+def _is_back_pressure(e: Exception) -> bool:
+    """Ray Serve refused the call: the model deployment's queue is full (raised directly or wrapped by a remote caller)."""
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__ or "max_queued_requests" in str(e)
+
 
 api = FastAPI(title="hone", docs_url=None, redoc_url=None)
 
@@ -435,18 +441,14 @@ class OpenAIIngress:
 
     async def _start(self, body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], Any]:
         """Send a request to the model deployment: the first event (or, not streaming, the whole answer) and the stream."""
-        from ray.serve.exceptions import BackPressureError
-
         try:
             if stream:
                 events = self.model.options(stream=True).generate.remote(body)
                 first = await events.__anext__()
             else:
                 first, events = await self.model.complete.remote(body), None
-        except BackPressureError:
-            raise self._overloaded() from None
-        except Exception as e:  # noqa: BLE001 - a wrapped back-pressure error from a remote caller
-            if "BackPressureError" in type(e).__name__ or "max_queued_requests" in str(e):
+        except Exception as e:
+            if _is_back_pressure(e):
                 raise self._overloaded() from None
             raise
         if "error" in first:
@@ -586,8 +588,8 @@ class OpenAIIngress:
                 raise _APIError(400, "this model is a causal LM: use /v1/completions or /v1/chat/completions", code="wrong_task")
             try:
                 out = await self.model.classify.remote({"model": req.model, "input": req.input})
-            except Exception as e:  # noqa: BLE001
-                if "BackPressureError" in type(e).__name__:
+            except Exception as e:
+                if _is_back_pressure(e):
                     raise self._overloaded() from None
                 raise
             if "error" in out:
