@@ -9,7 +9,9 @@ latency). Then the Serve layer's own cost (``--overhead-model``, the tiny built-
 default, so that compute noise does not drown it): p50 of a 1-token request over HTTP, streamed
 and not, against the same request on the engine called in-process, and Ray Serve's own floor on
 this machine, the same request shape through an empty application of hone's shape (a FastAPI
-ingress deployment calling a model deployment that returns a constant). Finally fp32 against the int8 artifact ``hone quantize``
+ingress deployment calling a model deployment that returns a constant), each behind Ray Serve's
+proxy and behind HAProxy (``proxy: haproxy``). The engine is timed back to back and called once
+per 10 ms, as a replica sees requests that come one at a time (its caches are then cold). Finally fp32 against the int8 artifact ``hone quantize``
 writes (run first if missing): decode latency, memory and size from its quality gate, and
 throughput at concurrency 8.
 
@@ -99,7 +101,7 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a server's own clean shutdown; its group is killed if that hangs
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -152,15 +154,16 @@ async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int,
             "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], "ttft_p50": statistics.median(r[1] for r in results)}
 
 
-def _hone_server(model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False) -> tuple[subprocess.Popen, str]:
+def _hone_server(model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False,
+                 proxy: str = "ray") -> tuple[subprocess.Popen, str]:
     import yaml
 
     port = _free_port()
     cfg = {"name": "bench", "model": model, "quantization": quantization, "port": port, "metrics_export_port": _free_port(),
-           "num_replicas": 1, "max_batch_size": 32, "max_ongoing_requests": 64,
+           "num_replicas": 1, "max_batch_size": 32, "max_ongoing_requests": 64, "proxy": proxy,
            "max_queued_requests": 512, "ray_actor_options": {"num_cpus": os.cpu_count() or 2},
            "allow_failed_gate": allow_failed_gate}  # the benchmark measures speed whatever the gate said
-    path = tmp / f"serve-{quantization}.yaml"
+    path = tmp / f"serve-{quantization}-{proxy}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
     proc = subprocess.Popen([HONE, "serve", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -175,11 +178,11 @@ FLOOR = textwrap.dedent('''
     from fastapi import FastAPI, Request
     from ray import serve
     app = FastAPI()
-    @serve.deployment
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
     class Model:
         async def complete(self, body):
             return {"text": " positive", "finish_reason": "length", "completion_tokens": 1, "prompt_tokens": 20}
-    @serve.deployment
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
     @serve.ingress(app)
     class Ingress:
         def __init__(self, model):
@@ -201,19 +204,24 @@ FLOOR = textwrap.dedent('''
     try:
         while True:
             time.sleep(3600)
-    finally:  # its own Ray goes with it
+    finally:  # its own Ray (and HAProxy) go with it
         serve.shutdown()
         ray.shutdown()
 ''')
 
+PACE_S = 0.01  # one engine call per 10 ms: requests that reach a replica one at a time find its caches cold
 
-def _engine_p50(model: str, reps: int) -> float:
+
+def _engine_p50(model: str, reps: int, pace_s: float = 0.0) -> float:
+    """p50 of a 1-token request on the engine in-process: back to back, or one call every ``pace_s`` (idle between)."""
     from hone.serving.engine import Engine, GenRequest
 
     engine = Engine({"kind": "model", "path": model, "task": "causal_lm", "device": "cpu"})
     ids = engine.encode_prompt(PROMPTS[0], None)
     times = []
     for _ in range(reps + 2):
+        if pace_s:
+            time.sleep(pace_s)
         started = time.perf_counter()
         engine.generate_batch([GenRequest(ids, 1, temperature=0)], lambda *a: None)
         times.append(time.perf_counter() - started)
@@ -239,37 +247,54 @@ def _http_p50(url: str, model: str, reps: int, stream: bool = False) -> float:
     return statistics.median(times[5:])
 
 
-def _overhead(model: str, reps: int, tmp: Path) -> dict[str, float]:
-    """p50 seconds of a 1-token request: hone over HTTP (plain and streamed), the engine in-process, Ray Serve's floor."""
-    served = model.removeprefix("builtin:")
-    out = {}
+def _floor_p50(model: str, reps: int, tmp: Path, proxy: str) -> float:
+    """Ray Serve's own floor: the request through an empty application of hone's shape, behind ``proxy``."""
+    from hone.serving.config import validate_serve_config
+    from hone.serving.runner import _reap_haproxy, _session_env
+
     port = _free_port()
     script = tmp / "floor.py"
     script.write_text(FLOOR)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    flags = _session_env(validate_serve_config({"model": model, "proxy": proxy}))
+    flags.pop("OMP_NUM_THREADS")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **flags}
     floor = subprocess.Popen([sys.executable, str(script), str(port)], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(f"http://127.0.0.1:{port}/health", floor)
-        out["floor"] = _http_p50(f"http://127.0.0.1:{port}", served, reps)
+        return _http_p50(f"http://127.0.0.1:{port}", model.removeprefix("builtin:"), reps)
     finally:
         _stop(floor)
-    hone, url = _hone_server(model, "none", tmp)
-    try:
-        out["http"] = _http_p50(url, served, reps)
-        out["http_stream"] = _http_p50(url, served, reps, stream=True)
-    finally:
-        _stop(hone)
-    out["engine"] = _engine_p50(model, reps)
+        if "RAY_SERVE_HAPROXY_STATS_PORT" in flags:
+            _reap_haproxy(flags["RAY_SERVE_HAPROXY_STATS_PORT"])
+
+
+def _overhead(model: str, reps: int, tmp: Path) -> dict[str, float]:
+    """p50 seconds of a 1-token request: the engine in-process (back to back and paced), then per HTTP front
+    (Ray Serve's proxy, HAProxy) Ray Serve's floor and hone over HTTP, plain and streamed."""
+    served = model.removeprefix("builtin:")
+    out = {"engine": _engine_p50(model, reps), "engine_paced": _engine_p50(model, reps, PACE_S)}
+    for proxy in ("ray", "haproxy"):
+        out[f"floor_{proxy}"] = _floor_p50(model, reps, tmp, proxy)
+        hone, url = _hone_server(model, "none", tmp, proxy=proxy)
+        try:
+            out[f"http_{proxy}"] = _http_p50(url, served, reps)
+            out[f"stream_{proxy}"] = _http_p50(url, served, reps, stream=True)
+        finally:
+            _stop(hone)
     return out
 
 
 def _overhead_line(model: str, o: dict[str, float]) -> str:
     ms = {k: v * 1000 for k, v in o.items()}
-    return (f"Serve layer overhead ({model}, p50 of a 1-token request): HTTP {ms['http']:.1f} ms (streamed {ms['http_stream']:.1f}) "
-            f"vs engine in-process {ms['engine']:.1f} ms = +{ms['http'] - ms['engine']:.1f} ms (target <= 3 ms); Ray Serve's "
-            f"floor here (empty app of the same shape) {ms['floor']:.1f} ms, so hone's own code adds "
-            f"{ms['http'] - ms['engine'] - ms['floor']:+.1f} ms")
+    lines = [f"Serve layer overhead ({model}, p50 of a 1-token request; target <= 3 ms over the engine): engine in-process "
+             f"{ms['engine']:.1f} ms back to back, {ms['engine_paced']:.1f} ms called once per {PACE_S * 1000:.0f} ms"]
+    for proxy in ("ray", "haproxy"):
+        http, floor = ms[f"http_{proxy}"], ms[f"floor_{proxy}"]
+        lines.append(f"  proxy {proxy:8} HTTP {http:.1f} ms (streamed {ms[f'stream_{proxy}']:.1f}) = +{http - ms['engine']:.1f} ms over "
+                     f"the engine; Ray Serve's floor (empty app of the same shape) {floor:.1f} ms; hone's own code "
+                     f"{http - floor - ms['engine_paced']:+.1f} ms beyond floor + paced engine")
+    return "\n".join(lines)
 
 
 def main() -> int:

@@ -48,8 +48,9 @@ def _start(cfg: dict, tmp: Path, env_extra: dict[str, str] | None = None):
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to hone serve, as Kubernetes or systemd stop a service; the whole group is killed if it hangs."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -347,3 +348,52 @@ def test_back_pressure_and_autoscaling(tmp_path):
         assert _replicas(info["ray_address"], "scale") == 1, "the model deployment never scaled back down"
     finally:
         _stop(proc)
+
+
+def _haproxy_configs() -> list[str]:
+    """Config files of the HAProxy processes running on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.name.isdigit() and argv[0].endswith(b"haproxy") and b"-f" in argv:
+                found.append(Path(argv[argv.index(b"-f") + 1].decode()).read_text())
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray Serve's HAProxy binary ships for Linux")
+def test_haproxy_front_serves_streams_refuses_and_leaves_nothing_behind(tmp_path, reference):
+    port = _free_port()
+    cfg = {"name": "hap", "model": "builtin:tiny-llama", "port": port, "metrics_export_port": _free_port(), "proxy": "haproxy",
+           "max_batch_size": 2, "max_tokens_default": 16, "num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 1,
+           "ray_actor_options": {"num_cpus": 0.5}}
+    proc, info = _start(cfg, tmp_path)
+    try:
+        assert any(f":{port}" in text for text in _haproxy_configs()), "no HAProxy in front of the service"
+        import openai
+
+        client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompt = PROMPTS[0]
+        out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == reference["base"][prompt]
+        pieces = [c.choices[0].text for c in client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12,
+                                                                          temperature=0, stream=True) if c.choices]
+        assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == reference["base"][prompt]
+        bad = httpx.post(info["url"] + "/v1/completions", content=b"{not json", timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        # Back-pressure answers pass through HAProxy unchanged: 503 + Retry-After, the rest complete.
+        body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 300, "temperature": 0}
+        with cf.ThreadPoolExecutor(12) as pool:
+            codes = [r.status_code for r in pool.map(lambda _: httpx.post(info["url"] + "/v1/completions", json=body, timeout=120),
+                                                     range(12))]
+        assert set(codes) <= {200, 503} and 503 in codes and codes.count(200) >= 2, codes
+    finally:
+        _stop(proc)
+    # SIGTERM reached hone's own handler (Ray installs one that would end the process on the spot), Serve shut down,
+    # and the service's HAProxy went with it: nothing holds the port.
+    assert "[hone] shutting down" in (tmp_path / "serve.log").read_text()
+    assert not any(f":{port}" in text for text in _haproxy_configs()), "HAProxy outlived hone serve"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

@@ -632,8 +632,8 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
     Returns after the smoke test with everything it started shut down, unless ``keep_serving``:
     then a local endpoint is served until SIGINT/SIGTERM, a cluster's is left deployed.
     """
-    from hone.serving.runner import _dashboard_url, _stop_event
-    from hone.train import default_storage, ray_session
+    from hone.serving.runner import _dashboard_url, _stop_event, serving_session
+    from hone.train import default_storage
 
     cfg = p.config
     remote = bool(address or os.environ.get("RAY_ADDRESS"))
@@ -651,8 +651,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
     stages = ["train"] + (["quantize"] if cfg.quantize else []) + ["serve"] + (["smoke_test"] if cfg.smoke_test else [])
     n = len(stages)
     started = time.time()
-    serve_env = {"OMP_NUM_THREADS": str(max(1, int(p.serve.ray_actor_options.get("num_cpus", 1))))}
-    with ray_session(p.job, address, extra_cpus=_cpus(p), env=serve_env, metrics_export_port=p.serve.metrics_export_port):
+    with serving_session(p.serve, p.job, address, _cpus(p)):
         import ray
         from ray import serve as ray_serve
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from hone.serving.config import ServeConfig
 
-__all__ = ["serve", "serve_config_document"]
+__all__ = ["serve", "serve_config_document", "serving_session"]
 
 
 def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
@@ -30,12 +32,103 @@ def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def serving_session(cfg: ServeConfig, job: Any, address: str | None, extra_cpus: float) -> Iterator[None]:
+    """The Ray session a serve config runs in (``hone.train.ray_session`` with :func:`_session_env`).
+
+    With ``proxy: haproxy`` on a local Ray, the HAProxy process Ray Serve started is stopped on the way
+    out even when Ray itself went down first (a signal to the whole process group), so it never keeps
+    holding the service's port.
+    """
+    from hone.train import ray_session
+
+    if cfg.proxy == "haproxy" and (address or os.environ.get("RAY_ADDRESS")):
+        print("[hone] proxy: haproxy applies to the Ray that hone serve starts; on a cluster, start Ray with "
+              "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in its environment", flush=True)
+    env = _session_env(cfg)
+    try:
+        with ray_session(job, address, extra_cpus=extra_cpus, env=env, metrics_export_port=cfg.metrics_export_port):
+            yield
+    finally:
+        if "RAY_SERVE_HAPROXY_STATS_PORT" in env and not (address or os.environ.get("RAY_ADDRESS")):
+            _reap_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+
+
+def _reap_haproxy(stats_port: str, wait_s: float = 10.0) -> None:
+    """Stop the HAProxy processes whose config binds ``stats_port`` (this session's, see _session_env) and wait for them."""
+    import shutil
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not argv[0].endswith(b"haproxy") or b"-f" not in argv:
+                continue
+            config = Path(argv[argv.index(b"-f") + 1].decode())
+            if re.search(rf":{stats_port}\b", config.read_text()):
+                os.kill(int(entry.name), signal.SIGTERM)
+                pids.append(int(entry.name))
+                shutil.rmtree(config.parent, ignore_errors=True)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    deadline = time.time() + wait_s
+    for pid in pids:
+        while _running(pid):
+            if time.time() > deadline:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a killed child whose dead parent nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _session_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment of the local Ray a serve config runs on: torch threads per replica, and the HTTP front.
+
+    ``proxy: haproxy`` turns on Ray Serve's HAProxy ingress and its throughput-optimised settings (direct
+    ingress to replicas, gRPC between deployments, user code on the replica's event loop). HAProxy's own
+    metrics and stats listeners get free ports, so two servers on one machine do not collide.
+    """
+    from hone.train import _free_port
+
+    env = {"OMP_NUM_THREADS": str(max(1, int(cfg.ray_actor_options.get("num_cpus", 1))))}
+    if cfg.proxy == "haproxy":
+        # Ray drains a direct-ingress replica for 30 s so remote load balancers notice; this HAProxy is local.
+        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())}
+    return env
+
+
 def _stop_event() -> threading.Event:
     """An event that SIGINT/SIGTERM set, so a serving loop ends with a clean Serve and Ray shutdown."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def _shutdown_serve(timeout_s: float) -> None:
+    """Serve's graceful shutdown (in-flight requests finish), given up after ``timeout_s``: when a signal to the
+    whole process group already stopped Ray's own processes, Serve would wait for a controller that is gone."""
+    from ray import serve as ray_serve
+
+    done = threading.Thread(target=ray_serve.shutdown, name="serve-shutdown", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        print(f"[hone] Serve did not shut down within {timeout_s:.0f}s: stopping Ray", flush=True)
 
 
 def _cpus_needed(cfg: ServeConfig) -> float:
@@ -75,14 +168,13 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
     from ray import serve as ray_serve
 
     from hone.serving.app import api_key_hashes, build_app, resolve
-    from hone.train import ray_session
 
     spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate
     keys = api_key_hashes(cfg)
     need = _cpus_needed(cfg)
-    stop = _stop_event() if block else None  # non-blocking callers keep their own Ctrl-C handling
-    with ray_session(None, address, extra_cpus=need, env={"OMP_NUM_THREADS": str(max(1, int(cfg.ray_actor_options.get("num_cpus", 1))))},
-                     metrics_export_port=cfg.metrics_export_port):
+    with serving_session(cfg, None, address, need):
+        # After ray.init: it installs a SIGTERM handler of its own that ends the process on the spot.
+        stop = _stop_event() if block else None  # non-blocking callers keep their own Ctrl-C handling
         import ray
 
         logging_config = None if access_log else {"log_level": "WARNING", "enable_access_log": False}
@@ -114,4 +206,4 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
         while not stop.wait(0.5):
             pass
         print("[hone] shutting down", flush=True)
-        ray_serve.shutdown()
+        _shutdown_serve(20.0)
