@@ -295,6 +295,19 @@ def test_metrics_on_the_ray_export_port(server, client):
 # --------------------------------------------------------------------------- autoscaling and back-pressure
 
 
+def _haproxy_configs() -> list[str]:
+    """Config files of the HAProxy processes running on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.name.isdigit() and argv[0].endswith(b"haproxy") and b"-f" in argv:
+                found.append(Path(argv[argv.index(b"-f") + 1].decode()).read_text())
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def _replicas(ray_address: str, app: str) -> int:
     code = ("import ray, json; from ray import serve; ray.init(address=%r, logging_level='ERROR', log_to_driver=False);"
             "s = serve.status().applications[%r].deployments['ModelServer'];"
@@ -307,8 +320,12 @@ def _replicas(ray_address: str, app: str) -> int:
     return int(states.get("RUNNING", 0))
 
 
-def test_back_pressure_and_autoscaling(tmp_path):
-    cfg = {"name": "scale", "model": "builtin:tiny-llama", "port": _free_port(), "metrics_export_port": _free_port(),
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray Serve's HAProxy binary ships for Linux")
+def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
+    """The serve YAML's queue bound and autoscaling, behind ``proxy: haproxy`` (the default proxy serves the module's
+    server): answers pass through HAProxy unchanged, and stopping hone serve stops its HAProxy."""
+    port = _free_port()
+    cfg = {"name": "scale", "model": "builtin:tiny-llama", "port": port, "metrics_export_port": _free_port(), "proxy": "haproxy",
            "max_batch_size": 2, "batch_wait_timeout_s": 0.0, "max_tokens_default": 16,
            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                                   "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2},
@@ -317,6 +334,18 @@ def test_back_pressure_and_autoscaling(tmp_path):
     url = info["url"] + "/v1/completions"
     body = {"model": "tiny-llama", "prompt": "The movie was", "max_tokens": 600, "temperature": 0}
     try:
+        assert any(f":{port}" in text for text in _haproxy_configs()), "no HAProxy in front of the service"
+        import openai
+
+        client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompt = PROMPTS[0]
+        out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == reference["base"][prompt]
+        pieces = [c.choices[0].text for c in client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12,
+                                                                          temperature=0, stream=True) if c.choices]
+        assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == reference["base"][prompt]
+        bad = httpx.post(info["url"] + "/v1/completions", content=b"{not json", timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
         assert _replicas(info["ray_address"], "scale") == 1
 
         def one(_: int) -> httpx.Response:
@@ -346,49 +375,6 @@ def test_back_pressure_and_autoscaling(tmp_path):
         while time.time() < deadline and _replicas(info["ray_address"], "scale") != 1:
             time.sleep(2)
         assert _replicas(info["ray_address"], "scale") == 1, "the model deployment never scaled back down"
-    finally:
-        _stop(proc)
-
-
-def _haproxy_configs() -> list[str]:
-    """Config files of the HAProxy processes running on this machine."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if entry.name.isdigit() and argv[0].endswith(b"haproxy") and b"-f" in argv:
-                found.append(Path(argv[argv.index(b"-f") + 1].decode()).read_text())
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray Serve's HAProxy binary ships for Linux")
-def test_haproxy_front_serves_streams_refuses_and_leaves_nothing_behind(tmp_path, reference):
-    port = _free_port()
-    cfg = {"name": "hap", "model": "builtin:tiny-llama", "port": port, "metrics_export_port": _free_port(), "proxy": "haproxy",
-           "max_batch_size": 2, "max_tokens_default": 16, "num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 1,
-           "ray_actor_options": {"num_cpus": 0.5}}
-    proc, info = _start(cfg, tmp_path)
-    try:
-        assert any(f":{port}" in text for text in _haproxy_configs()), "no HAProxy in front of the service"
-        import openai
-
-        client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
-        prompt = PROMPTS[0]
-        out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0)
-        assert out.choices[0].text == reference["base"][prompt]
-        pieces = [c.choices[0].text for c in client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12,
-                                                                          temperature=0, stream=True) if c.choices]
-        assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == reference["base"][prompt]
-        bad = httpx.post(info["url"] + "/v1/completions", content=b"{not json", timeout=30)
-        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-        # Back-pressure answers pass through HAProxy unchanged: 503 + Retry-After, the rest complete.
-        body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 300, "temperature": 0}
-        with cf.ThreadPoolExecutor(12) as pool:
-            codes = [r.status_code for r in pool.map(lambda _: httpx.post(info["url"] + "/v1/completions", json=body, timeout=120),
-                                                     range(12))]
-        assert set(codes) <= {200, 503} and 503 in codes and codes.count(200) >= 2, codes
     finally:
         _stop(proc)
     # SIGTERM reached hone's own handler (Ray installs one that would end the process on the spot), Serve shut down,
