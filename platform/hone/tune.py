@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import contextlib
 import json
 import os
 import random
@@ -107,10 +108,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
             failure.append(e)
         finally:
-            try:
+            with contextlib.suppress(Exception):  # Tune ends a trial at its final report, and the queue with it
                 queue.put(None)
-            except Exception:  # noqa: BLE001 - Tune ends a trial at its final report, and the queue with it
-                pass
 
     runner = threading.Thread(target=run, name=f"hone-trial-{trial_id}", daemon=True)
     runner.start()

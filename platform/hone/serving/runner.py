@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -42,7 +43,8 @@ def serving_session(cfg: ServeConfig, job: Any, address: str | None, extra_cpus:
     """
     from hone.train import ray_session
 
-    if cfg.proxy == "haproxy" and (address or os.environ.get("RAY_ADDRESS")):
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if cfg.proxy == "haproxy" and not local:
         print("[hone] proxy: haproxy applies to the Ray that hone serve starts; on a cluster, start Ray with "
               "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in its environment", flush=True)
     env = _session_env(cfg)
@@ -50,14 +52,12 @@ def serving_session(cfg: ServeConfig, job: Any, address: str | None, extra_cpus:
         with ray_session(job, address, extra_cpus=extra_cpus, env=env, metrics_export_port=cfg.metrics_export_port):
             yield
     finally:
-        if "RAY_SERVE_HAPROXY_STATS_PORT" in env and not (address or os.environ.get("RAY_ADDRESS")):
+        if "RAY_SERVE_HAPROXY_STATS_PORT" in env and local:
             _reap_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
 
 
 def _reap_haproxy(stats_port: str, wait_s: float = 10.0) -> None:
     """Stop the HAProxy processes whose config binds ``stats_port`` (this session's, see _session_env) and wait for them."""
-    import shutil
-
     proc = Path("/proc")
     if not proc.is_dir():
         return
