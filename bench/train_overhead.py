@@ -31,13 +31,31 @@ def job_dict(args: argparse.Namespace, workers: int, stage: int | None, cpus: fl
     return {
         "name": "bench",
         "model": {"name": args.model},
-        "data": {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat",
-                 "max_length": args.max_length, "max_samples": 4096, "validation": None},
-        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
-        "distributed": {"num_workers": workers, "deepspeed": None if stage is None else {"stage": stage},
-                        "resources_per_worker": {"CPU": cpus}},
-        "training": {"lr": 2e-4, "max_steps": args.steps, "batch_size": args.batch, "log_every": args.log,
-                     "max_grad_norm": 1.0, "scheduler": "constant"},
+        "data": {
+            "source": "builtin:rotten-tomatoes",
+            "format": "alpaca",
+            "prompt_template": "chat",
+            "max_length": args.max_length,
+            "max_samples": 4096,
+            "validation": None,
+        },
+        "method": {
+            "type": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        },
+        "distributed": {
+            "num_workers": workers,
+            "deepspeed": None if stage is None else {"stage": stage},
+            "resources_per_worker": {"CPU": cpus},
+        },
+        "training": {
+            "lr": 2e-4,
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "log_every": args.log,
+            "max_grad_norm": 1.0,
+            "scheduler": "constant",
+        },
     }
 
 
@@ -48,16 +66,16 @@ def plain_loop(args: argparse.Namespace, hf_loss: bool) -> float:
     from hone.config import validate_job
     from hone.data import collate, load_tokenizer, prepare_data
     from hone.modeling import build_model, forward_loss
-    from hone.train import _Schedule, _seed_all
+    from hone.training.plan import Schedule, seed_all
 
     torch.set_num_threads(args.threads)
     job = validate_job(job_dict(args, 1, 0, args.threads))
     tokenizer = load_tokenizer(job)
     rows = list(prepare_data(job, tokenizer).train)
-    _seed_all(job.training.seed)
+    seed_all(job.training.seed)
     model = build_model(job).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.training.lr)
-    sched = _Schedule(len(rows), args.batch, 1, 1, job.training.seed)
+    sched = Schedule(len(rows), args.batch, 1, 1, job.training.seed)
     marks = {}
     for step in range(args.steps - args.log):
         batch = collate([rows[i] for i in sched.micro_rows(step, 0, 0)], tokenizer.pad_token_id)
@@ -73,7 +91,7 @@ def plain_loop(args: argparse.Namespace, hf_loss: bool) -> float:
 def hone_run(args: argparse.Namespace, workers: int, stage: int | None, storage: str) -> tuple[float, float]:
     """(seconds per step, samples per second) of hone train, from the report timestamps."""
     from hone.config import validate_job
-    from hone.train import train
+    from hone.training import train
 
     cpus = args.threads / workers
     job = validate_job(job_dict(args, workers, stage, cpus))
@@ -101,20 +119,32 @@ def main() -> int:
     import ray
 
     from hone.config import validate_job
-    from hone.train import _worker_env
+    from hone.runtime import worker_env
 
-    print(f"model {args.model}, LoRA r=8 q/k/v/o, batch {args.batch}/worker, ≤{args.max_length} tokens, "
-          f"steps {args.warmup}..{args.steps - args.log} timed, {args.threads} CPU threads", flush=True)
+    print(
+        f"model {args.model}, LoRA r=8 q/k/v/o, batch {args.batch}/worker, ≤{args.max_length} tokens, "
+        f"steps {args.warmup}..{args.steps - args.log} timed, {args.threads} CPU threads",
+        flush=True,
+    )
     rows = []
     base = plain_loop(args, hf_loss=False)
     rows.append(("plain torch loop (baseline)", base, args.batch / base))
     hf = plain_loop(args, hf_loss=True)
     rows.append(("plain loop, HF full-vocab loss", hf, args.batch / hf))
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": _worker_env(validate_job(job_dict(args, 1, 0, args.threads)))})
+    ray.init(
+        address="local",
+        num_cpus=args.threads,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env(validate_job(job_dict(args, 1, 0, args.threads)))},
+    )
     with tempfile.TemporaryDirectory() as storage:
-        runs = {"zero0": ("hone 1 worker ZeRO-0", 1, 0), "zero2": ("hone 1 worker ZeRO-2", 1, 2), "zero2x2": ("hone 2 workers ZeRO-2", 2, 2),
-                "ddp": ("hone 1 worker DDP (deepspeed: null)", 1, None)}
+        runs = {
+            "zero0": ("hone 1 worker ZeRO-0", 1, 0),
+            "zero2": ("hone 1 worker ZeRO-2", 1, 2),
+            "zero2x2": ("hone 2 workers ZeRO-2", 2, 2),
+            "ddp": ("hone 1 worker DDP (deepspeed: null)", 1, None),
+        }
         for key in args.runs.split(","):
             label, workers, stage = runs[key]
             per_step, throughput = hone_run(args, workers, stage, storage)
@@ -122,8 +152,8 @@ def main() -> int:
     ray.shutdown()
 
     print()
-    print(f"| run | s/step | step-time ratio | samples/s | throughput ratio |")
-    print(f"|---|---|---|---|---|")
+    print("| run | s/step | step-time ratio | samples/s | throughput ratio |")
+    print("|---|---|---|---|---|")
     for label, per_step, throughput in rows:
         print(f"| {label} | {per_step:.3f} | {per_step / base:.2f}× | {throughput:.2f} | {throughput / (args.batch / base):.2f}× |")
     print()

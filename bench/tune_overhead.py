@@ -40,8 +40,8 @@ def main() -> int:
         summary = json.loads((result.sweep_dir / "sweep.json").read_text())
     wall, own = summary["wall_s"], summary["trials_run_s"]
     n = len(result.trials)
-    print(f"| trials | sweep wall s | sum of trial run s | overhead | overhead per trial s |")
-    print(f"|---|---|---|---|---|")
+    print("| trials | sweep wall s | sum of trial run s | overhead | overhead per trial s |")
+    print("|---|---|---|---|---|")
     print(f"| {n} | {wall:.1f} | {own:.1f} | {wall / own - 1:.1%} | {(wall - own) / n:.1f} |")
     print(json.dumps({"overhead": round(wall / own - 1, 3), "target": 0.20, "met": wall / own - 1 <= 0.20}))
     return 0

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 HONE = shutil.which("hone", path=str(Path(sys.executable).parent)) or "hone"
 
 

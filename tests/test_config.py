@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hone.config import JobConfigError, apply_overrides, json_schema, load_job, validate_job
-
 from conftest import make_job
+from hone.config import JobConfigError, apply_overrides, json_schema, load_job, validate_job
 
 BASE = {
     "model": {"name": "builtin:tiny-llama"},

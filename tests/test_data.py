@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from hone.data import IGNORE_INDEX, DataError, collate, load_splits, prepare_data, tokenize_split
-
 from conftest import make_job
+from hone.data import IGNORE_INDEX, DataError, collate, load_splits, prepare_data, tokenize_split
 
 
 def write_jsonl(path, rows):
@@ -18,11 +17,11 @@ def write_jsonl(path, rows):
 
 
 def trained_text(tokenizer, row) -> str:
-    return tokenizer.decode([i for i, l in zip(row["input_ids"], row["labels"]) if l != IGNORE_INDEX])
+    return tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
 
 
 def untrained_text(tokenizer, row) -> str:
-    return tokenizer.decode([i for i, l in zip(row["input_ids"], row["labels"]) if l == IGNORE_INDEX])
+    return tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX])
 
 
 def one_split(tmp_path, tokenizer, rows, **data):
@@ -99,7 +98,9 @@ def test_missing_column_names_the_setting(tmp_path, tiny_tokenizer):
     rows = [{"prompt": "x", "completion": "y"}]
     with pytest.raises(DataError, match=r"data.columns.instruction.*'instruction'.*\['prompt', 'completion'\]"):
         one_split(tmp_path, tiny_tokenizer, rows, format="alpaca")
-    out, _ = one_split(tmp_path, tiny_tokenizer, rows, format="alpaca", columns={"instruction": "prompt", "output": "completion"}, max_length=512)
+    out, _ = one_split(
+        tmp_path, tiny_tokenizer, rows, format="alpaca", columns={"instruction": "prompt", "output": "completion"}, max_length=512
+    )
     assert trained_text(tiny_tokenizer, out[0]).startswith("y")
 
 
@@ -142,8 +143,10 @@ def test_classification_labels(tmp_path):
 
     bert = AutoTokenizer.from_pretrained(assets.resolve_model("builtin:minilm"))
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}])
-    job = make_job(task={"type": "sequence_classification", "labels": ["neg", "pos"]},
-                   data={"source": src, "format": "classification", "validation": None})
+    job = make_job(
+        task={"type": "sequence_classification", "labels": ["neg", "pos"]},
+        data={"source": src, "format": "classification", "validation": None},
+    )
     import datasets
 
     out, _ = tokenize_split(datasets.Dataset.from_list([{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]), job, bert)
@@ -152,7 +155,9 @@ def test_classification_labels(tmp_path):
     assert out["labels"] == [1, 0]
     assert bert.decode(out[0]["input_ids"], skip_special_tokens=True) == "good"
     with pytest.raises(DataError, match=r"2 train label\(s\) outside task.num_labels=2.*row 1: 2, row 2: -1"):
-        tokenize_split(datasets.Dataset.from_list([{"text": "a", "label": 1}, {"text": "b", "label": 2}, {"text": "c", "label": -1}]), job, bert)
+        tokenize_split(
+            datasets.Dataset.from_list([{"text": "a", "label": 1}, {"text": "b", "label": 2}, {"text": "c", "label": -1}]), job, bert
+        )
     with pytest.raises(DataError, match=r"row 0: 'meh'"):
         tokenize_split(datasets.Dataset.from_list([{"text": "c", "label": "meh"}]), job, bert)
 

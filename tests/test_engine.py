@@ -9,11 +9,13 @@ import pytest
 @pytest.fixture(scope="module")
 def engine():
     from hone import assets
+    from hone.artifacts import resolve_ref
     from hone.serving.engine import Engine
 
     path = assets.resolve_model("builtin:tiny-llama")
     return Engine({"served_name": "tiny", "device": "cpu", "adapters": {}, "max_loaded_adapters": 1, "source": path,
-                   "kind": "model", "path": path, "task": "causal_lm", "labels": None, "quantization": "none"})
+                   "model": resolve_ref(path), "kind": "model", "path": path, "task": "causal_lm", "labels": None,
+                   "quantization": "none"})
 
 
 def _run(engine, reqs, admit=None, max_batch=None):

@@ -25,4 +25,4 @@ def test_job_validates(path):
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
 def test_job_header_has_its_command(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any(f"hone " in line and path.name in line for line in header), f"{path.name} must open with its command"
+    assert any("hone " in line and path.name in line for line in header), f"{path.name} must open with its command"

@@ -18,8 +18,8 @@ def registered_export(home, tmp_path):
     """A full-model export of the tiny Llama in hone's export format, registered as models:/tiny@winner."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hone import assets, registry
     from conftest import make_job
+    from hone import assets, registry
 
     export = tmp_path / "export"
     path = assets.resolve_model("builtin:tiny-llama")
@@ -54,8 +54,8 @@ def test_int8_gate_passes_and_is_recorded(registered_export, home):
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
     assert info["gate"]["passed"] is True
 
-    from hone.serving.app import resolve
-    from hone.serving.config import validate_serve_config
+    from hone.config import validate_serve_config
+    from hone.serving.spec import resolve
 
     spec = resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
     assert spec["kind"] == "quantized" and spec["path"] == str(result.artifact)
@@ -75,8 +75,8 @@ def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, h
     refused = subprocess.run([HONE, "serve", str(serve_yaml)], capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 1 and "failed its quality gate" in refused.stderr and "--allow-failed-gate" in refused.stderr
 
-    from hone.serving.app import resolve
-    from hone.serving.config import validate_serve_config
+    from hone.config import validate_serve_config
+    from hone.serving.spec import resolve
 
     spec = resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-weight-only", "allow_failed_gate": True}))
     assert spec["gate"] is False
@@ -85,9 +85,9 @@ def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, h
 def test_missing_artifact_and_gpu_methods_fail_clearly(registered_export, home, tmp_path):
     import torch
 
+    from hone.config import validate_serve_config
     from hone.quantize import QuantizeError, quantize
-    from hone.serving.app import ServeError, resolve
-    from hone.serving.config import validate_serve_config
+    from hone.serving.spec import ServeError, resolve
 
     with pytest.raises(ServeError, match="hone quantize models:/tiny@winner --method int8-dynamic"):
         resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
@@ -99,7 +99,7 @@ def test_missing_artifact_and_gpu_methods_fail_clearly(registered_export, home, 
 
 
 def test_serve_config_validation():
-    from hone.serving.config import ServeConfigError, validate_serve_config
+    from hone.config import ServeConfigError, validate_serve_config
 
     with pytest.raises(ServeConfigError) as e:
         validate_serve_config({"model": "builtin:tiny-llama", "prot": 1, "autoscaling_config": {"min_replicas": 3, "max_replicas": 1},
@@ -118,13 +118,13 @@ def test_emit_serve_config_matches_the_app_builder(repo):
     doc = yaml.safe_load(out.stdout)
     app = doc["applications"][0]
     assert app["import_path"] == "hone.serving.app:build_app"
-    from hone.serving.config import load_serve_config
+    from hone.config import load_serve_config
 
     assert app["args"]["config"] == load_serve_config(repo / "serving" / "tiny.yaml").to_dict()
 
 
 def test_shipped_serve_configs_validate(repo):
-    from hone.serving.config import load_serve_config
+    from hone.config import load_serve_config
 
     for path in sorted(p for p in (repo / "serving").glob("*.yaml") if not p.name.startswith("prometheus")):
         cfg = load_serve_config(path)
@@ -137,7 +137,7 @@ def test_dashboard_and_alerts_use_metrics_the_server_exports(repo):
 
     import yaml
 
-    source = (repo / "platform" / "hone" / "serving" / "app.py").read_text()
+    source = "".join(p.read_text() for p in (repo / "platform" / "hone" / "serving").glob("*.py"))
     defined = set(re.findall(r'metrics\.(?:Counter|Gauge|Histogram)\(\s*"(hone_[a-z0-9_]+)"', source))
     assert {"hone_requests_total", "hone_time_to_first_token_seconds", "hone_e2e_request_latency_seconds"} <= defined
     dashboard = json.loads((repo / "serving" / "grafana-dashboard.json").read_text())

@@ -309,9 +309,9 @@ def _haproxy_configs() -> list[str]:
 
 
 def _replicas(ray_address: str, app: str) -> int:
-    code = ("import ray, json; from ray import serve; ray.init(address=%r, logging_level='ERROR', log_to_driver=False);"
-            "s = serve.status().applications[%r].deployments['ModelServer'];"
-            "print(json.dumps(s.replica_states))") % (ray_address, app)
+    code = (f"import ray, json; from ray import serve; ray.init(address={ray_address!r}, logging_level='ERROR', log_to_driver=False);"
+            f"s = serve.status().applications[{app!r}].deployments['ModelServer'];"
+            "print(json.dumps(s.replica_states))")
     # hone serve's embedded Ray uses Ray's default token auth (token in ~/.ray/auth_token)
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

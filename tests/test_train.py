@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import yaml
 from hone.config import validate_job
 from hone.data import load_tokenizer, prepare_data
 from hone.modeling import ModelError, build_model, evaluate, load_base_model
-from hone.train import TrainError, _Schedule, total_steps, train
+from hone.training import Schedule, TrainError, total_steps, train
 
 HONE = str(Path(sys.executable).parent / "hone")
 
@@ -71,10 +70,10 @@ def connected(cluster, tmp_path_factory):
     """This test process as a driver on the cluster, with the workers' environment."""
     import ray
 
-    from hone.train import _worker_env
+    from hone.runtime import worker_env
 
     if not ray.is_initialized():
-        ray.init(address=cluster["address"], runtime_env={"env_vars": _worker_env(validate_job(tiny("x")))},
+        ray.init(address=cluster["address"], runtime_env={"env_vars": worker_env(validate_job(tiny("x")))},
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
     return tmp_path_factory.mktemp("runs")
 
@@ -114,7 +113,7 @@ def test_export_reloads_and_reproduces_eval_loss(connected, stage, method):
         assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in base.parameters())
     info = json.loads((result.export_dir / "hone.json").read_text())
     assert info["zero_stage"] == stage and info["metrics"]["eval_loss"] == pytest.approx(trained_loss)
-    history = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [2, 4]
     assert all(k in history[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "peak_memory_mb"))
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -139,13 +138,23 @@ def test_ddp_and_merged_adapter(connected):
 
 @pytest.mark.slow
 def test_classification_metrics(connected):
-    job = validate_job({
-        "name": "cls", "model": {"name": "builtin:minilm"},
-        "task": {"type": "sequence_classification", "labels": ["negative", "positive"]},
-        "data": {"source": "builtin:rotten-tomatoes", "format": "classification", "max_length": 64, "max_samples": 128, "max_eval_samples": 48},
-        "method": "full", "distributed": {"num_workers": 2, "deepspeed": {"stage": 2}},
-        "training": {"lr": 5e-5, "max_steps": 4, "batch_size": 8, "eval_metric": "eval_f1"},
-    })
+    job = validate_job(
+        {
+            "name": "cls",
+            "model": {"name": "builtin:minilm"},
+            "task": {"type": "sequence_classification", "labels": ["negative", "positive"]},
+            "data": {
+                "source": "builtin:rotten-tomatoes",
+                "format": "classification",
+                "max_length": 64,
+                "max_samples": 128,
+                "max_eval_samples": 48,
+            },
+            "method": "full",
+            "distributed": {"num_workers": 2, "deepspeed": {"stage": 2}},
+            "training": {"lr": 5e-5, "max_steps": 4, "batch_size": 8, "eval_metric": "eval_f1"},
+        }
+    )
     result = train(job, storage_path=str(connected), quiet=True)
     m = result.metrics
     for k in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1"):
@@ -174,8 +183,9 @@ RESUME = dict(training={**TINY["training"], "max_steps": 10, "log_every": 1, "ch
 
 
 def _run_cli(args, env, **kw) -> subprocess.Popen:
-    return subprocess.Popen([HONE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        [HONE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw
+    )
 
 
 def _wait_until(condition, what: str, timeout: float = 300) -> None:
@@ -189,7 +199,7 @@ def _wait_until(condition, what: str, timeout: float = 300) -> None:
 
 def _logged_step(run_dir: Path, step: int) -> bool:
     path = run_dir / "metrics.jsonl"
-    return path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l.strip())
+    return path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line.strip())
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +213,13 @@ def uninterrupted(cluster, tmp_path_factory, slow_reports):
     storage = tmp_path_factory.mktemp("resume")
     job = tmp_path_factory.mktemp("jobs") / "resume.yaml"
     job.write_text(yaml.safe_dump(tiny("resume", **RESUME)))
-    out = subprocess.run([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(storage)],
-                         env=slow_reports, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(storage)],
+        env=slow_reports,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = next(storage.iterdir())
     return job, _steps(run_dir)
@@ -225,8 +240,13 @@ def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, t
         proc.wait()
     before = _steps(run_dir)
     assert max(before) < 10, "the run finished before it could be interrupted"
-    out = subprocess.run([HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]],
-                         env=slow_reports, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]],
+        env=slow_reports,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed at step 4/10" in out.stdout
     after = _steps(run_dir)
@@ -239,8 +259,9 @@ def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, t
 @pytest.mark.slow
 def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_path, slow_reports):
     job, reference = uninterrupted
-    proc = _run_cli(["train", str(job), "distributed.max_failures=2", "--address", cluster["address"],
-                     "--storage-path", str(tmp_path)], slow_reports)
+    proc = _run_cli(
+        ["train", str(job), "distributed.max_failures=2", "--address", cluster["address"], "--storage-path", str(tmp_path)], slow_reports
+    )
     killed = []
     try:
         _wait_until(lambda: any(tmp_path.iterdir()), "the run directory", timeout=120)
@@ -260,7 +281,7 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_p
     assert abs(steps[10] - reference[10]) < 1e-5, (steps[10], reference[10])
     for step in range(5, 11):
         assert abs(steps[step] - reference[step]) < 1e-5, step
-    history = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [m["step"] for m in history]
     assert any(b <= a for a, b in zip(logged, logged[1:])), f"no restart from a checkpoint visible in {logged}"
 
@@ -271,11 +292,17 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_p
 @pytest.mark.slow
 def test_two_workers_on_two_nodes(cluster, tmp_path):
     job = tmp_path / "spread.yaml"
-    job.write_text(yaml.safe_dump(tiny("spread", distributed={"num_workers": 2, "placement_strategy": "STRICT_SPREAD",
-                                                              "deepspeed": {"stage": 3}})))
+    job.write_text(
+        yaml.safe_dump(tiny("spread", distributed={"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "deepspeed": {"stage": 3}}))
+    )
     env = {**cluster["env"], "HONE_HOME": os.environ["HONE_HOME"]}
-    out = subprocess.run([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(tmp_path / "runs")],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(tmp_path / "runs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     export = next((tmp_path / "runs").iterdir()) / "export"
     info = json.loads((export / "hone.json").read_text())
@@ -288,11 +315,11 @@ def test_two_workers_on_two_nodes(cluster, tmp_path):
 
 
 def test_schedule_depends_only_on_seed_and_epoch():
-    s = _Schedule(n_rows=50, micro_batch=3, grad_accum=2, world_size=2, seed=7)
+    s = Schedule(n_rows=50, micro_batch=3, grad_accum=2, world_size=2, seed=7)
     assert s.global_batch == 12 and s.steps_per_epoch == 4
     epoch0 = [i for step in range(4) for m in range(2) for r in range(2) for i in s.micro_rows(step, m, r)]
     assert len(epoch0) == len(set(epoch0)) == 48  # no row twice in an epoch
-    assert s.micro_rows(5, 1, 0) == _Schedule(50, 3, 2, 2, 7).micro_rows(5, 1, 0)
+    assert s.micro_rows(5, 1, 0) == Schedule(50, 3, 2, 2, 7).micro_rows(5, 1, 0)
     assert s.micro_rows(1, 0, 0) != s.micro_rows(5, 0, 0)  # a new permutation each epoch
     assert set(s.micro_rows(0, 0, 0)).isdisjoint(s.micro_rows(0, 0, 1))
 
@@ -315,18 +342,33 @@ def test_other_peft_methods_build(method):
     if method == "adalora":
         sections["distributed"] = {"num_workers": 1, "deepspeed": None}
     if method == "ia3":
-        sections["method"] = {"type": "ia3", "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}}
+        sections["method"] = {
+            "type": "ia3",
+            "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+        }
     model = build_model(validate_job(tiny("m", **sections)), total_steps=10)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in model.parameters())
 
 
 def test_deepspeed_config_generation():
-    from hone.engine import deepspeed_config
+    from hone.training.engines import deepspeed_config
 
-    job = validate_job(tiny("d", distributed={"num_workers": 2, "deepspeed": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu",
-                                                                              "extra": {"zero_optimization": {"sub_group_size": 1000}}}},
-                            training={**TINY["training"], "grad_accum": 4, "max_grad_norm": 0.5}))
+    job = validate_job(
+        tiny(
+            "d",
+            distributed={
+                "num_workers": 2,
+                "deepspeed": {
+                    "stage": 3,
+                    "offload_optimizer": "cpu",
+                    "offload_param": "cpu",
+                    "extra": {"zero_optimization": {"sub_group_size": 1000}},
+                },
+            },
+            training={**TINY["training"], "grad_accum": 4, "max_grad_norm": 0.5},
+        )
+    )
     cfg = deepspeed_config(job, world_size=2)
     assert cfg["train_batch_size"] == 4 * 4 * 2 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 0.5
@@ -342,8 +384,13 @@ def test_deepspeed_config_generation():
 def test_cli_train_on_local_embedded_ray(tmp_path, repo):
     """`hone train jobs/tiny-smoke.yaml` as a user runs it: its own Ray, started and shut down."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([HONE, "train", str(repo / "jobs" / "tiny-smoke.yaml"), "--storage-path", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [HONE, "train", str(repo / "jobs" / "tiny-smoke.yaml"), "--storage-path", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[hone] step 8/8" in out.stdout and "export: " in out.stdout
     run_dir = next(tmp_path.iterdir())

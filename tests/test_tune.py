@@ -76,19 +76,26 @@ def test_invalid_search_space_rejected_before_any_work(tmp_path):
     bad.write_text(
         "model: {name: builtin:tiny-llama}\n"
         "data: {source: builtin:rotten-tomatoes, format: alpaca}\n"
-        "tune:\n  search_space:\n    training.lrr: {choice: [1]}\n    method.lora.r: {choice: []}\n    training.batch_size: {choice: [big]}\n"
+        "tune:\n  search_space:\n    training.lrr: {choice: [1]}\n    method.lora.r: {choice: []}\n"
+        "    training.batch_size: {choice: [big]}\n"
     )
     started = time.time()
     out = subprocess.run([HONE, "tune", str(bad), "--storage-path", str(tmp_path / "runs")], capture_output=True, text=True)
     assert out.returncode == 2
-    for text in ("tune.search_space.training.lrr", "did you mean 'training.lr'", "tune.search_space.method.lora.r", "empty",
-                 "tune.search_space.training.batch_size", "'big' is invalid"):
+    for text in (
+        "tune.search_space.training.lrr",
+        "did you mean 'training.lr'",
+        "tune.search_space.method.lora.r",
+        "empty",
+        "tune.search_space.training.batch_size",
+        "'big' is invalid",
+    ):
         assert text in out.stderr, text
     assert not (tmp_path / "runs").exists() and time.time() - started < 30
 
 
 def test_optuna_grid_is_refused_clearly(tmp_path):
-    from hone.train import TrainError
+    from hone.training import TrainError
     from hone.tune import _searcher
 
     job = load_job(Path(__file__).resolve().parents[1] / "jobs" / "sweep-tiny.yaml", ["tune.searcher=optuna"])
@@ -153,8 +160,9 @@ def _register_many(home: str, worker: int, n: int, export: str) -> None:
     from hone import registry
 
     for i in range(n):
-        registry.register_winner("shared-model", _fake_run(registry, worker, i), Path(export), "eval_loss", float(worker * 100 + i),
-                                 sweep=f"sweep-{worker}")
+        registry.register_winner(
+            "shared-model", _fake_run(registry, worker, i), Path(export), "eval_loss", float(worker * 100 + i), sweep=f"sweep-{worker}"
+        )
 
 
 def _fake_run(registry, worker: int, i: int) -> str:

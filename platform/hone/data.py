@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hone import assets
-from hone.config import DATA_FILE_TYPES, DataConfig, JobConfig, TaskConfig
+from hone.config import DataConfig, JobConfig, TaskConfig
+from hone.config.sections import DATA_FILE_TYPES
 
 if TYPE_CHECKING:
-    import datasets
     import ray.data
 
 __all__ = [
@@ -48,7 +49,15 @@ ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+}
 
 
 class DataError(ValueError):
@@ -184,6 +193,19 @@ def load_splits(cfg: DataConfig) -> dict[str, Any]:
     return {"train": train, **{k: out[k] for k in ("validation", "test") if k in out}}
 
 
+def held_out_rows(cfg: DataConfig, split: str, n: int) -> Any:
+    """The first ``n`` rows of ``split`` before formatting: the one rule every stage that evaluates on held-out data
+    follows (``hone eval``, the quality gate, the smoke test). A validation or test split the data does not declare
+    is carved as 10% of the seeded training rows; ``max_eval_samples`` does not apply."""
+    update: dict[str, Any] = {"max_eval_samples": None}
+    if split in ("validation", "test") and getattr(cfg, split) is None:
+        update[split] = 0.1
+    splits = load_splits(cfg.model_copy(update=update))
+    if split not in splits:
+        raise DataError(f"the data has no {split!r} split (have {', '.join(splits)})")
+    return splits[split].select(range(min(n, len(splits[split]))))
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -288,8 +310,10 @@ def _chat_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[
         before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
         through = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
         if not (full.startswith(through) and through.startswith(before)):
-            raise DataError("data: this tokenizer's chat template renders conversations differently by length, so "
-                            "assistant turns cannot be located; set data.train_on_inputs: true")
+            raise DataError(
+                "data: this tokenizer's chat template renders conversations differently by length, so "
+                "assistant turns cannot be located; set data.train_on_inputs: true"
+            )
         spans.append((len(before), len(through)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     target = [any(s < end and start < e for s, e in spans) for start, end in enc["offset_mapping"]]
@@ -511,7 +535,7 @@ def collate(rows: Sequence[dict[str, Any]] | dict[str, Sequence[Any]], pad_id: i
     return out
 
 
-def to_ray_datasets(prepared: PreparedData) -> dict[str, "ray.data.Dataset"]:
+def to_ray_datasets(prepared: PreparedData) -> dict[str, ray.data.Dataset]:
     """Hand the tokenized splits to Ray Data (Ray Train shards ``train`` across workers).
 
     Each row carries ``row_id`` (its position in the prepared split) so a worker can put
@@ -536,8 +560,8 @@ def _marked(tokenizer: Any, ids: Iterable[int], labels: Iterable[int], color: bo
     """Decode ids with the trained-on (label != -100) spans marked."""
     on, off = ("\033[1;32m", "\033[0m") if color else ("⟦", "⟧")
     out, span, state = [], [], None
-    for i, l in list(zip(ids, labels)) + [(None, None)]:
-        trained = l is not None and l != IGNORE_INDEX
+    for i, label in list(zip(ids, labels)) + [(None, None)]:
+        trained = label is not None and label != IGNORE_INDEX
         if (trained != state or i is None) and span:
             text = tokenizer.decode(span, skip_special_tokens=False)
             out.append(f"{on}{text}{off}" if state else text)
@@ -556,8 +580,11 @@ def preview(job: JobConfig, n: int = 3, split: str = "train", color: bool = Fals
         raise DataError(f"data: no {split!r} split in this job (splits: {', '.join(raw)})")
     ds = raw[split].select(range(min(n, len(raw[split]))))
     tokenized, report = tokenize_split(ds, job, tokenizer, split, pack=False)
-    lines = [f"{job.name}: {job.data.source} ({job.data.format}), model {job.model.name}, max_length {job.data.max_length}",
-             "trained-on tokens are " + ("shown in green" if color else "marked ⟦like this⟧"), ""]
+    lines = [
+        f"{job.name}: {job.data.source} ({job.data.format}), model {job.model.name}, max_length {job.data.max_length}",
+        "trained-on tokens are " + ("shown in green" if color else "marked ⟦like this⟧"),
+        "",
+    ]
     for k, row in enumerate(tokenized):
         lines.append(f"── example {k + 1} ({len(row['input_ids'])} tokens) " + "─" * 30)
         if job.task.type == "sequence_classification":

@@ -8,23 +8,38 @@ metrics computed during training.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hone import assets
+from hone.artifacts import ModelSpec
 from hone.config import JobConfig
 from hone.data import IGNORE_INDEX, collate
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ModelError", "build_model", "evaluate", "forward_loss", "generation_accuracy", "load_base_model", "load_export", "torch_dtype"]
+__all__ = [
+    "ModelError",
+    "answer_matches",
+    "build_model",
+    "evaluate",
+    "forward_loss",
+    "generation_accuracy",
+    "load_base_model",
+    "load_model",
+    "model_class",
+    "model_device",
+    "torch_dtype",
+    "unwrap",
+]
 
 
 class ModelError(ValueError):
     """The model does not fit the job (e.g. LoRA target modules it does not have)."""
 
 
-def torch_dtype(job: JobConfig) -> "torch.dtype":
+def torch_dtype(job: JobConfig) -> torch.dtype:
     import torch
 
     if job.model.dtype != "auto":
@@ -48,15 +63,25 @@ def _quantization_config(job: JobConfig) -> Any:
     q = job.method.qlora
     compute = getattr(torch, q.compute_dtype)
     if q.bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def model_class(task: str) -> Any:
+    """The transformers auto class for a task: the one place a task picks its model class."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
 
 
 def load_base_model(job: JobConfig, path: str | None = None) -> Any:
     """The pretrained model for the job's task (no adapter), from ``path`` or the job's model."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     source = path or assets.resolve_model(job.model.name)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(job), "trust_remote_code": job.model.trust_remote_code}
     if path is None and job.model.revision:
@@ -65,11 +90,11 @@ def load_base_model(job: JobConfig, path: str | None = None) -> Any:
         kwargs["quantization_config"] = _quantization_config(job)
     if job.task.type == "sequence_classification":
         labels = job.task.labels or [str(i) for i in range(job.task.num_labels or 2)]
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = model_class(job.task.type).from_pretrained(
             source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, **kwargs
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = model_class(job.task.type).from_pretrained(source, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -83,12 +108,12 @@ def _check_targets(model: Any, targets: Any, key: str) -> None:
     import torch
 
     names = [n for n, m in model.named_modules() if n]
-    leaf_linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+    leaf_linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+    )
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ModelError(
-            f"{key}: {missing} match no module of {type(model).__name__}; its linear modules are {leaf_linear}"
-        )
+        raise ModelError(f"{key}: {missing} match no module of {type(model).__name__}; its linear modules are {leaf_linear}")
 
 
 def _peft_config(job: JobConfig, model: Any, total_steps: int) -> Any:
@@ -99,19 +124,40 @@ def _peft_config(job: JobConfig, model: Any, total_steps: int) -> Any:
     if m.type in ("lora", "qlora"):
         lo = m.lora
         _check_targets(model, lo.target_modules, "method.lora.target_modules")
-        return peft.LoraConfig(task_type=task_type, r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                               target_modules=lo.target_modules, modules_to_save=lo.modules_to_save, bias=lo.bias,
-                               use_dora=lo.use_dora, use_rslora=lo.use_rslora)
+        return peft.LoraConfig(
+            task_type=task_type,
+            r=lo.r,
+            lora_alpha=lo.alpha,
+            lora_dropout=lo.dropout,
+            target_modules=lo.target_modules,
+            modules_to_save=lo.modules_to_save,
+            bias=lo.bias,
+            use_dora=lo.use_dora,
+            use_rslora=lo.use_rslora,
+        )
     if m.type == "adalora":
         a = m.adalora
         _check_targets(model, a.target_modules, "method.adalora.target_modules")
-        return peft.AdaLoraConfig(task_type=task_type, init_r=a.init_r, target_r=a.target_r, lora_alpha=a.alpha,
-                                  lora_dropout=a.dropout, tinit=a.tinit, tfinal=a.tfinal, deltaT=a.delta_t,
-                                  target_modules=a.target_modules, total_step=max(total_steps, a.tinit + a.tfinal + 1))
+        return peft.AdaLoraConfig(
+            task_type=task_type,
+            init_r=a.init_r,
+            target_r=a.target_r,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            tinit=a.tinit,
+            tfinal=a.tfinal,
+            deltaT=a.delta_t,
+            target_modules=a.target_modules,
+            total_step=max(total_steps, a.tinit + a.tfinal + 1),
+        )
     if m.type == "prefix_tuning":
         p = m.prefix_tuning
-        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens,
-                                       prefix_projection=p.prefix_projection, encoder_hidden_size=p.encoder_hidden_size)
+        return peft.PrefixTuningConfig(
+            task_type=task_type,
+            num_virtual_tokens=p.num_virtual_tokens,
+            prefix_projection=p.prefix_projection,
+            encoder_hidden_size=p.encoder_hidden_size,
+        )
     if m.type == "ia3":
         i = m.ia3
         _check_targets(model, i.target_modules, "method.ia3.target_modules")
@@ -158,8 +204,9 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def forward_loss(model: Any, batch: dict[str, "torch.Tensor"], task: str, *, reduction: str = "mean",
-                 sparse_logits: bool = True) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
+def forward_loss(
+    model: Any, batch: dict[str, torch.Tensor], task: str, *, reduction: str = "mean", sparse_logits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, n_targets, logits-for-classification) for one batch.
 
     Causal LM: cross-entropy over the label tokens only. With ``sparse_logits`` the output
@@ -186,16 +233,26 @@ def forward_loss(model: Any, batch: dict[str, "torch.Tensor"], task: str, *, red
     else:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         chosen = targets
-    token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chosen.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    token_loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), chosen.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     count = (chosen != IGNORE_INDEX).sum()
     if reduction == "sum":
         return token_loss, count, None
     return token_loss / count.clamp(min=1), count, None
 
 
-def evaluate(model: Any, rows: Sequence[dict[str, Any]], job: JobConfig, pad_id: int, *, batch_size: int = 8,
-             rank: int = 0, world_size: int = 1, all_reduce: Callable[["torch.Tensor"], "torch.Tensor"] | None = None) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    job: JobConfig,
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Metrics over ``rows`` (each rank takes rows rank::world_size; sums are all-reduced).
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
@@ -238,7 +295,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], job: JobConfig, pad_id:
     return metrics
 
 
-def model_device(model: Any) -> "torch.device":
+def model_device(model: Any) -> torch.device:
     """Where the model's (first real) parameters live: batches are moved there."""
     import torch
 
@@ -248,7 +305,7 @@ def model_device(model: Any) -> "torch.device":
     return torch.device("cpu")
 
 
-def _classification_metrics(confusion: "torch.Tensor") -> dict[str, float]:
+def _classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     """Accuracy, and precision/recall/F1 of class 1 (binary) or macro-averaged (more classes)."""
     total = float(confusion.sum())
     tp = confusion.diag()
@@ -256,36 +313,55 @@ def _classification_metrics(confusion: "torch.Tensor") -> dict[str, float]:
     recall = tp / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     pick = (lambda v: float(v[1])) if confusion.shape[0] == 2 else (lambda v: float(v.mean()))
-    return {"eval_accuracy": float(tp.sum()) / max(total, 1.0), "eval_precision": pick(precision),
-            "eval_recall": pick(recall), "eval_f1": pick(f1)}
+    return {
+        "eval_accuracy": float(tp.sum()) / max(total, 1.0),
+        "eval_precision": pick(precision),
+        "eval_recall": pick(recall),
+        "eval_f1": pick(f1),
+    }
 
 
 # --------------------------------------------------------------------------- exports and generation
 
 
-def load_export(path: str) -> tuple[Any, Any, JobConfig, dict[str, Any]]:
-    """(model, tokenizer, job, info) from a hone export directory, with plain transformers/peft."""
-    import json
-    from pathlib import Path
+def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = True, num_labels: int | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for any resolved model reference: the one loader every stage uses
+    (``hone eval``, quantisation and its gate, serving, the merged export).
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    An adapter export is loaded onto its base (``merge_adapter``: merged into it); a quantised artifact exactly
+    as its recipe made it; a plain model in fp32 (bf16 on a GPU). ``device``: ``cpu``, ``cuda`` or ``auto``.
+    """
+    import torch
+    from transformers import AutoTokenizer
 
-    folder = Path(path)
-    info_path = folder / "hone.json"
-    if not info_path.exists():
-        raise ModelError(f"{folder} is not a hone export (no hone.json)")
-    info = json.loads(info_path.read_text())
-    job = JobConfig.model_validate(info["job"], context={"check_paths": False})
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if info["kind"] == "adapter":
-        import peft
+    if spec.kind == "quantized":
+        from hone.quantize.methods import load_quantized
 
-        model = peft.PeftModel.from_pretrained(load_base_model(job), str(folder))
-    elif job.task.type == "sequence_classification":
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch_dtype(job))
+        model, tokenizer, _ = load_quantized(spec.path, device=None if device == "auto" else device)
+        return model, tokenizer
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.kind == "export":
+        job = spec.job
+        assert job is not None, f"{spec.path}: an export carries its job"
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        if spec.adapter:
+            import peft
+
+            model = peft.PeftModel.from_pretrained(load_base_model(job), spec.path)
+            if merge_adapter:
+                model = model.merge_and_unload()
+        else:
+            model = model_class(job.task.type).from_pretrained(spec.path, dtype=torch_dtype(job))
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(job))
-    return model.eval(), tokenizer, job, info
+        folder = assets.resolve_model(spec.path)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        labels = num_labels or (len(spec.labels) if spec.labels else None)
+        kwargs = {"num_labels": labels} if spec.task == "sequence_classification" and labels else {}
+        model = model_class(spec.task).from_pretrained(folder, dtype=torch.bfloat16 if device == "cuda" else torch.float32, **kwargs)
+    if device == "cuda":
+        model = model.to("cuda")
+    return model.eval(), tokenizer
 
 
 def _normalise(text: str) -> str:
@@ -311,8 +387,9 @@ def answer_matches(generated: Sequence[str], expected: Sequence[str]) -> list[bo
     return out
 
 
-def generation_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], job: JobConfig, *,
-                        max_new_tokens: int = 12, batch_size: int = 16) -> tuple[float, list[dict[str, Any]]]:
+def generation_accuracy(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], job: JobConfig, *, max_new_tokens: int = 12, batch_size: int = 16
+) -> tuple[float, list[dict[str, Any]]]:
     """Accuracy of greedy answers to held-out prompts (scored by :func:`answer_matches`)."""
     import torch
 

@@ -16,13 +16,17 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hone import assets
+from hone.artifacts import EXPORT_DIR
 from hone.config import JobConfig
+from hone.runtime import quiet_libraries
 
-__all__ = ["RegistryError", "log_run", "promote", "register_winner", "resolve_model_ref", "show_model", "list_models", "tracking_uri"]
+__all__ = ["WINNER", "RegistryError", "dataset_fingerprint", "list_models", "log_run", "promote", "register_winner", "resolve_model_ref",
+           "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
 
@@ -47,13 +51,11 @@ def _artifact_root() -> str:
 def _client() -> Iterator[Any]:
     """An MlflowClient; local SQLite access is serialised across processes by a file lock."""
     import fcntl
-    import logging
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    quiet_libraries()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:"):
@@ -106,8 +108,9 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def log_run(job: JobConfig, run_dir: Path, history: list[dict[str, Any]], final: dict[str, Any], *,
             experiment: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
     """Log a finished run (params, metrics over steps, lineage tags, export location); returns the MLflow run id."""
-    from hone import __version__
     from mlflow.entities import Metric, Param, RunTag
+
+    from hone import __version__
 
     params: dict[str, str] = {}
     _flatten("", job.model_dump(mode="json", exclude={"tune"}), params)
@@ -121,7 +124,7 @@ def log_run(job: JobConfig, run_dir: Path, history: list[dict[str, Any]], final:
         "hone.git_commit": _git_commit(),
         "hone.version": __version__,
         "hone.run_dir": str(run_dir),
-        "hone.export_dir": str(run_dir / "export"),
+        "hone.export_dir": str(run_dir / EXPORT_DIR),
         "mlflow.runName": run_dir.name,
         **(extra_tags or {}),
     }
@@ -203,8 +206,13 @@ def list_models() -> list[dict[str, Any]]:
     with _client() as client:
         out = []
         for rm in client.search_registered_models():
-            out.append({"name": rm.name, "aliases": dict(rm.aliases) if isinstance(rm.aliases, dict) else {a.alias: a.version for a in rm.aliases},
-                        "latest": max((int(v.version) for v in client.search_model_versions(f"name='{rm.name}'")), default=0)})
+            out.append(
+                {
+                    "name": rm.name,
+                    "aliases": dict(rm.aliases) if isinstance(rm.aliases, dict) else {a.alias: a.version for a in rm.aliases},
+                    "latest": max((int(v.version) for v in client.search_model_versions(f"name='{rm.name}'")), default=0),
+                }
+            )
         return out
 
 
@@ -218,9 +226,16 @@ def show_model(name: str) -> list[dict[str, Any]]:
         for found in sorted(versions, key=lambda v: int(v.version)):
             v = client.get_model_version(name, found.version)  # search results carry no aliases
             run = client.get_run(v.run_id) if v.run_id else None
-            out.append({
-                "version": int(v.version), "aliases": list(v.aliases), "source": v.source, "tags": dict(v.tags),
-                "metrics": dict(run.data.metrics) if run else {},
-                "lineage": {k: val for k, val in (run.data.tags.items() if run else []) if k.startswith("hone.") and k != "hone.final_metrics"},
-            })
+            out.append(
+                {
+                    "version": int(v.version),
+                    "aliases": list(v.aliases),
+                    "source": v.source,
+                    "tags": dict(v.tags),
+                    "metrics": dict(run.data.metrics) if run else {},
+                    "lineage": {
+                        k: val for k, val in (run.data.tags.items() if run else []) if k.startswith("hone.") and k != "hone.final_metrics"
+                    },
+                }
+            )
         return out

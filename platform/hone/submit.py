@@ -15,15 +15,17 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-from hone.config import apply_overrides, validate_job
+from hone.config import ServeConfig, apply_overrides, load_serve_config, validate_job
+from hone.config.base import apply_overrides_to
 
-__all__ = ["SubmitError", "Submission", "submit", "job_client", "resolve_address"]
+__all__ = ["SubmitError", "Submission", "follow_logs", "job_client", "local_paths", "resolve_address", "submit"]
 
 # Ray's Jobs API refuses working directories above 500 MiB; leave room for the job file.
 _UPLOAD_LIMIT = 100 * 2**20
@@ -74,7 +76,7 @@ def _is_local_path(value: str) -> bool:
         value.startswith(("/", "./", "../", "~")) or Path(value).exists() or any(ch in value for ch in "*?") and "/" in value)
 
 
-def _local_paths(raw: dict[str, Any], kind: str) -> list[tuple[str, str]]:
+def local_paths(raw: dict[str, Any], kind: str) -> list[tuple[str, str]]:
     """(dotted key, value) of every field that names a local file or directory."""
     found = []
     if kind == "serve":
@@ -135,21 +137,15 @@ def submit(path: str, overrides: Sequence[str] = (), *, address: str | None = No
     text = Path(path).read_text()
     raw = yaml.safe_load(text) or {}
     if kind == "serve":
-        from hone.serving.config import load_serve_config
-
         load_serve_config(path, overrides)  # raises ServeConfigError before anything is sent
-        from hone.config import _set_path
-
-        for item in overrides:
-            key, _, value = item.partition("=")
-            _set_path(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        raw, _ = apply_overrides_to(raw, overrides, ServeConfig)
     else:
         raw = apply_overrides(raw, overrides)
         job = validate_job(raw, source=path)  # raises JobConfigError before anything is sent
         if command == "tune" and job.tune is None:
             raise SubmitError(f"{path} has no tune: section to sweep")
     shared = list(shared_paths) + [p for p in os.environ.get("HONE_SHARED_PATHS", "").split(":") if p]
-    local = [(k, v) for k, v in _local_paths(raw, kind) if not _shared(v, shared)]
+    local = [(k, v) for k, v in local_paths(raw, kind) if not _shared(v, shared)]
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="hone-submit-") as tmp:
         workdir = Path(tmp)

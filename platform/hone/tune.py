@@ -16,9 +16,9 @@ experiment state, for ``--resume``), ``runs/<trial_id>/`` (each trial's run and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
-import contextlib
 import json
 import os
 import random
@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hone.config import JobConfig, SearchDomain, _set_path, load_job, validate_job
-from hone.train import TrainError, default_storage, ray_session
+from hone.artifacts import JOB_FILE, append_metrics, read_metrics, resolve_run_dir, run_storage
+from hone.config import JobConfig, SearchDomain, load_job, validate_job
+from hone.config.base import set_path
+from hone.runtime import ray_session
+from hone.training import TrainError, train
 
-__all__ = ["SweepResult", "sweep"]
+__all__ = ["DATA_TASK_CPU", "SWEEP_EXTRA_CPUS", "TRIAL_DRIVER_CPU", "SweepResult", "format_table", "sweep"]
 
 
 @dataclass
@@ -86,17 +89,15 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
     from ray import tune
     from ray.util.queue import Queue
 
-    from hone.train import train
-
     raw = copy.deepcopy(base)
     for path, value in config.items():
-        _set_path(raw, path, value)
+        set_path(raw, path, value, JobConfig)
     job = validate_job(raw, check_paths=False)
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / "runs" / trial_id
     start = tune.get_checkpoint() if pbt else None
     init = _continue_from(run_dir, start, config) if start is not None else None
-    resume = str(run_dir) if init is None and (run_dir / "job.yaml").exists() else None
+    resume = str(run_dir) if init is None and (run_dir / JOB_FILE).exists() else None
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
 
@@ -141,9 +142,7 @@ def _continue_from(run_dir: Path, checkpoint: Any, config: dict[str, Any]) -> st
             run_dir.rename(previous)
             for stale in [*previous.glob("checkpoint_*"), previous / "pbt_init"]:  # Tune holds the checkpoints PBT uses
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-            if (previous / "metrics.jsonl").exists():
-                history = [line for line in (previous / "metrics.jsonl").read_text().splitlines()
-                           if line.strip() and json.loads(line)["step"] <= step]
+            history = [m for m in read_metrics(previous) if m["step"] <= step]
             if (previous / "pbt.json").exists():
                 events = json.loads((previous / "pbt.json").read_text())
         run_dir.mkdir(parents=True)
@@ -152,7 +151,8 @@ def _continue_from(run_dir: Path, checkpoint: Any, config: dict[str, Any]) -> st
     donor = re.search(r"_([0-9a-f]{5}_\d{5})", str(Path(checkpoint.path).parent.name))
     events.append({"step": step, "from": donor.group(1) if donor else None, "params": dict(config)})
     (run_dir / "pbt.json").write_text(json.dumps(events, indent=2, default=str))
-    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in history))
+    for record in history:
+        append_metrics(run_dir, record)
     return str(init)
 
 
@@ -207,10 +207,13 @@ def _searcher(job: JobConfig, metric: str, mode: str, concurrency: int) -> Any:
     return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=job.training.seed), max_concurrent=concurrency)
 
 
-_TRIAL_DRIVER_CPU = 0.01
-# A trial's driver builds its Ray datasets with 1-CPU metadata tasks that run outside the trial's
-# placement group: if running trials reserved every CPU, a new trial would wait on them forever.
-_DATA_TASK_CPU = 1.0
+TRIAL_DRIVER_CPU = 0.01
+"""The trial function only waits on its Train run: a token CPU share, so it never starves its workers."""
+DATA_TASK_CPU = 1.0
+"""A trial's driver builds its Ray datasets with 1-CPU metadata tasks that run outside the trial's
+placement group: if running trials reserved every CPU, a new trial would wait on them forever."""
+SWEEP_EXTRA_CPUS = TRIAL_DRIVER_CPU + DATA_TASK_CPU
+"""Logical CPUs a local sweep session needs beyond the workers of one trial."""
 
 
 def _concurrency(job: JobConfig) -> int:
@@ -218,19 +221,19 @@ def _concurrency(job: JobConfig) -> int:
 
     per_trial = _trial_cpus(job)
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < per_trial + _DATA_TASK_CPU:
+    if cpus < per_trial + DATA_TASK_CPU:
         raise TrainError(f"the cluster has {cpus:g} CPUs but one trial needs {per_trial:g} "
                          f"({job.distributed.num_workers} workers × {job.distributed.resources_per_worker.get('CPU', 1.0):g} CPU "
-                         f"+ {_TRIAL_DRIVER_CPU} for the trial driver) and {_DATA_TASK_CPU:g} more must stay free for "
+                         f"+ {TRIAL_DRIVER_CPU} for the trial driver) and {DATA_TASK_CPU:g} more must stay free for "
                          "the trial's Ray Data tasks; add CPUs or lower distributed.resources_per_worker")
-    fits = max(1, int((cpus - _DATA_TASK_CPU) // per_trial))
+    fits = max(1, int((cpus - DATA_TASK_CPU) // per_trial))
     if job.tune.max_concurrent_trials:
         return min(job.tune.max_concurrent_trials, fits)
     return fits
 
 
 def _trial_cpus(job: JobConfig) -> float:
-    return job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + _TRIAL_DRIVER_CPU
+    return job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + TRIAL_DRIVER_CPU
 
 
 def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dict[str, Any]]:
@@ -241,15 +244,8 @@ def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dic
         match = re.search(r"_([0-9a-f]{5}_\d{5})", Path(r.path).name) if r.path else None
         trial_id = (r.metrics or {}).get("trial_id") or (match.group(1) if match else Path(r.path or "?").name)
         run_dir = sweep_dir / "runs" / str(trial_id)
-        # The run's own metrics.jsonl is the record (Tune's may miss results of an interrupted sweep);
-        # a step logged twice (a resumed run) keeps its last value.
-        by_step: dict[int, dict[str, Any]] = {}
-        if (run_dir / "metrics.jsonl").exists():
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-                if line.strip():
-                    m = json.loads(line)
-                    by_step[int(m["step"])] = m
-        history = [by_step[k] for k in sorted(by_step)]
+        # The run's own metrics.jsonl is the record (Tune's may miss results of an interrupted sweep).
+        history = read_metrics(run_dir)
         values = [h[metric] for h in history if h.get(metric) is not None]
         last_step = max((h.get("step", 0) for h in history), default=0)
         export = run_dir / "export"
@@ -282,7 +278,8 @@ def _write_outputs(rows: list[dict[str, Any]], job: JobConfig, sweep_dir: Path) 
         w = csv.writer(fh)
         w.writerow(["trial", *paths, metric, f"best_{metric}", "steps", "status", "export"])
         for row in rows:
-            w.writerow([row["trial"], *[row["params"].get(p) for p in paths], row[metric], row[f"best_{metric}"], row["steps"], row["status"], row["export"]])
+            w.writerow([row["trial"], *[row["params"].get(p) for p in paths], row[metric], row[f"best_{metric}"], row["steps"],
+                        row["status"], row["export"]])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,47 +335,47 @@ def format_table(rows: list[dict[str, Any]], job: JobConfig, winner: dict[str, A
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: str | None = None,
-          storage_path: str | None = None, register: bool = True) -> SweepResult:
+def sweep(
+    job: JobConfig | None = None,
+    *,
+    resume: str | None = None,
+    address: str | None = None,
+    storage_path: str | None = None,
+    register: bool = True,
+) -> SweepResult:
     """Run (or resume) a sweep; returns the trials, the winner and its registry entry."""
     from ray import tune
 
     from hone import registry
 
     if resume:
-        sweep_dir = Path(resume).expanduser()
-        if not (sweep_dir / "job.yaml").exists():
-            sweep_dir = Path(storage_path or default_storage()).expanduser() / resume
-        if not (sweep_dir / "job.yaml").exists():
-            raise TrainError(f"no hone sweep at {resume!r}")
-        sweep_dir = sweep_dir.resolve()
-        job = load_job(sweep_dir / "job.yaml", check_paths=False)
+        sweep_dir = resolve_run_dir(resume, storage_path, what="sweep")
+        job = load_job(sweep_dir / JOB_FILE, check_paths=False)
     elif job is None:
         raise TrainError("give a job or a sweep to resume")
     else:
         if job.tune is None or not job.tune.search_space:
             raise TrainError(f"job {job.name!r} has no tune.search_space to search")
-        storage = Path(storage_path or job.training.storage_path or default_storage()).expanduser().resolve()
-        sweep_dir = storage / f"{job.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = run_storage(storage_path, job) / f"{job.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_dir.mkdir(parents=True)
-        (sweep_dir / "job.yaml").write_text(job.to_yaml())
+        (sweep_dir / JOB_FILE).write_text(job.to_yaml())
     assert job.tune is not None
     metric, mode = job.tune.metric, job.tune.mode
     base = job.to_dict()
     base["tune"] = None
     base["training"]["storage_path"] = str(sweep_dir / "runs")
     name = sweep_dir.name
-    # The trial function only waits on its Train run: a token CPU share, so it never starves its workers.
     pbt = job.tune.scheduler == "pbt"
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name, pbt=pbt),
-                                    {"CPU": _TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir), sweep_name=name, pbt=pbt), {"CPU": TRIAL_DRIVER_CPU}
+    )
     if pbt:
         random.seed(job.training.seed)  # PBT's exploit/explore draws use the random module
 
     # Trials report every training.log_every steps and evaluate every eval_every: reports without the metric
     # are normal (ASHA decides on those that carry it), so Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    with ray_session(job, address, extra_cpus=_TRIAL_DRIVER_CPU + _DATA_TASK_CPU):
+    with ray_session(job, address, extra_cpus=SWEEP_EXTRA_CPUS):
         started = time.time()
         if resume and tune.Tuner.can_restore(str(sweep_dir / "tune" / "sweep")):
             print(f"[hone] resuming sweep {name}: finished trials are kept, unfinished ones continue", flush=True)
@@ -387,12 +384,20 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
             tuner = tune.Tuner(
                 trainable,
                 param_space={path: _domain(d) for path, d in job.tune.search_space.items()},
-                tune_config=tune.TuneConfig(num_samples=job.tune.num_samples, scheduler=_scheduler(job, metric, mode),
-                                            search_alg=_searcher(job, metric, mode, _concurrency(job)), reuse_actors=False),
-                run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0),
-                                          # PBT clones from the latest checkpoint; Tune keeps three per trial.
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=3) if pbt else None),
+                tune_config=tune.TuneConfig(
+                    num_samples=job.tune.num_samples,
+                    scheduler=_scheduler(job, metric, mode),
+                    search_alg=_searcher(job, metric, mode, _concurrency(job)),
+                    reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name="sweep",
+                    storage_path=str(sweep_dir / "tune"),
+                    verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    # PBT clones from the latest checkpoint; Tune keeps three per trial.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=3) if pbt else None,
+                ),
             )
         result_grid = tuner.fit()
         wall = time.time() - started
@@ -409,8 +414,15 @@ def sweep(job: JobConfig | None = None, *, resume: str | None = None, address: s
         version = registry.register_winner(model_name, winner["mlflow_run_id"], Path(winner["export"]), metric, winner[metric], sweep=name)
         registered = {"name": model_name, "version": version, "ref": f"models:/{model_name}@{registry.WINNER}"}
     trial_time = sum(r["run_seconds"] for r in rows)
-    summary = {"sweep": name, "metric": metric, "mode": mode, "wall_s": wall, "trials_run_s": trial_time,
-               "winner": winner and {k: winner[k] for k in ("trial", "params", metric, "export")}, "registered": registered}
+    summary = {
+        "sweep": name,
+        "metric": metric,
+        "mode": mode,
+        "wall_s": wall,
+        "trials_run_s": trial_time,
+        "winner": winner and {k: winner[k] for k in ("trial", "params", metric, "export")},
+        "registered": registered,
+    }
     (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     return SweepResult(sweep_dir, rows, winner, registered)
 
@@ -422,9 +434,15 @@ def _track_trial(run_dir: Path, sweep_name: str, trial: str) -> str:
     marker = run_dir / "mlflow_run_id"
     if marker.exists():
         return marker.read_text().strip()
-    job = load_job(run_dir / "job.yaml", check_paths=False)
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    run_id = registry.log_run(job, run_dir, history, history[-1] if history else {}, experiment=f"hone/{sweep_name}",
-                              extra_tags={"hone.sweep": sweep_name, "hone.trial": trial})
+    job = load_job(run_dir / JOB_FILE, check_paths=False)
+    history = read_metrics(run_dir)
+    run_id = registry.log_run(
+        job,
+        run_dir,
+        history,
+        history[-1] if history else {},
+        experiment=f"hone/{sweep_name}",
+        extra_tags={"hone.sweep": sweep_name, "hone.trial": trial},
+    )
     marker.write_text(run_id)
     return run_id

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hone.config import validate_job
-from hone.train import train
+from hone.training import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -1,5 +1,19 @@
-"""Serving: a quantised (or full-precision) model on Ray Serve behind an OpenAI-compatible API."""
+"""Serving: a quantised (or full-precision) model on Ray Serve behind an OpenAI-compatible API.
 
-from hone.serving.config import ServeConfig, ServeConfigError, load_serve_config, validate_serve_config
+- :mod:`hone.serving.spec`: what a serve config serves (model reference, gate rule, API keys), resolved once
+- :mod:`hone.serving.protocol`: OpenAI request models, the error shape, the checks every route shares
+- :mod:`hone.serving.engine`: the transformers engine (batched decoding, adapters, classification)
+- :mod:`hone.serving.replica`: the model deployment (engine + continuous-batching scheduler)
+- :mod:`hone.serving.app`: the ingress deployment and the application builder
+- :mod:`hone.serving.runner`: ``hone serve`` (the Ray session, HAProxy, clean stop)
+- :mod:`hone.serving.vllm`: ``engine: vllm`` (GPU)
 
-__all__ = ["ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
+The serve YAML's schema is :mod:`hone.config.serve`.
+"""
+
+from hone.config.serve import ServeConfig, ServeConfigError, load_serve_config, validate_serve_config
+from hone.serving.runner import serve, serve_config_document
+from hone.serving.spec import ServeError
+
+__all__ = ["ServeConfig", "ServeConfigError", "ServeError", "load_serve_config", "serve", "serve_config_document",
+           "validate_serve_config"]

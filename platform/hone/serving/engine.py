@@ -13,22 +13,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["Engine", "GenRequest", "RequestError", "load_spec_model"]
+from hone.serving.protocol import RequestError, require_task
 
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as asked (HTTP status + OpenAI error type/code)."""
-
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.code, self.param = status, code, param
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+__all__ = ["Engine", "GenRequest"]
 
 
 @dataclass
@@ -43,46 +34,20 @@ class GenRequest:
     cancelled: bool = False
 
 
-def load_spec_model(spec: dict[str, Any], device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for a resolved serving spec (see ``hone.serving.app.resolve``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    kind, path, task = spec["kind"], spec["path"], spec["task"]
-    if kind == "quantized":
-        from hone.quantize import load_quantized
-
-        model, tokenizer, _ = load_quantized(path, device=None if device == "auto" else device)
-        return model, tokenizer
-    if kind == "export":
-        from hone.modeling import load_export
-
-        model, tokenizer, _, info = load_export(path)
-        if info.get("kind") == "adapter":
-            model = model.merge_and_unload()
-    else:
-        from hone import assets
-
-        folder = assets.resolve_model(path)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
-        kwargs = {"num_labels": len(spec["labels"])} if task == "sequence_classification" and spec.get("labels") else {}
-        model = cls.from_pretrained(folder, dtype=torch.bfloat16 if device == "cuda" else torch.float32, **kwargs)
-    if device == "cuda":
-        model = model.to("cuda")
-    return model.eval(), tokenizer
-
-
 class Engine:
     """One replica's model: generation for causal LMs, scores for classifiers."""
 
     def __init__(self, spec: dict[str, Any]):
+        """``spec``: a resolved serving spec (``hone.serving.spec.resolve``): ``model`` (a ModelSpec), ``task``,
+        ``labels``, ``device``, ``adapters``, ``max_loaded_adapters``."""
         import torch
+
+        from hone.modeling import load_model
 
         self.spec = spec
         device = spec.get("device", "auto")
         self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.model, self.tokenizer = load_spec_model(spec, self.device)
+        self.model, self.tokenizer = load_model(spec["model"], self.device)
         self.task = spec["task"]
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -326,8 +291,7 @@ class Engine:
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         import torch
 
-        if self.task != "sequence_classification":
-            raise RequestError("this model is a causal LM: use /v1/completions or /v1/chat/completions", code="wrong_task")
+        require_task(self.task, "sequence_classification")
         with self._lock, torch.inference_mode():
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                  max_length=min(self.context_length, 512)).to(self.device)

@@ -9,14 +9,16 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
-from hone.serving.config import ServeConfig
+from hone.config import ServeConfig
+from hone.runtime import dashboard_url, free_port, is_remote, ray_session, stop_event
 
-__all__ = ["serve", "serve_config_document", "serving_session"]
+__all__ = ["cpus_needed", "reap_haproxy", "serve", "serve_config_document", "session_env", "serving_session"]
 
 
 def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
@@ -35,29 +37,27 @@ def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def serving_session(cfg: ServeConfig, job: Any, address: str | None, extra_cpus: float) -> Iterator[None]:
-    """The Ray session a serve config runs in (``hone.train.ray_session`` with :func:`_session_env`).
+    """The Ray session a serve config runs in (``hone.runtime.ray_session`` with :func:`session_env`).
 
     With ``proxy: haproxy`` on a local Ray, the HAProxy process Ray Serve started is stopped on the way
     out even when Ray itself went down first (a signal to the whole process group), so it never keeps
     holding the service's port.
     """
-    from hone.train import ray_session
-
-    local = not (address or os.environ.get("RAY_ADDRESS"))
+    local = not is_remote(address)
     if cfg.proxy == "haproxy" and not local:
         print("[hone] proxy: haproxy applies to the Ray that hone serve starts; on a cluster, start Ray with "
               "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in its environment", flush=True)
-    env = _session_env(cfg)
+    env = session_env(cfg)
     try:
         with ray_session(job, address, extra_cpus=extra_cpus, env=env, metrics_export_port=cfg.metrics_export_port):
             yield
     finally:
         if "RAY_SERVE_HAPROXY_STATS_PORT" in env and local:
-            _reap_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+            reap_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
 
 
-def _reap_haproxy(stats_port: str, wait_s: float = 10.0) -> None:
-    """Stop the HAProxy processes whose config binds ``stats_port`` (this session's, see _session_env) and wait for them."""
+def reap_haproxy(stats_port: str, wait_s: float = 10.0) -> None:
+    """Stop the HAProxy processes whose config binds ``stats_port`` (this session's, see session_env) and wait for them."""
     proc = Path("/proc")
     if not proc.is_dir():
         return
@@ -94,29 +94,24 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _session_env(cfg: ServeConfig) -> dict[str, str]:
+def session_env(cfg: ServeConfig) -> dict[str, str]:
     """Environment of the local Ray a serve config runs on: torch threads per replica, and the HTTP front.
 
     ``proxy: haproxy`` turns on Ray Serve's HAProxy ingress and its throughput-optimised settings (direct
     ingress to replicas, gRPC between deployments, user code on the replica's event loop). HAProxy's own
     metrics and stats listeners get free ports, so two servers on one machine do not collide.
     """
-    from hone.train import _free_port
-
     env = {"OMP_NUM_THREADS": str(max(1, int(cfg.ray_actor_options.get("num_cpus", 1))))}
     if cfg.proxy == "haproxy":
         # Ray drains a direct-ingress replica for 30 s so remote load balancers notice; this HAProxy is local.
-        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())}
+        env |= {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        }
     return env
-
-
-def _stop_event() -> threading.Event:
-    """An event that SIGINT/SIGTERM set, so a serving loop ends with a clean Serve and Ray shutdown."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
 
 
 def _shutdown_serve(timeout_s: float) -> None:
@@ -131,7 +126,7 @@ def _shutdown_serve(timeout_s: float) -> None:
         print(f"[hone] Serve did not shut down within {timeout_s:.0f}s: stopping Ray", flush=True)
 
 
-def _cpus_needed(cfg: ServeConfig) -> float:
+def cpus_needed(cfg: ServeConfig) -> float:
     """Logical CPUs the application reserves at its largest: every model replica plus the ingress."""
     replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
     return float(cfg.ray_actor_options.get("num_cpus", 1)) * replicas + 0.1
@@ -151,15 +146,9 @@ def _wait_ready(name: str, timeout: float) -> None:
     raise RuntimeError(f"application {name} not running after {timeout:.0f}s")
 
 
-def _dashboard_url(ray: Any) -> str | None:
-    try:
-        return ray._private.worker.global_worker.node.webui_url or None  # noqa: SLF001 - no public accessor
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, ready_file: str | None = None,
-          access_log: bool = True) -> None:
+def serve(
+    cfg: ServeConfig, *, address: str | None = None, block: bool = True, ready_file: str | None = None, access_log: bool = True
+) -> None:
     """Deploy ``cfg`` (local embedded Ray unless ``address``/``RAY_ADDRESS``) and serve until SIGINT/SIGTERM.
 
     ``block=False`` returns once the application runs (inside a Ray session the caller holds);
@@ -167,30 +156,36 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
     """
     from ray import serve as ray_serve
 
-    from hone.serving.app import api_key_hashes, build_app, resolve
+    from hone.serving.app import build_app
+    from hone.serving.spec import api_key_hashes, resolve
 
     spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate
     keys = api_key_hashes(cfg)
-    need = _cpus_needed(cfg)
+    need = cpus_needed(cfg)
     with serving_session(cfg, None, address, need):
         # After ray.init: it installs a SIGTERM handler of its own that ends the process on the spot.
-        stop = _stop_event() if block else None  # non-blocking callers keep their own Ctrl-C handling
+        stop = stop_event() if block else None  # non-blocking callers keep their own Ctrl-C handling
         import ray
 
         logging_config = None if access_log else {"log_level": "WARNING", "enable_access_log": False}
         ray_serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
-        app = build_app({"config": cfg.to_dict()})
+        app = build_app({"config": cfg.to_dict(), "spec": spec})
         ray_serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False, logging_config=logging_config)
         _wait_ready(cfg.name, 600)
         base = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         what = f"{spec['source']} ({spec['kind']}, {spec['task']}, quantisation {spec['quantization']})"
         print(f"[hone] serving {spec['served_name']} = {what}", flush=True)
-        print(f"[hone] endpoint   {base}/v1  (OpenAI API: /v1/models, /v1/completions, /v1/chat/completions"
-              f"{', /v1/classify' if spec['task'] == 'sequence_classification' else ''})", flush=True)
-        if not address and not os.environ.get("RAY_ADDRESS"):
-            print(f"[hone] metrics    http://127.0.0.1:{cfg.metrics_export_port}/metrics (Prometheus; hone_* series appear as ray_hone_*)",
-                  flush=True)
-        dashboard = _dashboard_url(ray)
+        print(
+            f"[hone] endpoint   {base}/v1  (OpenAI API: /v1/models, /v1/completions, /v1/chat/completions"
+            f"{', /v1/classify' if spec['task'] == 'sequence_classification' else ''})",
+            flush=True,
+        )
+        if not is_remote(address):
+            print(
+                f"[hone] metrics    http://127.0.0.1:{cfg.metrics_export_port}/metrics (Prometheus; hone_* series appear as ray_hone_*)",
+                flush=True,
+            )
+        dashboard = dashboard_url()
         if dashboard:
             print(f"[hone] dashboard  http://{dashboard}", flush=True)
         if keys:
@@ -198,8 +193,9 @@ def serve(cfg: ServeConfig, *, address: str | None = None, block: bool = True, r
         else:
             print("[hone] WARNING: no API keys configured (HONE_API_KEYS or api_keys_file): authentication is OFF", flush=True)
         if ready_file:
-            Path(ready_file).write_text(yaml.safe_dump({"url": base, "served_name": spec["served_name"],
-                                                        "ray_address": ray.get_runtime_context().gcs_address}))
+            Path(ready_file).write_text(
+                yaml.safe_dump({"url": base, "served_name": spec["served_name"], "ray_address": ray.get_runtime_context().gcs_address})
+            )
         if stop is None:
             return
         print("[hone] serving until Ctrl-C", flush=True)

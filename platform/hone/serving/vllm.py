@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hone.serving.config import ServeConfig
+from hone.config import ServeConfig
 
 __all__ = ["build_vllm_app"]
 

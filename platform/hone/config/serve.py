@@ -8,35 +8,37 @@ Ray's own models, so a serve YAML reads like a Ray Serve deployment config.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from hone.config import JobConfigError, Problem, _problems_from_validation, _Section, _set_path, parse_overrides
+from hone.config.base import ConfigError, Problem, Section, problems_from_validation, read_mapping
+from hone.config.quantization import QuantMethod
 
 __all__ = ["ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
 
-QUANTIZATION = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "bnb-8bit", "bnb-4bit"]
 
-
-class ServeConfigError(JobConfigError):
+class ServeConfigError(ConfigError):
     """A serve config failed validation; ``problems`` lists every problem with its path."""
 
     what = "the serve config"
 
 
-class ServeConfig(_Section):
+class ServeConfig(Section):
     """A model served on Ray Serve behind an OpenAI-compatible HTTP API."""
 
     name: str = "hone"
     """Ray Serve application name."""
+    kind: Literal["serve"] = Field(default="serve", exclude=True)
+    """What this YAML is (``hone validate`` also tells a serve config by its ``model`` string)."""
     model: str
-    """What to serve: ``models:/NAME@ALIAS`` (registry), a hone export or run, a quantised artifact, ``builtin:NAME``, a local path or a hub id."""
+    """What to serve: ``models:/NAME@ALIAS`` (registry), a hone export or run, a quantised artifact, ``builtin:NAME``, a local
+    path or a hub id."""
     served_model_name: str | None = None
     """The ``model`` name clients send and ``/v1/models`` lists (default: the registered name or the model's folder name)."""
-    quantization: QUANTIZATION = "none"
+    quantization: Literal["none"] | QuantMethod = "none"
     """Serve the artifact ``hone quantize MODEL --method M`` wrote for this model (its quality gate must have passed)."""
     allow_failed_gate: bool = False
     """Serve a quantised artifact even though its quality gate failed."""
@@ -115,8 +117,10 @@ class ServeConfig(_Section):
         if self.engine == "vllm" and self.quantization in ("int8-dynamic", "int8-weight-only"):
             raise ValueError(f"engine vllm quantises with its own kernels: set quantization none (not {self.quantization})")
         if self.adapters and self.quantization != "none":
-            raise ValueError("LoRA adapters are served on the full-precision base: set quantization none, "
-                             "or merge the adapter and quantise the merged export")
+            raise ValueError(
+                "LoRA adapters are served on the full-precision base: set quantization none, "
+                "or merge the adapter and quantise the merged export"
+            )
         return self
 
     def served_name(self) -> str:
@@ -128,8 +132,17 @@ class ServeConfig(_Section):
             return self.model.removeprefix("builtin:")
         return Path(self.model.rstrip("/")).name or self.model
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    def summary(self) -> str:
+        """One line: what this config serves, and how."""
+        replicas = (
+            f"autoscaling {self.autoscaling_config.get('min_replicas', 1)}-{self.autoscaling_config.get('max_replicas', 1)} replicas"
+            if self.autoscaling_config
+            else f"{self.num_replicas or 1} replica(s)"
+        )
+        return (
+            f"serve config {self.name!r}: {self.served_name()} = {self.model} (quantization {self.quantization}, engine {self.engine}), "
+            f"{replicas}, http://{self.host}:{self.port}{self.route_prefix}"
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -144,19 +157,10 @@ def validate_serve_config(raw: Mapping[str, Any], *, source: str | None = None) 
     try:
         return ServeConfig.model_validate(dict(raw))
     except ValidationError as e:
-        raise ServeConfigError(_problems_from_validation(e, raw, ServeConfig), source) from None
+        raise ServeConfigError(problems_from_validation(e, ServeConfig), source) from None
 
 
 def load_serve_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ServeConfig:
     """Read a serve YAML, apply ``key=value`` overrides, validate."""
-    text = Path(path).read_text()
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ServeConfigError([Problem("", f"not valid YAML: {e}")], str(path)) from None
-    pairs, problems = parse_overrides(overrides, ServeConfig)
-    for key, value in pairs:
-        _set_path(raw, key, value)
-    if problems:
-        raise ServeConfigError(problems, str(path))
+    raw = read_mapping(path, ServeConfigError, "serve config", ServeConfig, overrides, name_from_stem=False)
     return validate_serve_config(raw, source=str(path))

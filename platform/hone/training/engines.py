@@ -90,7 +90,7 @@ def _retarget(scheduler: Any, lr: float, weight_decay: float) -> None:
         group["initial_lr"] = lr
         group["weight_decay"] = weight_decay
         group["lr"] = lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in groups]
+    scheduler._last_lr = [group["lr"] for group in groups]  # noqa: SLF001 - what get_last_lr() reports
 
 
 class _DeepSpeed:
@@ -114,10 +114,10 @@ class _DeepSpeed:
         self.module = self.engine
 
     @property
-    def device(self) -> "torch.device":
+    def device(self) -> torch.device:
         return self.engine.device
 
-    def train_micro(self, loss: "torch.Tensor") -> None:
+    def train_micro(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()  # applies the update only at the accumulation boundary
 
@@ -142,12 +142,12 @@ class _DeepSpeed:
     def retarget(self, lr: float, weight_decay: float) -> None:
         _retarget(self.scheduler, lr, weight_decay)
 
-    def full_state_dict(self) -> dict[str, "torch.Tensor"] | None:
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Consolidated weights on rank 0 (None elsewhere); every rank must call this."""
         import torch.distributed as dist
 
         if self.stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 - save_16bit_model's gather, without a file
             return state if dist.get_rank() == 0 else None
         return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()} if dist.get_rank() == 0 else None
 
@@ -181,7 +181,7 @@ class _DDP:
         self._norm: float | None = None
         self._adalora = job.method.type == "adalora"
 
-    def train_micro(self, loss: "torch.Tensor") -> None:
+    def train_micro(self, loss: torch.Tensor) -> None:
         import torch
 
         (loss / self.grad_accum).backward()
@@ -226,7 +226,7 @@ class _DDP:
     def retarget(self, lr: float, weight_decay: float) -> None:
         _retarget(self.scheduler, lr, weight_decay)
 
-    def full_state_dict(self) -> dict[str, "torch.Tensor"] | None:
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import torch.distributed as dist
 
         return {k: v.detach().cpu() for k, v in self.hf_module.state_dict().items()} if dist.get_rank() == 0 else None

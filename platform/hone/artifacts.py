@@ -1,0 +1,229 @@
+"""The artifact layout: where runs, exports and quantised artifacts live, and what a model reference means.
+
+One home for the on-disk contract every stage shares:
+
+- a **run directory** ``<storage>/<run>``: ``job.yaml``, ``tokenizer/``, ``metrics.jsonl``, Ray's
+  ``checkpoint_*`` folders, ``export/`` (``hone.json`` describes it) and ``export-merged/``;
+- a **quantised artifact** ``$HONE_HOME/quantized/<model>-<method>/`` (``quantization.json``);
+- **model references**: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), an export,
+  a run (name or directory), a quantised artifact, ``builtin:NAME``, a local path or a hub id. :func:`resolve_ref`
+  turns any of them into one typed :class:`ModelSpec`; ``hone.modeling.load_model`` loads any spec.
+
+This module is cheap to import (no torch): the registry is consulted only for ``models:/`` references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from hone import assets
+
+if TYPE_CHECKING:
+    from hone.config import JobConfig
+
+__all__ = ["EXPORT_DIR", "EXPORT_INFO", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "QUANTIZED_INFO", "QUANTIZED_STATE", "TOKENIZER_DIR",
+           "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "parse_metrics", "publish_dir",
+           "new_run_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir", "run_storage"]
+
+EXPORT_DIR = "export"
+MERGED_DIR = "export-merged"
+EXPORT_INFO = "hone.json"
+JOB_FILE = "job.yaml"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_DIR = "tokenizer"
+QUANTIZED_INFO = "quantization.json"
+QUANTIZED_STATE = "quantized.pt"
+
+
+class ArtifactError(ValueError):
+    """A run, export or model reference cannot be found or is not what was asked for."""
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def default_storage() -> Path:
+    """Where runs, sweeps and pipelines go unless told otherwise: ``$HONE_HOME/runs``."""
+    return assets.hone_home() / "runs"
+
+
+def run_storage(storage_path: str | None, job: JobConfig | None = None) -> Path:
+    """The storage root of a new run, sweep or pipeline: ``--storage-path``, else the job's ``training.storage_path``,
+    else :func:`default_storage`."""
+    chosen = storage_path or (job.training.storage_path if job is not None else None) or default_storage()
+    return Path(chosen).expanduser().resolve()
+
+
+def resolve_run_dir(run: str, storage_path: str | None = None, what: str = "run") -> Path:
+    """A run (or sweep) given as a directory, or as a name under the storage path: the folder holding its job.yaml."""
+    candidate = Path(run).expanduser()
+    if not (candidate / JOB_FILE).exists():
+        candidate = Path(storage_path or default_storage()).expanduser() / run
+    if not (candidate / JOB_FILE).exists():
+        raise ArtifactError(f"no hone {what} at {run!r} (looked for {JOB_FILE} there and under {storage_path or default_storage()})")
+    return candidate.resolve()
+
+
+def publish_dir(staged: Path, final: Path) -> None:
+    """Replace ``final`` with the complete directory ``staged`` (same filesystem): never a half-written
+    directory under the final name, and the old one is removed only once the new one is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def parse_metrics(text: str) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl text: one JSON object per complete line; blank lines and a last line still
+    being written are skipped."""
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metric history, one record per step in step order; a step logged twice (a resumed or restarted
+    run repeats the steps after its checkpoint) keeps its last record."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for m in parse_metrics(path.read_text()):
+        by_step[int(m.get("step", 0))] = m
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append one record (a report of the training run) to the run's metrics.jsonl."""
+    with open(Path(run_dir) / METRICS_FILE, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
+class MetricsFollower:
+    """Reads the records appended to a run's metrics.jsonl since the last call (the driver's progress display)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read().decode()
+        complete = data[: data.rfind("\n") + 1]
+        self._offset += len(complete.encode())
+        return parse_metrics(complete)
+
+
+# --------------------------------------------------------------------------- model references
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model reference resolved to: a hone ``export``, a ``quantized`` artifact, or a plain ``model``
+    (``builtin:NAME``, a local Hugging Face directory or a hub id)."""
+
+    ref: str
+    """The reference as given."""
+    kind: Literal["export", "quantized", "model"]
+    path: str
+    """The export or artifact directory; for a plain model, the name ``assets.resolve_model`` takes."""
+    task: str
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+    """``hone.json`` of an export, ``quantization.json`` of an artifact; empty for a plain model."""
+    registry: dict[str, Any] | None = field(default=None, compare=False)
+    """The registry version a ``models:/`` reference resolved to (name, version, source, tags, aliases)."""
+
+    @property
+    def job(self) -> JobConfig | None:
+        """The job that made this model (exports and artifacts carry it)."""
+        from hone.config import JobConfig
+
+        raw = self.info.get("job")
+        return JobConfig.model_validate(raw, context={"check_paths": False}) if raw else None
+
+    @property
+    def labels(self) -> list[str] | None:
+        return list(((self.info.get("job") or {}).get("task") or {}).get("labels") or []) or None
+
+    @property
+    def adapter(self) -> bool:
+        """An export of a PEFT adapter (loaded onto its base)."""
+        return self.kind == "export" and self.info.get("kind") == "adapter"
+
+    def slug(self) -> str:
+        """A short, stable folder name for things derived from this model (quantised artifacts)."""
+        if self.registry:
+            return f"{self.registry['name']}-v{self.registry['version']}"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(self.path).name or self.path).strip("-")[:40]
+        key = str(Path(self.path).resolve()) if self.kind != "model" else self.path
+        return f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _read_info(folder: Path, name: str) -> dict[str, Any]:
+    return json.loads((folder / name).read_text())
+
+
+def _task_of(info: dict[str, Any]) -> str:
+    return str(info.get("task") or ((info.get("job") or {}).get("task") or {}).get("type") or "causal_lm")
+
+
+def resolve_ref(ref: str) -> ModelSpec:
+    """Any model reference → :class:`ModelSpec`. Raises :class:`ArtifactError` (or the registry's error) when
+    a reference that must name a hone export does not."""
+    registry = None
+    path = ref
+    if ref.startswith("models:/"):
+        from hone.registry import resolve_model_ref
+
+        registry = resolve_model_ref(ref)
+        path = registry["source"]
+    folder = Path(path).expanduser()
+    if (folder / QUANTIZED_INFO).exists():
+        info = _read_info(folder, QUANTIZED_INFO)
+        return ModelSpec(ref, "quantized", str(folder), _task_of(info), info, registry)
+    if not (folder / EXPORT_INFO).exists() and not ref.startswith((assets.PREFIX, "models:/")) and not folder.exists():
+        try:  # a run's name: its export
+            candidate = resolve_run_dir(ref) / EXPORT_DIR
+            if (candidate / EXPORT_INFO).exists():
+                folder = candidate
+        except ArtifactError:
+            pass  # not a run: a model name or hub id
+    if (folder / EXPORT_INFO).exists():
+        info = _read_info(folder, EXPORT_INFO)
+        return ModelSpec(ref, "export", str(folder), _task_of(info), info, registry)
+    if registry:
+        raise ArtifactError(f"{ref} points at {path}, which is not a hone export")
+    if ref.startswith(assets.PREFIX):
+        assets.check_builtin_model(ref)
+    task = "sequence_classification" if ref == "builtin:minilm" else "causal_lm"
+    return ModelSpec(ref, "model", ref, task)
+
+
+def quantized_dir(spec: ModelSpec, method: str) -> Path:
+    """Where ``hone quantize REF --method M`` writes its artifact by default."""
+    return assets.hone_home() / "quantized" / f"{spec.slug()}-{method}"
+
+
+def new_run_dir(storage: Path, name: str) -> Path:
+    """A fresh, timestamped directory name under ``storage`` (not created)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = storage / f"{name}-{stamp}", 1
+    while run_dir.exists():
+        n += 1
+        run_dir = storage / f"{name}-{stamp}-{n}"
+    return run_dir

@@ -1,0 +1,183 @@
+"""The pipeline YAML: a job and how each later stage behaves (quantise, serve, smoke test).
+
+:func:`load_pipeline` validates the pipeline, the job file it names, the quantisation method on this
+machine and the serve settings it derives, reporting every problem at once, before any Ray work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from hone.config.base import ConfigError, Problem, Section, problems_from_validation, read_mapping
+from hone.config.job import JobConfig, JobConfigError, load_job
+from hone.config.quantization import GateThresholds, QuantizeError, QuantMethod, check_method, default_method
+from hone.config.serve import ServeConfig, ServeConfigError, validate_serve_config
+
+__all__ = ["Pipeline", "PipelineConfig", "PipelineConfigError", "QuantizeStage", "SmokeTestStage", "TrainStage", "load_pipeline",
+           "registered_name"]
+
+
+class PipelineConfigError(ConfigError):
+    """A pipeline YAML failed validation; ``problems`` lists every problem with its path."""
+
+    what = "the pipeline"
+
+
+class TrainStage(Section):
+    """Stage 1: one training run, or a Ray Tune sweep over the job's ``tune:`` section."""
+
+    job: str
+    """The job YAML, relative to the pipeline file."""
+    overrides: list[str] = Field(default_factory=list)
+    """``key.path=value`` overrides applied to the job, as on the command line."""
+    sweep: bool | None = None
+    """Run the job's ``tune:`` section (default: when the job has one) rather than one training run."""
+
+
+class QuantizeStage(Section):
+    """Stage 2: quantise the trained model and compare it with the original (``hone quantize``)."""
+
+    method: QuantMethod | None = None
+    """Quantisation method (default: int8-dynamic on CPU, int8-weight-only on GPU)."""
+    eval_rows: int = Field(default=64, ge=1)
+    """Validation rows the quality gate evaluates both models on."""
+    max_loss_increase: float | None = 0.01
+    """Allowed relative eval-loss increase (causal LM); null: not checked."""
+    max_accuracy_drop: float | None = 0.01
+    """Allowed accuracy drop as a fraction (classification accuracy, or generated-answer accuracy); null: not checked."""
+
+
+class SmokeTestStage(Section):
+    """Stage 4: held-out rows sent to the endpoint through the ``openai`` client; every request must succeed."""
+
+    split: Literal["validation", "test"] = "test"
+    """Held-out split the requests come from."""
+    requests: int = Field(default=100, ge=1)
+    """Rows sent (the first N of the split)."""
+    concurrency: int = Field(default=8, ge=1)
+    """Requests in flight at once."""
+    max_tokens: int = Field(default=12, ge=1)
+    """``max_tokens`` of each request (also what the untuned model gets)."""
+    compare_untuned: bool = True
+    """Also measure the untuned base model on the same rows (in this process, greedy) for comparison."""
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Fail the pipeline when the endpoint answers fewer than this fraction right."""
+
+
+class PipelineConfig(Section):
+    """A pipeline: train → quantise → serve → smoke test, each stage feeding the next through the registry."""
+
+    name: str
+    """Pipeline name (its directory under the storage path; the Ray Serve application name by default)."""
+    kind: Literal["pipeline"] = Field(default="pipeline", exclude=True)
+    """What this YAML is (``hone validate`` also tells a pipeline by its ``train`` stage)."""
+    train: TrainStage
+    quantize: QuantizeStage | None = None
+    """Omit to serve the trained model in full precision."""
+    serve: dict[str, Any] = Field(default_factory=dict)
+    """Serve YAML settings (``hone serve``'s schema) except ``model`` and ``quantization``, which come from the earlier stages."""
+    smoke_test: SmokeTestStage | None = Field(default_factory=SmokeTestStage)
+    """Omit (null) to deploy without a smoke test."""
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline: its config, the resolved job and the serve config it deploys."""
+
+    config: PipelineConfig
+    job: JobConfig
+    serve: ServeConfig
+    sweep: bool
+    method: str | None
+    source: str
+
+    @property
+    def registered_model(self) -> str:
+        return registered_name(self.job, self.sweep)
+
+    def summary(self) -> str:
+        """One line: the stages this pipeline runs."""
+        c = self.config
+        return (f"pipeline {c.name}: {'sweep' if self.sweep else 'train'} → {'quantise → ' if c.quantize else ''}serve"
+                f"{' → smoke test' if c.smoke_test else ''} ({self.job.summary()})")
+
+    def to_yaml(self) -> str:
+        return self.config.to_yaml()
+
+
+def registered_name(job: JobConfig, sweep: bool) -> str:
+    return (job.tune.registered_model if sweep and job.tune else None) or job.name
+
+
+def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Pipeline:
+    """Read and validate a pipeline YAML with every file it names; no Ray work."""
+    path = Path(path)
+    raw = read_mapping(path, PipelineConfigError, "pipeline", PipelineConfig, overrides)
+    problems: list[Problem] = []
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = problems_from_validation(e, PipelineConfig)
+        train = raw.get("train")
+        if isinstance(train, dict) and isinstance(train.get("job"), str):  # report the job's problems too
+            problems += _job_problems(path, train["job"], train.get("overrides") or [])[1]
+        raise PipelineConfigError(problems, str(path)) from None
+
+    job, job_problems = _job_problems(path, cfg.train.job, cfg.train.overrides)
+    if job is None:
+        raise PipelineConfigError(job_problems, str(path))
+    job_path = _job_path(path, cfg.train.job)
+    sweep = cfg.train.sweep if cfg.train.sweep is not None else job.tune is not None
+    if sweep and (job.tune is None or not job.tune.search_space):
+        problems.append(Problem("train.sweep", f"the job {job_path} has no tune.search_space to sweep",
+                                "add a tune: section to the job, or set train.sweep: false for one training run"))
+    method = None
+    if cfg.quantize is not None:
+        method = cfg.quantize.method or default_method()
+        try:
+            check_method(method)
+        except QuantizeError as e:
+            problems.append(Problem("quantize.method", str(e)))
+        try:
+            GateThresholds(cfg.quantize.max_loss_increase, cfg.quantize.max_accuracy_drop)
+        except QuantizeError as e:
+            problems.append(Problem("quantize", str(e), "give max_loss_increase or max_accuracy_drop"))
+    for key in ("model", "quantization"):
+        if key in cfg.serve:
+            problems.append(Problem(f"serve.{key}", "comes from the earlier stages (the trained model and quantize.method)",
+                                    f"remove serve.{key}"))
+    serve_raw = {"name": cfg.name, **{k: v for k, v in cfg.serve.items() if k not in ("model", "quantization")},
+                 "model": f"models:/{registered_name(job, sweep)}@winner", "quantization": method or "none"}
+    serve_cfg = None
+    try:
+        serve_cfg = validate_serve_config(serve_raw)
+    except ServeConfigError as e:
+        problems += [Problem(f"serve.{p.path}" if p.path else "serve", p.message, p.hint) for p in e.problems]
+    if cfg.smoke_test is not None and cfg.serve.get("api_keys_file") and not os.environ.get("HONE_API_KEYS"):
+        problems.append(Problem("smoke_test", "the endpoint will require an API key and only key hashes are configured "
+                                              "(serve.api_keys_file)", "set HONE_API_KEYS to a key for the smoke test to send"))
+    if cfg.smoke_test is not None and job.task.type == "causal_lm" and job.data.format == "text":
+        problems.append(Problem("smoke_test", "the job's data (format text) has no prompts and answers to send",
+                                "use instruction/chat data, or smoke_test: null"))
+    if problems:
+        raise PipelineConfigError(problems, str(path))
+    assert serve_cfg is not None
+    return Pipeline(cfg, job, serve_cfg, sweep, method, str(path))
+
+
+def _job_path(pipeline: Path, job: str) -> Path:
+    return Path(job) if Path(job).is_absolute() else pipeline.parent / job
+
+
+def _job_problems(pipeline: Path, job: str, overrides: Sequence[str]) -> tuple[JobConfig | None, list[Problem]]:
+    job_path = _job_path(pipeline, job)
+    try:
+        return load_job(job_path, list(overrides)), []
+    except JobConfigError as e:
+        return None, [Problem(f"train.job → {job_path}" + (f": {p.path}" if p.path else ""), p.message, p.hint) for p in e.problems]

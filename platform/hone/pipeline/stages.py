@@ -1,0 +1,163 @@
+"""The pipeline's stages: train (one run or a sweep) → registry version → quantise behind the gate → deploy.
+
+Each stage's output is the next one's input through the model registry; a stage whose input
+fingerprint matches ``state.json`` and whose output still exists is reused, not rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hone import registry
+from hone.artifacts import QUANTIZED_INFO
+from hone.config import Pipeline, ServeConfig
+from hone.pipeline.state import PipelineError, State, fingerprint, say
+
+__all__ = ["base_url", "quantize_stage", "serve_stage", "train_stage"]
+
+
+def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, rerun: bool) -> dict[str, Any]:
+    from hone.training import train
+    from hone.tune import format_table, sweep
+
+    job = p.job
+    inputs = job.to_dict()
+    inputs["training"]["storage_path"] = None  # where runs are written is not an input of the result
+    fp = fingerprint({"job": inputs, "sweep": p.sweep})
+
+    def exists(out: dict[str, Any]) -> bool:
+        return Path(registry.resolve_model_ref(out["model"])["source"]).is_dir()
+
+    reused = None if rerun else state.reusable("train", fp, exists)
+    if reused is not None:
+        say(f"train: reusing {reused['model']} (the job and its overrides are unchanged since {state.data['train']['at']})")
+        return {**reused, "skipped": True}
+    started = time.time()
+    if job.model.name.startswith("builtin:"):  # built once here rather than inside the first trial's workers
+        from hone import assets
+
+        assets.resolve_model(job.model.name)
+    name = p.registered_model
+    if p.sweep:
+        assert job.tune is not None
+        result = sweep(job, address=address, storage_path=str(storage))
+        if result.winner is None or result.registered is None:
+            raise PipelineError("train", f"no trial of the sweep {result.sweep_dir} completed with a {job.tune.metric}; "
+                                         f"see {result.sweep_dir}/trials.csv and the trial logs")
+        metric = job.tune.metric
+        out = {
+            "sweep": True,
+            "sweep_dir": str(result.sweep_dir),
+            "metric": metric,
+            "model": f"models:/{name}/{result.registered['version']}",
+            "export": str(result.winner["export"]),
+            "table": format_table(result.trials, job, result.winner),
+            "trials": [
+                {"trial": r["trial"], "params": r["params"], "value": r[metric], "steps": r["steps"], "status": r["status"]}
+                for r in result.trials
+            ],
+            "winner": {"trial": result.winner["trial"], "params": result.winner["params"], "value": result.winner[metric]},
+        }
+    else:
+        run = train(job, address=address, storage_path=str(storage), track=True)
+        if run.export_dir is None or run.mlflow_run_id is None:
+            raise PipelineError("train", f"the run {run.run_dir} wrote no export to register")
+        metric = job.training.eval_metric if "eval_loss" in run.metrics else "loss"
+        value = float(run.metrics.get(metric, run.metrics.get("loss", float("nan"))))
+        version = registry.register_winner(name, run.mlflow_run_id, run.export_dir, metric, value)
+        out = {
+            "sweep": False,
+            "run_dir": str(run.run_dir),
+            "metric": metric,
+            "value": value,
+            "model": f"models:/{name}/{version}",
+            "export": str(run.export_dir),
+        }
+    out["seconds"] = time.time() - started
+    state.record("train", fp, out)
+    return {**out, "skipped": False}
+
+
+def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bool) -> dict[str, Any]:
+    from hone.quantize import GateThresholds, quantize
+
+    q = p.config.quantize
+    assert q is not None and p.method is not None
+    ref = trained["model"]
+    fp = fingerprint({"model": ref, "export": trained["export"], "method": p.method, **q.model_dump()})
+
+    def exists(out: dict[str, Any]) -> bool:
+        info = json.loads((Path(out["artifact"]) / QUANTIZED_INFO).read_text())
+        return (info.get("gate") or {}).get("passed") is True
+
+    reused = None if rerun else state.reusable("quantize", fp, exists)
+    if reused is not None:
+        reg = registry.resolve_model_ref(ref)  # the serve stage finds the artifact through this tag
+        registry.tag_version(
+            reg["name"], reg["version"], {f"hone.quantized.{p.method}": reused["artifact"], f"hone.quantized.{p.method}.gate": "passed"}
+        )
+        say(f"quantize: reusing {reused['artifact']} (same model, method and gate since {state.data['quantize']['at']})")
+        return {**reused, "skipped": True}
+    started = time.time()
+    result = quantize(ref, p.method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop))
+    print(result.table(), flush=True)
+    out = {
+        "method": p.method,
+        "artifact": str(result.artifact),
+        "passed": result.passed,
+        "rule": result.gate["rule"],
+        "original": result.original,
+        "quantized": result.quantized,
+        "table": result.table(),
+        "seconds": time.time() - started,
+    }
+    state.record("quantize", fp, out, ok=result.passed)
+    if not result.passed:
+        raise PipelineError(
+            "quantize",
+            f"the {p.method} model failed its quality gate ({result.gate['rule']}); nothing was deployed. "
+            f"Loosen quantize.max_loss_increase / max_accuracy_drop knowingly, pick another "
+            f"quantize.method, or drop the quantize stage to serve full precision",
+        )
+    return {**out, "skipped": False}
+
+
+def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remote: bool) -> tuple[ServeConfig, dict[str, Any]]:
+    from hone.serving.runner import serve
+
+    cfg = p.serve.model_copy(update={"model": trained["model"]})
+    started = time.time()
+    try:
+        serve(cfg, address=address, block=False, access_log=False)
+    except Exception as e:  # noqa: BLE001 - deployment errors become the stage's reason
+        raise PipelineError("serve", str(e)) from e
+    auto = cfg.autoscaling_config
+    replicas = (
+        f"autoscaling {auto.get('min_replicas', 1)}-{auto.get('max_replicas', 1)} replicas"
+        if auto
+        else f"{cfg.num_replicas or 1} replica(s)"
+    )
+    return cfg, {
+        "served_name": cfg.served_name(),
+        "model": cfg.model,
+        "quantization": cfg.quantization,
+        "replicas": replicas,
+        "seconds": time.time() - started,
+        "url": base_url(cfg, remote),
+    }
+
+
+def base_url(cfg: ServeConfig, remote: bool = False) -> str:
+    """Where clients reach the endpoint: this machine for a local Ray; the head node (the GCS host) on a
+    cluster, whose proxy must then listen beyond loopback (serve.host: 0.0.0.0)."""
+    host = cfg.host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+        if remote:
+            import ray
+
+            host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

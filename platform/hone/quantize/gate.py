@@ -1,0 +1,313 @@
+"""``hone quantize``: quantise a model behind a quality gate.
+
+``quantize(REF, METHOD)`` loads the model (LoRA exports merged first), quantises it, writes an
+artifact directory, then measures the original and the quantised model each in a fresh process
+(the artifact is reloaded from disk exactly as the server loads it): the job's validation metric,
+size on disk, peak resident memory and greedy decode latency. A quantised model whose metric
+degrades beyond the threshold is marked failed (in the artifact and, for ``models:/`` references,
+on the registry version); ``hone serve`` refuses it unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hone.artifacts import QUANTIZED_INFO, ModelSpec, publish_dir, quantized_dir, resolve_ref
+from hone.config import JobConfig, validate_job
+from hone.config.quantization import GateThresholds, QuantizeError, check_method, default_method
+from hone.modeling import load_model, model_class
+from hone.quantize.methods import apply_method, default_modules, load_quantized, save_quantized
+from hone.runtime import quiet_libraries
+
+__all__ = ["QuantizeResult", "Source", "quantize", "resolve_source"]
+
+
+@dataclass
+class QuantizeResult:
+    artifact: Path
+    method: str
+    passed: bool
+    original: dict[str, float]
+    quantized: dict[str, float]
+    gate: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        keys = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "answer_accuracy", "size_mb", "peak_rss_mb",
+                            "decode_ms_per_token")
+                if k in self.original]
+        lines = [f"{'':22} {'original':>12} {self.method:>16}"]
+        for k in keys:
+            lines.append(f"{k:22} {self.original[k]:12.4f} {self.quantized[k]:16.4f}")
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(f"quality gate {verdict}: {self.gate['rule']}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    """The model to quantise and the job whose held-out data the gate evaluates it on."""
+
+    spec: ModelSpec
+    job: JobConfig
+
+
+def _default_eval_job(model: str, task: str = "causal_lm") -> JobConfig:
+    """The rotten-tomatoes view used to gate a model that carries no job of its own."""
+    if task == "sequence_classification":
+        data = {"source": "builtin:rotten-tomatoes", "format": "classification", "max_length": 128}
+        return validate_job({"model": {"name": model}, "task": {"type": task, "num_labels": 2}, "data": data, "method": "full"},
+                            check_paths=False)
+    data = {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128}
+    return validate_job({"model": {"name": model}, "data": data, "method": "full"}, check_paths=False)
+
+
+def resolve_source(ref: str, job: JobConfig | None = None) -> Source:
+    """The model behind ``ref`` (any model reference but a quantised artifact) with its evaluation job: ``job``,
+    else the export's own, else the built-in sentiment data for the model's task."""
+    spec = resolve_ref(ref)
+    if spec.kind == "quantized":
+        raise QuantizeError(f"{ref} is already a quantised artifact ({Path(spec.path) / QUANTIZED_INFO})")
+    return Source(spec, job or spec.job or _default_eval_job(ref, spec.task))
+
+
+def _load_original(source: Source, device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer); LoRA exports are merged into their base."""
+    num_labels = source.job.task.num_labels if source.spec.kind == "model" else None
+    return load_model(source.spec, device, num_labels=num_labels)
+
+
+def _bnb_load(source: Source, method: str) -> tuple[Any, Any]:
+    """bitsandbytes quantises while loading: save the merged fp model once, reload it 8/4-bit."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+
+    model, tokenizer = _load_original(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        config = (BitsAndBytesConfig(load_in_8bit=True) if method == "bnb-8bit" else
+                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16"))
+        quantized = model_class(source.job.task.type).from_pretrained(tmp, quantization_config=config, device_map="cuda")
+    return quantized.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(raw rows, tokenized rows): the first ``n`` validation rows (training rows when the job has no validation data)."""
+    from hone.data import held_out_rows, tokenize_split
+
+    split = "validation" if job.data.validation is not None else "train"
+    rows = held_out_rows(job.data, split, n)
+    tokenized, _ = tokenize_split(rows, job, tokenizer, split, pack=False)
+    return list(rows), list(tokenized)
+
+
+def _answers_gated(job: JobConfig) -> bool:
+    """Causal LM data with a prompt and an expected answer: the gate also compares generated answers."""
+    return job.task.type == "causal_lm" and job.data.format in ("alpaca", "messages", "sharegpt")
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def _measure(spec: dict[str, Any], queue: Any) -> None:
+    """Child process: load one model, evaluate it, time greedy decoding, report peak RSS."""
+    try:
+        import resource
+        import warnings
+
+        quiet_libraries()
+        warnings.filterwarnings("ignore", category=UserWarning)
+        import torch
+
+        from hone.modeling import evaluate, generation_accuracy, model_device
+
+        torch.manual_seed(0)
+        source: Source = spec["source"]
+        if spec["artifact"]:
+            model, tokenizer, _ = load_quantized(spec["artifact"])
+        else:
+            on_gpu = torch.cuda.is_available() and spec.get("method") != "int8-dynamic"  # the GPU methods run on the GPU
+            model, tokenizer = _load_original(source, "cuda" if on_gpu else "cpu")
+        device = model_device(model)
+        raw, rows = _eval_rows(source.job, tokenizer, spec["n"])
+        metrics = evaluate(model, rows, source.job, tokenizer.pad_token_id)
+        out = {k: v for k, v in metrics.items() if k != "eval_tokens"}
+        if _answers_gated(source.job):
+            out["answer_accuracy"], _ = generation_accuracy(model, tokenizer, raw, source.job, max_new_tokens=12)
+        if source.job.task.type == "causal_lm":
+            prompt = tokenizer("The movie was", return_tensors="pt").to(device)
+            new = 32
+            with torch.no_grad():
+                model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                started = time.perf_counter()
+                model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out["decode_ms_per_token"] = (time.perf_counter() - started) * 1000 / new
+        out["peak_rss_mb"] = _peak_rss_mb(resource)
+        queue.put(("ok", out))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _peak_rss_mb(resource: Any) -> float:
+    """This process's peak resident memory. ``ru_maxrss`` survives execve, so a child spawned by a big parent
+    would report the parent's peak; Linux's VmHWM belongs to the new address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure_in_child(source: Source, artifact: Path | None, n: int, method: str) -> dict[str, float]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    spec = {"source": source, "artifact": str(artifact) if artifact else None, "n": n, "method": method}
+    proc = ctx.Process(target=_measure, args=(spec, queue))
+    proc.start()
+    try:
+        status, payload = queue.get(timeout=1800)
+    finally:
+        proc.join(timeout=60)
+    if status != "ok":
+        raise QuantizeError(f"measuring {'the quantised' if artifact else 'the original'} model failed: {payload}")
+    return payload
+
+
+def _original_size_mb(model: Any) -> float:
+    """Size of the fp weights as safetensors (the original model's files on disk)."""
+    return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values()) / 2**20
+
+
+def _gate(task: str, original: dict[str, float], quantized: dict[str, float], thresholds: GateThresholds) -> dict[str, Any]:
+    """Every checked measure must hold: accuracy drop (classification accuracy, or generated-answer accuracy)
+    and, for causal LMs, the relative eval-loss increase."""
+    checks: list[tuple[str, float, float | None, str]] = []
+    accuracy = "eval_accuracy" if task == "sequence_classification" else "answer_accuracy"
+    if task != "sequence_classification":
+        rel = (quantized["eval_loss"] - original["eval_loss"]) / max(abs(original["eval_loss"]), 1e-12)
+        allowed = thresholds.max_relative_loss_increase
+        checks.append(
+            (
+                "eval_loss",
+                rel,
+                allowed,
+                f"eval loss {rel * 100:+.2f}% relative"
+                + (f" (allowed ≤ {allowed * 100:.2f}%)" if allowed is not None else " (not checked)"),
+            )
+        )
+    if accuracy in original and accuracy in quantized:
+        drop = original[accuracy] - quantized[accuracy]
+        allowed = thresholds.max_accuracy_drop
+        what = "accuracy" if accuracy == "eval_accuracy" else "answer accuracy"
+        checks.append(
+            (
+                accuracy,
+                drop,
+                allowed,
+                f"{what} drop {drop * 100:+.2f} points"
+                + (f" (allowed ≤ {allowed * 100:.2f})" if allowed is not None else " (not checked)"),
+            )
+        )
+    if all(allowed is None for _, _, allowed, _ in checks):
+        raise QuantizeError(
+            f"the quality gate checks nothing for this {task} model: "
+            + ("give an accuracy threshold" if task == "sequence_classification" else "give a loss threshold")
+        )
+    failed = [metric for metric, change, allowed, _ in checks if allowed is not None and change > allowed + 1e-12]
+    return {
+        "passed": not failed,
+        "rule": "; ".join(text for *_, text in checks),
+        "failed": failed,
+        "changes": {metric: change for metric, change, _, _ in checks},
+    }
+
+
+def quantize(
+    ref: str,
+    method: str | None = None,
+    *,
+    out: str | Path | None = None,
+    n: int = 64,
+    thresholds: GateThresholds | None = None,
+    job: JobConfig | None = None,
+    quiet: bool = False,
+) -> QuantizeResult:
+    """Quantise ``ref`` with ``method`` (default: the device's default), gate it, record the verdict."""
+    import torch
+
+    method = method or default_method()
+    check_method(method)
+    thresholds = thresholds or GateThresholds()
+    source = resolve_source(ref, job)
+    folder = Path(out) if out else quantized_dir(source.spec, method)
+    say = (lambda *_: None) if quiet else (lambda msg: print(f"[hone] {msg}", flush=True))
+
+    say(f"quantising {ref} with {method}")
+    if method.startswith("bnb-"):
+        model, tokenizer = _bnb_load(source, method)
+        original_mb, modules = None, None
+    else:
+        model, tokenizer = _load_original(source)
+        original_mb = _original_size_mb(model)
+        if method != "int8-dynamic" and torch.cuda.is_available():
+            model = model.to("cuda")
+        modules = default_modules(model, method)
+        model = apply_method(model, method, modules)
+    staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_quantized(model, tokenizer, method, staging)
+    info: dict[str, Any] = {
+        "method": method,
+        "source": ref,
+        "source_path": source.spec.path,
+        "task": source.job.task.type,
+        "job": source.job.to_dict(),
+        "created": time.time(),
+        "gate": {"passed": None},
+        "quantized_modules": None if method.startswith("bnb-") else modules,
+    }
+    (staging / QUANTIZED_INFO).write_text(json.dumps(info, indent=2, default=str))
+    del model
+
+    say(f"measuring the original and the quantised model on {n} {source.job.data.source} rows (each in a fresh process)")
+    original = _measure_in_child(source, None, n, method)
+    quantized = _measure_in_child(source, staging, n, method)
+    original["size_mb"] = original_mb if original_mb is not None else float("nan")
+    quantized["size_mb"] = _folder_mb(staging) - sum(p.stat().st_size for p in staging.glob("tokenizer*")) / 2**20
+    gate = _gate(source.job.task.type, original, quantized, thresholds)
+    info["gate"] = {**gate, "thresholds": thresholds.__dict__, "original": original, "quantized": quantized, "eval_rows": n}
+    (staging / QUANTIZED_INFO).write_text(json.dumps(info, indent=2, default=str))
+    publish_dir(staging, folder)  # the artifact appears complete or not at all
+    if source.spec.registry:
+        from hone.registry import tag_version
+
+        reg = source.spec.registry
+        tag_version(
+            reg["name"],
+            reg["version"],
+            {
+                f"hone.quantized.{method}": str(folder),
+                f"hone.quantized.{method}.gate": "passed" if gate["passed"] else "failed",
+                f"hone.quantized.{method}.report": json.dumps({"rule": gate["rule"], "original": original, "quantized": quantized})[:5000],
+            },
+        )
+    return QuantizeResult(folder, method, bool(gate["passed"]), original, quantized, gate)

@@ -1,0 +1,188 @@
+"""The Ray runtime every stage runs on: one way to start or join Ray, and the process hygiene around it.
+
+:func:`ray_session` starts a local embedded Ray (shut down afterwards) or joins ``--address`` /
+``RAY_ADDRESS``; train, tune, serve and pipeline all enter it. Workers get one environment
+(:func:`worker_env`) and one logging set-up (:func:`quiet_libraries`, also Ray's worker set-up hook),
+so library chatter stays off the driver's console everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from hone import assets
+
+if TYPE_CHECKING:
+    from hone.config import JobConfig
+
+__all__ = ["ClusterError", "base_worker_env", "dashboard_url", "free_port", "is_remote", "quiet_libraries", "ray_log_level",
+           "ray_session", "stop_event", "worker_env", "worker_setup_hook"]
+
+# Loggers that print optional-kernel load failures, deprecation notes and per-request lines nobody acts on.
+_NOISY = ("torchao", "torch.utils._pytree", "transformers", "httpx")
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or joined."""
+
+
+def quiet_libraries(*, console: bool = False) -> None:
+    """Keep library chatter off the terminal (errors still show). ``console``: also the environment switches
+    for the processes this one spawns (the ``hone`` command's own process)."""
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if console:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars follow it
+        # Deprecation notices from the libraries (here and in the processes hone spawns) are not the user's to act on.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+
+
+def worker_setup_hook() -> None:
+    """Ray's ``worker_process_setup_hook`` for hone sessions: quiet libraries in every worker, and Ray Train's
+    per-report INFO line (a logger named by its file path) and transformers' progress bars off."""
+    quiet_libraries()
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def base_worker_env() -> dict[str, str]:
+    """Environment every hone Ray worker gets: the hone cache, offline switches, quiet libraries."""
+    env = {
+        "HONE_HOME": str(assets.hone_home()),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers follows it (weight loading, shard writing)
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    }
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def worker_env(job: JobConfig) -> dict[str, str]:
+    """A training job's worker environment: torch threads per worker, DeepSpeed's CPU accelerator without GPUs."""
+    env = {**base_worker_env(), "OMP_NUM_THREADS": str(max(1, int(job.distributed.resources_per_worker.get("CPU", 1))))}
+    if not job.distributed.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def ray_log_level() -> str:
+    """Ray's console log level in hone sessions (``HONE_RAY_LOG_LEVEL``, default WARNING)."""
+    return os.environ.get("HONE_RAY_LOG_LEVEL", "WARNING")
+
+
+def is_remote(address: str | None) -> bool:
+    """Whether a session joins an existing cluster (``address`` or ``RAY_ADDRESS``) rather than starting Ray here."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+@contextlib.contextmanager
+def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 0.0, *, env: dict[str, str] | None = None,
+                metrics_export_port: int | None = None) -> Iterator[None]:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local embedded Ray shut down afterwards.
+
+    A local session gets at least the CPUs the job's workers reserve (plus ``extra_cpus``), so a
+    2-worker job also starts on a 1-core laptop (logical CPUs, oversubscribed). Its GCS port is
+    chosen here and passed to every worker as ``RAY_ADDRESS``: Ray's own helpers inside workers
+    (Train's placement-group cleaner uses the state API) would otherwise auto-detect the cluster
+    and fail when another Ray instance runs on the same machine.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report returns promptly
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # per-worker bars would flood the driver's console
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {**(worker_env(job) if job is not None else base_worker_env()), **(env or {})}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "hone.runtime.worker_setup_hook"}
+    logging_config = ray.LoggingConfig(encoding="TEXT", log_level=ray_log_level())
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_config=logging_config)
+        except Exception as e:  # noqa: BLE001 - re-raised with the address named
+            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from e
+    else:
+        need = 0.0
+        if job is not None:
+            need = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
+        cpus = max(os.cpu_count() or 1, int(math.ceil(need + extra_cpus)))
+        port = free_port()
+        env_vars["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        extra: dict[str, Any] = {}
+        if metrics_export_port:
+            extra["_metrics_export_port"] = metrics_export_port
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True,
+                     logging_config=logging_config, **extra)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_event() -> threading.Event:
+    """An event that SIGINT/SIGTERM set, so a serving loop ends with a clean Serve and Ray shutdown.
+
+    Install it after ``ray.init``: Ray installs a SIGTERM handler of its own that ends the process on the spot.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def dashboard_url() -> str | None:
+    """``host:port`` of the connected Ray's dashboard, if it runs."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.webui_url or None  # noqa: SLF001 - no public accessor
+    except Exception:  # noqa: BLE001 - no dashboard, or not connected
+        return None

@@ -1,0 +1,167 @@
+"""The model deployment: one replica's engine and the scheduler that batches requests into shared forward passes.
+
+Requests for the same model or adapter wait in one list; the scheduler hands the engine a batch and,
+between decode steps, admits requests that arrived meanwhile (continuous batching). Running and
+waiting counts are exported as gauges; a failed batch fails its own requests, never the replica.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from hone.runtime import quiet_libraries
+from hone.serving.engine import Engine, GenRequest
+from hone.serving.protocol import RequestError, require_model, require_task
+
+__all__ = ["ModelServer"]
+
+logger = logging.getLogger("hone.serve")
+
+
+@serve.deployment(name="ModelServer")
+class ModelServer:
+    """One replica: the engine plus a scheduler that batches waiting requests into shared forward passes."""
+
+    def __init__(self, spec: dict[str, Any], max_batch_size: int, batch_wait_timeout_s: float):
+        quiet_libraries()
+        from ray.util import metrics
+
+        self.engine = Engine(spec)
+        self.name = spec["served_name"]
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self._waiting: list[tuple[GenRequest, asyncio.Queue]] = []
+        self._waiting_lock = threading.Lock()  # the engine thread admits waiting requests into a running batch
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self._running = 0
+        self._m_running = metrics.Gauge("hone_num_requests_running", "Requests in the batch being decoded.", tag_keys=("model",))
+        self._m_waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting to join a decoding batch.", tag_keys=("model",))
+        self._m_batch = metrics.Histogram("hone_batch_size", "Sequences per decoding batch.", boundaries=[1, 2, 4, 8, 16, 32, 64],
+                                          tag_keys=("model",))
+        self._report_gauges()
+
+    def _report_gauges(self) -> None:
+        tags = {"model": self.name}
+        self._m_running.set(self._running, tags=tags)
+        self._m_waiting.set(len(self._waiting), tags=tags)
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            if self.batch_wait_timeout_s and len(self._waiting) < self.max_batch_size:
+                await asyncio.sleep(self.batch_wait_timeout_s)  # optional: gather a burst before starting
+            with self._waiting_lock:
+                self._waiting = [(r, q) for r, q in self._waiting if not r.cancelled]
+                if not self._waiting:
+                    self._wake.clear()
+                    continue
+                adapter = self._waiting[0][0].adapter
+                batch = self._take(adapter, self.max_batch_size)
+                if not self._waiting:
+                    self._wake.clear()
+            self._running = len(batch)
+            self._report_gauges()
+            self._m_batch.observe(len(batch), tags={"model": self.name})
+            queues = [q for _, q in batch]
+
+            def emit(i: int, text: str, finish: str | None, n: int) -> None:
+                loop.call_soon_threadsafe(queues[i].put_nowait, {"text": text, "finish_reason": finish, "completion_tokens": n})
+
+            def admit(free: int, adapter: str | None = adapter) -> list[GenRequest]:
+                """Engine thread, between decode steps: requests that arrived since the batch started join it."""
+                if not self._waiting:  # a racy read is fine: anything missed waits for the next batch
+                    return []
+                with self._waiting_lock:
+                    joined = self._take(adapter, free)
+                if joined:
+                    queues.extend(q for _, q in joined)  # emit's index i continues after the batch's own requests
+                    loop.call_soon_threadsafe(self._joined, len(joined))
+                return [r for r, _ in joined]
+
+            try:
+                await asyncio.to_thread(self.engine.generate_batch, [r for r, _ in batch], emit, admit, self.max_batch_size)
+            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the replica lives on
+                logger.exception("batch failed")
+                for q in queues:
+                    q.put_nowait({"error": f"generation failed: {type(e).__name__}", "status": 500})
+            finally:
+                self._running = 0
+                self._report_gauges()
+
+    def _take(self, adapter: str | None, n: int) -> list[tuple[GenRequest, asyncio.Queue]]:
+        """Remove and return up to ``n`` live waiting requests for ``adapter`` (caller holds the lock)."""
+        taken = [item for item in self._waiting if item[0].adapter == adapter and not item[0].cancelled][:n]
+        ids = {id(item[0]) for item in taken}
+        self._waiting = [item for item in self._waiting if id(item[0]) not in ids]
+        return taken
+
+    def _joined(self, n: int) -> None:
+        self._running += n
+        self._report_gauges()
+        self._m_batch.observe(self._running, tags={"model": self.name})
+
+    async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream events for one request: text pieces, the last with a finish reason; the first also carries
+        ``prompt_tokens``. A request that cannot run gets one event instead, ``{"error", "status", ...}``."""
+        try:
+            adapter = None if body["model"] == self.name else body["model"]
+            require_model(body["model"], self.name, self.engine.adapter_names())
+            require_task(self.engine.task, "causal_lm")
+            ids = self.engine.encode_prompt(body.get("prompt"), body.get("messages"))
+            max_tokens = body.get("max_tokens") or min(body["default_max_tokens"], max(1, self.engine.context_length - len(ids)))
+            self.engine.check_length(ids, max_tokens)
+        except RequestError as e:
+            yield e.event()
+            return
+        req = GenRequest(ids, max_tokens, body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("stop") or [],
+                         body.get("seed"), adapter)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._waiting_lock:
+            self._waiting.append((req, queue))
+        self._report_gauges()
+        if self._scheduler is None or self._scheduler.done():
+            self._scheduler = asyncio.create_task(self._schedule())
+        self._wake.set()
+        try:
+            event = {**await queue.get(), "prompt_tokens": len(ids)}
+            while True:
+                yield event
+                if event.get("finish_reason") or event.get("error"):
+                    return
+                event = await queue.get()
+        finally:
+            req.cancelled = True  # a client that went away frees its batch row at the next step
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer in one reply, for requests that do not stream: one round trip instead of a stream."""
+        started = time.perf_counter()
+        out: dict[str, Any] = {"text": "", "finish_reason": None, "completion_tokens": 0, "first_token_s": None}
+        async for event in self.generate(body):
+            if "error" in event:
+                return event
+            if event["text"] and out["first_token_s"] is None:
+                out["first_token_s"] = time.perf_counter() - started
+            out["prompt_tokens"] = event.get("prompt_tokens", out.get("prompt_tokens"))
+            out["text"] += event["text"]
+            out["finish_reason"] = event.get("finish_reason") or out["finish_reason"]
+            out["completion_tokens"] = event["completion_tokens"]
+        return out
+
+    async def classify(self, body: dict[str, Any]) -> dict[str, Any]:
+        texts = [body["input"]] if isinstance(body["input"], str) else list(body["input"])
+        try:
+            require_model(body["model"], self.name, [])
+            return {"data": await asyncio.to_thread(self.engine.classify, texts),
+                    "prompt_tokens": sum(len(self.engine.tokenizer(t)["input_ids"]) for t in texts)}
+        except RequestError as e:
+            return e.event()
+
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()

@@ -1,0 +1,123 @@
+"""``hone train``: a fine-tuning run on Ray Train with DeepSpeed ZeRO (or DDP).
+
+The driver validates, prepares and tokenizes the data once, hands it to Ray Data, and runs a
+``TorchTrainer`` (workers: :func:`hone.training.loop.train_loop`) on the local embedded Ray or an
+existing cluster. The run directory's layout is :mod:`hone.artifacts`'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hone.artifacts import EXPORT_DIR, JOB_FILE, MERGED_DIR, TOKENIZER_DIR, new_run_dir, read_metrics, resolve_run_dir, run_storage
+from hone.config import JobConfig, load_job, metric_mode
+from hone.runtime import ray_log_level, ray_session
+from hone.training.loop import train_loop
+from hone.training.plan import TrainError, total_steps
+from hone.training.progress import ProgressPrinter, progress_callback
+
+__all__ = ["TrainResult", "train"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    export_dir: Path | None
+    merged_dir: Path | None
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+
+def train(job: JobConfig | None = None, *, resume: str | None = None, address: str | None = None,
+          storage_path: str | None = None, quiet: bool = False, run_dir: Path | None = None,
+          callbacks: list[Any] | None = None, track: bool | None = None, experiment: str | None = None,
+          extra_tags: dict[str, str] | None = None, init_checkpoint: str | None = None) -> TrainResult:
+    """Run (or resume) a training job and return where its export is.
+
+    ``run_dir`` pins the run directory (sweep trials); ``callbacks`` are extra Ray Train
+    callbacks (Tune's report bridge); ``track`` logs the finished run to MLflow (default on,
+    ``HONE_MLFLOW=0`` turns it off); ``init_checkpoint`` starts the run from another run's
+    checkpoint directory with this job's learning rate and weight decay (population-based training).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hone.data import load_tokenizer, prepare_data, to_ray_datasets
+
+    if resume:
+        run_dir = resolve_run_dir(resume, storage_path)
+        job = load_job(run_dir / JOB_FILE, check_paths=False)
+        print(f"[hone] resuming run {run_dir.name} from {run_dir}", flush=True)
+    elif job is None:
+        raise TrainError("give a job or a run to resume")
+    else:
+        run_dir = Path(run_dir or new_run_dir(run_storage(storage_path, job), job.run_name)).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / JOB_FILE).write_text(job.to_yaml())
+
+    tokenizer = load_tokenizer(job)
+    if not (run_dir / TOKENIZER_DIR).exists():
+        tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)
+    prepared = prepare_data(job, tokenizer)
+    if not quiet:
+        print(f"[hone] data:\n{prepared.report}", flush=True)
+    steps = total_steps(job, len(prepared.train))
+    has_val = prepared.validation is not None
+    metric = job.training.eval_metric if has_val else "loss"
+    if not quiet:
+        d = job.distributed
+        print(f"[hone] run {run_dir.name}: {steps} steps, {d.num_workers} worker(s), "
+              f"{'ZeRO-' + str(d.deepspeed.stage) if d.deepspeed else 'DDP'}, {job.precision}; run dir {run_dir}", flush=True)
+
+    with ray_session(job, address):
+        datasets = to_ray_datasets(prepared)
+        datasets.pop("test", None)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "pad_id": tokenizer.pad_token_id,
+                               "total_steps": steps, "has_validation": has_val, "init_checkpoint": init_checkpoint},
+            scaling_config=ScalingConfig(num_workers=job.distributed.num_workers, use_gpu=job.distributed.use_gpu,
+                                         resources_per_worker=dict(job.distributed.resources_per_worker),
+                                         placement_strategy=job.distributed.placement_strategy),
+            run_config=RunConfig(
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
+                failure_config=FailureConfig(max_failures=job.distributed.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints, checkpoint_score_attribute=metric,
+                                                   checkpoint_score_order=metric_mode(metric)),
+                callbacks=[progress_callback(run_dir), *(callbacks or [])],
+                logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        )
+        with ProgressPrinter(run_dir, steps, quiet):
+            started = time.time()
+            try:
+                result = trainer.fit()
+            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep the cause visible
+                raise TrainError(f"training run {run_dir.name} failed: {e}\n"
+                                 f"resume it with: hone train --resume {run_dir}") from e
+            fit_seconds = time.time() - started
+    history = read_metrics(run_dir)
+    export = run_dir / EXPORT_DIR
+    merged = run_dir / MERGED_DIR
+    metrics = dict(result.metrics or {})
+    mlflow_run_id = None
+    if (track if track is not None else os.environ.get("HONE_MLFLOW", "1") != "0") and export.exists():
+        from hone.registry import log_run
+
+        mlflow_run_id = log_run(job, run_dir, history, metrics, experiment=experiment, extra_tags=extra_tags)
+    (run_dir / "hone-run.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "fit_seconds": fit_seconds,
+                                                        "metrics": metrics, "export": str(export) if export.exists() else None},
+                                                       indent=2, default=str))
+    return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
+                       metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)

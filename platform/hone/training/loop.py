@@ -1,0 +1,285 @@
+"""The per-worker training loop Ray Train runs, and the export its last step writes.
+
+Each worker builds the model and engine, then steps through the run's :class:`~hone.training.plan.Schedule`.
+A checkpoint holds the engine state (module, optimizer, scheduler), the step and every rank's RNG
+state. The last step writes a Hugging Face export (full weights gathered under ZeRO-3, or a PEFT
+adapter, optionally merged) with ``hone.json`` describing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hone.artifacts import EXPORT_DIR, EXPORT_INFO, MERGED_DIR, TOKENIZER_DIR, publish_dir
+from hone.config import JobConfig, metric_mode
+from hone.runtime import worker_setup_hook
+from hone.training.plan import Schedule, rng_state, seed_all, set_rng_state
+
+__all__ = ["train_loop"]
+
+_PEAK_FLOPS = {  # dense bf16 TFLOP/s per GPU, for MFU
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "V100": 125e12,
+}
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    world_size: int = 1
+
+
+def _rows(shard: Any) -> list[dict[str, Any]]:
+    """Materialise a Ray Data iterator into a list indexed by ``row_id``."""
+    rows = [dict(r) for r in shard.iter_rows()]
+    rows.sort(key=lambda r: r["row_id"])
+    for r in rows:
+        r.pop("row_id")
+        for k in ("input_ids", "labels", "position_ids"):
+            if k in r and hasattr(r[k], "tolist"):
+                r[k] = r[k].tolist()
+    return rows
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def _export(engine: Any, job: JobConfig, run_dir: Path, rank: int, metrics: dict[str, Any], workers: list[dict[str, Any]]) -> None:
+    """Write the Hugging Face export (every rank calls: ZeRO-3 gathers collectively)."""
+    state = engine.full_state_dict()
+    if rank != 0:
+        return
+    from hone.artifacts import resolve_ref
+    from hone.modeling import load_model
+
+    hf = engine.hf_module
+    staging = Path(tempfile.mkdtemp(prefix="hone-export-"))
+    try:
+        out = staging / EXPORT_DIR
+        hf.save_pretrained(out, state_dict=state, safe_serialization=True)
+        for f in (run_dir / TOKENIZER_DIR).iterdir():
+            shutil.copy2(f, out / f.name)
+        info = {
+            "kind": "adapter" if job.method.is_peft else "model",
+            "base_model": job.model.name,
+            "method": job.method.type,
+            "task": job.task.type,
+            "zero_stage": job.distributed.deepspeed.stage if job.distributed.deepspeed else None,
+            "num_workers": job.distributed.num_workers,
+            "workers": workers,
+            "metrics": metrics,
+            "job": job.to_dict(),
+        }
+        (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+        dirs = [EXPORT_DIR]
+        if job.method.is_peft and job.method.merge_adapter:
+            merged, _ = load_model(resolve_ref(str(out)), merge_adapter=True)
+            merged.save_pretrained(staging / MERGED_DIR, safe_serialization=True)
+            for f in (run_dir / TOKENIZER_DIR).iterdir():
+                shutil.copy2(f, staging / MERGED_DIR / f.name)
+            ((staging / MERGED_DIR) / EXPORT_INFO).write_text(json.dumps({**info, "kind": "merged-model"}, indent=2, default=str))
+            dirs.append(MERGED_DIR)
+        for name in dirs:  # copied next to the run (same filesystem), then swapped in: never a half-written export
+            partial = run_dir / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(staging / name, partial)
+            publish_dir(partial, run_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function run by Ray Train."""
+    worker_setup_hook()  # also when the Ray session was not started by hone
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from hone.data import collate
+    from hone.modeling import build_model, evaluate, forward_loss
+    from hone.training.engines import make_engine
+
+    job = JobConfig.model_validate(config["job"], context={"check_paths": False})
+    run_dir = Path(config["run_dir"])
+    pad_id = config["pad_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(job.distributed.resources_per_worker.get("CPU", 1))))
+    task = job.task.type
+    t = job.training
+
+    train_rows = _rows(ray.train.get_dataset_shard("train"))
+    val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    val_rows = _rows(val_shard) if val_shard is not None else []
+    sched = Schedule(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
+    total = config["total_steps"]
+
+    seed_all(t.seed)  # identical new weights (adapters, heads) on every rank
+    model = build_model(job, total_steps=total)
+    engine = make_engine(job, model, world, total)
+    seed_all(t.seed + 1000 * (rank + 1))  # per-rank dropout streams
+    device = engine.device
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        y = x.to(device) if device.type == "cuda" else x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y.cpu()
+
+    workers = [None] * world
+    dist.all_gather_object(
+        workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid()}
+    )
+
+    state = _State(world_size=world)
+    checkpoint = ray.train.get_checkpoint()
+    # A run's own checkpoints come first; ``init_checkpoint`` (another run's state that population-based
+    # training continues with perturbed hyperparameters) only starts a run that has none yet.
+    cloned = checkpoint is None and bool(config.get("init_checkpoint"))
+    if cloned:
+        checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = json.loads((Path(d) / "trainer_state.json").read_text())
+            if saved["world_size"] != world:
+                raise RuntimeError(
+                    f"checkpoint was written by {saved['world_size']} workers, this run has {world}; "
+                    "resume with the same distributed.num_workers"
+                )
+            engine.load(d)
+            state = _State(**saved)
+            set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
+        if cloned:
+            engine.retarget(t.lr, t.weight_decay)
+        if rank == 0:
+            print(f"[hone] {'continued' if cloned else 'resumed'} at step {state.step}/{total} from {checkpoint.path}", flush=True)
+
+    metric = t.eval_metric if val_rows else "loss"
+    mode = metric_mode(metric)
+    autocast = getattr(engine, "autocast", None)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.hf_module.parameters())
+    peak_flops = _peak_flops()
+    window = torch.zeros(4, dtype=torch.float64)  # loss sum, steps, tokens, samples
+    window_time = 0.0
+    engine.module.train()
+
+    def eval_now() -> dict[str, float]:
+        return evaluate(engine.module, val_rows, job, pad_id, batch_size=t.batch_size, rank=rank, world_size=world, all_reduce=all_reduce)
+
+    if cloned and (state.step >= total or state.stopped_early):
+        # Continued from a finished run's final state: nothing left to train, so this run ends as
+        # its copy (evaluated and exported here, so every trial of a sweep has its own export).
+        final = {
+            "step": state.step,
+            "total_steps": total,
+            "epoch": state.step / sched.steps_per_epoch,
+            "lr": engine.lr,
+            **(eval_now() if val_rows else {}),
+            "done": True,
+            "stopped_early": state.stopped_early,
+        }
+        if state.best is not None:
+            final["best_" + metric] = state.best
+        _export(engine, job, run_dir, rank, {k: v for k, v in final.items() if isinstance(v, (int, float, bool))}, workers)
+        ray.train.report(final)
+        return
+
+    while state.step < total and not state.stopped_early:
+        start = time.perf_counter()
+        for micro in range(t.grad_accum):
+            rows = [train_rows[i] for i in sched.micro_rows(state.step, micro, rank)]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id, task).items()}
+            with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                loss, _, _ = forward_loss(engine.module, batch, task)
+            engine.train_micro(loss)
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            window += torch.tensor([float(loss.detach()) / t.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
+        window[1] += 1
+        window_time += time.perf_counter() - start
+        state.step += 1
+        last = state.step == total
+        do_ckpt = last or bool(t.checkpoint_every and state.step % t.checkpoint_every == 0)
+        do_eval = bool(val_rows) and (last or do_ckpt or bool(t.eval_every and state.step % t.eval_every == 0))
+        do_log = last or do_eval or do_ckpt or state.step % t.log_every == 0
+        if not do_log:
+            continue
+        summed = all_reduce(window)
+        steps = float(window[1])
+        metrics: dict[str, Any] = {
+            "step": state.step,
+            "total_steps": total,
+            "epoch": state.step / sched.steps_per_epoch,
+            "loss": float(summed[0] / (steps * world)),
+            "lr": engine.lr,
+            "grad_norm": engine.grad_norm,
+            "tokens_per_s": float(summed[2]) / window_time,
+            "samples_per_s": float(summed[3]) / window_time,
+            "step_time_s": window_time / steps,
+            "peak_memory_mb": _peak_memory_mb(),
+        }
+        if peak_flops:
+            metrics["mfu"] = 6 * n_params * float(summed[2]) / window_time / (peak_flops * world)
+        window.zero_()
+        window_time = 0.0
+        if do_eval:
+            metrics.update(eval_now())
+        if do_eval or (do_ckpt and not val_rows):
+            value = metrics[metric]
+            better = state.best is None or (value < state.best if mode == "min" else value > state.best)
+            if better:
+                state.best, state.best_step, state.evals_since_best = value, state.step, 0
+            else:
+                state.evals_since_best += 1
+            if t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience and not last:
+                state.stopped_early = True
+                do_ckpt = True
+                if rank == 0:
+                    print(
+                        f"[hone] early stopping at step {state.step}: {metric} has not improved for "
+                        f"{state.evals_since_best} evaluations (best {state.best:.5g} at step {state.best_step})",
+                        flush=True,
+                    )
+            metrics["best_" + metric] = state.best
+        final = last or state.stopped_early
+        metrics["done"] = final
+        if final:
+            metrics["stopped_early"] = state.stopped_early
+            _export(engine, job, run_dir, rank, {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}, workers)
+        report_checkpoint = None
+        tmp = None
+        if do_ckpt:
+            tmp = tempfile.mkdtemp(prefix="hone-ckpt-")
+            engine.save(tmp)
+            torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                (Path(tmp) / "trainer_state.json").write_text(json.dumps(asdict(state)))
+            report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=report_checkpoint)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

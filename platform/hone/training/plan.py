@@ -1,0 +1,96 @@
+"""What a run will do, decided before it starts: its steps, its data order and its random state.
+
+The data order depends only on (seed, epoch): the global batch of step ``s`` is a fixed slice of a
+seeded permutation, and worker ``r`` takes its rows of it. With every rank's RNG state saved in each
+checkpoint, a resumed or restarted run continues with the same batches and the same losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hone.config import JobConfig
+
+__all__ = ["Schedule", "TrainError", "rng_state", "seed_all", "set_rng_state", "total_steps"]
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or failed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which rows each rank trains on at each step: a function of (seed, epoch) only."""
+
+    n_rows: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_rows // self.global_batch
+
+    def _perm(self, epoch: int) -> Any:
+        import numpy as np
+
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+
+    def micro_rows(self, step: int, micro: int, rank: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = self._perm(epoch)
+        start = k * self.global_batch + (micro * self.world_size + rank) * self.micro_batch
+        return perm[start : start + self.micro_batch].tolist()
+
+
+def total_steps(job: JobConfig, n_rows: int) -> int:
+    t = job.training
+    sched = Schedule(n_rows, t.batch_size, t.grad_accum, job.distributed.num_workers, t.seed)
+    if sched.steps_per_epoch == 0:
+        raise TrainError(
+            f"{n_rows} training examples are fewer than one global batch ({t.batch_size} per worker × {t.grad_accum} accumulation × "
+            f"{job.distributed.num_workers} workers = {sched.global_batch}); lower training.batch_size or add data"
+        )
+    return t.max_steps or max(1, int(round(t.epochs * sched.steps_per_epoch)))
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
