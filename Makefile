@@ -46,7 +46,7 @@ test-fast: setup lint
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # The whole platform end to end on a local embedded Ray: sweep → registry → quantise + gate →
-# Ray Serve → smoke test through the openai client (jobs/pipeline-quickstart.yaml).
+# Ray Serve → smoke test through the openai client (jobs/pipelines/quickstart.yaml).
 # QUICKSTART_ARGS="--keep-serving" leaves the endpoint up; "--tiny" runs the 2-minute variant.
 QUICKSTART_ARGS ?=
 quickstart: setup

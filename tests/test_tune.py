@@ -33,7 +33,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
 
 
 # A sweep with ASHA stopping a bad trial, the winner registered with its lineage, the tables and the plots:
-# tests/test_pipeline.py::test_tiny_quickstart_end_to_end_then_reruns (the tiny quickstart's first stage).
+# tests/pipeline/test_pipeline.py::test_tiny_quickstart_end_to_end_then_reruns (the tiny quickstart's first stage).
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ Importing ``hone`` is cheap; each stage imports its heavy libraries when it runs
     report = hone.evaluate_model(str(run.export_dir))
     q = hone.quantize("models:/tiny-smoke@winner", "int8-dynamic")
     hone.serve(hone.load_serve_config("serving/tiny.yaml"))
-    hone.run_pipeline(hone.load_pipeline("jobs/pipeline-quickstart-tiny.yaml"))
+    hone.run_pipeline(hone.load_pipeline("jobs/pipelines/quickstart-tiny.yaml"))
     hone.submit("jobs/tiny-smoke.yaml", address="http://head:8265")
 """
 

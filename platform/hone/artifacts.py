@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from hone.config import JobConfig
 
 __all__ = ["EXPORT_DIR", "EXPORT_INFO", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "QUANTIZED_INFO", "QUANTIZED_STATE", "TOKENIZER_DIR",
-           "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "parse_metrics", "publish_dir",
-           "new_run_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir", "run_storage"]
+           "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "model_class", "new_run_dir",
+           "parse_metrics", "publish_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir", "run_storage"]
 
 EXPORT_DIR = "export"
 MERGED_DIR = "export-merged"
@@ -196,8 +196,8 @@ def resolve_ref(ref: str) -> ModelSpec:
     if (folder / QUANTIZED_INFO).exists():
         info = _read_info(folder, QUANTIZED_INFO)
         return ModelSpec(ref, "quantized", str(folder), _task_of(info), info, registry)
-    if not (folder / EXPORT_INFO).exists() and not ref.startswith((assets.PREFIX, "models:/")) and not folder.exists():
-        try:  # a run's name: its export
+    if not (folder / EXPORT_INFO).exists() and not ref.startswith((assets.PREFIX, "models:/")):
+        try:  # a run (its directory, or its name under the storage path): its export
             candidate = resolve_run_dir(ref) / EXPORT_DIR
             if (candidate / EXPORT_INFO).exists():
                 folder = candidate
@@ -212,6 +212,13 @@ def resolve_ref(ref: str) -> ModelSpec:
         assets.check_builtin_model(ref)
     task = "sequence_classification" if ref == "builtin:minilm" else "causal_lm"
     return ModelSpec(ref, "model", ref, task)
+
+
+def model_class(task: str) -> Any:
+    """The transformers auto class for a task: the one place a task picks its model class."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
 
 
 def quantized_dir(spec: ModelSpec, method: str) -> Path:

@@ -230,20 +230,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return _run_pipeline(Path(args.pipeline), args)
 
 
-def _recipes_dir() -> Path:
-    """Where the shipped recipes live: $HONE_RECIPES, ./jobs, or the jobs/ folder of the checkout hone runs from."""
-    here = Path(__file__).resolve()
-    for candidate in (os.environ.get("HONE_RECIPES"), "jobs", here.parents[2] / "jobs"):
-        if candidate and (Path(candidate) / "pipeline-quickstart.yaml").is_file():
-            return Path(candidate)
-    raise SystemExit("hone quickstart: the quickstart recipes (jobs/pipeline-quickstart.yaml) are not here; run it from a hone "
-                     "checkout or set HONE_RECIPES to its jobs/ folder")
-
-
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     """The quickstart pipeline on the built-in model and data (``--tiny``: the built-in tiny Llama)."""
-    path = _recipes_dir() / ("pipeline-quickstart-tiny.yaml" if args.tiny else "pipeline-quickstart.yaml")
-    return _run_pipeline(path, args)
+    from hone.pipeline import quickstart_pipeline
+
+    return _run_pipeline(quickstart_pipeline(tiny=args.tiny), args)
 
 
 def _cmd_builtins(args: argparse.Namespace) -> int:
@@ -367,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rerun", action="store_true", help="run every stage again even when its outputs exist for the same inputs")
 
     p = sub.add_parser("pipeline", help="run a pipeline YAML: train or sweep → quantise → serve → smoke test")
-    p.add_argument("pipeline", help="pipeline YAML (jobs/pipeline-*.yaml)")
+    p.add_argument("pipeline", help="pipeline YAML (jobs/pipelines/*.yaml)")
     pipeline_args(p)
     p.set_defaults(fn=_cmd_pipeline)
 
@@ -424,19 +415,6 @@ def _known_errors() -> tuple[type[Exception], ...]:
             ServeError, SubmitError, TrainError)
 
 
-def _stable_workdir() -> None:
-    """A submitted job runs in Ray's unpacked working_dir, which Ray may garbage-collect while the driver
-    still runs (seen on the first job of a fresh cluster: os.getcwd() failing after training). Work from a
-    copy under $HONE_HOME instead; the job file and uploaded files are small by construction."""
-    import shutil
-    import uuid
-
-    target = assets.hone_home() / "submitted" / (os.environ.get("HONE_SUBMISSION_ID") or uuid.uuid4().hex[:12])
-    if not target.exists():
-        shutil.copytree(os.getcwd(), target)
-    os.chdir(target)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from hone.runtime import quiet_libraries
 
@@ -450,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     fn: Callable[[argparse.Namespace], int] = args.fn
     if os.environ.get("HONE_SUBMITTED"):
-        _stable_workdir()
+        from hone.submit import enter_stable_workdir
+
+        enter_stable_workdir()
     try:
         return fn(args)
     except ConfigError as e:

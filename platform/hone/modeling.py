@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hone import assets
-from hone.artifacts import ModelSpec
+from hone.artifacts import ModelSpec, model_class
 from hone.config import JobConfig
 from hone.data import IGNORE_INDEX, collate
 
@@ -28,8 +28,7 @@ __all__ = [
     "generation_accuracy",
     "load_base_model",
     "load_model",
-    "model_class",
-    "model_device",
+        "model_device",
     "torch_dtype",
     "unwrap",
 ]
@@ -63,21 +62,9 @@ def _quantization_config(job: JobConfig) -> Any:
     q = job.method.qlora
     compute = getattr(torch, q.compute_dtype)
     if q.bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,
-        )
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
     return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def model_class(task: str) -> Any:
-    """The transformers auto class for a task: the one place a task picks its model class."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
 
 
 def load_base_model(job: JobConfig, path: str | None = None) -> Any:
@@ -124,32 +111,15 @@ def _peft_config(job: JobConfig, model: Any, total_steps: int) -> Any:
     if m.type in ("lora", "qlora"):
         lo = m.lora
         _check_targets(model, lo.target_modules, "method.lora.target_modules")
-        return peft.LoraConfig(
-            task_type=task_type,
-            r=lo.r,
-            lora_alpha=lo.alpha,
-            lora_dropout=lo.dropout,
-            target_modules=lo.target_modules,
-            modules_to_save=lo.modules_to_save,
-            bias=lo.bias,
-            use_dora=lo.use_dora,
-            use_rslora=lo.use_rslora,
-        )
+        return peft.LoraConfig(task_type=task_type, r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                               target_modules=lo.target_modules, modules_to_save=lo.modules_to_save, bias=lo.bias,
+                               use_dora=lo.use_dora, use_rslora=lo.use_rslora)
     if m.type == "adalora":
         a = m.adalora
         _check_targets(model, a.target_modules, "method.adalora.target_modules")
-        return peft.AdaLoraConfig(
-            task_type=task_type,
-            init_r=a.init_r,
-            target_r=a.target_r,
-            lora_alpha=a.alpha,
-            lora_dropout=a.dropout,
-            tinit=a.tinit,
-            tfinal=a.tfinal,
-            deltaT=a.delta_t,
-            target_modules=a.target_modules,
-            total_step=max(total_steps, a.tinit + a.tfinal + 1),
-        )
+        return peft.AdaLoraConfig(task_type=task_type, init_r=a.init_r, target_r=a.target_r, lora_alpha=a.alpha,
+                                  lora_dropout=a.dropout, tinit=a.tinit, tfinal=a.tfinal, deltaT=a.delta_t,
+                                  target_modules=a.target_modules, total_step=max(total_steps, a.tinit + a.tfinal + 1))
     if m.type == "prefix_tuning":
         p = m.prefix_tuning
         return peft.PrefixTuningConfig(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from hone import assets
-from hone.artifacts import EXPORT_DIR
 from hone.config import JobConfig
 from hone.runtime import quiet_libraries
 
@@ -105,7 +104,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def log_run(job: JobConfig, run_dir: Path, history: list[dict[str, Any]], final: dict[str, Any], *,
+def log_run(job: JobConfig, run_dir: Path, export_dir: Path, history: list[dict[str, Any]], final: dict[str, Any], *,
             experiment: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
     """Log a finished run (params, metrics over steps, lineage tags, export location); returns the MLflow run id."""
     from mlflow.entities import Metric, Param, RunTag
@@ -124,7 +123,7 @@ def log_run(job: JobConfig, run_dir: Path, history: list[dict[str, Any]], final:
         "hone.git_commit": _git_commit(),
         "hone.version": __version__,
         "hone.run_dir": str(run_dir),
-        "hone.export_dir": str(run_dir / EXPORT_DIR),
+        "hone.export_dir": str(export_dir),
         "mlflow.runName": run_dir.name,
         **(extra_tags or {}),
     }
@@ -166,7 +165,7 @@ def promote(name: str, version: int, alias: str) -> None:
     with _client() as client:
         try:
             client.get_model_version(name, str(version))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RegistryError(f"no version {version} of registered model {name!r}") from e
         client.set_registered_model_alias(name, alias, str(version))
 
@@ -195,7 +194,7 @@ def resolve_model_ref(ref: str) -> dict[str, Any]:
     with _client() as client:
         try:
             mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RegistryError(f"{ref!r} does not resolve: no registered model {name!r} with "
                                 f"{'alias ' + alias if alias else 'version ' + str(version)}") from e
         return {"name": name, "version": int(mv.version), "source": mv.source, "tags": dict(mv.tags), "aliases": list(mv.aliases),

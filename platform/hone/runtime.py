@@ -132,7 +132,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
     if address:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_config=logging_config)
-        except Exception as e:  # noqa: BLE001 - re-raised with the address named
+        except Exception as e:  # re-raised with the address named
             raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from e
     else:
         need = 0.0

@@ -25,7 +25,7 @@ import yaml
 from hone.config import ServeConfig, apply_overrides, load_serve_config, validate_job
 from hone.config.base import apply_overrides_to
 
-__all__ = ["SubmitError", "Submission", "follow_logs", "job_client", "local_paths", "resolve_address", "submit"]
+__all__ = ["SubmitError", "Submission", "enter_stable_workdir", "follow_logs", "job_client", "local_paths", "resolve_address", "submit"]
 
 # Ray's Jobs API refuses working directories above 500 MiB; leave room for the job file.
 _UPLOAD_LIMIT = 100 * 2**20
@@ -146,16 +146,16 @@ def submit(path: str, overrides: Sequence[str] = (), *, address: str | None = No
             raise SubmitError(f"{path} has no tune: section to sweep")
     shared = list(shared_paths) + [p for p in os.environ.get("HONE_SHARED_PATHS", "").split(":") if p]
     local = [(k, v) for k, v in local_paths(raw, kind) if not _shared(v, shared)]
+    if local and not upload:  # before any network call: nothing is sent for a job the cluster could not run
+        listed = "\n".join(f"  - {k}: {v}" for k, v in local)
+        raise SubmitError(
+            "the job names local paths the cluster's nodes cannot see:\n" + listed + "\n"
+            "  options: put them on storage every node mounts and declare it (--shared-path /mnt/data, or "
+            "HONE_SHARED_PATHS), use an object store URI (s3://, gs://), or pass --upload to send small files "
+            f"(≤ {_UPLOAD_LIMIT // 2**20} MiB) with the job")
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="hone-submit-") as tmp:
         workdir = Path(tmp)
-        if local and not upload:
-            listed = "\n".join(f"  - {k}: {v}" for k, v in local)
-            raise SubmitError(
-                "the job names local paths the cluster's nodes cannot see:\n" + listed + "\n"
-                "  options: put them on storage every node mounts and declare it (--shared-path /mnt/data, or "
-                "HONE_SHARED_PATHS), use an object store URI (s3://, gs://), or pass --upload to send small files "
-                f"(≤ {_UPLOAD_LIMIT // 2**20} MiB) with the job")
         if local:
             _upload(local, raw, workdir)
         name = Path(path).name
@@ -188,3 +188,17 @@ def follow_logs(address: str | None, submission_id: str) -> str:
 
     asyncio.run(tail())
     return str(client.get_job_status(submission_id))
+
+
+def enter_stable_workdir() -> None:
+    """Inside a submitted job: a submitted job runs in Ray's unpacked working_dir, which Ray may garbage-collect while
+    the driver still runs (seen on the first job of a fresh cluster: os.getcwd() failing after training). Work from a
+    copy under $HONE_HOME instead; the job file and uploaded files are small by construction."""
+    import uuid
+
+    from hone import assets
+
+    target = assets.hone_home() / "submitted" / (os.environ.get("HONE_SUBMISSION_ID") or uuid.uuid4().hex[:12])
+    if not target.exists():
+        shutil.copytree(os.getcwd(), target)
+    os.chdir(target)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import JOB_FILE, append_metrics, read_metrics, resolve_run_dir, run_storage
+from hone.artifacts import EXPORT_DIR, JOB_FILE, append_metrics, read_metrics, resolve_run_dir, run_storage
 from hone.config import JobConfig, SearchDomain, load_job, validate_job
 from hone.config.base import set_path
 from hone.runtime import ray_session
@@ -436,13 +436,7 @@ def _track_trial(run_dir: Path, sweep_name: str, trial: str) -> str:
         return marker.read_text().strip()
     job = load_job(run_dir / JOB_FILE, check_paths=False)
     history = read_metrics(run_dir)
-    run_id = registry.log_run(
-        job,
-        run_dir,
-        history,
-        history[-1] if history else {},
-        experiment=f"hone/{sweep_name}",
-        extra_tags={"hone.sweep": sweep_name, "hone.trial": trial},
-    )
+    run_id = registry.log_run(job, run_dir, run_dir / EXPORT_DIR, history, history[-1] if history else {},
+                              experiment=f"hone/{sweep_name}", extra_tags={"hone.sweep": sweep_name, "hone.trial": trial})
     marker.write_text(run_id)
     return run_id

@@ -119,19 +119,22 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     """Read and validate a pipeline YAML with every file it names; no Ray work."""
     path = Path(path)
     raw = read_mapping(path, PipelineConfigError, "pipeline", PipelineConfig, overrides)
-    problems: list[Problem] = []
     try:
         cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as e:
+    except ValidationError as e:  # report the job's and the serve settings' problems too
         problems = problems_from_validation(e, PipelineConfig)
-        train = raw.get("train")
-        if isinstance(train, dict) and isinstance(train.get("job"), str):  # report the job's problems too
+        train, serve = raw.get("train"), raw.get("serve")
+        if isinstance(train, dict) and isinstance(train.get("job"), str):
             problems += _job_problems(path, train["job"], train.get("overrides") or [])[1]
+        if isinstance(serve, dict):
+            problems += [p for p in _serve_problems(str(raw.get("name")), serve, "models:/pipeline@winner", "none")[1]
+                         if p not in problems]
         raise PipelineConfigError(problems, str(path)) from None
 
+    problems: list[Problem] = []
     job, job_problems = _job_problems(path, cfg.train.job, cfg.train.overrides)
     if job is None:
-        raise PipelineConfigError(job_problems, str(path))
+        raise PipelineConfigError(job_problems + _serve_problems(cfg.name, cfg.serve, "models:/pipeline@winner", "none")[1], str(path))
     job_path = _job_path(path, cfg.train.job)
     sweep = cfg.train.sweep if cfg.train.sweep is not None else job.tune is not None
     if sweep and (job.tune is None or not job.tune.search_space):
@@ -148,17 +151,8 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
             GateThresholds(cfg.quantize.max_loss_increase, cfg.quantize.max_accuracy_drop)
         except QuantizeError as e:
             problems.append(Problem("quantize", str(e), "give max_loss_increase or max_accuracy_drop"))
-    for key in ("model", "quantization"):
-        if key in cfg.serve:
-            problems.append(Problem(f"serve.{key}", "comes from the earlier stages (the trained model and quantize.method)",
-                                    f"remove serve.{key}"))
-    serve_raw = {"name": cfg.name, **{k: v for k, v in cfg.serve.items() if k not in ("model", "quantization")},
-                 "model": f"models:/{registered_name(job, sweep)}@winner", "quantization": method or "none"}
-    serve_cfg = None
-    try:
-        serve_cfg = validate_serve_config(serve_raw)
-    except ServeConfigError as e:
-        problems += [Problem(f"serve.{p.path}" if p.path else "serve", p.message, p.hint) for p in e.problems]
+    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, f"models:/{registered_name(job, sweep)}@winner", method or "none")
+    problems += serve_problems
     if cfg.smoke_test is not None and cfg.serve.get("api_keys_file") and not os.environ.get("HONE_API_KEYS"):
         problems.append(Problem("smoke_test", "the endpoint will require an API key and only key hashes are configured "
                                               "(serve.api_keys_file)", "set HONE_API_KEYS to a key for the smoke test to send"))
@@ -169,6 +163,19 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
         raise PipelineConfigError(problems, str(path))
     assert serve_cfg is not None
     return Pipeline(cfg, job, serve_cfg, sweep, method, str(path))
+
+
+def _serve_problems(name: str, serve: dict[str, Any], model: str, method: str) -> tuple[ServeConfig | None, list[Problem]]:
+    """The serve config a pipeline deploys (its ``serve:`` settings with the model and quantisation of the earlier
+    stages), and the problems of those settings, at their ``serve.`` paths."""
+    problems = [Problem(f"serve.{key}", "comes from the earlier stages (the trained model and quantize.method)", f"remove serve.{key}")
+                for key in ("model", "quantization") if key in serve]
+    try:
+        cfg = validate_serve_config({"name": name, **{k: v for k, v in serve.items() if k not in ("model", "quantization")},
+                                     "model": model, "quantization": method})
+    except ServeConfigError as e:
+        return None, problems + [Problem(f"serve.{p.path}" if p.path else "serve", p.message, p.hint) for p in e.problems]
+    return cfg, problems
 
 
 def _job_path(pipeline: Path, job: str) -> Path:

@@ -8,9 +8,9 @@
 """
 
 from hone.config.pipeline import Pipeline, PipelineConfig, PipelineConfigError, load_pipeline
-from hone.pipeline.run import run_pipeline
+from hone.pipeline.run import quickstart_pipeline, run_pipeline
 from hone.pipeline.state import PipelineError
 from hone.pipeline.summary import PipelineResult, format_summary
 
 __all__ = ["Pipeline", "PipelineConfig", "PipelineConfigError", "PipelineError", "PipelineResult", "format_summary", "load_pipeline",
-           "run_pipeline"]
+           "quickstart_pipeline", "run_pipeline"]

@@ -10,9 +10,11 @@ A failed stage stops the pipeline with its reason; nothing after it runs.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from hone.artifacts import run_storage
 from hone.config import Pipeline, PipelineConfigError, Problem
@@ -24,7 +26,7 @@ from hone.runtime import dashboard_url, is_remote, stop_event
 from hone.serving.runner import cpus_needed, serving_session
 from hone.tune import SWEEP_EXTRA_CPUS
 
-__all__ = ["run_pipeline"]
+__all__ = ["quickstart_pipeline", "run_pipeline"]
 
 
 def _cpus(p: Pipeline) -> float:
@@ -105,7 +107,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                     pass
         except PipelineError:
             raise
-        except Exception as e:  # noqa: BLE001 - name the stage that failed
+        except Exception as e:  # name the stage that failed
             stage = next((s for s in stages if s not in result.stages), stages[-1])
             raise PipelineError(stage, f"{type(e).__name__}: {e}") from e
         finally:
@@ -115,3 +117,14 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 except Exception:  # noqa: BLE001 - shutting down anyway
                     pass
     return result
+
+
+def quickstart_pipeline(tiny: bool = False) -> Path:
+    """The shipped quickstart pipeline (``--tiny``: on the built-in tiny Llama), from ``$HONE_RECIPES``, ./jobs, or the
+    jobs/ folder of the checkout hone runs from."""
+    name = "quickstart-tiny.yaml" if tiny else "quickstart.yaml"
+    for jobs in (os.environ.get("HONE_RECIPES"), "jobs", Path(__file__).resolve().parents[3] / "jobs"):
+        if jobs and (Path(jobs) / "pipelines" / name).is_file():
+            return Path(jobs) / "pipelines" / name
+    raise PipelineError("quickstart", f"the quickstart recipes (jobs/pipelines/{name}) are not here; run it from a hone checkout "
+                                      "or set HONE_RECIPES to its jobs/ folder")

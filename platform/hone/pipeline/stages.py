@@ -132,7 +132,7 @@ def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remot
     started = time.time()
     try:
         serve(cfg, address=address, block=False, access_log=False)
-    except Exception as e:  # noqa: BLE001 - deployment errors become the stage's reason
+    except Exception as e:  # deployment errors become the stage's reason
         raise PipelineError("serve", str(e)) from e
     auto = cfg.autoscaling_config
     replicas = (

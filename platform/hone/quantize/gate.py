@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import QUANTIZED_INFO, ModelSpec, publish_dir, quantized_dir, resolve_ref
+from hone.artifacts import QUANTIZED_INFO, ModelSpec, model_class, publish_dir, quantized_dir, resolve_ref
 from hone.config import JobConfig, validate_job
 from hone.config.quantization import GateThresholds, QuantizeError, check_method, default_method
-from hone.modeling import load_model, model_class
+from hone.modeling import load_model
 from hone.quantize.methods import apply_method, default_modules, load_quantized, save_quantized
 from hone.runtime import quiet_libraries
 

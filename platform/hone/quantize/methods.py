@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import QUANTIZED_INFO, QUANTIZED_STATE
+from hone.artifacts import QUANTIZED_INFO, QUANTIZED_STATE, model_class
 from hone.config.quantization import GPU_ONLY, QuantizeError
-from hone.modeling import model_class
 
 __all__ = ["apply_method", "default_modules", "load_quantized", "quantized_linears", "save_quantized"]
 

@@ -87,7 +87,7 @@ class ModelServer:
 
             try:
                 await asyncio.to_thread(self.engine.generate_batch, [r for r, _ in batch], emit, admit, self.max_batch_size)
-            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the replica lives on
+            except Exception as e:  # every request of the batch gets the error, the replica lives on
                 logger.exception("batch failed")
                 for q in queues:
                     q.put_nowait({"error": f"generation failed: {type(e).__name__}", "status": 500})

@@ -103,7 +103,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
             started = time.time()
             try:
                 result = trainer.fit()
-            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep the cause visible
+            except Exception as e:  # Ray wraps worker errors; keep the cause visible
                 raise TrainError(f"training run {run_dir.name} failed: {e}\n"
                                  f"resume it with: hone train --resume {run_dir}") from e
             fit_seconds = time.time() - started
@@ -115,7 +115,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     if (track if track is not None else os.environ.get("HONE_MLFLOW", "1") != "0") and export.exists():
         from hone.registry import log_run
 
-        mlflow_run_id = log_run(job, run_dir, history, metrics, experiment=experiment, extra_tags=extra_tags)
+        mlflow_run_id = log_run(job, run_dir, export, history, metrics, experiment=experiment, extra_tags=extra_tags)
     (run_dir / "hone-run.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "fit_seconds": fit_seconds,
                                                         "metrics": metrics, "export": str(export) if export.exists() else None},
                                                        indent=2, default=str))

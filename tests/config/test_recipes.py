@@ -8,8 +8,8 @@ import pytest
 
 from hone.config import load_job
 
-# pipeline-*.yaml are pipelines, not jobs: tests/test_pipeline.py validates them
-JOBS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml") if not p.name.startswith("pipeline-"))
+# jobs/pipelines/ holds pipelines, not jobs: tests/pipeline/test_pipeline.py validates them
+JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
 
 
 def test_there_are_jobs():

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 HONE = str(Path(sys.executable).parent / "hone")
-PIPELINES = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("pipeline-*.yaml"))
+PIPELINES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "pipelines").glob("*.yaml"))
 
 
 def _free_port() -> int:

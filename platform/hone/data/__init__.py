@@ -1,0 +1,23 @@
+"""The data pipeline: load → format → tokenize → mask → pack → Ray Data.
+
+Every format becomes rows of ``input_ids`` and ``labels``:
+
+* causal LM: ``labels`` are the token ids where the loss is computed and -100
+  elsewhere (prompt tokens unless ``train_on_inputs``; everything but assistant
+  turns for chat formats; padding always). Packed rows also carry ``position_ids``
+  that restart at 0 for each packed example, which makes transformers build a
+  block-diagonal causal mask (no attention across examples).
+* sequence classification: ``labels`` is the class id.
+
+Problems in the data (missing column, empty result, bad label, a chat format on a
+tokenizer without a chat template) raise :class:`DataError` naming the config key
+to change. Truncated and dropped rows are counted in a :class:`DataReport`.
+"""
+
+from hone.data.formats import IGNORE_INDEX, prompt_and_answer, prompt_messages
+from hone.data.preview import preview
+from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer
+from hone.data.tokenize import DataReport, PreparedData, SplitReport, collate, prepare_data, to_ray_datasets, tokenize_split
+
+__all__ = ["IGNORE_INDEX", "DataError", "DataReport", "PreparedData", "SplitReport", "collate", "held_out_rows", "load_splits",
+           "load_tokenizer", "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split"]

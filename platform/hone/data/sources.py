@@ -1,0 +1,114 @@
+"""Reading data: sources (files, globs, ``save_to_disk`` directories, hub ids, built-ins), seeded splits, the tokenizer."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+from hone import assets
+from hone.config import DataConfig, JobConfig
+from hone.config.sections import DATA_FILE_TYPES
+
+__all__ = ["DataError", "held_out_rows", "load_splits", "load_tokenizer"]
+
+
+class DataError(ValueError):
+    """The data does not fit the job; the message names the setting to change."""
+
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(job: JobConfig) -> Any:
+    """The job's tokenizer, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = assets.resolve_model(job.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_source(source: str, cfg: DataConfig) -> Any:
+    """Load a source into a DatasetDict (or Dataset) without touching the network for local data."""
+    import datasets
+
+    if source.startswith(assets.PREFIX):
+        return assets.load_builtin_dataset(source, cfg.format)
+    expanded = os.path.expanduser(source)
+    is_glob = glob.has_magic(expanded)
+    if is_glob or os.path.isfile(expanded):
+        files = sorted(glob.glob(expanded)) if is_glob else [expanded]
+        if not files:
+            raise DataError(f"data: no file matches {source!r}")
+        kinds = {DATA_FILE_TYPES.get(Path(f).suffix.lower()) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise DataError(f"data: cannot tell the file type of {source!r}; use .jsonl, .json, .csv, .parquet or .txt files (one kind)")
+        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    if os.path.isdir(expanded):
+        if any((Path(expanded) / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return datasets.load_from_disk(expanded)
+        return datasets.load_dataset(expanded)
+    return datasets.load_dataset(source)  # a hub id (needs network unless cached)
+
+
+def _pick_split(loaded: Any, split: str, source: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"data.split: {source!r} has no split {split!r}; it has {', '.join(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def load_splits(cfg: DataConfig) -> dict[str, Any]:
+    """train/validation/test ``datasets.Dataset`` objects before formatting, split and seeded."""
+    import datasets
+
+    loaded = _load_source(cfg.source, cfg)
+    train = _pick_split(loaded, cfg.split, cfg.source)
+    own = loaded if isinstance(loaded, datasets.DatasetDict) else {}
+    train = train.shuffle(seed=cfg.seed)
+    out: dict[str, Any] = {}
+    for name in ("test", "validation"):
+        spec = getattr(cfg, name)
+        if spec is None:
+            continue
+        if isinstance(spec, float):
+            if name in own and name != cfg.split:
+                out[name] = own[name]
+            else:
+                n = max(1, int(round(len(train) * spec)))
+                if n >= len(train):
+                    raise DataError(f"data.{name}: {spec} of {len(train)} rows leaves no training data")
+                out[name] = train.select(range(n))
+                train = train.select(range(n, len(train)))
+        else:
+            parts = [_pick_split(_load_source(path, cfg), "train", path) for path in ([spec] if isinstance(spec, str) else spec)]
+            out[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if cfg.max_samples is not None:
+        train = train.select(range(min(cfg.max_samples, len(train))))
+    if cfg.max_eval_samples is not None:
+        out = {k: v.select(range(min(cfg.max_eval_samples, len(v)))) for k, v in out.items()}
+    return {"train": train, **{k: out[k] for k in ("validation", "test") if k in out}}
+
+
+def held_out_rows(cfg: DataConfig, split: str, n: int) -> Any:
+    """The first ``n`` rows of ``split`` before formatting: the one rule every stage that evaluates on held-out data
+    follows (``hone eval``, the quality gate, the smoke test). A validation or test split the data does not declare
+    is carved as 10% of the seeded training rows; ``max_eval_samples`` does not apply."""
+    update: dict[str, Any] = {"max_eval_samples": None}
+    if split in ("validation", "test") and getattr(cfg, split) is None:
+        update[split] = 0.1
+    splits = load_splits(cfg.model_copy(update=update))
+    if split not in splits:
+        raise DataError(f"the data has no {split!r} split (have {', '.join(splits)})")
+    return splits[split].select(range(min(n, len(splits[split]))))

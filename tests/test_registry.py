@@ -1,0 +1,69 @@
+"""The model registry (hone.registry) on a private local MLflow: runs, versions, aliases, tags, lookups.
+
+Fast (no Ray, no weights): an export directory is a folder with its hone.json, as train writes it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_job
+from hone import artifacts, registry
+
+
+@pytest.fixture()
+def run(home, tmp_path):
+    job = make_job(name="regtest")
+    run_dir = tmp_path / "regtest-run"
+    export = run_dir / artifacts.EXPORT_DIR
+    export.mkdir(parents=True)
+    (export / artifacts.EXPORT_INFO).write_text(json.dumps({"kind": "adapter", "task": "causal_lm", "job": job.to_dict()}))
+    history = [{"step": 1, "loss": 2.0, "time": 1.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7, "time": 2.0}]
+    run_id = registry.log_run(job, run_dir, export, history, {"step": 2, "loss": 1.5, "eval_loss": 1.7})
+    return job, run_dir, export, run_id
+
+
+def test_versions_aliases_and_lookups(run):
+    job, run_dir, export, run_id = run
+    assert registry.tracking_uri().startswith("sqlite:///")
+    v1 = registry.register_winner("regtest", run_id, export, "eval_loss", 1.7)
+    v2 = registry.register_winner("regtest", run_id, export, "eval_loss", 1.6, sweep="s1")
+    assert (v1, v2) == (1, 2)
+    winner = registry.resolve_model_ref("models:/regtest@winner")
+    assert winner["version"] == 2 and winner["source"] == str(export) and winner["tags"]["hone.sweep"] == "s1"
+    assert registry.resolve_model_ref("models:/regtest/1")["version"] == 1
+    registry.promote("regtest", 1, "prod")
+    registry.tag_version("regtest", 1, {"hone.note": "kept"})
+    assert registry.resolve_model_ref("models:/regtest@prod")["tags"]["hone.note"] == "kept"
+    listed = {m["name"]: m for m in registry.list_models()}
+    assert listed["regtest"]["latest"] == 2 and {k: int(v) for k, v in listed["regtest"]["aliases"].items()} == {"winner": 2, "prod": 1}
+    shown = registry.show_model("regtest")
+    assert [v["version"] for v in shown] == [1, 2]
+    assert shown[0]["lineage"]["hone.base_model"] == job.model.name and shown[0]["lineage"]["hone.run_dir"] == str(run_dir)
+    assert shown[0]["metrics"]["final_eval_loss"] == pytest.approx(1.7)
+
+
+def test_a_registry_reference_resolves_to_its_export(run):
+    _, _, export, run_id = run
+    registry.register_winner("regtest", run_id, export, "eval_loss", 1.7)
+    spec = artifacts.resolve_ref("models:/regtest@winner")
+    assert spec.kind == "export" and spec.path == str(export) and spec.registry["version"] == 1
+    assert spec.slug() == "regtest-v1"
+
+
+def test_unknown_names_versions_and_malformed_refs_are_clear(run):
+    with pytest.raises(registry.RegistryError, match="no registered model 'nope' with alias winner"):
+        registry.resolve_model_ref("models:/nope@winner")
+    with pytest.raises(registry.RegistryError, match="models:/NAME@ALIAS or models:/NAME/VERSION"):
+        registry.resolve_model_ref("models:/regtest")
+    with pytest.raises(registry.RegistryError, match="no version 9"):
+        registry.promote("regtest", 9, "prod")
+    with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
+        registry.show_model("nope")
+
+
+def test_dataset_fingerprint_follows_what_decides_the_data():
+    a = registry.dataset_fingerprint(make_job())
+    assert a == registry.dataset_fingerprint(make_job(training={"lr": 1e-3}))
+    assert a != registry.dataset_fingerprint(make_job(data={"max_length": 64}))

@@ -1,0 +1,56 @@
+"""``hone submit``'s checks before anything is sent (hone.submit): addresses, and the local paths a cluster cannot see.
+
+Fast: no cluster (tests/test_cluster.py submits to a real one). The address used here is never reached: every
+refusal below happens before the first network call."""
+
+from __future__ import annotations
+
+import pytest
+
+from hone.submit import SubmitError, local_paths, resolve_address, submit
+
+NOWHERE = "http://127.0.0.1:9"
+
+
+def test_addresses(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address("http://head:8265/") == "http://head:8265"
+    assert resolve_address("ray://head:10001") == "http://head:8265"
+    assert resolve_address("10.0.0.5:6379") == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert resolve_address(None) == "http://head:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(SubmitError, match="RAY_ADDRESS"):
+        resolve_address(None)
+
+
+def test_local_paths_of_jobs_and_serve_configs(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    job = {"model": {"name": "builtin:tiny-llama"}, "data": {"source": str(data), "validation": "./val.jsonl", "test": 0.1}}
+    assert local_paths(job, "job") == [("data.source", str(data)), ("data.validation", "./val.jsonl")]
+    remote = {"model": "Qwen/Qwen2.5-0.5B", "data": {"source": "s3://bucket/train.jsonl"}}
+    assert local_paths(remote, "job") == []
+    serve = {"model": "models:/m@winner", "api_keys_file": "/etc/hone/keys", "adapters": {"a": "~/adapters/a"}}
+    assert local_paths(serve, "serve") == [("api_keys_file", "/etc/hone/keys"), ("adapters.a", "~/adapters/a")]
+
+
+def _job_with_local_data(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n' * 4)
+    path = tmp_path / "job.yaml"
+    path.write_text(f"model: {{name: builtin:tiny-llama}}\ndata: {{source: {data}, format: text}}\n")
+    return path, data
+
+
+def test_local_data_is_refused_before_contacting_the_cluster(tmp_path):
+    path, data = _job_with_local_data(tmp_path)
+    with pytest.raises(SubmitError) as e:
+        submit(str(path), address=NOWHERE)
+    assert f"data.source: {data}" in str(e.value) and "--shared-path" in str(e.value) and "--upload" in str(e.value)
+
+
+def test_shared_paths_pass_the_check_and_reach_the_network(tmp_path):
+    path, _ = _job_with_local_data(tmp_path)
+    with pytest.raises(SubmitError, match="cannot reach the Ray Jobs API at http://127.0.0.1:9"):
+        submit(str(path), address=NOWHERE, shared_paths=[str(tmp_path)])
