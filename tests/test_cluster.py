@@ -120,6 +120,9 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     job.write_text(yaml.safe_dump(raw))
     storage = tmp_path / "runs"
     env = _env(cluster)
+    # A team's tracking server and a hub token travel with the job (and meet the same variables in hone's own session).
+    (tmp_path / "team-mlflow").mkdir()
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'team-mlflow' / 'mlflow.db'}", "HF_TOKEN": "hf_not_a_real_token"}
 
     refused = subprocess.run(_submit_args(cluster, job, "--storage-path", str(storage)), env=env, capture_output=True, text=True)
     assert refused.returncode == 1
@@ -135,6 +138,11 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     info = json.loads((export / "hone.json").read_text())
     assert len({w["node_id"] for w in info["workers"]}) == 2, info["workers"]
     assert info["job"]["data"]["source"].endswith("files/data_source/reviews.jsonl")  # the uploaded copy was trained on
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()])
+    assert any(r.data.tags.get("hone.export_dir") == str(export) for r in logged)  # tracked in the team's store
 
     # It is an ordinary Ray job: ray's own CLI sees it.
     ray_cli = str(Path(sys.executable).parent / "ray")

@@ -5,6 +5,7 @@ Fast (no Ray, no weights): an export directory is a folder with its hone.json, a
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -42,6 +43,8 @@ def test_versions_aliases_and_lookups(run):
     assert [v["version"] for v in shown] == [1, 2]
     assert shown[0]["lineage"]["hone.base_model"] == job.model.name and shown[0]["lineage"]["hone.run_dir"] == str(run_dir)
     assert shown[0]["metrics"]["final_eval_loss"] == pytest.approx(1.7)
+    # the store was chosen per call: nothing pinned it in the environment that workers and submitted jobs inherit
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_a_registry_reference_resolves_to_its_export(run):

@@ -51,16 +51,17 @@ def _client() -> Iterator[Any]:
     """An MlflowClient; local SQLite access is serialised across processes by a file lock."""
     import fcntl
 
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     quiet_libraries()
+    # The URI goes to this client only: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to this process's
+    # environment, pinning every later lookup (and every Ray worker and submitted job it starts) to this store.
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:"):
         yield MlflowClient(tracking_uri=uri, registry_uri=uri)
         return
     lock = assets.hone_home() / "mlflow" / "registry.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)  # also when MLFLOW_TRACKING_URI names a SQLite file elsewhere
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -119,6 +119,9 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report returns promptly
+    # Inside a job submitted through the Jobs API, the job's runtime env already carries variables this session's also
+    # sets (HF_TOKEN, MLFLOW_TRACKING_URI, ...): Ray refuses the same key twice unless told to combine the two.
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # per-worker bars would flood the driver's console

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "Problem", "Section", "dict_value_model", "fields_at", "is_dict", "model_of", "parse_overrides",
-           "path_problem", "problems_from_validation", "read_mapping", "apply_overrides_to", "set_path", "unwrap_annotation"]
+__all__ = ["ConfigError", "Problem", "Section", "apply_overrides_to", "dict_value_model", "fields_at", "is_dict", "model_of",
+           "parse_overrides", "path_problem", "problems_from_validation", "read_mapping", "set_path", "unwrap_annotation"]
 
 
 class Section(BaseModel):
@@ -36,6 +36,7 @@ class Section(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
 
 # --------------------------------------------------------------------------- problems
 
@@ -67,6 +68,7 @@ class ConfigError(Exception):
         head = f"{self.source}: " if self.source else ""
         n = len(self.problems)
         return head + f"{n} problem{'s' if n != 1 else ''} in {self.what}:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
 
 # --------------------------------------------------------------------------- schema walking
 
@@ -229,7 +231,7 @@ def parse_overrides(overrides: Sequence[str], root: type[BaseModel]) -> tuple[li
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            problems.append(Problem(item, "an override must look like key.path=value", f"e.g. {example_override(root)}"))
+            problems.append(Problem(item, "an override must look like key.path=value", f"e.g. {_example_override(root)}"))
             continue
         key = key.strip()
         problem = path_problem(key, root)
@@ -244,7 +246,7 @@ def parse_overrides(overrides: Sequence[str], root: type[BaseModel]) -> tuple[li
     return pairs, problems
 
 
-def example_override(root: type[BaseModel]) -> str:
+def _example_override(root: type[BaseModel]) -> str:
     """A sample ``key=value`` for the schema at ``root`` (for hints)."""
     fields = root.model_fields
     for path in ("training.lr", "serve.port", "port"):
