@@ -70,3 +70,13 @@ def test_dataset_fingerprint_follows_what_decides_the_data():
     a = registry.dataset_fingerprint(make_job())
     assert a == registry.dataset_fingerprint(make_job(training={"lr": 1e-3}))
     assert a != registry.dataset_fingerprint(make_job(data={"max_length": 64}))
+
+
+def test_an_external_tracking_uri_with_a_fresh_hone_home(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI names another SQLite store and HONE_HOME is new: the local lock's folder is made when needed."""
+    monkeypatch.setenv("HONE_HOME", str(tmp_path / "fresh-home"))
+    (tmp_path / "team").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}")
+    assert registry.list_models() == []
+    assert (tmp_path / "fresh-home" / "mlflow" / "registry.lock").exists()
+    assert not (tmp_path / "fresh-home" / "mlflow" / "mlflow.db").exists()  # the store is the team's, not hone's own
