@@ -196,3 +196,16 @@ def test_concurrent_registry_writes_lose_nothing(home, tmp_path):
         registry.promote("shared-model", 99, "prod")
     with pytest.raises(registry.RegistryError, match="does not resolve"):
         registry.resolve_model_ref("models:/nope@winner")
+
+
+def test_the_winner_is_the_best_finite_completed_trial():
+    from hone.tune import choose_winner
+
+    def row(trial, value, status="completed"):
+        return {"trial": trial, "eval_loss": value, "status": status}
+
+    nan = float("nan")
+    rows = [row("a", nan), row("b", 0.7), row("c", 0.5), row("d", 0.1, "stopped early"), row("e", None), row("f", float("-inf"))]
+    assert choose_winner(rows, "eval_loss", "min")["trial"] == "c"
+    assert choose_winner([row("a", nan), row("b", 0.7)], "eval_loss", "max")["trial"] == "b"
+    assert choose_winner([row("a", nan), row("e", None), row("d", 0.1, "error")], "eval_loss", "min") is None

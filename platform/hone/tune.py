@@ -20,6 +20,7 @@ import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -35,7 +36,7 @@ from hone.config.base import set_path
 from hone.runtime import ray_session
 from hone.training import TrainError, train
 
-__all__ = ["DATA_TASK_CPU", "SWEEP_EXTRA_CPUS", "TRIAL_DRIVER_CPU", "SweepResult", "format_table", "sweep"]
+__all__ = ["DATA_TASK_CPU", "SWEEP_EXTRA_CPUS", "TRIAL_DRIVER_CPU", "SweepResult", "choose_winner", "format_table", "sweep"]
 
 
 @dataclass
@@ -254,6 +255,8 @@ def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dic
         # (a resumed sweep restarts a clone from the same checkpoint: one clone, its latest parameters)
         clones = list({(e["step"], e["from"]): e for e in events if e.get("from") and e["from"] != str(trial_id)}.values())
         status = "error" if r.error else ("completed" if export.exists() and (not total or last_step >= total) else "stopped early")
+        if values and not math.isfinite(values[-1]):
+            status = "error"  # diverged: a non-finite metric never wins
         rows.append({
             "trial": trial_id,
             "run_seconds": float((r.metrics or {}).get("time_total_s", 0.0)),
@@ -335,6 +338,15 @@ def format_table(rows: list[dict[str, Any]], job: JobConfig, winner: dict[str, A
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def choose_winner(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The best completed trial by ``metric`` among those whose value is finite (a NaN would otherwise win or lose
+    by accident: ``min`` over a list that starts with NaN returns NaN); None when there is none."""
+    finite = [r for r in rows if r["status"] == "completed" and r[metric] is not None and math.isfinite(r[metric])]
+    if not finite:
+        return None
+    return min(finite, key=lambda r: r[metric]) if mode == "min" else max(finite, key=lambda r: r[metric])
+
+
 def sweep(
     job: JobConfig | None = None,
     *,
@@ -403,7 +415,10 @@ def sweep(
         wall = time.time() - started
     rows = _trials_table(result_grid, job, sweep_dir)
     done = [r for r in rows if r["status"] == "completed" and r[metric] is not None]
-    winner = (min(done, key=lambda r: r[metric]) if mode == "min" else max(done, key=lambda r: r[metric])) if done else None
+    winner = choose_winner(rows, metric, mode)
+    if winner is None:
+        print(f"[hone] no trial of {name} completed with a finite {metric}: nothing is registered "
+              f"(see {sweep_dir}/trials.csv)", flush=True)
     _write_outputs(rows, job, sweep_dir)
     registered = None
     if register:

@@ -96,3 +96,20 @@ def test_missing_artifact_and_gpu_methods_fail_clearly(registered_export, home, 
             quantize("builtin:tiny-llama", "int4-weight-only")
     with pytest.raises(QuantizeError, match="unknown quantisation method"):
         quantize("builtin:tiny-llama", "int3")
+
+
+def test_gate_fails_on_non_finite_measures_and_refuses_no_rows():
+    """A diverged model never passes: NaN compares as 'not worse than allowed', so it is checked on its own."""
+    from hone.quantize import GateThresholds, QuantizeError, quantize
+    from hone.quantize.gate import gate_verdict
+
+    ok = {"eval_loss": 1.0, "answer_accuracy": 0.8, "size_mb": float("nan")}  # size: not measured for bitsandbytes
+    assert gate_verdict("causal_lm", ok, dict(ok), GateThresholds())["passed"] is True
+    for broken in ({**ok, "eval_loss": float("nan")}, {**ok, "eval_loss": float("inf")}, {**ok, "answer_accuracy": float("nan")}):
+        verdict = gate_verdict("causal_lm", ok, broken, GateThresholds())
+        assert verdict["passed"] is False and "non-finite" in verdict["rule"], verdict
+        assert gate_verdict("causal_lm", broken, ok, GateThresholds())["passed"] is False
+    cls = {"eval_loss": 0.5, "eval_accuracy": float("nan")}
+    assert gate_verdict("sequence_classification", cls, {**cls, "eval_accuracy": 0.9}, GateThresholds())["passed"] is False
+    with pytest.raises(QuantizeError, match="at least one evaluation row"):
+        quantize("builtin:tiny-llama", "int8-dynamic", n=0)

@@ -11,6 +11,7 @@ on the registry version); ``hone serve`` refuses it unless told otherwise.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -26,7 +27,7 @@ from hone.modeling import load_model
 from hone.quantize.methods import apply_method, default_modules, load_quantized, save_quantized
 from hone.runtime import quiet_libraries
 
-__all__ = ["QuantizeResult", "Source", "quantize", "resolve_source"]
+__all__ = ["QuantizeResult", "Source", "gate_verdict", "quantize", "resolve_source"]
 
 
 @dataclass
@@ -196,48 +197,36 @@ def _original_size_mb(model: Any) -> float:
     return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values()) / 2**20
 
 
-def _gate(task: str, original: dict[str, float], quantized: dict[str, float], thresholds: GateThresholds) -> dict[str, Any]:
-    """Every checked measure must hold: accuracy drop (classification accuracy, or generated-answer accuracy)
-    and, for causal LMs, the relative eval-loss increase."""
+def gate_verdict(task: str, original: dict[str, float], quantized: dict[str, float], thresholds: GateThresholds) -> dict[str, Any]:
+    """Every checked measure must hold: accuracy drop (classification accuracy, or generated-answer accuracy) and, for
+    causal LMs, the relative eval-loss increase. A non-finite measure of either model fails the gate: a comparison with
+    NaN is never "worse than allowed", so it would otherwise pass."""
     checks: list[tuple[str, float, float | None, str]] = []
     accuracy = "eval_accuracy" if task == "sequence_classification" else "answer_accuracy"
     if task != "sequence_classification":
         rel = (quantized["eval_loss"] - original["eval_loss"]) / max(abs(original["eval_loss"]), 1e-12)
         allowed = thresholds.max_relative_loss_increase
-        checks.append(
-            (
-                "eval_loss",
-                rel,
-                allowed,
-                f"eval loss {rel * 100:+.2f}% relative"
-                + (f" (allowed ≤ {allowed * 100:.2f}%)" if allowed is not None else " (not checked)"),
-            )
-        )
+        checks.append(("eval_loss", rel, allowed, f"eval loss {rel * 100:+.2f}% relative"
+                       + (f" (allowed ≤ {allowed * 100:.2f}%)" if allowed is not None else " (not checked)")))
     if accuracy in original and accuracy in quantized:
         drop = original[accuracy] - quantized[accuracy]
         allowed = thresholds.max_accuracy_drop
         what = "accuracy" if accuracy == "eval_accuracy" else "answer accuracy"
-        checks.append(
-            (
-                accuracy,
-                drop,
-                allowed,
-                f"{what} drop {drop * 100:+.2f} points"
-                + (f" (allowed ≤ {allowed * 100:.2f})" if allowed is not None else " (not checked)"),
-            )
-        )
+        checks.append((accuracy, drop, allowed, f"{what} drop {drop * 100:+.2f} points"
+                       + (f" (allowed ≤ {allowed * 100:.2f})" if allowed is not None else " (not checked)")))
     if all(allowed is None for _, _, allowed, _ in checks):
-        raise QuantizeError(
-            f"the quality gate checks nothing for this {task} model: "
-            + ("give an accuracy threshold" if task == "sequence_classification" else "give a loss threshold")
-        )
-    failed = [metric for metric, change, allowed, _ in checks if allowed is not None and change > allowed + 1e-12]
-    return {
-        "passed": not failed,
-        "rule": "; ".join(text for *_, text in checks),
-        "failed": failed,
-        "changes": {metric: change for metric, change, _, _ in checks},
-    }
+        raise QuantizeError(f"the quality gate checks nothing for this {task} model: "
+                            + ("give an accuracy threshold" if task == "sequence_classification" else "give a loss threshold"))
+    failed = [metric for metric, change, allowed, _ in checks
+              if allowed is not None and not (math.isfinite(change) and change <= allowed + 1e-12)]
+    rule = "; ".join(text for *_, text in checks)
+    # size is NaN where it cannot be measured (bitsandbytes loads straight into 8/4 bit); it gates nothing
+    broken = [f"{side} {key}" for side, measured in (("original", original), ("quantized", quantized))
+              for key, value in measured.items() if key != "size_mb" and isinstance(value, float) and not math.isfinite(value)]
+    if broken:
+        failed = sorted(set(failed) | {"non-finite"})
+        rule = f"non-finite measures ({', '.join(broken)}); {rule}"
+    return {"passed": not failed, "rule": rule, "failed": failed, "changes": {metric: change for metric, change, _, _ in checks}}
 
 
 def quantize(
@@ -255,6 +244,9 @@ def quantize(
 
     method = method or default_method()
     check_method(method)
+    if n < 1:
+        raise QuantizeError(f"the quality gate needs at least one evaluation row (got n={n}): a gate that measures nothing "
+                            "cannot pass")
     thresholds = thresholds or GateThresholds()
     source = resolve_source(ref, job)
     folder = Path(out) if out else quantized_dir(source.spec, method)
@@ -293,7 +285,7 @@ def quantize(
     quantized = _measure_in_child(source, staging, n, method)
     original["size_mb"] = original_mb if original_mb is not None else float("nan")
     quantized["size_mb"] = _folder_mb(staging) - sum(p.stat().st_size for p in staging.glob("tokenizer*")) / 2**20
-    gate = _gate(source.job.task.type, original, quantized, thresholds)
+    gate = gate_verdict(source.job.task.type, original, quantized, thresholds)
     info["gate"] = {**gate, "thresholds": thresholds.__dict__, "original": original, "quantized": quantized, "eval_rows": n}
     (staging / QUANTIZED_INFO).write_text(json.dumps(info, indent=2, default=str))
     publish_dir(staging, folder)  # the artifact appears complete or not at all
