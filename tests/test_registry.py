@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +31,8 @@ def run(home, tmp_path):
 def test_versions_aliases_and_lookups(run):
     job, run_dir, export, run_id = run
     assert registry.tracking_uri().startswith("sqlite:///")
-    v1 = registry.register_winner("regtest", run_id, export, "eval_loss", 1.7)
-    v2 = registry.register_winner("regtest", run_id, export, "eval_loss", 1.6, sweep="s1")
+    v1 = registry.register_winner("regtest", run_id, export, "eval_loss", 1.7).version
+    v2 = registry.register_winner("regtest", run_id, export, "eval_loss", 1.6, sweep="s1").version
     assert (v1, v2) == (1, 2)
     winner = registry.resolve_model_ref("models:/regtest@winner")
     assert winner["version"] == 2 and winner["source"] == str(export) and winner["tags"]["hone.sweep"] == "s1"
@@ -80,3 +83,25 @@ def test_an_external_tracking_uri_with_a_fresh_hone_home(tmp_path, monkeypatch):
     assert registry.list_models() == []
     assert (tmp_path / "fresh-home" / "mlflow" / "registry.lock").exists()
     assert not (tmp_path / "fresh-home" / "mlflow" / "mlflow.db").exists()  # the store is the team's, not hone's own
+
+
+def test_the_winner_alias_moves_only_to_a_better_version(run):
+    _, _, export, run_id = run
+    first = registry.register_winner("better", run_id, export, "eval_loss", 1.5)
+    assert first.alias_moved and first.previous is None
+    worse = registry.register_winner("better", run_id, export, "eval_loss", 1.9)
+    assert worse.version == 2 and not worse.alias_moved and worse.alias_version == 1
+    assert "@winner stays on v1" in registry.describe(worse, "eval_loss", 1.9) and "hone models promote" in registry.describe(worse, "eval_loss", 1.9)
+    other_metric = registry.register_winner("better", run_id, export, "eval_accuracy", 0.9)
+    assert not other_metric.alias_moved, "a value of another metric is not comparable"
+    better = registry.register_winner("better", run_id, export, "eval_loss", 1.2)
+    assert better.alias_moved and registry.resolve_model_ref("models:/better@winner")["version"] == better.version == 4
+    assert registry.register_winner("better-max", run_id, export, "eval_accuracy", 0.7).alias_moved
+    assert registry.register_winner("better-max", run_id, export, "eval_accuracy", 0.8).alias_moved  # higher is better here
+    with pytest.raises(registry.RegistryError, match="not finite"):
+        registry.register_winner("better", run_id, export, "eval_loss", float("nan"))
+    # forcing it: hone models promote
+    out = subprocess.run([str(Path(sys.executable).parent / "hone"), "models", "promote", "better", "2"], capture_output=True, text=True,
+                         env={**os.environ}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert registry.resolve_model_ref("models:/better@winner")["version"] == 2

@@ -82,7 +82,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"winner: trial {result.winner['trial']} {swept.tune.metric} {result.winner[swept.tune.metric]:.5g} "
               f"params {result.winner['params']}")
     if result.registered:
-        print(f"registered: {result.registered['ref']} (version {result.registered['version']})")
+        r = result.registered
+        where = "now points at it" if r["alias_moved"] else f"stays on v{r['alias_version']} (not beaten; hone models promote moves it)"
+        print(f"registered: {r['ref']}; models:/{r['name']}@{r['alias']} {where}")
     return 0 if result.winner else 1
 
 
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = models_sub.add_parser("promote", help="point an alias at a version")
     q.add_argument("name")
     q.add_argument("version", type=int)
-    q.add_argument("--alias", required=True)
+    q.add_argument("--alias", default="winner", help="the alias to move (default: winner), whatever the versions' metrics say")
     q.set_defaults(fn=_cmd_models)
 
     p = sub.add_parser("eval", help="evaluate an export on a held-out split (loss; accuracy of generated answers)")

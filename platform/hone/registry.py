@@ -13,18 +13,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hone import assets
-from hone.config import JobConfig
+from hone.config import JobConfig, metric_mode
 from hone.runtime import quiet_libraries
 
-__all__ = ["WINNER", "RegistryError", "dataset_fingerprint", "list_models", "log_run", "promote", "register_winner", "resolve_model_ref",
+__all__ = ["WINNER", "Registration", "RegistryError", "describe", "dataset_fingerprint", "list_models", "log_run", "promote", "register_winner", "resolve_model_ref",
            "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
@@ -146,20 +148,73 @@ def log_run(job: JobConfig, run_dir: Path, export_dir: Path, history: list[dict[
     return run.info.run_id
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A version just registered, and where ``alias`` points now."""
+
+    name: str
+    version: int
+    alias: str
+    alias_version: int
+    previous: dict[str, Any] | None
+    """The version the alias pointed at before (version, metric, value), if any."""
+
+    @property
+    def alias_moved(self) -> bool:
+        return self.alias_version == self.version
+
+
+def _better(value: float, than: dict[str, Any] | None, metric: str) -> bool:
+    """Whether ``value`` of ``metric`` beats the alias's current version (one with another metric or no finite value loses)."""
+    if than is None or than.get("metric") != metric:
+        return than is None
+    try:
+        old = float(than["value"])
+    except (TypeError, ValueError):
+        return True
+    if not math.isfinite(old):
+        return True
+    return value < old if metric_mode(metric) == "min" else value > old
+
+
 def register_winner(name: str, run_id: str, export_dir: Path, metric: str, value: float, *, alias: str = WINNER,
-                    sweep: str | None = None) -> int:
-    """Register an export as a new version of ``name`` and point ``alias`` at it; returns the version."""
-    with _client() as client:
+                    sweep: str | None = None) -> Registration:
+    """Register an export as a new version of ``name``; ``alias`` moves to it only if it beats the version the alias
+    points at on ``metric`` (``promote`` moves an alias unconditionally). A non-finite value is refused."""
+    if not math.isfinite(value):
+        raise RegistryError(f"{metric} = {value} is not finite: a diverged model is never registered")
+    with _client() as client:  # one lock around read-compare-set: concurrent sweeps cannot both move the alias
         try:
             client.get_registered_model(name)
         except Exception:  # noqa: BLE001 - MlflowException(RESOURCE_DOES_NOT_EXIST)
             client.create_registered_model(name, tags={"hone": "true"})
+        previous = None
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+            previous = {"version": int(current.version), "metric": current.tags.get("hone.metric"),
+                        "value": current.tags.get("hone.metric_value")}
+        except Exception:  # noqa: BLE001 - no version carries the alias yet
+            pass
         tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": str(export_dir)}
         if sweep:
             tags["hone.sweep"] = sweep
-        version = client.create_model_version(name, source=str(export_dir), run_id=run_id, tags=tags)
-        client.set_registered_model_alias(name, alias, version.version)
-    return int(version.version)
+        version = int(client.create_model_version(name, source=str(export_dir), run_id=run_id, tags=tags).version)
+        moved = _better(value, previous, metric)
+        if moved:
+            client.set_registered_model_alias(name, alias, str(version))
+    return Registration(name, version, alias, version if moved else previous["version"], previous)
+
+
+def describe(reg: Registration, metric: str, value: float) -> str:
+    """One line on where a registration left the alias."""
+    line = f"registered models:/{reg.name}/{reg.version} ({metric} {value:.5g})"
+    if reg.alias_moved:
+        return line + f"; @{reg.alias} → v{reg.version}"
+    prev = reg.previous or {}
+    reason = (f"v{prev.get('version')} has {prev.get('metric')} {prev.get('value')}, which this version does not beat"
+              if prev.get("metric") == metric else f"v{prev.get('version')} was chosen by {prev.get('metric')}, not {metric}")
+    return line + (f"; @{reg.alias} stays on v{reg.alias_version}: {reason} "
+                   f"(hone models promote {reg.name} {reg.version} --alias {reg.alias} moves it anyway)")
 
 
 def promote(name: str, version: int, alias: str) -> None:

@@ -426,8 +426,10 @@ def sweep(
             row["mlflow_run_id"] = _track_trial(sweep_dir / "runs" / str(row["trial"]), name, str(row["trial"]))
     if winner and register:
         model_name = job.tune.registered_model or job.name
-        version = registry.register_winner(model_name, winner["mlflow_run_id"], Path(winner["export"]), metric, winner[metric], sweep=name)
-        registered = {"name": model_name, "version": version, "ref": f"models:/{model_name}@{registry.WINNER}"}
+        reg = registry.register_winner(model_name, winner["mlflow_run_id"], Path(winner["export"]), metric, winner[metric], sweep=name)
+        print(f"[hone] {registry.describe(reg, metric, winner[metric])}", flush=True)
+        registered = {"name": model_name, "version": reg.version, "ref": f"models:/{model_name}/{reg.version}",
+                      "alias": reg.alias, "alias_version": reg.alias_version, "alias_moved": reg.alias_moved}
     trial_time = sum(r["run_seconds"] for r in rows)
     summary = {
         "sweep": name,

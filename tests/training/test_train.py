@@ -8,6 +8,7 @@ SIGKILLed must reproduce the per-step losses of an uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -284,6 +285,89 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_p
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [m["step"] for m in history]
     assert any(b <= a for a, b in zip(logged, logged[1:])), f"no restart from a checkpoint visible in {logged}"
+
+
+# --------------------------------------------------------------------------- non-finite losses
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_the_step_and_exports_nothing(cluster, tmp_path, repo):
+    """The issue's repro: ``hone train jobs/tiny-smoke.yaml training.lr=1e30`` used to exit 0 with ``loss nan`` and an export."""
+    env = {**cluster["env"], "HONE_HOME": os.environ["HONE_HOME"]}
+    out = subprocess.run(
+        [HONE, "train", str(repo / "jobs" / "tiny-smoke.yaml"), "training.lr=1e30", "--address", cluster["address"],
+         "--storage-path", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert "diverged at step" in text and "non-finite" in text and "nothing was exported or registered" in text, text[-3000:]
+    assert "the last good checkpoint is" in text or "no checkpoint was written" in text, text[-3000:]
+    run_dir = next(tmp_path.iterdir())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stopped = history[-1]
+    assert stopped["diverged"] and stopped["step"] < 8, history  # at the step it happened, not at the end
+    assert all(math.isfinite(m["loss"]) for m in history[:-1]), history
+    assert not (run_dir / "export").exists() and not (run_dir / "hone-run.json").exists()
+
+
+@pytest.mark.slow
+def test_skip_step_discards_updates_up_to_its_bound(connected):
+    job = validate_job(tiny("skip", distributed={"num_workers": 2, "deepspeed": None},
+                            training={**TINY["training"], "lr": 1e30, "max_steps": 8, "log_every": 1,
+                                      "on_nonfinite": "skip_step", "max_skipped_steps": 2}))
+    with pytest.raises(TrainError, match=r"diverged at step .*skipped step\(s\), more in a row than training.max_skipped_steps") as e:
+        train(job, storage_path=str(connected), quiet=True)
+    run_dir = next(p for p in Path(connected).iterdir() if p.name.startswith("skip"))
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["diverged"] and history[-1]["skipped_steps"] == 2, history
+    assert any(m.get("skipped_steps") for m in history[:-1]), history  # the run went on after a skipped step
+    assert not (run_dir / "export").exists(), e.value
+
+
+def _engine_script(deepspeed: bool) -> str:
+    return f"""
+import math, os, torch
+from hone.config import validate_job
+from hone.modeling import build_model
+from hone.training.engines import make_engine
+import torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1)
+job = validate_job({json.dumps(tiny("engine", training={**TINY["training"], "on_nonfinite": "skip_step"}))})
+if not {deepspeed}:
+    job = job.model_copy(update={{"distributed": job.distributed.model_copy(update={{"deepspeed": None}})}})
+torch.manual_seed(0)
+engine = make_engine(job, build_model(job, total_steps=4), 1, 4)
+params = lambda: [p.detach().clone() for p in engine.hf_module.parameters() if p.requires_grad]
+batch = torch.randint(0, 100, (2, 8))
+def loss_of(scale):
+    return engine.module(input_ids=batch, labels=batch).loss * scale
+before = params()
+engine.train_micro(loss_of(float("nan")))
+assert not engine.step_applied and not math.isfinite(engine.grad_norm), engine.grad_norm
+assert all(torch.equal(a, b) for a, b in zip(before, params())), "a non-finite step changed the weights"
+engine.train_micro(loss_of(1.0))
+assert engine.step_applied and math.isfinite(engine.grad_norm)
+assert any(not torch.equal(a, b) for a, b in zip(before, params())), "the next healthy step was not applied"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "zero2"])
+def test_engines_discard_a_non_finite_step_and_apply_the_next(deepspeed, tmp_path):
+    from hone.runtime import free_port
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _engine_script(deepspeed)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_skip_step_refuses_zero_stage_0():
+    from hone.config import JobConfigError
+
+    with pytest.raises(JobConfigError, match="training.on_nonfinite.*ZeRO stage 0 applies it"):
+        validate_job(tiny("z0", distributed={"num_workers": 2, "deepspeed": {"stage": 0}},
+                          training={**TINY["training"], "on_nonfinite": "skip_step"}))
 
 
 # --------------------------------------------------------------------------- across nodes

@@ -211,6 +211,10 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
     if method is not None and dist is not None and method.type == "adalora" and dist.deepspeed is not None:
         out.append(Problem("method.type", "AdaLoRA reallocates ranks from gradients between the optimizer step and zero_grad, "
                            "which DeepSpeed's step() fuses", "set distributed.deepspeed: null (plain DDP) for adalora"))
+    if training is not None and dist is not None and training.on_nonfinite == "skip_step" and dist.deepspeed is not None \
+            and dist.deepspeed.stage == 0:
+        out.append(Problem("training.on_nonfinite", "skip_step needs an optimizer that can discard a step: ZeRO stage 0 applies it",
+                           "use distributed.deepspeed.stage 1-3, distributed.deepspeed: null (DDP), or on_nonfinite: stop"))
     if method is not None and task is not None and task.type == "sequence_classification" and method.type == "prefix_tuning":
         out.append(Problem("method.type", "prefix_tuning is supported for causal_lm only here", "use lora or ia3 for classifiers"))
     allowed = CLS_METRICS if task is not None and task.type == "sequence_classification" else LM_METRICS

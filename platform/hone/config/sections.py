@@ -400,6 +400,11 @@ class TrainingConfig(Section):
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Gradient clipping norm; ``null``: no clipping."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss or gradient norm on any worker: ``stop`` the run there (nothing is exported or
+    registered), or ``skip_step`` (the update is discarded, the run goes on)."""
+    max_skipped_steps: int = Field(default=3, ge=1)
+    """With ``skip_step``: consecutive skipped steps after which the run stops anyway."""
     seed: int = 42
     """Seed for model init (new heads/adapters), dropout and the data order."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -67,7 +67,9 @@ def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, r
             raise PipelineError("train", f"the run {run.run_dir} wrote no export to register")
         metric = job.training.eval_metric if "eval_loss" in run.metrics else "loss"
         value = float(run.metrics.get(metric, run.metrics.get("loss", float("nan"))))
-        version = registry.register_winner(name, run.mlflow_run_id, run.export_dir, metric, value)
+        reg = registry.register_winner(name, run.mlflow_run_id, run.export_dir, metric, value)
+        print(f"[hone] {registry.describe(reg, metric, value)}", flush=True)
+        version = reg.version
         out = {
             "sweep": False,
             "run_dir": str(run.run_dir),

@@ -108,9 +108,11 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                                  f"resume it with: hone train --resume {run_dir}") from e
             fit_seconds = time.time() - started
     history = read_metrics(run_dir)
+    if history and history[-1].get("diverged"):  # (Ray Train's result carries the last checkpoint's metrics)
+        raise TrainError(_diverged_message(run_dir, history[-1], history))
+    metrics = dict(result.metrics or {})
     export = run_dir / EXPORT_DIR
     merged = run_dir / MERGED_DIR
-    metrics = dict(result.metrics or {})
     mlflow_run_id = None
     if (track if track is not None else os.environ.get("HONE_MLFLOW", "1") != "0") and export.exists():
         from hone.registry import log_run
@@ -121,3 +123,17 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                                                        indent=2, default=str))
     return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
                        metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)
+
+
+def _diverged_message(run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """What a run stopped for a non-finite loss or gradient norm says: where, why, and what is left."""
+    good = [m["checkpoint"] for m in history if m.get("checkpoint") and not m.get("diverged")]
+    why = metrics.get("reason", "non-finite values")
+    if metrics.get("on_nonfinite") == "skip_step":
+        why += (" and the optimizer applied the update" if metrics.get("applied")
+                else f" after {metrics.get('skipped_steps', 0)} skipped step(s), more in a row than training.max_skipped_steps allows")
+    last = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written before it"
+    return (f"training run {run_dir.name} diverged at step {metrics['step']}/{metrics.get('total_steps', '?')}: {why} "
+            f"(loss {metrics.get('loss')}, grad norm {metrics.get('grad_norm')}); nothing was exported or registered; {last}. "
+            "Lower training.lr, set training.max_grad_norm, or check the data; training.on_nonfinite: skip_step "
+            "discards such steps instead")

@@ -1,13 +1,19 @@
 """Training engines: DeepSpeed ZeRO (generated config) or plain DDP, behind one small interface.
 
-``make_engine`` returns an object with ``module``, ``train_micro(batch_loss)``,
-``step_boundary()``, ``lr``, ``grad_norm``, ``save(dir)``, ``load(dir)``, ``retarget(lr, weight_decay)``
-and ``full_state_dict()`` (the consolidated weights on rank 0, also under ZeRO-3).
+``make_engine`` returns an object with ``module``, ``train_micro(batch_loss)``, ``lr``, ``grad_norm``,
+``step_applied`` (False when the last optimizer step was discarded for non-finite gradients),
+``save(dir)``, ``load(dir)``, ``retarget(lr, weight_decay)`` and ``full_state_dict()`` (the
+consolidated weights on rank 0, also under ZeRO-3).
+
+Neither engine applies an update whose gradient norm is not finite: ZeRO stages 1-3 discard it
+themselves (their overflow check, asked for explicitly under bf16), DDP checks before stepping.
+ZeRO stage 0 applies it, which is why ``training.on_nonfinite: skip_step`` refuses stage 0.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +63,7 @@ def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "optimizer": optimizer,
-        "bf16": {"enabled": job.precision == "bf16"},
+        "bf16": {"enabled": job.precision == "bf16", **({"check_grad_overflow": True} if t.on_nonfinite == "skip_step" else {})},
         "fp16": {"enabled": job.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -130,6 +136,10 @@ class _DeepSpeed:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    @property
+    def step_applied(self) -> bool:
+        return bool(self.engine.was_step_applied())
+
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="state", save_latest=False, exclude_frozen_parameters=self.peft)
 
@@ -179,6 +189,7 @@ class _DDP:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision)
         self._micro = 0
         self._norm: float | None = None
+        self._applied = True
         self._adalora = job.method.type == "adalora"
 
     def train_micro(self, loss: torch.Tensor) -> None:
@@ -193,6 +204,11 @@ class _DDP:
             self._norm = float(torch.nn.utils.clip_grad_norm_(trainable, self.max_grad_norm))
         else:
             self._norm = float(torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+        # DDP averaged the gradients, so every rank sees the same norm and makes the same choice.
+        self._applied = math.isfinite(self._norm)
+        if not self._applied:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         self.optimizer.step()
         self.scheduler.step()
         if self._adalora:  # AdaLoRA reallocates ranks from the gradients, before they are cleared
@@ -206,6 +222,10 @@ class _DDP:
     @property
     def grad_norm(self) -> float | None:
         return self._norm
+
+    @property
+    def step_applied(self) -> bool:
+        return self._applied
 
     def save(self, directory: str) -> None:
         import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -24,7 +25,7 @@ from hone.config import JobConfig, metric_mode
 from hone.runtime import worker_setup_hook
 from hone.training.plan import Schedule, rng_state, seed_all, set_rng_state
 
-__all__ = ["train_loop"]
+__all__ = ["nonfinite_step", "train_loop"]
 
 _PEAK_FLOPS = {  # dense bf16 TFLOP/s per GPU, for MFU
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "V100": 125e12,
@@ -39,6 +40,7 @@ class _State:
     evals_since_best: int = 0
     stopped_early: bool = False
     world_size: int = 1
+    skipped_steps: int = 0
 
 
 def _rows(shard: Any) -> list[dict[str, Any]]:
@@ -51,6 +53,22 @@ def _rows(shard: Any) -> list[dict[str, Any]]:
             if k in r and hasattr(r[k], "tolist"):
                 r[k] = r[k].tolist()
     return rows
+
+
+def nonfinite_step(loss: float, grad_norm: float | None, applied: bool, all_reduce: Any) -> dict[str, Any] | None:
+    """Whether any rank saw a non-finite loss or gradient norm at this step (every rank gets the same answer).
+
+    Returns None for a healthy step, else what was seen: ``reason``, ``loss``, ``grad_norm`` (this rank's)
+    and ``applied`` (whether an optimizer applied the update anyway).
+    """
+    import torch
+
+    flags = torch.tensor([not math.isfinite(loss), grad_norm is not None and not math.isfinite(grad_norm), applied], dtype=torch.float64)
+    seen = all_reduce(flags)
+    if not (seen[0] or seen[1]):
+        return None
+    what = " and ".join(name for name, hit in (("loss", seen[0]), ("gradient norm", seen[1])) if hit)
+    return {"reason": f"non-finite {what}", "loss": loss, "grad_norm": grad_norm, "applied": bool(seen[2] > 0)}
 
 
 def _peak_memory_mb() -> float:
@@ -187,6 +205,8 @@ def train_loop(config: dict[str, Any]) -> None:
     peak_flops = _peak_flops()
     window = torch.zeros(4, dtype=torch.float64)  # loss sum, steps, tokens, samples
     window_time = 0.0
+    last_loss = float("nan")
+    skipped = 0  # consecutive steps discarded for a non-finite loss or gradient norm
     engine.module.train()
 
     def eval_now() -> dict[str, float]:
@@ -212,6 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     while state.step < total and not state.stopped_early:
         start = time.perf_counter()
+        step_sums = torch.zeros(4, dtype=torch.float64)  # loss, steps, tokens, samples
         for micro in range(t.grad_accum):
             rows = [train_rows[i] for i in sched.micro_rows(state.step, micro, rank)]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id, task).items()}
@@ -219,10 +240,25 @@ def train_loop(config: dict[str, Any]) -> None:
                 loss, _, _ = forward_loss(engine.module, batch, task)
             engine.train_micro(loss)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            window += torch.tensor([float(loss.detach()) / t.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
-        window[1] += 1
+            step_sums += torch.tensor([float(loss.detach()) / t.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
+        step_sums[1] = 1
         window_time += time.perf_counter() - start
         state.step += 1
+        bad = nonfinite_step(float(step_sums[0]), engine.grad_norm, engine.step_applied, all_reduce)
+        if bad is not None:
+            skipped += 1
+            if t.on_nonfinite == "stop" or skipped > t.max_skipped_steps or bad["applied"]:
+                diverged = {"step": state.step, "total_steps": total, "diverged": True, "done": True, **bad,
+                            "skipped_steps": state.skipped_steps, "on_nonfinite": t.on_nonfinite}
+                ray.train.report(diverged)  # every rank, then every rank stops: nothing exported, no checkpoint
+                return
+            state.skipped_steps += 1
+            if rank == 0:
+                print(f"[hone] step {state.step}: {bad['reason']}; update skipped ({skipped} in a row, "
+                      f"at most {t.max_skipped_steps})", flush=True)
+        else:
+            skipped = 0
+            window += step_sums
         last = state.step == total
         do_ckpt = last or bool(t.checkpoint_every and state.step % t.checkpoint_every == 0)
         do_eval = bool(val_rows) and (last or do_ckpt or bool(t.eval_every and state.step % t.eval_every == 0))
@@ -231,18 +267,22 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         summed = all_reduce(window)
         steps = float(window[1])
+        if steps:  # a window of skipped steps only reports the last healthy loss
+            last_loss = float(summed[0] / (steps * world))
         metrics: dict[str, Any] = {
             "step": state.step,
             "total_steps": total,
             "epoch": state.step / sched.steps_per_epoch,
-            "loss": float(summed[0] / (steps * world)),
+            "loss": last_loss,
             "lr": engine.lr,
             "grad_norm": engine.grad_norm,
             "tokens_per_s": float(summed[2]) / window_time,
             "samples_per_s": float(summed[3]) / window_time,
-            "step_time_s": window_time / steps,
+            "step_time_s": window_time / max(steps, 1.0),
             "peak_memory_mb": _peak_memory_mb(),
         }
+        if state.skipped_steps:
+            metrics["skipped_steps"] = state.skipped_steps
         if peak_flops:
             metrics["mfu"] = 6 * n_params * float(summed[2]) / window_time / (peak_flops * world)
         window.zero_()

@@ -88,6 +88,8 @@ class ProgressPrinter:
 
 
 def format_metrics(m: dict[str, Any]) -> str:
+    if m.get("diverged"):
+        return f"diverged: {m.get('reason', 'non-finite values')} (loss {m.get('loss')}, grad {m.get('grad_norm')})"
     parts = [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
     if m.get("grad_norm") is not None:
         parts.append(f"grad {m['grad_norm']:.3f}")
