@@ -26,8 +26,8 @@ from hone import assets
 from hone.config import JobConfig, metric_mode
 from hone.runtime import quiet_libraries
 
-__all__ = ["WINNER", "Registration", "RegistryError", "describe", "dataset_fingerprint", "list_models", "log_run", "promote", "register_winner", "resolve_model_ref",
-           "show_model", "tag_version", "tracking_uri"]
+__all__ = ["WINNER", "Registration", "RegistryError", "dataset_fingerprint", "describe", "list_models", "log_run", "promote",
+           "register_winner", "resolve_model_ref", "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
 
