@@ -41,3 +41,27 @@ def test_dashboard_and_alerts_use_metrics_the_server_exports(repo):
                                                                        "HoneReplicaRestarts", "HoneQueueSaturated"}
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_(hone_[a-z0-9_]+)", e)}
     assert used and used <= defined, used - defined
+
+
+def test_require_auth_refuses_a_public_port_without_keys_before_ray(repo, tmp_path):
+    import os
+    import time
+
+    import pytest
+
+    from hone.config import validate_serve_config
+    from hone.serving.spec import ServeError, check_auth
+
+    public = validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0", "require_auth": True})
+    with pytest.raises(ServeError, match="no API keys are configured"):
+        check_auth(public, [])
+    check_auth(public, ["0" * 64])  # with a key
+    check_auth(validate_serve_config({"model": "builtin:tiny-llama", "host": "127.0.0.1", "require_auth": True}), [])
+    check_auth(validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0"}), [])  # not asked for
+    cfg = tmp_path / "public.yaml"
+    cfg.write_text("model: builtin:tiny-llama\nhost: 0.0.0.0\nrequire_auth: true\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HONE_API_KEYS", "RAY_ADDRESS")}
+    started = time.time()
+    out = subprocess.run([HONE, "serve", str(cfg)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "no API keys are configured" in out.stderr + out.stdout, out.stderr[-2000:]
+    assert "Started a local Ray instance" not in out.stderr + out.stdout and time.time() - started < 60

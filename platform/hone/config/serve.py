@@ -82,6 +82,10 @@ class ServeConfig(Section):
     """A file of SHA-256 hex digests of accepted API keys (one per line), besides the HONE_API_KEYS environment variable."""
     retry_after_s: int = Field(default=1, ge=1)
     """``Retry-After`` sent with 503 back-pressure answers."""
+    require_auth: bool = False
+    """Refuse to start without API keys when ``host`` is not a loopback address (a public port without keys)."""
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    """Request bodies larger than this get 413 before they are read."""
 
     @field_validator("autoscaling_config")
     @classmethod

@@ -23,22 +23,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ray import serve
 
 from hone.config import validate_serve_config
 from hone.runtime import quiet_libraries
 from hone.serving.protocol import (
+    UNSUPPORTED,
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
     RequestError,
+    parse_body,
     require_model,
     require_task,
-    validation_message,
 )
 from hone.serving.replica import ModelServer
-from hone.serving.spec import api_key_hashes, resolve
+from hone.serving.spec import api_key_hashes, check_auth, resolve
 
 __all__ = ["build_app"]
 
@@ -68,7 +69,44 @@ def _is_back_pressure(e: Exception) -> bool:
     return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__ or "max_queued_requests" in str(e)
 
 
-api = FastAPI(title="hone", docs_url=None, redoc_url=None)
+api = FastAPI(title="hone", docs_url=None, redoc_url=None, openapi_url=None)  # /openapi.json is a route below, behind the key
+_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest, "/v1/classify": ClassifyRequest}
+_ERRORS = {"400": "invalid or unsupported request", "401": "missing or wrong API key", "404": "unknown model",
+           "413": "request body too large", "503": "at capacity: retry after Retry-After seconds"}
+
+
+def _json_ref(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+def openapi_schema(models: list[str]) -> dict[str, Any]:
+    """The OpenAPI document, with the real request schemas of the POST routes (the handlers read raw bodies,
+    so FastAPI alone would declare none) and the error shape every refusal uses. ``model`` lists the names this
+    server answers to; an unsupported OpenAI parameter is declared with the "off" values it accepts."""
+    from fastapi.openapi.utils import get_openapi
+
+    from hone import __version__
+
+    doc = get_openapi(title="hone", version=__version__, routes=api.routes,
+                      description="OpenAI-compatible API of a hone serve application.")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}}
+    for path, model in _BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        props = body["properties"]
+        props["model"] = {**props["model"], "enum": list(models)}
+        for name in set(props) & set(UNSUPPORTED):
+            props[name] = {"enum": list(UNSUPPORTED[name]), "description": props[name].get("description", "")}
+        schemas[model.__name__] = body
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": _json_ref(model.__name__)}
+        op["responses"] = {"200": {"description": "the answer (JSON, or an SSE stream when stream is true)"},
+                           **{code: {"description": text, "content": _json_ref("Error")} for code, text in _ERRORS.items()}}
+    return doc
 
 
 @api.exception_handler(RequestError)
@@ -92,7 +130,9 @@ class OpenAIIngress:
         self.key_hashes = [bytes.fromhex(h) for h in settings.get("api_key_hashes") or []]
         self.default_max_tokens = settings["max_tokens_default"]
         self.retry_after = str(settings.get("retry_after_s", 1))
+        self.max_request_bytes = int(settings.get("max_request_bytes", 1_048_576))
         self.created = int(time.time())
+        self._openapi: dict[str, Any] | None = None
         tags = ("model", "route", "status")
         self.m_requests = metrics.Counter("hone_requests_total", "HTTP requests by model, route and status.", tag_keys=tags)
         self.m_e2e = metrics.Histogram("hone_e2e_request_latency_seconds", "Request latency, arrival to last byte.",
@@ -125,17 +165,20 @@ class OpenAIIngress:
         self.m_e2e.observe(time.perf_counter() - started, tags={"model": model, "route": route})
 
     async def _parse(self, request: Request, cls: type[BaseModel]) -> Any:
-        try:
-            raw = await request.json()
-        except Exception:  # noqa: BLE001 - any decode failure is the client's
-            raise RequestError("the request body is not valid JSON", 400, code="invalid_json") from None
-        if not isinstance(raw, dict):
-            raise RequestError("the request body must be a JSON object", 400, code="invalid_json")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            message, param = validation_message(e)
-            raise RequestError(message, 400, code="invalid_value", param=param) from None
+        """The validated request: 413 past ``max_request_bytes`` (checked before reading), 400 for anything else amiss."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise self._too_large()
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > self.max_request_bytes:
+                raise self._too_large()
+        return parse_body(bytes(data), cls)
+
+    def _too_large(self) -> RequestError:
+        return RequestError(f"the request body is larger than this server's limit of {self.max_request_bytes} bytes", 413,
+                            code="request_too_large")
 
     async def _start(self, body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], Any]:
         """Send a request to the model deployment: the first event (or, not streaming, the whole answer) and the stream."""
@@ -252,6 +295,16 @@ class OpenAIIngress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Any:
+        try:
+            self._auth(request)
+        except RequestError as e:
+            return e.response()
+        if self._openapi is None:
+            self._openapi = openapi_schema([self.name, *self.adapters])
+        return self._openapi
+
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
         started = time.perf_counter()
@@ -312,7 +365,10 @@ def build_app(args: dict[str, Any]) -> Any:
     """
     raw = args.get("config", args)
     cfg = validate_serve_config(raw)
-    spec = args.get("spec") or resolve(cfg)
+    spec = args.get("spec")
+    if spec is None:  # serve deploy / KubeRay: resolved on the cluster, whose HTTP proxy listens on every interface
+        check_auth(cfg, api_key_hashes(cfg), host="0.0.0.0")
+        spec = resolve(cfg)
     if cfg.engine == "vllm":
         from hone.serving.vllm import build_vllm_app
 
@@ -327,5 +383,6 @@ def build_app(args: dict[str, Any]) -> Any:
     max_replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
     capacity = max_replicas * (cfg.max_ongoing_requests + max(cfg.max_queued_requests, 0)) + 64
     settings = {"served_name": spec["served_name"], "adapters": list(cfg.adapters), "task": spec["task"],
-                "api_key_hashes": api_key_hashes(cfg), "max_tokens_default": cfg.max_tokens_default, "retry_after_s": cfg.retry_after_s}
+                "api_key_hashes": api_key_hashes(cfg), "max_tokens_default": cfg.max_tokens_default, "retry_after_s": cfg.retry_after_s,
+                "max_request_bytes": cfg.max_request_bytes}
     return OpenAIIngress.options(max_ongoing_requests=capacity, ray_actor_options={"num_cpus": 0.1}).bind(model, settings)

@@ -10,6 +10,7 @@ batching: they are prefilled on their own and their cache rows appended, left-pa
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -19,7 +20,10 @@ from typing import Any
 
 from hone.serving.protocol import RequestError, require_task
 
-__all__ = ["Engine", "GenRequest"]
+__all__ = ["GREEDY_BELOW", "Engine", "GenRequest"]
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily."""
 
 
 @dataclass
@@ -65,19 +69,32 @@ class Engine:
         self._adapter_paths: dict[str, str] = dict(spec.get("adapters") or {})
         self._max_adapters = int(spec.get("max_loaded_adapters", 4))
         self._lock = threading.Lock()  # one batch at a time on the model
+        # Prompts are encoded off the replica's event loop while the engine thread decodes: a tokenizer of their own
+        # (a Rust tokenizer used from two threads at once can fail with "Already borrowed").
+        self._encoder = copy.deepcopy(self.tokenizer)
 
     # ------------------------------------------------------------------ prompts
 
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        """Token ids of a prompt or chat (one caller at a time: the replica's encoding thread)."""
+        tok = self._encoder
         if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
+            if not getattr(tok, "chat_template", None):
                 raise RequestError("this model has no chat template: use /v1/completions", code="no_chat_template")
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # noqa: BLE001 - template errors are the request's
                 raise RequestError(f"messages do not fit the model's chat template: {e}", param="messages") from None
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt or "")["input_ids"]
+        else:
+            text = prompt or ""
+        try:
+            return tok(text, add_special_tokens=messages is None)["input_ids"]
+        except Exception as e:  # noqa: BLE001 - text the tokenizer cannot encode is the request's
+            raise RequestError(f"the prompt could not be tokenized: {type(e).__name__}",
+                               param="messages" if messages else "prompt") from None
+
+    def count_tokens(self, texts: list[str]) -> int:
+        return sum(len(ids) for ids in self._encoder(texts)["input_ids"])
 
     def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
         if not prompt_ids:
@@ -125,24 +142,28 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def _sample(self, logits: Any, reqs: list[GenRequest], generators: list[Any]) -> list[int]:
+    def _sample(self, logits: Any, reqs: list[GenRequest], generators: list[Any]) -> list[int | None]:
+        """One token per row; None for a row whose sampling failed (that request ends with an error, its neighbours go on)."""
         import torch
 
-        out = []
+        out: list[int | None] = []
         greedy = logits.argmax(-1).tolist()
         for i, req in enumerate(reqs):
-            if req.temperature <= 0:
+            if req.temperature < GREEDY_BELOW:  # logits / 1e-30 overflow to inf and softmax to NaN: vLLM decodes greedily too
                 out.append(greedy[i])
                 continue
-            row = logits[i].float() / req.temperature
-            if req.top_p < 1.0:
-                sorted_logits, order = torch.sort(row, descending=True)
-                probs = torch.softmax(sorted_logits, -1)
-                cut = probs.cumsum(-1) - probs > req.top_p
-                sorted_logits[cut] = float("-inf")
-                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-            probs = torch.softmax(row, -1)
-            out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+            try:
+                row = logits[i].float() / req.temperature
+                if req.top_p < 1.0:
+                    sorted_logits, order = torch.sort(row, descending=True)
+                    probs = torch.softmax(sorted_logits, -1)
+                    cut = probs.cumsum(-1) - probs > req.top_p
+                    sorted_logits[cut] = float("-inf")
+                    row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+                probs = torch.softmax(row, -1)
+                out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+            except RuntimeError:  # non-finite probabilities: this request cannot be sampled
+                out.append(None)
         return out
 
     @staticmethod
@@ -217,15 +238,18 @@ class Engine:
             def start(new: list[GenRequest]) -> None:
                 for r in new:
                     g = torch.Generator(device=self.device)
-                    g.manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**63))
+                    g.manual_seed(r.seed % 2**64 if r.seed is not None else int(time.time_ns() % 2**63))
                     generators.append(g)
                     tokens.append([])
                     sent.append(0)
 
-            def advance(i: int, tok: int) -> bool:
+            def advance(i: int, tok: int | None) -> bool:
                 """Record request ``i``'s new token and emit its text; False once it has finished."""
                 req = reqs[i]
                 finish = None
+                if tok is None:
+                    emit(i, "", "error", len(tokens[i]))
+                    return False
                 if req.cancelled:
                     finish = "cancelled"
                 elif tok in self.eos_ids:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest", "GenerationRequest", "RequestError", "require_model",
-           "require_task", "validation_message"]
+__all__ = ["UNSUPPORTED", "ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest", "ContentPart", "GenerationRequest",
+           "RequestError", "parse_body", "require_model", "require_task", "validation_message"]
 
 
 class RequestError(ValueError):
@@ -49,34 +50,89 @@ def require_task(task: str, route_task: str) -> None:
         raise RequestError(_OTHER_ROUTE[route_task], code="wrong_task")
 
 
-class GenerationRequest(BaseModel):
-    """Fields completions and chat completions share."""
+_SEED_RANGE = (-(2**63), 2**63 - 1)  # what vLLM and torch generators take
 
-    model_config = ConfigDict(extra="allow")
+
+class _Strict(BaseModel):
+    """Unknown fields are refused (an argument hone does not know would otherwise be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    # OpenAI parameters hone's engine does not implement, with the values that mean "off" (accepted).
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+}
+"""Each is declared on the request models (so it is documented in /openapi.json) and refused with 400
+``unsupported_parameter`` when set to anything but an "off" value."""
+
+
+def _unsupported_field() -> Any:
+    return Field(default=None, description="Not supported by hone's engine: refused with 400 unless absent or off.")
+
+
+def _same(value: Any, off: Any) -> bool:
+    if off is None or isinstance(off, bool):
+        return value is off
+    if isinstance(off, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == off
+    return value == off
+
+
+class GenerationRequest(_Strict):
+    """Fields completions and chat completions share."""
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """Below 1e-5 decoding is greedy (as in vLLM): dividing logits by a tiny temperature overflows."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=_SEED_RANGE[0], le=_SEED_RANGE[1])
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
     stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    logprobs: Any = _unsupported_field()
+    top_logprobs: Any = _unsupported_field()
+    logit_bias: Any = _unsupported_field()
+    response_format: Any = _unsupported_field()
+    presence_penalty: Any = _unsupported_field()
+    frequency_penalty: Any = _unsupported_field()
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and (len(v) > 4 or any(not s for s in v)):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if v == "" or (isinstance(v, list) and (len(v) > 4 or any(not s for s in v))):
+            raise ValueError("stop takes a non-empty string or up to 4 non-empty strings")
         return v
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def unsupported(self) -> None:
+        """400 for a parameter hone does not implement, set to something other than off."""
+        if self.n > 1:
+            raise RequestError("n > 1 is unsupported: send one request per completion", code="unsupported_parameter", param="n")
+        for name, off in UNSUPPORTED.items():
+            value = getattr(self, name, None)
+            if name in self.model_fields_set and not any(_same(value, o) for o in off):
+                raise RequestError(f"{name} is unsupported by this server (hone's engine does not implement it); leave it out",
+                                   code="unsupported_parameter", param=name)
+
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
+    best_of: Any = _unsupported_field()
+    echo: Any = _unsupported_field()
+    suffix: Any = _unsupported_field()
 
     @field_validator("prompt")
     @classmethod
@@ -89,25 +145,56 @@ class CompletionRequest(GenerationRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"content parts of type {v!r} are unsupported: this model reads text parts only")
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def _has_text(cls, v: str | None) -> str | None:
+        if v is None:
+            raise ValueError("a text part needs a string in 'text'")
+        return v
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
 
     def plain(self) -> dict[str, str]:
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            content = "".join(part.text or "" for part in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: Any = _unsupported_field()
+    tool_choice: Any = _unsupported_field()
+    functions: Any = _unsupported_field()
+    function_call: Any = _unsupported_field()
+    parallel_tool_calls: Any = _unsupported_field()
+    audio: Any = _unsupported_field()
+    modalities: Any = _unsupported_field()
+    prediction: Any = _unsupported_field()
+    reasoning_effort: Any = _unsupported_field()
+    web_search_options: Any = _unsupported_field()
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(_Strict):
     model: str
     input: str | list[str]
+    user: str | None = None
 
     @field_validator("input")
     @classmethod
@@ -116,11 +203,75 @@ class ClassifyRequest(BaseModel):
             raise ValueError("input takes 1 to 256 texts")
         return v
 
+    def unsupported(self) -> None:
+        return None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_body(data: bytes, cls: type[BaseModel]) -> Any:
+    """Decode and validate a request body: 400 for invalid JSON (NaN and Infinity included), invalid Unicode
+    (a lone surrogate, which no tokenizer can encode), a field out of range, an unknown or unsupported argument."""
+    import json
+
+    try:
+        raw = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise RequestError("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    bad = _surrogate_path(raw)
+    if bad is not None:
+        raise RequestError(f"{bad or 'the body'} is not valid Unicode (a lone surrogate)", code="invalid_value", param=bad or None)
+    try:
+        req = cls.model_validate(raw)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise RequestError(message, code="invalid_value", param=param) from None
+    req.unsupported()
+    return req
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) that is not encodable as UTF-8, else None."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                sub = f"{p}.{k}" if p else str(k)
+                try:
+                    str(k).encode("utf-8")
+                except UnicodeEncodeError:
+                    return p
+                stack.append((item, sub))
+        elif isinstance(v, list):
+            stack.extend((item, f"{p}.{i}") for i, item in enumerate(v))
+    return None
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
 
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
-    for err in e.errors(include_url=False):
-        loc = ".".join(str(x) for x in err["loc"])
+    """One line naming each offending field (union branches that merely had the wrong type are left out
+    when another branch says what is wrong)."""
+    errors = e.errors(include_url=False, include_input=False)
+    specific = [err for err in errors if not err["type"].endswith("_type")]
+    parts: list[str] = []
+    param = None
+    for err in (specific or errors)[:8]:
+        loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and _UNION_TAG.match(x)))
         param = param or loc
-        parts.append(f"{loc}: {str(err['msg']).removeprefix('Value error, ')}")
+        text = f"unrecognized request argument: {loc}" if err["type"] == "extra_forbidden" else \
+            f"{loc}: {str(err['msg']).removeprefix('Value error, ')}"
+        if text not in parts:
+            parts.append(text)
     return "; ".join(parts), param

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -32,6 +33,7 @@ class ModelServer:
         from ray.util import metrics
 
         self.engine = Engine(spec)
+        self._encoding = ThreadPoolExecutor(1, thread_name_prefix="hone-encode")  # the engine's encoder is used by one thread
         self.name = spec["served_name"]
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -72,7 +74,9 @@ class ModelServer:
             queues = [q for _, q in batch]
 
             def emit(i: int, text: str, finish: str | None, n: int) -> None:
-                loop.call_soon_threadsafe(queues[i].put_nowait, {"text": text, "finish_reason": finish, "completion_tokens": n})
+                event = {"error": "generation failed for this request", "status": 500} if finish == "error" else \
+                    {"text": text, "finish_reason": finish, "completion_tokens": n}
+                loop.call_soon_threadsafe(queues[i].put_nowait, event)
 
             def admit(free: int, adapter: str | None = adapter) -> list[GenRequest]:
                 """Engine thread, between decode steps: requests that arrived since the batch started join it."""
@@ -114,7 +118,9 @@ class ModelServer:
             adapter = None if body["model"] == self.name else body["model"]
             require_model(body["model"], self.name, self.engine.adapter_names())
             require_task(self.engine.task, "causal_lm")
-            ids = self.engine.encode_prompt(body.get("prompt"), body.get("messages"))
+            # tokenising a long prompt takes a while: off the event loop, so other streams keep flowing meanwhile
+            ids = await asyncio.get_running_loop().run_in_executor(self._encoding, self.engine.encode_prompt, body.get("prompt"),
+                                                                   body.get("messages"))
             max_tokens = body.get("max_tokens") or min(body["default_max_tokens"], max(1, self.engine.context_length - len(ids)))
             self.engine.check_length(ids, max_tokens)
         except RequestError as e:
@@ -158,8 +164,9 @@ class ModelServer:
         texts = [body["input"]] if isinstance(body["input"], str) else list(body["input"])
         try:
             require_model(body["model"], self.name, [])
-            return {"data": await asyncio.to_thread(self.engine.classify, texts),
-                    "prompt_tokens": sum(len(self.engine.tokenizer(t)["input_ids"]) for t in texts)}
+            loop = asyncio.get_running_loop()
+            tokens = await loop.run_in_executor(self._encoding, self.engine.count_tokens, texts)
+            return {"data": await asyncio.to_thread(self.engine.classify, texts), "prompt_tokens": tokens}
         except RequestError as e:
             return e.event()
 

@@ -157,10 +157,11 @@ def serve(
     from ray import serve as ray_serve
 
     from hone.serving.app import build_app
-    from hone.serving.spec import api_key_hashes, resolve
+    from hone.serving.spec import api_key_hashes, check_auth, resolve
 
-    spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate
+    spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate, a public port without keys
     keys = api_key_hashes(cfg)
+    check_auth(cfg, keys)
     need = cpus_needed(cfg)
     with serving_session(cfg, None, address, need):
         # After ray.init: it installs a SIGTERM handler of its own that ends the process on the spot.

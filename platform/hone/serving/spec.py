@@ -15,7 +15,7 @@ from typing import Any
 from hone.artifacts import QUANTIZED_INFO, quantized_dir, resolve_ref
 from hone.config import ServeConfig
 
-__all__ = ["ServeError", "api_key_hashes", "resolve"]
+__all__ = ["ServeError", "api_key_hashes", "check_auth", "resolve"]
 
 
 class ServeError(RuntimeError):
@@ -57,3 +57,17 @@ def api_key_hashes(cfg: ServeConfig) -> list[str]:
                     raise ServeError(f"{cfg.api_keys_file}: every line must be a SHA-256 hex digest (got {line[:12]}...)")
                 hashes.append(line)
     return hashes
+
+
+def check_auth(cfg: ServeConfig, hashes: list[str], *, host: str | None = None) -> None:
+    """``require_auth``: refuse to serve without API keys on an address other machines can reach."""
+    import ipaddress
+
+    host = cfg.host if host is None else host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if cfg.require_auth and not hashes and not loopback:
+        raise ServeError(f"require_auth is set and {host} is reachable from other machines, but no API keys are configured: "
+                         "set HONE_API_KEYS (comma-separated) or api_keys_file, or bind host: 127.0.0.1")
