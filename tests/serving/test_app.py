@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -15,48 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
+from servers import ReplicaMonitor, free_port, haproxy_configs, metrics, replicas, start, stop
 
 HONE = str(Path(sys.executable).parent / "hone")
 KEY = "sk-hone-test-key"
 PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "Overall the plot", "The director", "Fans of"]
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cfg: dict, tmp: Path, env_extra: dict[str, str] | None = None):
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    ready = tmp / "ready.yaml"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(env_extra or {})
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([HONE, "serve", str(path), "--ready-file", str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while not ready.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            _stop(proc)
-            pytest.fail("hone serve did not come up:\n" + (tmp / "serve.log").read_text()[-5000:])
-        time.sleep(0.5)
-    return proc, yaml.safe_load(ready.read_text())
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to hone serve, as Kubernetes or systemd stop a service; the whole group is killed if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +42,12 @@ def adapter_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, adapter_dir):
     tmp = tmp_path_factory.mktemp("serve")
-    cfg = {"name": "t", "model": "builtin:tiny-llama", "port": _free_port(), "metrics_export_port": _free_port(),
+    cfg = {"name": "t", "model": "builtin:tiny-llama", "port": free_port(), "metrics_export_port": free_port(),
            "adapters": {"tiny-sentiment": str(adapter_dir)}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
            "max_tokens_default": 16, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    proc, info = _start(cfg, tmp, {"HONE_API_KEYS": f"other-key, {KEY}"})
+    proc, info = start(cfg, tmp, {"HONE_API_KEYS": f"other-key, {KEY}"})
     yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log"}
-    _stop(proc)
+    stop(proc)
     log = (tmp / "serve.log").read_text()
     assert KEY not in log and PROMPTS[1] not in log, "an API key or a prompt reached the server's log"
 
@@ -119,28 +82,6 @@ def reference(adapter_dir):
     lora = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     adapted = {p: greedy(lora, p, 12) for p in PROMPTS[:2]}
     return {"base": plain, "adapter": adapted, "tokenizer": tok}
-
-
-def _metrics(port: int, ready, timeout: float = 60.0) -> dict[str, list]:
-    """Scrape Ray's metrics export port (parsed Prometheus text) until ``ready(samples)`` holds.
-
-    Ray exports metrics every ~10 s, so fresh observations take a while to appear.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        except httpx.HTTPError:
-            text = ""
-        families: dict[str, list] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                families.setdefault(sample.name, []).append(sample)
-        if ready(families) or time.time() > deadline:
-            return families
-        time.sleep(1)
 
 
 def test_models_lists_base_and_adapters(client):
@@ -212,7 +153,7 @@ def test_concurrent_requests_share_batches(server, client, reference):
         counts = [s.value for s in families.get("ray_hone_batch_size_count", [])]
         return bool(counts) and max(counts) > buckets.get("1.0", 0)
 
-    families = _metrics(server["metrics_export_port"], batched)
+    families = metrics(server["metrics_export_port"], batched)
     assert batched(families), families.get("ray_hone_batch_size_bucket")
 
 
@@ -405,13 +346,74 @@ def test_openapi_publishes_request_schemas_and_fuzzing_finds_no_5xx(server, refe
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == reference["base"][PROMPTS[0]]
 
 
+def _long_streams(server, n: int, max_tokens: int, model: str = "tiny-llama") -> tuple[cf.ThreadPoolExecutor, list[cf.Future]]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+    def one(_: int) -> int:
+        with httpx.stream("POST", server["url"] + "/v1/completions", json=body, headers=headers, timeout=300) as r:
+            return sum(1 for line in r.iter_lines() if line.startswith("data: {"))
+
+    pool = cf.ThreadPoolExecutor(n)
+    return pool, [pool.submit(one, i) for i in range(n)]
+
+
+def test_a_client_that_disconnects_before_its_first_token_frees_its_place(server):
+    monitor = ReplicaMonitor(server["ray_address"], server["name"])
+    try:
+        pool, streams = _long_streams(server, server["max_batch_size"], 600)  # a full batch, decoding for a few seconds
+        monitor.wait_for(lambda s: s["running"] == server["max_batch_size"], "a full batch")
+        body = json.dumps({"model": "tiny-llama", "prompt": "x", "max_tokens": 50, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", server["port"])) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + KEY.encode() +
+                        b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            monitor.wait_for(lambda s: s["waiting"] == 1, "the extra request to wait for a place")
+            left = time.time()
+        # the client went away before any token: its request leaves the replica while the batch is still decoding
+        monitor.wait_for(lambda s: s["waiting"] == 0 and s["running"] == server["max_batch_size"], "its place to be freed", after=left)
+        assert all(f.result(timeout=300) == 601 for f in streams)
+        pool.shutdown()
+        monitor.wait_for(lambda s: s["running"] == 0 and s["waiting"] == 0, "an idle replica", after=time.time())
+    finally:
+        monitor.close()
+
+
+def test_an_adapter_request_is_not_starved_by_continuous_base_load(server, client, reference):
+    """Base requests keep joining the running batch; an adapter request waiting meanwhile still goes next once the batch
+    drains (it used to wait until the base load stopped)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    stop_at = time.time() + 60
+    adapter_done = cf.Future()
+
+    def base_load(_: int) -> int:
+        n = 0
+        while time.time() < stop_at and not adapter_done.done():
+            r = httpx.post(server["url"] + "/v1/completions", headers=headers, timeout=120,
+                           json={"model": "tiny-llama", "prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": 48, "temperature": 0})
+            assert r.status_code == 200, r.text
+            n += 1
+        return n
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        load = [pool.submit(base_load, i) for i in range(6)]
+        time.sleep(2)
+        sent = time.time()
+        out = client.completions.create(model="tiny-sentiment", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+        waited = time.time() - sent
+        adapter_done.set_result(True)
+        finished = [f.result() for f in load]
+    assert out.choices[0].text == reference["adapter"][PROMPTS[0]]
+    assert time.time() < stop_at, "the base load ended before the adapter request was answered"
+    assert sum(finished) >= 6 and waited < 30, (waited, finished)
+
+
 def test_metrics_on_the_ray_export_port(server, client):
     client.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=4, temperature=0)
     def statuses(families: dict) -> set:
         return {(s.labels.get("route"), s.labels.get("status")) for s in families.get("ray_hone_requests_total", [])}
 
     wanted = {("/v1/completions", "200"), ("/v1/completions", "404"), ("/v1/completions", "400"), ("/v1/models", "401")}
-    families = _metrics(server["metrics_export_port"], lambda f: wanted <= statuses(f))
+    families = metrics(server["metrics_export_port"], lambda f: wanted <= statuses(f))
     assert wanted <= statuses(families), statuses(families)
     for name in ("ray_hone_e2e_request_latency_seconds_count", "ray_hone_time_to_first_token_seconds_count",
                  "ray_hone_time_per_output_token_seconds_count", "ray_hone_prompt_tokens_total", "ray_hone_generation_tokens_total",
@@ -423,46 +425,21 @@ def test_metrics_on_the_ray_export_port(server, client):
 # --------------------------------------------------------------------------- autoscaling and back-pressure
 
 
-def _haproxy_configs() -> list[str]:
-    """Config files of the HAProxy processes running on this machine."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if entry.name.isdigit() and argv[0].endswith(b"haproxy") and b"-f" in argv:
-                found.append(Path(argv[argv.index(b"-f") + 1].decode()).read_text())
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-def _replicas(ray_address: str, app: str) -> int:
-    code = (f"import ray, json; from ray import serve; ray.init(address={ray_address!r}, logging_level='ERROR', log_to_driver=False);"
-            f"s = serve.status().applications[{app!r}].deployments['ModelServer'];"
-            "print(json.dumps(s.replica_states))")
-    # hone serve's embedded Ray uses Ray's default token auth (token in ~/.ray/auth_token)
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
-    states = json.loads(out.stdout.strip().splitlines()[-1])
-    return int(states.get("RUNNING", 0))
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray Serve's HAProxy binary ships for Linux")
 def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
     """The serve YAML's queue bound and autoscaling, behind ``proxy: haproxy`` (the default proxy serves the module's
     server): answers pass through HAProxy unchanged, and stopping hone serve stops its HAProxy."""
-    port = _free_port()
-    cfg = {"name": "scale", "model": "builtin:tiny-llama", "port": port, "metrics_export_port": _free_port(), "proxy": "haproxy",
+    port = free_port()
+    cfg = {"name": "scale", "model": "builtin:tiny-llama", "port": port, "metrics_export_port": free_port(), "proxy": "haproxy",
            "max_batch_size": 2, "batch_wait_timeout_s": 0.0, "max_tokens_default": 16,
            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                                   "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2},
            "max_ongoing_requests": 2, "max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.25}, "retry_after_s": 2}
-    proc, info = _start(cfg, tmp_path)
+    proc, info = start(cfg, tmp_path)
     url = info["url"] + "/v1/completions"
     body = {"model": "tiny-llama", "prompt": "The movie was", "max_tokens": 600, "temperature": 0}
     try:
-        assert any(f":{port}" in text for text in _haproxy_configs()), "no HAProxy in front of the service"
+        assert any(f":{port}" in text for text in haproxy_configs()), "no HAProxy in front of the service"
         import openai
 
         client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -474,7 +451,7 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
         assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == reference["base"][prompt]
         bad = httpx.post(info["url"] + "/v1/completions", content=b"{not json", timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-        assert _replicas(info["ray_address"], "scale") == 1
+        assert replicas(info["ray_address"], "scale") == 1
 
         def one(_: int) -> httpx.Response:
             return httpx.post(url, json=body, timeout=120)
@@ -496,18 +473,18 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
         with cf.ThreadPoolExecutor(4) as pool:
             while time.time() < stop and not scaled:
                 list(pool.map(one, range(4)))
-                scaled = _replicas(info["ray_address"], "scale") == 2
+                scaled = replicas(info["ray_address"], "scale") == 2
         assert scaled, "the model deployment never scaled up to 2 replicas"
         # ... and back down once idle.
         deadline = time.time() + 90
-        while time.time() < deadline and _replicas(info["ray_address"], "scale") != 1:
+        while time.time() < deadline and replicas(info["ray_address"], "scale") != 1:
             time.sleep(2)
-        assert _replicas(info["ray_address"], "scale") == 1, "the model deployment never scaled back down"
+        assert replicas(info["ray_address"], "scale") == 1, "the model deployment never scaled back down"
     finally:
-        _stop(proc)
+        stop(proc)
     # SIGTERM reached hone's own handler (Ray installs one that would end the process on the spot), Serve shut down,
     # and the service's HAProxy went with it: nothing holds the port.
     assert "[hone] shutting down" in (tmp_path / "serve.log").read_text()
-    assert not any(f":{port}" in text for text in _haproxy_configs()), "HAProxy outlived hone serve"
+    assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived hone serve"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))

@@ -82,6 +82,8 @@ class ServeConfig(Section):
     """A file of SHA-256 hex digests of accepted API keys (one per line), besides the HONE_API_KEYS environment variable."""
     retry_after_s: int = Field(default=1, ge=1)
     """``Retry-After`` sent with 503 back-pressure answers."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM/Ctrl-C: new requests get 503 while those already running get this long to finish."""
     require_auth: bool = False
     """Refuse to start without API keys when ``host`` is not a loopback address (a public port without keys)."""
     max_request_bytes: int = Field(default=1_048_576, ge=1024)

@@ -12,6 +12,7 @@ running/queued gauges), which carries the serve YAML's autoscaling and queue bou
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,6 +29,7 @@ from ray import serve
 
 from hone.config import validate_serve_config
 from hone.runtime import quiet_libraries
+from hone.serving.engine import GREEDY_BELOW
 from hone.serving.protocol import (
     UNSUPPORTED,
     ChatRequest,
@@ -60,6 +62,21 @@ async def _after(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, An
     if not (first.get("finish_reason") or first.get("error")):
         async for event in rest:
             yield event
+
+
+_REPLICA_LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError")
+_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
+"""Waits before each new attempt of a request whose model replica died (Serve replaces it meanwhile)."""
+
+
+def _replica_lost(e: BaseException) -> bool:
+    """The model replica serving a call died or became unreachable (not an error of the request itself)."""
+    return any(cls.__name__ in _REPLICA_LOST for cls in type(e).__mro__)
+
+
+def _repeatable(body: dict[str, Any]) -> bool:
+    """Whether generating ``body`` again gives the same text (greedy or seeded): a stream can then resume elsewhere."""
+    return body.get("temperature", 1.0) < GREEDY_BELOW or body.get("seed") is not None
 
 
 def _is_back_pressure(e: Exception) -> bool:
@@ -133,6 +150,8 @@ class OpenAIIngress:
         self.max_request_bytes = int(settings.get("max_request_bytes", 1_048_576))
         self.created = int(time.time())
         self._openapi: dict[str, Any] | None = None
+        self._inflight = 0
+        self._draining = False
         tags = ("model", "route", "status")
         self.m_requests = metrics.Counter("hone_requests_total", "HTTP requests by model, route and status.", tag_keys=tags)
         self.m_e2e = metrics.Histogram("hone_e2e_request_latency_seconds", "Request latency, arrival to last byte.",
@@ -143,6 +162,9 @@ class OpenAIIngress:
                                         boundaries=_TOKEN_BUCKETS, tag_keys=("model",))
         self.m_prompt = metrics.Counter("hone_prompt_tokens_total", "Prompt tokens processed.", tag_keys=("model",))
         self.m_generated = metrics.Counter("hone_generation_tokens_total", "Tokens generated.", tag_keys=("model",))
+        self.m_recovered = metrics.Counter("hone_replica_failovers_total",
+                                           "Requests whose model replica died, sent again (resend) or resumed mid-stream (resume).",
+                                           tag_keys=("kind",))
         if not self.key_hashes:
             logger.warning("hone serve: no API keys configured: authentication is OFF")
 
@@ -180,21 +202,104 @@ class OpenAIIngress:
         return RequestError(f"the request body is larger than this server's limit of {self.max_request_bytes} bytes", 413,
                             code="request_too_large")
 
+    async def _call(self, method: str, body: dict[str, Any], stream: bool = False) -> tuple[dict[str, Any], Any] | dict[str, Any]:
+        """One call to the model deployment (streaming: its first event and the rest).
+
+        Nothing has reached the client yet, so a call whose replica died is sent again (Serve routes it to a live
+        replica) a few times before the client gets 503 + Retry-After.
+        """
+        for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
+            events = None
+            try:
+                if stream:
+                    events = getattr(self.model.options(stream=True), method).remote(body)
+                    return await events.__anext__(), events
+                return await getattr(self.model, method).remote(body)
+            except asyncio.CancelledError:  # the client went away before its first token: free its place on the replica
+                if events is not None:
+                    events.cancel()
+                raise
+            except Exception as e:
+                if _is_back_pressure(e):
+                    raise self._overloaded() from None
+                if not _replica_lost(e):
+                    raise
+                if delay is None:
+                    raise self._unavailable(e) from None
+                logger.warning("model replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 2, len(_RETRY_DELAYS_S) + 1)
+                self.m_recovered.inc(tags={"kind": "resend"})
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def _start(self, body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], Any]:
-        """Send a request to the model deployment: the first event (or, not streaming, the whole answer) and the stream."""
-        try:
-            if stream:
-                events = self.model.options(stream=True).generate.remote(body)
-                first = await events.__anext__()
-            else:
-                first, events = await self.model.complete.remote(body), None
-        except Exception as e:
-            if _is_back_pressure(e):
-                raise self._overloaded() from None
-            raise
+        """The first event (or, not streaming, the whole answer) of a generation request, and the rest of its stream."""
+        if stream:
+            first, events = await self._call("generate", body, stream=True)
+        else:
+            first, events = await self._call("complete", body), None
         if "error" in first:
             raise RequestError(first["error"], first.get("status", 400), code=first.get("code"), param=first.get("param"))
         return first, events
+
+    async def _resumable(self, first: dict[str, Any], stream: Any, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A request's events; when its replica dies mid-stream, a repeatable request (greedy or seeded) is generated
+        again on another replica and continues after the text already sent. Anything else ends in an error event.
+        Closing this generator early (the client went away) cancels the replica's, which frees its batch row."""
+        sent = ""
+        resumes = 0
+        finished = False
+        try:
+            while True:
+                regenerated = ""
+                try:
+                    async for event in _after(first, stream):
+                        if "error" in event:
+                            finished = True
+                            yield event
+                            return
+                        regenerated += event["text"]
+                        finish = event.get("finish_reason")
+                        if len(regenerated) < len(sent) and not finish:
+                            continue
+                        if not regenerated.startswith(sent):
+                            finished = True
+                            yield {"error": "the request was resumed on another replica and its text diverged", "status": 500}
+                            return
+                        piece, sent = regenerated[len(sent):], max(sent, regenerated, key=len)
+                        if finish:
+                            finished = True
+                        if piece or finish:
+                            yield {**event, "text": piece}
+                        if finish:
+                            return
+                    finished = True
+                    return
+                except Exception as e:
+                    if not _replica_lost(e):
+                        logger.exception("stream failed")
+                        finished = True
+                        yield {"error": f"generation failed: {type(e).__name__}", "status": 500}
+                        return
+                    if not _repeatable(body) or resumes >= len(_RETRY_DELAYS_S):
+                        finished = True
+                        yield self._unavailable(e).event()
+                        return
+                    resumes += 1
+                    logger.warning("model replica lost mid-stream (%s): resuming on another replica", type(e).__name__)
+                    self.m_recovered.inc(tags={"kind": "resume"})
+                    try:
+                        first, stream = await self._start(body, True)
+                    except RequestError as refused:
+                        finished = True
+                        yield refused.event()
+                        return
+        finally:
+            if not finished:
+                stream.cancel()
+
+    def _unavailable(self, e: BaseException) -> RequestError:
+        return RequestError(f"the model replica serving this request stopped ({type(e).__name__}); retry after a moment", 503,
+                            code="replica_unavailable", headers={"Retry-After": self.retry_after}, kind="server_error")
 
     def _overloaded(self) -> RequestError:
         return RequestError("the server is at capacity: retry after a moment", 503, code="server_overloaded",
@@ -221,12 +326,17 @@ class OpenAIIngress:
         except RequestError as e:
             self._record(model, route, e.status, started)
             return e.response()
+        except Exception as e:
+            logger.exception("request failed")
+            self._record(model, route, 500, started)
+            return RequestError(f"the request failed on the server: {type(e).__name__}", 500, code="internal_error").response()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         prompt_tokens = first["prompt_tokens"]
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(first, events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
+            return StreamingResponse(self._sse(self._resumable(first, events, body), rid, created, req.model, chat, prompt_tokens,
+                                               include_usage, route, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         n, finish = first["completion_tokens"], first["finish_reason"]
         first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
@@ -250,7 +360,7 @@ class OpenAIIngress:
         if n:
             self.m_generated.inc(n, tags=tags)
 
-    async def _sse(self, first: dict[str, Any], stream: Any, rid: str, created: int, model: str, chat: bool, prompt_tokens: int,
+    async def _sse(self, events: AsyncIterator[dict[str, Any]], rid: str, created: int, model: str, chat: bool, prompt_tokens: int,
                    include_usage: bool, route: str, started: float) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -264,10 +374,11 @@ class OpenAIIngress:
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-            async for event in _after(first, stream):
-                if "error" in event:
-                    status = 500
-                    yield f"data: {json.dumps({'error': {'message': event['error'], 'type': 'server_error'}})}\n\n".encode()
+            async for event in events:
+                if "error" in event:  # an SSE error event, then [DONE]: the client sees why its stream ended
+                    status = int(event.get("status", 500))
+                    error = {"message": event["error"], "type": "server_error", "code": event.get("code")}
+                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
                     break
                 n = event["completion_tokens"]
                 finish = event.get("finish_reason")
@@ -282,10 +393,12 @@ class OpenAIIngress:
                 yield chunk({}, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}, choices=False)
             yield b"data: [DONE]\n\n"
         except asyncio.CancelledError:
-            status = 499  # the client went away: cancel the replica's generator, which frees its batch row
-            stream.cancel()
+            status = 499  # the client went away: closing the event generator cancels the replica's, which frees its batch row
             raise
         finally:
+            self._inflight -= 1
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
             self._token_metrics(model, started, first_at, n, prompt_tokens)
             self._record(model, route, status, started)
 
@@ -321,14 +434,42 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        return await self._generate(request, "/v1/completions", chat=False)
+        return await self._tracked(request, "/v1/completions", lambda: self._generate(request, "/v1/completions", chat=False))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        return await self._generate(request, "/v1/chat/completions", chat=True)
+        return await self._tracked(request, "/v1/chat/completions",
+                                   lambda: self._generate(request, "/v1/chat/completions", chat=True))
 
     @api.post("/v1/classify")
     async def classify(self, request: Request) -> Any:
+        return await self._tracked(request, "/v1/classify", lambda: self._classify(request))
+
+    # ------------------------------------------------------------------ draining (hone serve's SIGTERM)
+
+    async def _tracked(self, request: Request, route: str, handle: Any) -> Any:
+        """Count a request in flight until its answer is complete (a stream: until its last event is sent);
+        while draining, new requests get 503 + Retry-After so a load balancer moves them elsewhere."""
+        if self._draining:
+            self._record("unknown", route, 503, time.perf_counter())
+            return RequestError("the server is shutting down: retry after a moment", 503, code="server_shutting_down",
+                                headers={"Retry-After": self.retry_after}, kind="server_error").response()
+        self._inflight += 1
+        streaming = False
+        try:
+            answer = await handle()
+            streaming = isinstance(answer, StreamingResponse)  # its generator ends the count
+            return answer
+        finally:
+            if not streaming:
+                self._inflight -= 1
+
+    async def drain(self) -> int:
+        """Refuse new requests from now on; returns how many are still in flight."""
+        self._draining = True
+        return self._inflight
+
+    async def _classify(self, request: Request) -> Any:
         started = time.perf_counter()
         model, route = "unknown", "/v1/classify"
         try:
@@ -337,17 +478,16 @@ class OpenAIIngress:
             require_model(req.model, self.name, self.adapters)
             model = req.model
             require_task(self.task, "sequence_classification")
-            try:
-                out = await self.model.classify.remote({"model": req.model, "input": req.input})
-            except Exception as e:
-                if _is_back_pressure(e):
-                    raise self._overloaded() from None
-                raise
+            out = await self._call("classify", {"model": req.model, "input": req.input})
             if "error" in out:
                 raise RequestError(out["error"], out["status"], code=out.get("code"))
         except RequestError as e:
             self._record(model, route, e.status, started)
             return e.response()
+        except Exception as e:
+            logger.exception("request failed")
+            self._record(model, route, 500, started)
+            return RequestError(f"the request failed on the server: {type(e).__name__}", 500, code="internal_error").response()
         self.m_prompt.inc(out["prompt_tokens"], tags={"model": model})
         self._record(model, route, 200, started)
         return {"object": "list", "model": model, "data": out["data"],

@@ -77,12 +77,19 @@ class ModelServer:
                 event = {"error": "generation failed for this request", "status": 500} if finish == "error" else \
                     {"text": text, "finish_reason": finish, "completion_tokens": n}
                 loop.call_soon_threadsafe(queues[i].put_nowait, event)
+                if finish:
+                    loop.call_soon_threadsafe(self._left, 1)
 
             def admit(free: int, adapter: str | None = adapter) -> list[GenRequest]:
                 """Engine thread, between decode steps: requests that arrived since the batch started join it."""
                 if not self._waiting:  # a racy read is fine: anything missed waits for the next batch
                     return []
                 with self._waiting_lock:
+                    live = [r for r, _ in self._waiting if not r.cancelled]
+                    if live and live[0].adapter != adapter:
+                        # The oldest waiting request needs another adapter (or the base): stop admitting, so this
+                        # batch drains and that request goes next, however busy this model is (no starvation).
+                        return []
                     joined = self._take(adapter, free)
                 if joined:
                     queues.extend(q for _, q in joined)  # emit's index i continues after the batch's own requests
@@ -105,6 +112,10 @@ class ModelServer:
         ids = {id(item[0]) for item in taken}
         self._waiting = [item for item in self._waiting if id(item[0]) not in ids]
         return taken
+
+    def _left(self, n: int) -> None:
+        self._running = max(0, self._running - n)
+        self._report_gauges()
 
     def _joined(self, n: int) -> None:
         self._running += n
@@ -172,3 +183,9 @@ class ModelServer:
 
     def describe(self) -> dict[str, Any]:
         return self.engine.describe()
+
+    def stats(self) -> dict[str, int]:
+        """Requests decoding and (live) requests waiting on this replica."""
+        with self._waiting_lock:
+            waiting = sum(1 for r, _ in self._waiting if not r.cancelled)
+        return {"running": self._running, "waiting": waiting}

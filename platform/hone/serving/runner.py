@@ -126,6 +126,23 @@ def _shutdown_serve(timeout_s: float) -> None:
         print(f"[hone] Serve did not shut down within {timeout_s:.0f}s: stopping Ray", flush=True)
 
 
+def _drain(name: str, timeout_s: float) -> None:
+    """Stop taking requests and wait (up to ``timeout_s``) until those in flight have answered: a SIGTERM (Kubernetes,
+    systemd) lets running streams finish instead of cutting them off."""
+    from ray import serve as ray_serve
+
+    deadline = time.time() + timeout_s
+    try:
+        ingress = ray_serve.get_app_handle(name)
+        while (left := ingress.drain.remote().result(timeout_s=10)) and time.time() < deadline:
+            time.sleep(0.2)
+    except Exception as e:  # noqa: BLE001 - the application may already be gone; shut down regardless
+        print(f"[hone] could not drain {name}: {type(e).__name__}: {e}", flush=True)
+        return
+    if left:
+        print(f"[hone] {left} request(s) still running after {timeout_s:.0f}s: stopping anyway", flush=True)
+
+
 def cpus_needed(cfg: ServeConfig) -> float:
     """Logical CPUs the application reserves at its largest: every model replica plus the ingress."""
     replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
@@ -140,7 +157,9 @@ def _wait_ready(name: str, timeout: float) -> None:
         app = serve.status().applications.get(name)
         if app is not None and app.status == "RUNNING":
             return
-        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        # UNHEALTHY is not the end: a replica that died while the application started is replaced by Serve, and the
+        # service must stay up through it. DEPLOY_FAILED is: Serve gave up (replicas keep failing in their constructor).
+        if app is not None and app.status == "DEPLOY_FAILED":
             raise RuntimeError(f"application {name} failed to deploy: {app.message}")
         time.sleep(0.5)
     raise RuntimeError(f"application {name} not running after {timeout:.0f}s")
@@ -202,5 +221,6 @@ def serve(
         print("[hone] serving until Ctrl-C", flush=True)
         while not stop.wait(0.5):
             pass
-        print("[hone] shutting down", flush=True)
+        print(f"[hone] shutting down: new requests get 503, running ones have {cfg.drain_timeout_s:.0f}s to finish", flush=True)
+        _drain(cfg.name, cfg.drain_timeout_s)
         _shutdown_serve(20.0)

@@ -1,0 +1,222 @@
+"""Faults under load on a real hone serve with two model replicas: a replica killed while the service starts, a
+replica killed in the middle of ~1,000 requests, a stream whose replica dies, and SIGTERM during a long stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from servers import free_port, metrics, model_replica_pids, replicas, start, stop
+
+pytestmark = pytest.mark.slow
+
+APP = "faults"
+PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "Overall the plot", "The director", "Fans of"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy continuations (16 tokens) computed locally with transformers, one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hone import assets
+
+    path = assets.resolve_model("builtin:tiny-llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = {}
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+        out[prompt] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Two fixed replicas; the first model replica process to appear is SIGKILLed while the application starts."""
+    tmp = tmp_path_factory.mktemp("faults")
+    cfg = {"name": APP, "model": "builtin:tiny-llama", "port": free_port(), "metrics_export_port": free_port(), "num_replicas": 2,
+           "max_batch_size": 8, "max_ongoing_requests": 16, "max_queued_requests": 64, "max_tokens_default": 16,
+           "ray_actor_options": {"num_cpus": 0.5}, "retry_after_s": 1}
+    killed: list[int] = []
+
+    def kill_first_replica() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            pids = model_replica_pids(APP)
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_first_replica, daemon=True)
+    watcher.start()
+    proc, info = start(cfg, tmp)
+    watcher.join(timeout=5)
+    yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log", "killed_at_start": killed}
+    stop(proc)
+
+
+def _wait_replicas(server, n: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while replicas(server["ray_address"], APP) != n:
+        assert time.time() < deadline, f"the application never got back to {n} running replicas"
+        time.sleep(1)
+
+
+def test_a_replica_killed_while_the_service_starts_does_not_end_it(server, reference):
+    assert server["killed_at_start"], "no model replica was seen starting"
+    assert server["proc"].poll() is None, "hone serve ended"
+    body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
+    r = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[PROMPTS[0]]
+    _wait_replicas(server, 2)
+
+
+async def _one(client: httpx.AsyncClient, url: str, i: int) -> dict:
+    prompt = PROMPTS[i % len(PROMPTS)]
+    stream = i % 3 == 0
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": stream}
+    try:
+        if not stream:
+            r = await client.post(url, json=body)
+            ok = r.status_code == 200
+            return {"prompt": prompt, "stream": False, "status": r.status_code, "retry_after": r.headers.get("retry-after"),
+                    "text": r.json()["choices"][0]["text"] if ok else None, "error": None if ok else r.json().get("error")}
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"prompt": prompt, "stream": True, "status": r.status_code, "retry_after": r.headers.get("retry-after"),
+                        "text": None, "error": r.json().get("error")}
+            text, done, error = "", False, None
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]
+                    elif event["choices"]:
+                        text += event["choices"][0]["text"]
+            return {"prompt": prompt, "stream": True, "status": 200, "retry_after": None, "text": text, "done": done, "error": error}
+    except httpx.TimeoutException:
+        return {"prompt": prompt, "stream": stream, "status": "hung"}
+
+
+async def _load(url: str, total: int, concurrency: int, on_progress) -> list[dict]:
+    queue = list(range(total))
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                results.append(await _one(client, url, queue.pop()))
+                on_progress(len(results))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def test_a_replica_killed_in_the_middle_of_1000_requests_loses_none(server, reference):
+    """1,000 greedy requests (a third streaming) at 32 concurrent; one model replica is SIGKILLed after 300 answers.
+    Every request ends 200 with the right text (a request whose replica died is sent again; a stream resumes on the other
+    replica after the text it already sent) or 503 with Retry-After; none hangs; Serve replaces the replica."""
+    _wait_replicas(server, 2)
+    killed: list[int] = []
+
+    def progress(done: int) -> None:
+        if done >= 300 and not killed:
+            pids = model_replica_pids(APP)
+            assert len(pids) == 2, pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    started = time.time()
+    results = asyncio.run(_load(server["url"] + "/v1/completions", 1000, 32, progress))
+    wall = time.time() - started
+    counts: dict[str, int] = {}
+    for r in results:
+        key = f"{r['status']}{' stream' if r['stream'] else ''}"
+        counts[key] = counts.get(key, 0) + 1
+    print(f"load test: {len(results)} requests in {wall:.0f}s at 32 concurrent, replica killed after 300: {counts}")
+    assert killed and len(results) == 1000
+    assert not [r for r in results if r["status"] == "hung"], counts
+    assert {r["status"] for r in results} <= {200, 503}, counts
+    for r in results:
+        if r["status"] == 503:
+            assert r["retry_after"] == "1" and r["error"]["code"] in ("replica_unavailable", "server_overloaded"), r
+        else:
+            assert r["error"] is None and r["text"] == reference[r["prompt"]], r
+            assert not r["stream"] or r["done"], r
+    assert counts.get("200", 0) + counts.get("200 stream", 0) >= 900, counts
+
+    def failovers(families: dict) -> dict[str, float]:
+        return {s.labels["kind"]: s.value for s in families.get("ray_hone_replica_failovers_total", [])}
+
+    recovered = failovers(metrics(server["metrics_export_port"], lambda f: sum(failovers(f).values()) > 0))
+    print(f"load test: requests recovered from the killed replica: {recovered}")
+    assert sum(recovered.values()) > 0, "the kill hit no request in flight: nothing was tested"
+    _wait_replicas(server, 2)  # replaced
+    assert killed[0] not in model_replica_pids(APP)
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done(server):
+    """A sampled (unseeded) stream cannot resume elsewhere: it gets an SSE error event, then [DONE], and is counted."""
+    _wait_replicas(server, 2)
+    body = {"model": "tiny-llama", "prompt": PROMPTS[1], "max_tokens": 1500, "temperature": 1.0, "stream": True}
+    lines: list[str] = []
+    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 5:
+                for pid in model_replica_pids(APP):  # whichever replica serves it
+                    os.kill(pid, signal.SIGKILL)
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["code"] == "replica_unavailable" and error["type"] == "server_error", error
+
+    def counted(families: dict) -> bool:
+        return any(s.labels.get("status") == "503" and s.value >= 1 for s in families.get("ray_hone_requests_total", []))
+
+    assert counted(metrics(server["metrics_export_port"], counted))
+    _wait_replicas(server, 2)
+
+
+def test_sigterm_during_a_long_stream_lets_it_finish(server):
+    """Stopping hone serve (SIGTERM, as Kubernetes does) drains: a stream already running completes within the graceful
+    shutdown timeout, then the process exits."""
+    _wait_replicas(server, 2)
+    body = {"model": "tiny-llama", "prompt": PROMPTS[2], "max_tokens": 1500, "temperature": 0, "stream": True}
+    lines: list[str] = []
+    late: list[httpx.Response] = []
+
+    def knock_late() -> None:  # a new request while draining is turned away, with a hint when to come back
+        time.sleep(1.5)
+        late.append(httpx.post(server["url"] + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60))
+
+    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 3:
+                server["proc"].send_signal(signal.SIGTERM)
+                threading.Thread(target=knock_late, daemon=True).start()
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    finish = json.loads(lines[-2][6:])["choices"][0]["finish_reason"]
+    assert finish == "length", lines[-2]
+    assert late and late[0].status_code == 503 and late[0].headers["retry-after"] == "1", late
+    assert late[0].json()["error"]["code"] == "server_shutting_down"
+    server["proc"].wait(timeout=60)
+    assert "[hone] shutting down" in server["log"].read_text()
+    assert "still running after" not in server["log"].read_text()
