@@ -132,9 +132,9 @@ def test_raw_sse_framing(server):
 
 def test_stop_and_seed(client, reference):
     full = reference["base"][PROMPTS[0]]
-    stop = full.strip().split()[1] if len(full.split()) > 1 else full[2:4]
-    out = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
-    assert out.choices[0].finish_reason == "stop" and stop not in out.choices[0].text
+    stop_word = full.strip().split()[1] if len(full.split()) > 1 else full[2:4]
+    out = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop_word])
+    assert out.choices[0].finish_reason == "stop" and stop_word not in out.choices[0].text
     assert full.startswith(out.choices[0].text)
     a = client.completions.create(model="tiny-llama", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
     b = client.completions.create(model="tiny-llama", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
@@ -280,14 +280,18 @@ def test_malformed_requests_get_4xx_and_a_running_request_is_unaffected(server, 
 
 
 def test_a_huge_prompt_is_tokenised_without_stalling_other_streams(server, reference):
-    """A ~0.9 MB prompt takes a while to tokenise, then is refused for its length; meanwhile another stream keeps flowing."""
+    """A ~0.9 MB prompt takes a while to tokenise, then is refused for its length; meanwhile another stream keeps flowing.
+
+    Tokenised on the replica's event loop (as it used to be), each of the huge prompts stalled every stream on the
+    replica for the whole tokenisation: one gap of about that length per huge prompt. Off the loop, the stream only
+    sees the odd scheduling hiccup of a 2-core machine."""
     tok = reference["tokenizer"]
     huge = "word " * 180_000
     started = time.perf_counter()
     tok(huge)
     tokenise_s = time.perf_counter() - started  # the same work the replica does, measured here as the baseline
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 1600, "temperature": 0, "stream": True}
     arrivals: list[float] = []
     first = cf.Future()
 
@@ -299,18 +303,20 @@ def test_a_huge_prompt_is_tokenised_without_stalling_other_streams(server, refer
                     if not first.done():
                         first.set_result(True)
 
+    n_huge = 5
     with cf.ThreadPoolExecutor(1) as pool:
         done = pool.submit(stream)
         first.result(timeout=60)
         window = [time.perf_counter()]
-        for _ in range(3):
+        for _ in range(n_huge):
             r = httpx.post(server["url"] + "/v1/completions", json={"model": "tiny-llama", "prompt": huge}, headers=headers, timeout=120)
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
         window.append(time.perf_counter())
         done.result(timeout=120)
+    assert arrivals[-1] > window[1], "the stream ended before the huge prompts did: nothing was measured"
     during = [t for t in arrivals if window[0] <= t <= window[1]]
-    gaps = [b - a for a, b in zip(during, during[1:])]
-    assert len(during) > 3 and max(gaps) < 0.5 * tokenise_s, (len(during), max(gaps, default=None), tokenise_s)
+    stalls = [b - a for a, b in zip(during, during[1:]) if b - a >= 0.8 * tokenise_s]
+    assert len(during) > 20 and len(stalls) <= 1, (len(during), stalls, tokenise_s)
 
 
 def test_openapi_publishes_request_schemas_and_fuzzing_finds_no_5xx(server, reference, tmp_path):
@@ -468,10 +474,10 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
         assert refused[0].json()["error"]["code"] == "server_overloaded"
 
         # Sustained load scales the model deployment up to 2 replicas ...
-        stop = time.time() + 90
+        until = time.time() + 90
         scaled = False
         with cf.ThreadPoolExecutor(4) as pool:
-            while time.time() < stop and not scaled:
+            while time.time() < until and not scaled:
                 list(pool.map(one, range(4)))
                 scaled = replicas(info["ray_address"], "scale") == 2
         assert scaled, "the model deployment never scaled up to 2 replicas"
