@@ -31,6 +31,8 @@ def test_launcher_yaml_validates_against_rays_schema(repo):
     gpu_types = [t for t in types.values() if t["resources"].get("GPU")]
     assert len(gpu_types) == 2 and all(t["max_workers"] > t["min_workers"] for t in gpu_types)
     assert config["docker"]["image"].startswith(IMAGE)
+    assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+    assert "~/.ray/auth_token" in config["file_mounts"]
     broken = {**config, "max_worker": 3}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
@@ -41,6 +43,7 @@ def _containers(template: dict) -> list[dict]:
 
 
 def _check_cluster_spec(spec: dict) -> None:
+    assert spec["authOptions"] == {"mode": "token"}, "Ray's token auth must guard the dashboard and the Jobs API"
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     (container,) = _containers(head)
@@ -120,9 +123,11 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     job.write_text(yaml.safe_dump(raw))
     storage = tmp_path / "runs"
     env = _env(cluster)
-    # A team's tracking server and a hub token travel with the job (and meet the same variables in hone's own session).
+    # A team's tracking server travels with the job (and meets the same variable in hone's own session); secrets set
+    # here (a hub token, API keys) do not: a runtime_env is readable by anyone with the dashboard.
     (tmp_path / "team-mlflow").mkdir()
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'team-mlflow' / 'mlflow.db'}", "HF_TOKEN": "hf_not_a_real_token"}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'team-mlflow' / 'mlflow.db'}", "HF_TOKEN": "hf_not_a_real_token",
+            "HONE_API_KEYS": "sk-not-a-real-key"}
 
     refused = subprocess.run(_submit_args(cluster, job, "--storage-path", str(storage)), env=env, capture_output=True, text=True)
     assert refused.returncode == 1
@@ -143,6 +148,13 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     logged = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
         [e.experiment_id for e in MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()])
     assert any(r.data.tags.get("hone.export_dir") == str(export) for r in logged)  # tracked in the team's store
+
+    from ray.job_submission import JobSubmissionClient
+
+    sent = JobSubmissionClient(cluster["jobs_api"]).get_job_info(sid).runtime_env or {}
+    assert sent["env_vars"]["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
+    assert "hf_not_a_real_token" not in json.dumps(sent) and "sk-not-a-real-key" not in json.dumps(sent), sent
+    assert "not sent with the job: HONE_API_KEYS, HF_TOKEN" in out.stdout
 
     # It is an ordinary Ray job: ray's own CLI sees it.
     ray_cli = str(Path(sys.executable).parent / "ray")

@@ -54,3 +54,15 @@ def test_shared_paths_pass_the_check_and_reach_the_network(tmp_path):
     path, _ = _job_with_local_data(tmp_path)
     with pytest.raises(SubmitError, match="cannot reach the Ray Jobs API at http://127.0.0.1:9"):
         submit(str(path), address=NOWHERE, shared_paths=[str(tmp_path)])
+
+
+def test_secrets_never_travel_in_the_runtime_env():
+    from hone.submit import SECRETS, job_env
+
+    here = {"HF_TOKEN": "hf_x", "HONE_API_KEYS": "k1", "AWS_SECRET_ACCESS_KEY": "s", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+            "HONE_DEBUG": "1", "PATH": "/bin"}
+    env, withheld = job_env(here)
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HONE_DEBUG": "1"}
+    assert set(withheld) == {"HF_TOKEN", "HONE_API_KEYS", "AWS_SECRET_ACCESS_KEY"} and not set(env) & set(SECRETS)
+    with pytest.raises(SubmitError, match="carries credentials"):
+        job_env({"MLFLOW_TRACKING_URI": "https://alice:hunter2@mlflow.example.com"})

@@ -25,11 +25,20 @@ import yaml
 from hone.config import ServeConfig, apply_overrides, load_serve_config, validate_job
 from hone.config.base import apply_overrides_to
 
-__all__ = ["SubmitError", "Submission", "enter_stable_workdir", "follow_logs", "job_client", "local_paths", "resolve_address", "submit"]
+__all__ = ["SECRETS", "SubmitError", "Submission", "enter_stable_workdir", "follow_logs", "job_client", "job_env", "local_paths",
+           "resolve_address", "submit"]
 
 # Ray's Jobs API refuses working directories above 500 MiB; leave room for the job file.
 _UPLOAD_LIMIT = 100 * 2**20
 _REMOTE_PREFIXES = ("builtin:", "s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://", "models:/")
+
+
+FORWARDED = ("MLFLOW_TRACKING_URI", "HONE_DEBUG")
+"""Settings a submitted job takes from the submitting shell (none of them secret)."""
+SECRETS = ("HONE_API_KEYS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+           "MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
+"""Never sent with a job: a runtime_env is visible to anyone who can read the Jobs API or the dashboard. Jobs read
+them from the cluster's own environment (KubeRay: a Secret in the pod spec; ray start: the node's environment)."""
 
 
 class SubmitError(RuntimeError):
@@ -52,6 +61,18 @@ def resolve_address(address: str | None) -> str:
         return address.rstrip("/")
     host = address.removeprefix("ray://").split(":")[0]
     return f"http://{host}:8265"
+
+
+def job_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(env_vars for the job's runtime_env, names of secrets set here that stay here)."""
+    from urllib.parse import urlsplit
+
+    env = {k: environ[k] for k in FORWARDED if environ.get(k)}
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if "://" in uri and (urlsplit(uri).username or urlsplit(uri).password):
+        raise SubmitError("MLFLOW_TRACKING_URI carries credentials (user:password@...), which a submitted job's runtime_env would "
+                          "show to anyone with the dashboard: set MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN) on the cluster instead")
+    return env, [k for k in SECRETS if environ.get(k)]
 
 
 def _check_reachable(address: str) -> None:
@@ -153,6 +174,10 @@ def submit(path: str, overrides: Sequence[str] = (), *, address: str | None = No
             "  options: put them on storage every node mounts and declare it (--shared-path /mnt/data, or "
             "HONE_SHARED_PATHS), use an object store URI (s3://, gs://), or pass --upload to send small files "
             f"(≤ {_UPLOAD_LIMIT // 2**20} MiB) with the job")
+    env, withheld = job_env(dict(os.environ))
+    if withheld:
+        print(f"[hone] not sent with the job: {', '.join(withheld)} (secrets are read from the cluster's own environment: "
+              "a KubeRay Secret, or the environment `ray start` ran in)", flush=True)
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="hone-submit-") as tmp:
         workdir = Path(tmp)
@@ -165,7 +190,6 @@ def submit(path: str, overrides: Sequence[str] = (), *, address: str | None = No
             args += ["--storage-path", storage_path]
         args += list(extra_args)
         entrypoint = shlex.join(args)
-        env = {k: os.environ[k] for k in ("HONE_API_KEYS", "MLFLOW_TRACKING_URI", "HF_TOKEN", "HONE_DEBUG") if os.environ.get(k)}
         import uuid
 
         submission_id = submission_id or f"hone-{command}-{uuid.uuid4().hex[:12]}"

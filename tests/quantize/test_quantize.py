@@ -61,6 +61,53 @@ def test_int8_gate_passes_and_is_recorded(registered_export, home):
     assert spec["kind"] == "quantized" and spec["path"] == str(result.artifact)
 
 
+def test_artifacts_load_without_pickle_and_only_as_recorded(registered_export, home, tmp_path):
+    """A quantised artifact loads with torch.load(weights_only=True) and only if its weights hash to what was recorded;
+    through the registry, only from hone's artifact store and only the content the registry recorded."""
+    import shutil
+
+    import torch
+
+    from hone import registry
+    from hone.config import validate_serve_config
+    from hone.quantize import QuantizeError, load_quantized, quantize
+    from hone.serving.spec import ServeError, resolve
+
+    result = quantize("models:/tiny@winner", "int8-dynamic", n=4, quiet=True)
+    info = json.loads((result.artifact / "quantization.json").read_text())
+    assert len(info["sha256"]) == 64
+    assert registry.resolve_model_ref("models:/tiny@winner")["tags"]["hone.quantized.int8-dynamic.sha256"] == info["sha256"]
+
+    class Payload:  # a pickle that would run code when loaded with weights_only=False
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil"
+    shutil.copytree(result.artifact, evil)
+    torch.save({"x": Payload()}, evil / "quantized.pt")
+    with pytest.raises(QuantizeError, match="weights changed since they were quantised"):
+        load_quantized(evil)
+    from hone.quantize.methods import artifact_digest
+
+    forged = {**info, "sha256": artifact_digest(evil)}  # a forged record does not make the pickle run either
+    (evil / "quantization.json").write_text(json.dumps(forged))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_quantized(evil)
+    assert not (tmp_path / "pwned").exists()
+
+    # a registry tag pointing outside the artifact store, or at content other than recorded, is refused by serve
+    reg = registry.resolve_model_ref("models:/tiny@winner")
+    registry.tag_version("tiny", reg["version"], {"hone.quantized.int8-dynamic": str(evil)})
+    with pytest.raises(ServeError, match="outside hone's artifact store"):
+        resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
+    registry.tag_version("tiny", reg["version"], {"hone.quantized.int8-dynamic": str(result.artifact),
+                                                  "hone.quantized.int8-dynamic.sha256": "0" * 64})
+    with pytest.raises(ServeError, match="not the one the registry recorded"):
+        resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
+    registry.tag_version("tiny", reg["version"], {"hone.quantized.int8-dynamic.sha256": info["sha256"]})
+    assert resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))["kind"] == "quantized"
+
+
 def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, home, tmp_path):
     env = {**os.environ, "HONE_HOME": str(home)}
     out = subprocess.run([HONE, "quantize", "models:/tiny@winner", "--method", "int8-weight-only", "-n", "8",

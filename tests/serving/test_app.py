@@ -315,7 +315,7 @@ def test_a_huge_prompt_is_tokenised_without_stalling_other_streams(server, refer
         done.result(timeout=120)
     assert arrivals[-1] > window[1], "the stream ended before the huge prompts did: nothing was measured"
     during = [t for t in arrivals if window[0] <= t <= window[1]]
-    stalls = [b - a for a, b in zip(during, during[1:]) if b - a >= 0.8 * tokenise_s]
+    stalls = [b - a for a, b in zip(during, during[1:]) if b - a >= 0.9 * tokenise_s]
     assert len(during) > 20 and len(stalls) <= 1, (len(during), stalls, tokenise_s)
 
 

@@ -24,7 +24,7 @@ from hone.artifacts import QUANTIZED_INFO, ModelSpec, model_class, publish_dir, 
 from hone.config import JobConfig, validate_job
 from hone.config.quantization import GateThresholds, QuantizeError, check_method, default_method
 from hone.modeling import load_model
-from hone.quantize.methods import apply_method, default_modules, load_quantized, save_quantized
+from hone.quantize.methods import apply_method, artifact_digest, default_modules, load_quantized, save_quantized
 from hone.runtime import quiet_libraries
 
 __all__ = ["QuantizeResult", "Source", "gate_verdict", "quantize", "resolve_source"]
@@ -277,6 +277,7 @@ def quantize(
         "gate": {"passed": None},
         "quantized_modules": None if method.startswith("bnb-") else modules,
     }
+    info["sha256"] = artifact_digest(staging)
     (staging / QUANTIZED_INFO).write_text(json.dumps(info, indent=2, default=str))
     del model
 
@@ -298,6 +299,7 @@ def quantize(
             reg["version"],
             {
                 f"hone.quantized.{method}": str(folder),
+                f"hone.quantized.{method}.sha256": info["sha256"],
                 f"hone.quantized.{method}.gate": "passed" if gate["passed"] else "failed",
                 f"hone.quantized.{method}.report": json.dumps({"rule": gate["rule"], "original": original, "quantized": quantized})[:5000],
             },

@@ -13,7 +13,7 @@ from typing import Any
 from hone.artifacts import QUANTIZED_INFO, QUANTIZED_STATE, model_class
 from hone.config.quantization import GPU_ONLY, QuantizeError
 
-__all__ = ["apply_method", "default_modules", "load_quantized", "quantized_linears", "save_quantized"]
+__all__ = ["apply_method", "artifact_digest", "default_modules", "load_quantized", "quantized_linears", "save_quantized"]
 
 # Output layers stay in full precision (as bitsandbytes' llm_int8_skip_modules does): the LM head
 # is often tied to the embeddings, whose outlier rows int8 represents badly.
@@ -59,6 +59,23 @@ def apply_method(model: Any, method: str, modules: list[str] | None = None) -> A
     return model
 
 
+def artifact_digest(folder: str | Path) -> str:
+    """SHA-256 over an artifact's weight files (names and bytes): what ``quantization.json`` and the registry record."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.name == QUANTIZED_STATE or p.suffix == ".safetensors")
+    if not files:
+        raise QuantizeError(f"{folder} holds no weights ({QUANTIZED_STATE} or *.safetensors)")
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _skeleton(folder: Path, task: str, device: str = "cpu") -> Any:
     """An fp32 model of the artifact's architecture (weights come from the quantised state dict)."""
     from transformers import AutoConfig
@@ -78,12 +95,19 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
         raise QuantizeError(f"{folder} is not a quantised artifact (no {QUANTIZED_INFO})")
     info = json.loads(info_path.read_text())
     method, task = info["method"], info["task"]
+    recorded = info.get("sha256")
+    if not recorded:
+        raise QuantizeError(f"{folder} records no content hash (made by an older hone): quantise again with hone quantize")
+    if artifact_digest(folder) != recorded:
+        raise QuantizeError(f"{folder}: the weights changed since they were quantised (SHA-256 differs from {QUANTIZED_INFO}); "
+                            "refusing to load them: quantise again")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     device = device or ("cuda" if method in GPU_ONLY or (torch.cuda.is_available() and method != "int8-dynamic") else "cpu")
     if method.startswith("bnb-"):
         return model_class(task).from_pretrained(folder, device_map=device).eval(), tokenizer, info
     model = apply_method(_skeleton(folder, task, device), method, info.get("quantized_modules"))
-    state = torch.load(folder / QUANTIZED_STATE, map_location=device, weights_only=False)
+    # weights only: no pickled code runs, whatever the file holds
+    state = torch.load(folder / QUANTIZED_STATE, map_location=device, weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

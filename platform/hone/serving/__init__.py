@@ -4,7 +4,9 @@
 - :mod:`hone.serving.protocol`: OpenAI request models, the error shape, the checks every route shares
 - :mod:`hone.serving.engine`: the transformers engine (batched decoding, adapters, classification)
 - :mod:`hone.serving.replica`: the model deployment (engine + continuous-batching scheduler)
-- :mod:`hone.serving.app`: the ingress deployment and the application builder
+- :mod:`hone.serving.app`: the ingress deployment (auth, validation, SSE, metrics, draining) and the application builder
+- :mod:`hone.serving.failover`: requests whose replica died: sent again, or resumed mid-stream when repeatable
+- :mod:`hone.serving.openapi`: the published OpenAPI document with the real request schemas
 - :mod:`hone.serving.runner`: ``hone serve`` (the Ray session, HAProxy, clean stop)
 - :mod:`hone.serving.vllm`: ``engine: vllm`` (GPU)
 

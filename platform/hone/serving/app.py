@@ -29,9 +29,9 @@ from ray import serve
 
 from hone.config import validate_serve_config
 from hone.runtime import quiet_libraries
-from hone.serving.engine import GREEDY_BELOW
+from hone.serving.failover import RETRY_DELAYS_S, is_back_pressure, replica_lost, resumable
+from hone.serving.openapi import openapi_schema
 from hone.serving.protocol import (
-    UNSUPPORTED,
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
@@ -56,76 +56,7 @@ _TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64
 # the decorator runs, with the module globals that exist at that moment.
 
 
-async def _after(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, Any]]:
-    """A stream whose first event was already read (``first`` ends it when it finishes or fails)."""
-    yield first
-    if not (first.get("finish_reason") or first.get("error")):
-        async for event in rest:
-            yield event
-
-
-_REPLICA_LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError")
-_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
-"""Waits before each new attempt of a request whose model replica died (Serve replaces it meanwhile)."""
-
-
-def _replica_lost(e: BaseException) -> bool:
-    """The model replica serving a call died or became unreachable (not an error of the request itself)."""
-    return any(cls.__name__ in _REPLICA_LOST for cls in type(e).__mro__)
-
-
-def _repeatable(body: dict[str, Any]) -> bool:
-    """Whether generating ``body`` again gives the same text (greedy or seeded): a stream can then resume elsewhere."""
-    return body.get("temperature", 1.0) < GREEDY_BELOW or body.get("seed") is not None
-
-
-def _is_back_pressure(e: Exception) -> bool:
-    """Ray Serve refused the call: the model deployment's queue is full (raised directly or wrapped by a remote caller)."""
-    from ray.serve.exceptions import BackPressureError
-
-    return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__ or "max_queued_requests" in str(e)
-
-
 api = FastAPI(title="hone", docs_url=None, redoc_url=None, openapi_url=None)  # /openapi.json is a route below, behind the key
-_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest, "/v1/classify": ClassifyRequest}
-_ERRORS = {"400": "invalid or unsupported request", "401": "missing or wrong API key", "404": "unknown model",
-           "413": "request body too large", "503": "at capacity: retry after Retry-After seconds"}
-
-
-def _json_ref(name: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
-
-
-def openapi_schema(models: list[str]) -> dict[str, Any]:
-    """The OpenAPI document, with the real request schemas of the POST routes (the handlers read raw bodies,
-    so FastAPI alone would declare none) and the error shape every refusal uses. ``model`` lists the names this
-    server answers to; an unsupported OpenAI parameter is declared with the "off" values it accepts."""
-    from fastapi.openapi.utils import get_openapi
-
-    from hone import __version__
-
-    doc = get_openapi(title="hone", version=__version__, routes=api.routes,
-                      description="OpenAI-compatible API of a hone serve application.")
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-                       "code": {"type": ["string", "null"]}}}}}
-    for path, model in _BODIES.items():
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(body.pop("$defs", {}))
-        props = body["properties"]
-        props["model"] = {**props["model"], "enum": list(models)}
-        for name in set(props) & set(UNSUPPORTED):
-            props[name] = {"enum": list(UNSUPPORTED[name]), "description": props[name].get("description", "")}
-        schemas[model.__name__] = body
-        op = doc["paths"][path]["post"]
-        op["requestBody"] = {"required": True, "content": _json_ref(model.__name__)}
-        op["responses"] = {"200": {"description": "the answer (JSON, or an SSE stream when stream is true)"},
-                           **{code: {"description": text, "content": _json_ref("Error")} for code, text in _ERRORS.items()}}
-    return doc
-
-
 @api.exception_handler(RequestError)
 async def _api_error(_: Request, e: RequestError) -> JSONResponse:
     return e.response()
@@ -208,7 +139,7 @@ class OpenAIIngress:
         Nothing has reached the client yet, so a call whose replica died is sent again (Serve routes it to a live
         replica) a few times before the client gets 503 + Retry-After.
         """
-        for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
             events = None
             try:
                 if stream:
@@ -220,13 +151,13 @@ class OpenAIIngress:
                     events.cancel()
                 raise
             except Exception as e:
-                if _is_back_pressure(e):
+                if is_back_pressure(e):
                     raise self._overloaded() from None
-                if not _replica_lost(e):
+                if not replica_lost(e):
                     raise
                 if delay is None:
                     raise self._unavailable(e) from None
-                logger.warning("model replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 2, len(_RETRY_DELAYS_S) + 1)
+                logger.warning("model replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 2, len(RETRY_DELAYS_S) + 1)
                 self.m_recovered.inc(tags={"kind": "resend"})
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
@@ -240,62 +171,6 @@ class OpenAIIngress:
         if "error" in first:
             raise RequestError(first["error"], first.get("status", 400), code=first.get("code"), param=first.get("param"))
         return first, events
-
-    async def _resumable(self, first: dict[str, Any], stream: Any, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """A request's events; when its replica dies mid-stream, a repeatable request (greedy or seeded) is generated
-        again on another replica and continues after the text already sent. Anything else ends in an error event.
-        Closing this generator early (the client went away) cancels the replica's, which frees its batch row."""
-        sent = ""
-        resumes = 0
-        finished = False
-        try:
-            while True:
-                regenerated = ""
-                try:
-                    async for event in _after(first, stream):
-                        if "error" in event:
-                            finished = True
-                            yield event
-                            return
-                        regenerated += event["text"]
-                        finish = event.get("finish_reason")
-                        if len(regenerated) < len(sent) and not finish:
-                            continue
-                        if not regenerated.startswith(sent):
-                            finished = True
-                            yield {"error": "the request was resumed on another replica and its text diverged", "status": 500}
-                            return
-                        piece, sent = regenerated[len(sent):], max(sent, regenerated, key=len)
-                        if finish:
-                            finished = True
-                        if piece or finish:
-                            yield {**event, "text": piece}
-                        if finish:
-                            return
-                    finished = True
-                    return
-                except Exception as e:
-                    if not _replica_lost(e):
-                        logger.exception("stream failed")
-                        finished = True
-                        yield {"error": f"generation failed: {type(e).__name__}", "status": 500}
-                        return
-                    if not _repeatable(body) or resumes >= len(_RETRY_DELAYS_S):
-                        finished = True
-                        yield self._unavailable(e).event()
-                        return
-                    resumes += 1
-                    logger.warning("model replica lost mid-stream (%s): resuming on another replica", type(e).__name__)
-                    self.m_recovered.inc(tags={"kind": "resume"})
-                    try:
-                        first, stream = await self._start(body, True)
-                    except RequestError as refused:
-                        finished = True
-                        yield refused.event()
-                        return
-        finally:
-            if not finished:
-                stream.cancel()
 
     def _unavailable(self, e: BaseException) -> RequestError:
         return RequestError(f"the model replica serving this request stopped ({type(e).__name__}); retry after a moment", 503,
@@ -335,8 +210,9 @@ class OpenAIIngress:
         prompt_tokens = first["prompt_tokens"]
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(self._resumable(first, events, body), rid, created, req.model, chat, prompt_tokens,
-                                               include_usage, route, started),
+            events = resumable(first, events, body, restart=lambda: self._start(body, True), lost=lambda e: self._unavailable(e).event(),
+                               on_resume=lambda: self.m_recovered.inc(tags={"kind": "resume"}))
+            return StreamingResponse(self._sse(events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         n, finish = first["completion_tokens"], first["finish_reason"]
         first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
@@ -415,7 +291,7 @@ class OpenAIIngress:
         except RequestError as e:
             return e.response()
         if self._openapi is None:
-            self._openapi = openapi_schema([self.name, *self.adapters])
+            self._openapi = openapi_schema(api.routes, [self.name, *self.adapters])
         return self._openapi
 
     @api.get("/v1/models")

@@ -27,10 +27,13 @@ def resolve(cfg: ServeConfig) -> dict[str, Any]:
     ref = cfg.model
     model = resolve_ref(ref)
     if model.kind != "quantized" and cfg.quantization != "none":
-        tag = ((model.registry or {}).get("tags") or {}).get(f"hone.quantized.{cfg.quantization}")
+        tags = (model.registry or {}).get("tags") or {}
+        tag = tags.get(f"hone.quantized.{cfg.quantization}")
         candidate = Path(tag) if tag else quantized_dir(model, cfg.quantization)
         if not (candidate / QUANTIZED_INFO).exists():
             raise ServeError(f"no {cfg.quantization} artifact for {ref}: run `hone quantize {ref} --method {cfg.quantization}` first")
+        if tag:
+            _check_registered_artifact(ref, candidate, tags.get(f"hone.quantized.{cfg.quantization}.sha256"))
         model = resolve_ref(str(candidate))
     spec: dict[str, Any] = {"served_name": cfg.served_name(), "device": cfg.device, "adapters": dict(cfg.adapters),
                             "max_loaded_adapters": cfg.max_loaded_adapters, "source": ref, "model": model, "kind": model.kind,
@@ -44,6 +47,23 @@ def resolve(cfg: ServeConfig) -> dict[str, Any]:
     job = model.job
     labels = list(job.task.labels or []) or None if job is not None else None
     return {**spec, "labels": labels, "quantization": "none"}
+
+
+def _check_registered_artifact(ref: str, folder: Path, recorded: str | None) -> None:
+    """A quantised artifact named by a registry tag is loaded only from hone's artifact store, and only if its
+    content is what the registry recorded: whoever can write a tag cannot point every replica at other files."""
+    import json
+
+    from hone import assets
+
+    store = (assets.hone_home() / "quantized").resolve()
+    if not folder.resolve().is_relative_to(store):
+        raise ServeError(f"{ref}: its registry tag points at {folder}, outside hone's artifact store {store}; refusing it "
+                         "(serve that path explicitly if you trust it, or quantise again)")
+    info = json.loads((folder / QUANTIZED_INFO).read_text())
+    if not recorded or info.get("sha256") != recorded:
+        raise ServeError(f"{ref}: the artifact {folder} is not the one the registry recorded (content hash "
+                         f"{str(info.get('sha256'))[:12]}... vs {str(recorded)[:12]}...); quantise again with hone quantize")
 
 
 def api_key_hashes(cfg: ServeConfig) -> list[str]:
