@@ -29,14 +29,16 @@ from hone import assets
 if TYPE_CHECKING:
     from hone.config import JobConfig
 
-__all__ = ["EXPORT_DIR", "EXPORT_INFO", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "QUANTIZED_INFO", "QUANTIZED_STATE", "TOKENIZER_DIR",
-           "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "model_class", "new_run_dir",
-           "parse_metrics", "publish_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir", "run_storage"]
+__all__ = ["EXPORT_DIR", "EXPORT_INFO", "INPUTS_FILE", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "QUANTIZED_INFO", "QUANTIZED_STATE",
+           "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "model_class",
+           "new_run_dir", "parse_metrics", "publish_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir",
+           "run_storage"]
 
 EXPORT_DIR = "export"
 MERGED_DIR = "export-merged"
 EXPORT_INFO = "hone.json"
 JOB_FILE = "job.yaml"
+INPUTS_FILE = "inputs.json"  # what the run trained on: data and tokenizer fingerprints, checked on resume
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
 QUANTIZED_INFO = "quantization.json"
@@ -227,10 +229,15 @@ def quantized_dir(spec: ModelSpec, method: str) -> Path:
 
 
 def new_run_dir(storage: Path, name: str) -> Path:
-    """A fresh, timestamped directory name under ``storage`` (not created)."""
+    """A fresh, timestamped directory under ``storage``, created here: ``mkdir`` either creates it or fails, so two runs
+    started in the same second (two shells, two sweep drivers) never share one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, n = storage / f"{name}-{stamp}", 1
-    while run_dir.exists():
-        n += 1
-        run_dir = storage / f"{name}-{stamp}-{n}"
-    return run_dir
+    storage.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        run_dir = storage / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            n += 1

@@ -30,6 +30,7 @@ __all__ = [
     "hone_home",
     "load_builtin_dataset",
     "resolve_model",
+    "source_digest",
 ]
 
 PREFIX = "builtin:"
@@ -64,6 +65,39 @@ CHATML_TEMPLATE = (
 def hone_home() -> Path:
     """hone's cache and state directory: ``$HONE_HOME``, default ``~/.cache/hone``."""
     return Path(os.environ.get("HONE_HOME") or Path.home() / ".cache" / "hone").expanduser()
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()  # no cache keyed on size and mtime: an edit in place can keep both
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_digest(source: str) -> str:
+    """What a data source holds, as a hash: a local file, glob or directory by the content of its files (an edit in
+    place changes it, whatever the timestamps say); a built-in by its name; a hub id or URI by the reference itself."""
+    import glob
+    import hashlib
+
+    if source.startswith(PREFIX):
+        return source
+    expanded = os.path.expanduser(source)
+    if glob.has_magic(expanded):
+        files = sorted(glob.glob(expanded))
+    elif os.path.isfile(expanded):
+        files = [expanded]
+    elif os.path.isdir(expanded):
+        files = sorted(str(p) for p in Path(expanded).rglob("*") if p.is_file())
+    else:
+        return source
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{os.path.relpath(f, os.path.dirname(expanded) or '.')}\0{_file_digest(f)}\0".encode())
+    return digest.hexdigest()
 
 
 def _unknown(name: str, known: dict[str, str], what: str) -> ValueError:

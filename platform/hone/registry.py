@@ -88,14 +88,15 @@ def _git_commit() -> str:
 
 
 def dataset_fingerprint(job: JobConfig) -> str:
-    """A short hash of what decides the training data (source, format, split, length, sampling)."""
+    """A short hash of what decides the training data: the content of its files (source, validation, test) and the
+    settings that format, split, sample and cut it. Lineage tags, pipeline re-runs and resume checks use it."""
     d = job.data
-    blob = json.dumps([d.source, d.format, d.columns.model_dump(), d.split, d.validation, d.seed, d.max_samples, d.max_length,
-                       d.train_on_inputs, d.packing, d.prompt_template], sort_keys=True, default=str)
-    source = Path(d.source)
-    if source.is_file():
-        stat = source.stat()
-        blob += f"{stat.st_size}:{stat.st_mtime_ns}"
+    sources = [d.source]
+    for spec in (d.validation, d.test):  # a fraction carves the split from the source; a path or list names more files
+        sources += [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
+    blob = json.dumps([[assets.source_digest(s) for s in sources], d.format, d.columns.model_dump(), d.split, d.validation, d.test,
+                       d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs, d.packing, d.prompt_template],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

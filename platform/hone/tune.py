@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import EXPORT_DIR, JOB_FILE, append_metrics, read_metrics, resolve_run_dir, run_storage
+from hone.artifacts import EXPORT_DIR, JOB_FILE, append_metrics, new_run_dir, read_metrics, resolve_run_dir, run_storage
 from hone.config import JobConfig, SearchDomain, load_job, validate_job
 from hone.config.base import set_path
 from hone.runtime import ray_session
@@ -368,8 +368,7 @@ def sweep(
     else:
         if job.tune is None or not job.tune.search_space:
             raise TrainError(f"job {job.name!r} has no tune.search_space to search")
-        sweep_dir = run_storage(storage_path, job) / f"{job.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir.mkdir(parents=True)
+        sweep_dir = new_run_dir(run_storage(storage_path, job), f"{job.name}-sweep")  # created: never shared
         (sweep_dir / JOB_FILE).write_text(job.to_yaml())
     assert job.tune is not None
     metric, mode = job.tune.metric, job.tune.mode

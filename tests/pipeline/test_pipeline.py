@@ -60,6 +60,28 @@ def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
     assert out.returncode == 2 and "nowhere.yaml" in out.stderr and "quantize.metod" in out.stderr, out.stderr
 
 
+def test_a_pipeline_reruns_training_when_its_data_content_changes(tmp_path):
+    """The train stage is reused only for the same inputs, data content included: a file edited in place (same size,
+    same timestamps) is new data; the same content at another time is not."""
+    from hone.pipeline import load_pipeline
+    from hone.pipeline.stages import train_fingerprint
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review number {i} was fine"}) + "\n" for i in range(40)))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"name": "fp", "model": {"name": "builtin:tiny-llama"},
+                                                       "data": {"source": str(data), "format": "text"}}))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"kind": "pipeline", "train": {"job": "job.yaml"}, "smoke_test": None}))
+    before = train_fingerprint(load_pipeline(tmp_path / "pipeline.yaml"))
+    stat = data.stat()
+    data.write_text(data.read_text().replace("number 7 was fine", "number 7 was bad!"))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size
+    edited = train_fingerprint(load_pipeline(tmp_path / "pipeline.yaml"))
+    assert edited != before
+    os.utime(data)  # touched, same content
+    assert train_fingerprint(load_pipeline(tmp_path / "pipeline.yaml")) == edited
+
+
 def _quickstart(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     from test_tune import _run
 

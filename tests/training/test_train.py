@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -258,6 +259,64 @@ def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, t
 
 
 @pytest.mark.slow
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cluster, uninterrupted, tmp_path, slow_reports):
+    """Checkpoints every 2 steps; the run is killed after step 5 and a file of its latest checkpoint is damaged.
+    The resume notices (each rank checks its manifest), warns, resumes from the checkpoint before and still reproduces
+    every loss."""
+    job, reference = uninterrupted
+    args = ["train", str(job), "training.checkpoint_every=2", "--address", cluster["address"], "--storage-path", str(tmp_path)]
+    proc = _run_cli(args, slow_reports)
+    try:
+        _wait_until(lambda: any(tmp_path.iterdir()), "the run directory", timeout=120)
+        run_dir = next(tmp_path.iterdir())
+        _wait_until(lambda: _logged_step(run_dir, 5), "step 5")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # the checkpoint Ray will resume from (a newer one may be on disk half-registered when the kill landed), and the one before
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    latest = run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    older = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name < latest.name)
+    assert older, "only one checkpoint was written before the kill"
+    previous_step = json.loads((older[-1] / "trainer_state.json").read_text())["step"]
+    damaged = latest / "rng_rank1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-16])  # a truncated write
+    assert not list(Path(tempfile.gettempdir()).glob("hone-ckpt-*")), "a checkpoint's temporary directory was left behind"
+    out = subprocess.run([HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]],
+                         env=slow_reports, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "rng_rank1.pt does not match its checksum" in text and "falling back to the previous checkpoint" in text, text[-4000:]
+    assert f"resumed at step {previous_step}/10" in text
+    after = _steps(run_dir)
+    for step in range(1, 11):
+        assert abs(after[step] - reference[step]) < 1e-5, (step, after[step], reference[step])
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    """The data file edited in place (same size, same timestamps) since the run started: resuming is refused before any
+    Ray work, naming what changed."""
+    from hone.artifacts import INPUTS_FILE, JOB_FILE
+    from hone.data import tokenizer_digest
+    from hone.registry import dataset_fingerprint
+
+    data = tmp_path / "reviews.jsonl"
+    rows = [{"instruction": "Label it.", "input": f"review {i}", "output": "positive"} for i in range(64)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = validate_job(tiny("changed", data={**TINY["data"], "source": str(data), "max_samples": None}))
+    run_dir = tmp_path / "changed-run"
+    run_dir.mkdir()
+    (run_dir / JOB_FILE).write_text(job.to_yaml())
+    (run_dir / INPUTS_FILE).write_text(json.dumps({"data": dataset_fingerprint(job), "tokenizer": tokenizer_digest(load_tokenizer(job))}))
+    stat = data.stat()
+    data.write_text(data.read_text().replace("positive", "negative", 1).replace("review 1", "review 9", 1))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size
+    with pytest.raises(TrainError, match="cannot resume changed-run: its data changed since the run started"):
+        train(resume=str(run_dir), address="127.0.0.1:1")  # refused before connecting anywhere
+
+
+@pytest.mark.slow
 def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_path, slow_reports):
     job, reference = uninterrupted
     proc = _run_cli(
@@ -486,3 +545,43 @@ def test_cli_train_on_local_embedded_ray(tmp_path, repo):
 def test_resume_of_unknown_run_is_clear(tmp_path):
     out = subprocess.run([HONE, "train", "--resume", "no-such-run", "--storage-path", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 1 and "no hone run at 'no-such-run'" in out.stderr
+
+
+def test_a_failed_checkpoint_save_leaves_nothing_behind_and_damage_is_detected(tmp_path, monkeypatch):
+    from hone.training.checkpoints import candidates, intact, write_checkpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def disk_full(folder: Path) -> None:
+        (folder / "state.pt").write_bytes(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(0, disk_full)
+    assert not list(tmp_path.glob("hone-ckpt-*")), "the failed save left its temporary directory"
+
+    def fine(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "state.pt").write_bytes(b"weights")
+        (folder / "trainer_state.json").write_text("{}")
+
+    saved = Path(write_checkpoint(1, fine))
+    assert intact(saved, 1) == (True, "")
+    assert intact(saved, 0)[0] is False  # rank 0 wrote no part of it: its manifest is missing
+    (saved / "sub" / "state.pt").write_bytes(b"weightz")
+    assert intact(saved, 1) == (False, "sub/state.pt does not match its checksum")
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"):
+        (run / name).mkdir(parents=True)
+    assert candidates(str(run / "checkpoint_2026-01-01_00-00-02"), run) == [str(run / "checkpoint_2026-01-01_00-00-02"),
+                                                                             str(run / "checkpoint_2026-01-01_00-00-01")]
+
+
+def test_runs_started_in_the_same_second_never_share_a_directory(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hone.artifacts import new_run_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: new_run_dir(tmp_path, "same"), range(16)))
+    assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)

@@ -16,8 +16,9 @@ to change. Truncated and dropped rows are counted in a :class:`DataReport`.
 
 from hone.data.formats import IGNORE_INDEX, prompt_and_answer, prompt_messages
 from hone.data.preview import preview
-from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer
+from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer, tokenizer_digest
 from hone.data.tokenize import DataReport, PreparedData, SplitReport, collate, prepare_data, to_ray_datasets, tokenize_split
 
 __all__ = ["IGNORE_INDEX", "DataError", "DataReport", "PreparedData", "SplitReport", "collate", "held_out_rows", "load_splits",
-           "load_tokenizer", "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split"]
+           "load_tokenizer", "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split",
+           "tokenizer_digest"]

@@ -11,7 +11,7 @@ from hone import assets
 from hone.config import DataConfig, JobConfig
 from hone.config.sections import DATA_FILE_TYPES
 
-__all__ = ["DataError", "held_out_rows", "load_splits", "load_tokenizer"]
+__all__ = ["DataError", "held_out_rows", "load_splits", "load_tokenizer", "tokenizer_digest"]
 
 
 class DataError(ValueError):
@@ -31,6 +31,18 @@ def load_tokenizer(job: JobConfig) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """A short hash of what decides a tokenizer's ids: its vocabulary and rules, special tokens and chat template."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    blob = json.dumps([rules, tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None), tokenizer.pad_token],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- loading

@@ -16,7 +16,15 @@ from hone.artifacts import QUANTIZED_INFO
 from hone.config import Pipeline, ServeConfig
 from hone.pipeline.state import PipelineError, State, fingerprint, say
 
-__all__ = ["base_url", "quantize_stage", "serve_stage", "train_stage"]
+__all__ = ["base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage"]
+
+
+def train_fingerprint(p: Pipeline) -> str:
+    """What the train stage's result depends on: the job (overrides applied; not where runs are written), whether it is
+    a sweep, and the content of its data (a file edited in place is new data)."""
+    inputs = p.job.to_dict()
+    inputs["training"]["storage_path"] = None
+    return fingerprint({"job": inputs, "sweep": p.sweep, "data": registry.dataset_fingerprint(p.job)})
 
 
 def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, rerun: bool) -> dict[str, Any]:
@@ -24,9 +32,7 @@ def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, r
     from hone.tune import format_table, sweep
 
     job = p.job
-    inputs = job.to_dict()
-    inputs["training"]["storage_path"] = None  # where runs are written is not an input of the result
-    fp = fingerprint({"job": inputs, "sweep": p.sweep})
+    fp = train_fingerprint(p)
 
     def exists(out: dict[str, Any]) -> bool:
         return Path(registry.resolve_model_ref(out["model"])["source"]).is_dir()

@@ -14,14 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import EXPORT_DIR, JOB_FILE, MERGED_DIR, TOKENIZER_DIR, new_run_dir, read_metrics, resolve_run_dir, run_storage
+from hone.artifacts import (
+    EXPORT_DIR,
+    INPUTS_FILE,
+    JOB_FILE,
+    MERGED_DIR,
+    TOKENIZER_DIR,
+    new_run_dir,
+    read_metrics,
+    resolve_run_dir,
+    run_storage,
+)
 from hone.config import JobConfig, load_job, metric_mode
 from hone.runtime import ray_log_level, ray_session
 from hone.training.loop import train_loop
 from hone.training.plan import TrainError, total_steps
 from hone.training.progress import ProgressPrinter, progress_callback
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "check_inputs", "train"]
 
 
 @dataclass
@@ -50,7 +60,8 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hone.data import load_tokenizer, prepare_data, to_ray_datasets
+    from hone.data import load_tokenizer, prepare_data, to_ray_datasets, tokenizer_digest
+    from hone.registry import dataset_fingerprint
 
     if resume:
         run_dir = resolve_run_dir(resume, storage_path)
@@ -64,6 +75,11 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
         (run_dir / JOB_FILE).write_text(job.to_yaml())
 
     tokenizer = load_tokenizer(job)
+    inputs = {"data": dataset_fingerprint(job), "tokenizer": tokenizer_digest(tokenizer)}
+    if resume:
+        check_inputs(run_dir, inputs)
+    else:
+        (run_dir / INPUTS_FILE).write_text(json.dumps(inputs))
     if not (run_dir / TOKENIZER_DIR).exists():
         tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)
     prepared = prepare_data(job, tokenizer)
@@ -123,6 +139,20 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                                                        indent=2, default=str))
     return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
                        metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)
+
+
+def check_inputs(run_dir: Path, now: dict[str, str]) -> None:
+    """Refuse to resume a run whose data or tokenizer changed since it started: the resumed steps would train on other
+    batches (or other token ids) than the checkpoint's, and the result would match neither."""
+    path = run_dir / INPUTS_FILE
+    if not path.exists():
+        return  # a run from before hone recorded its inputs
+    then = json.loads(path.read_text())
+    changed = [what for what in ("data", "tokenizer") if then.get(what) != now[what]]
+    if changed:
+        raise TrainError(f"cannot resume {run_dir.name}: its {' and '.join(changed)} changed since the run started "
+                         f"(fingerprint {', '.join(f'{w} {then.get(w)} → {now[w]}' for w in changed)}); restore them, or start a "
+                         "new run (hone train JOB.yaml)")
 
 
 def _diverged_message(run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 from hone.artifacts import EXPORT_DIR, EXPORT_INFO, MERGED_DIR, TOKENIZER_DIR, publish_dir
 from hone.config import JobConfig, metric_mode
 from hone.runtime import worker_setup_hook
+from hone.training.checkpoints import candidates, intact, write_checkpoint
 from hone.training.plan import Schedule, rng_state, seed_all, set_rng_state
 
 __all__ = ["nonfinite_step", "train_loop"]
@@ -69,6 +70,23 @@ def nonfinite_step(loss: float, grad_norm: float | None, applied: bool, all_redu
         return None
     what = " and ".join(name for name, hit in (("loss", seen[0]), ("gradient norm", seen[1])) if hit)
     return {"reason": f"non-finite {what}", "loss": loss, "grad_norm": grad_norm, "applied": bool(seen[2] > 0)}
+
+
+def _intact_checkpoint(dirs: list[str], rank: int, all_reduce: Any) -> str:
+    """The newest of ``dirs`` that every rank finds complete and unchanged (all ranks agree, then all load it)."""
+    import torch
+
+    for i, d in enumerate(dirs):
+        ok, why = intact(d, rank)
+        if not float(all_reduce(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))[0]):
+            return d
+        if not ok:
+            print(f"[hone] WARNING: checkpoint {d} is incomplete or corrupt on rank {rank} ({why})", flush=True)
+        if rank == 0:
+            nxt = dirs[i + 1] if i + 1 < len(dirs) else None
+            print(f"[hone] WARNING: not resuming from {d}: " + (f"falling back to the previous checkpoint {nxt}" if nxt
+                  else "no earlier checkpoint is left"), flush=True)
+    raise RuntimeError(f"no intact checkpoint to resume from (tried {', '.join(dirs)}): start the run again")
 
 
 def _peak_memory_mb() -> float:
@@ -183,7 +201,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if cloned:
         checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with checkpoint.as_directory() as latest:
+            d = _intact_checkpoint(candidates(latest, None if cloned else run_dir), rank, all_reduce)
             saved = json.loads((Path(d) / "trainer_state.json").read_text())
             if saved["world_size"] != world:
                 raise RuntimeError(
@@ -196,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if cloned:
             engine.retarget(t.lr, t.weight_decay)
         if rank == 0:
-            print(f"[hone] {'continued' if cloned else 'resumed'} at step {state.step}/{total} from {checkpoint.path}", flush=True)
+            print(f"[hone] {'continued' if cloned else 'resumed'} at step {state.step}/{total} from {d}", flush=True)
 
     metric = t.eval_metric if val_rows else "loss"
     mode = metric_mode(metric)
@@ -314,11 +333,13 @@ def train_loop(config: dict[str, Any]) -> None:
         report_checkpoint = None
         tmp = None
         if do_ckpt:
-            tmp = tempfile.mkdtemp(prefix="hone-ckpt-")
-            engine.save(tmp)
-            torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-            if rank == 0:
-                (Path(tmp) / "trainer_state.json").write_text(json.dumps(asdict(state)))
+            def write(folder: Path) -> None:
+                engine.save(str(folder))
+                torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+                if rank == 0:
+                    (folder / "trainer_state.json").write_text(json.dumps(asdict(state)))
+
+            tmp = write_checkpoint(rank, write)
             report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=report_checkpoint)
         if tmp:
