@@ -177,8 +177,9 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done(server):
     with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
-            if line:
-                lines.append(line)
+            if not line:
+                continue
+            lines.append(line)
             if len(lines) == 5:
                 for pid in model_replica_pids(APP):  # whichever replica serves it
                     os.kill(pid, signal.SIGKILL)
@@ -201,22 +202,31 @@ def test_sigterm_during_a_long_stream_lets_it_finish(server):
     lines: list[str] = []
     late: list[httpx.Response] = []
 
-    def knock_late() -> None:  # a new request while draining is turned away, with a hint when to come back
-        time.sleep(1.5)
-        late.append(httpx.post(server["url"] + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60))
+    def knock_late() -> None:  # new requests once draining has begun are turned away, with a hint when to come back
+        deadline = time.time() + 20
+        while time.time() < deadline and not (late and late[-1].status_code == 503):
+            try:
+                late.append(httpx.post(server["url"] + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60))
+            except httpx.HTTPError:  # the service is gone: no 503 was seen while it drained
+                return
+            time.sleep(0.3)
 
+    knocker = threading.Thread(target=knock_late, daemon=True)
     with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
-            if line:
-                lines.append(line)
+            if not line:
+                continue
+            lines.append(line)
             if len(lines) == 3:
                 server["proc"].send_signal(signal.SIGTERM)
-                threading.Thread(target=knock_late, daemon=True).start()
+                knocker.start()
+    knocker.join(timeout=30)
     assert lines[-1] == "data: [DONE]", lines[-3:]
     finish = json.loads(lines[-2][6:])["choices"][0]["finish_reason"]
     assert finish == "length", lines[-2]
-    assert late and late[0].status_code == 503 and late[0].headers["retry-after"] == "1", late
-    assert late[0].json()["error"]["code"] == "server_shutting_down"
+    assert late and late[-1].status_code == 503 and late[-1].headers["retry-after"] == "1", late
+    assert late[-1].json()["error"]["code"] == "server_shutting_down"
+    assert all(r.status_code == 200 for r in late[:-1]), late  # (answered normally until the drain began)
     server["proc"].wait(timeout=60)
     assert "[hone] shutting down" in server["log"].read_text()
     assert "still running after" not in server["log"].read_text()
