@@ -67,14 +67,23 @@ def hone_home() -> Path:
     return Path(os.environ.get("HONE_HOME") or Path.home() / ".cache" / "hone").expanduser()
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def _file_digest(path: str) -> str:
+    """SHA-256 of a file, computed once per version of it in this process. The key includes the inode change time,
+    which every write updates and ``os.utime`` cannot set back: an edit that restores size and mtime is still new."""
     import hashlib
 
-    digest = hashlib.sha256()  # no cache keyed on size and mtime: an edit in place can keep both
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 def source_digest(source: str) -> str:
