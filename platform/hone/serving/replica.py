@@ -85,8 +85,8 @@ class ModelServer:
                 if not self._waiting:  # a racy read is fine: anything missed waits for the next batch
                     return []
                 with self._waiting_lock:
-                    live = [r for r, _ in self._waiting if not r.cancelled]
-                    if live and live[0].adapter != adapter:
+                    oldest = next((r for r, _ in self._waiting if not r.cancelled), None)  # (every decode step: no list)
+                    if oldest is not None and oldest.adapter != adapter:
                         # The oldest waiting request needs another adapter (or the base): stop admitting, so this
                         # batch drains and that request goes next, however busy this model is (no starvation).
                         return []
