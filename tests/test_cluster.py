@@ -92,6 +92,8 @@ def test_dockerfile_builds_the_image_the_definitions_use(repo):
     assert f"rayproject/ray:{version}-" in text
     assert "torch==2.13.0" in text and "pip install --no-cache-dir -e '.[gpu]'" in text
     assert IMAGE in text
+    # engine: vllm replicas run in their own environment, which must have the cluster's Ray version
+    assert f'"ray[serve]=={version}"' in text and f'"ray[serve]=={version}"' in (repo / "Makefile").read_text()
 
 
 # --------------------------------------------------------------------------- submitting to a real cluster

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import ReplicaMonitor, free_port, haproxy_configs, metrics, replicas, start, stop
+from servers import ReplicaMonitor, free_port, haproxy_configs, malformed, metrics, replicas, start, stop
 
 HONE = str(Path(sys.executable).parent / "hone")
 KEY = "sk-hone-test-key"
@@ -219,36 +219,6 @@ def test_bad_chat_and_classify_input(server):
     assert ok.status_code == 200
 
 
-# The issue's malformed requests (7 of 18 used to get a 500), and the unsupported parameters that used to be ignored.
-MALFORMED = [
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": 2**64}, 400, "seed"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": -(2**64)}, 400, "seed"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "stop": ""}, 400, "stop"),
-    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "lone \\ud800 surrogate"}', 400, "prompt"),
-    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "temperature": NaN}', 400, None),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "logit_bias": {"50": -100}}, 400, "logit_bias"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "made_up": 1}, 400, "made_up"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": [1, 2, 3]}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "max_tokens": "lots"}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
-     400, "messages.0.content.0.text"),
-    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                                                "image_url": {"url": "x"}}]}]},
-     400, "messages.0.content.0.type"),
-    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
-     400, "logprobs"),
-    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
-    ("/v1/chat/completions", b"[" * 50_000 + b"]" * 50_000, 400, None),
-    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "' + b"a" * 1_100_000 + b'"}', 413, None),
-]
-
-
 def test_malformed_requests_get_4xx_and_a_running_request_is_unaffected(server, reference):
     """Every refusal is a 4xx in the OpenAI error shape naming the parameter; tiny temperatures decode greedily
     (they used to overflow sampling), and a greedy stream decoding meanwhile returns its solo text."""
@@ -264,7 +234,7 @@ def test_malformed_requests_get_4xx_and_a_running_request_is_unaffected(server, 
         running = pool.submit(greedy_stream)
         tiny = [pool.submit(httpx.post, server["url"] + "/v1/completions", headers=headers, timeout=120,
                             json={"model": "tiny-llama", "prompt": PROMPTS[3], "max_tokens": 12, "temperature": t}) for t in (1e-30, 1e-45)]
-        for route, bad, status, param in MALFORMED:
+        for route, bad, status, param in malformed("tiny-llama"):
             content = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
             r = httpx.post(server["url"] + route, content=content, headers=headers, timeout=60)
             assert r.status_code == status, (bad if len(content) < 300 else content[:80], r.status_code, r.text[:300])

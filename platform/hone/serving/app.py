@@ -32,10 +32,12 @@ from hone.runtime import quiet_libraries
 from hone.serving.failover import RETRY_DELAYS_S, is_back_pressure, replica_lost, resumable
 from hone.serving.openapi import openapi_schema
 from hone.serving.protocol import (
+    ENGINE_FEATURES,
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
     RequestError,
+    format_logprobs,
     parse_body,
     require_model,
     require_task,
@@ -79,6 +81,8 @@ class OpenAIIngress:
         self.default_max_tokens = settings["max_tokens_default"]
         self.retry_after = str(settings.get("retry_after_s", 1))
         self.max_request_bytes = int(settings.get("max_request_bytes", 1_048_576))
+        self.engine = settings.get("engine", "transformers")
+        self.supports = ENGINE_FEATURES[self.engine]
         self.created = int(time.time())
         self._openapi: dict[str, Any] | None = None
         self._inflight = 0
@@ -127,7 +131,7 @@ class OpenAIIngress:
             data += piece
             if len(data) > self.max_request_bytes:
                 raise self._too_large()
-        return parse_body(bytes(data), cls)
+        return parse_body(bytes(data), cls, self.supports)
 
     def _too_large(self) -> RequestError:
         return RequestError(f"the request body is larger than this server's limit of {self.max_request_bytes} bytes", 413,
@@ -192,6 +196,9 @@ class OpenAIIngress:
             body: dict[str, Any] = {"model": req.model, "max_tokens": (getattr(req, "max_completion_tokens", None) or req.max_tokens),
                                     "temperature": req.temperature, "top_p": req.top_p, "stop": req.stops(), "seed": req.seed,
                                     "default_max_tokens": self.default_max_tokens}
+            extras = {"n": req.n, "logprobs": req.top_logprobs_asked(), "structured": req.constraint(),
+                      "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+            body.update({k: v for k, v in extras.items() if v is not None and v != 1})  # engine features, parsed above
             if chat:
                 body["messages"] = [m.plain() for m in req.messages]
             else:
@@ -214,16 +221,21 @@ class OpenAIIngress:
                                on_resume=lambda: self.m_recovered.inc(tags={"kind": "resume"}))
             return StreamingResponse(self._sse(events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-        n, finish = first["completion_tokens"], first["finish_reason"]
+        n = first["completion_tokens"]
         first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
         self._token_metrics(req.model, started, first_at, n, prompt_tokens)
         self._record(model, route, 200, started)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": first["text"]}, "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": first["text"], "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice], "usage": usage}
+        choices = []
+        for c in first["choices"]:
+            logprobs = format_logprobs(c.get("logprobs"), chat) if "logprobs" in body else None
+            if chat:
+                choices.append({"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": logprobs,
+                                "finish_reason": c["finish_reason"]})
+            else:
+                choices.append({"index": c["index"], "text": c["text"], "logprobs": logprobs, "finish_reason": c["finish_reason"]})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": usage}
 
     def _token_metrics(self, model: str, started: float, first_at: float | None, n: int, prompt_tokens: int) -> None:
         tags = {"model": model}
@@ -247,9 +259,8 @@ class OpenAIIngress:
             return f"data: {json.dumps(payload)}\n\n".encode()
 
         status, n, first_at = 200, 0, None
+        opened: set[int] = set()
         try:
-            if chat:
-                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
             async for event in events:
                 if "error" in event:  # an SSE error event, then [DONE]: the client sees why its stream ended
                     status = int(event.get("status", 500))
@@ -257,14 +268,18 @@ class OpenAIIngress:
                     yield f"data: {json.dumps({'error': error})}\n\n".encode()
                     break
                 n = event["completion_tokens"]
-                finish = event.get("finish_reason")
+                finish, index = event.get("finish_reason"), event.get("index", 0)
+                if chat and index not in opened:  # each choice's first chunk carries the role (OpenAI does this per choice)
+                    opened.add(index)
+                    yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
                 if event["text"]:
                     first_at = first_at or time.perf_counter()
                     piece = {"delta": {"content": event["text"]}} if chat else {"text": event["text"]}
-                    yield chunk({"index": 0, **piece, "logprobs": None, "finish_reason": None})
+                    logprobs = format_logprobs(event.get("logprobs"), chat) if "logprobs" in event else None
+                    yield chunk({"index": index, **piece, "logprobs": logprobs, "finish_reason": None})
                 if finish:
                     piece = {"delta": {}} if chat else {"text": ""}
-                    yield chunk({"index": 0, **piece, "logprobs": None, "finish_reason": finish})
+                    yield chunk({"index": index, **piece, "logprobs": None, "finish_reason": finish})
             if include_usage and status == 200:
                 yield chunk({}, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}, choices=False)
             yield b"data: [DONE]\n\n"
@@ -385,20 +400,21 @@ def build_app(args: dict[str, Any]) -> Any:
     if spec is None:  # serve deploy / KubeRay: resolved on the cluster, whose HTTP proxy listens on every interface
         check_auth(cfg, api_key_hashes(cfg), host="0.0.0.0")
         spec = resolve(cfg)
-    if cfg.engine == "vllm":
-        from hone.serving.vllm import build_vllm_app
-
-        return build_vllm_app(cfg, spec)
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
                                "ray_actor_options": dict(cfg.ray_actor_options)}
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = dict(cfg.autoscaling_config)
     else:
         options["num_replicas"] = cfg.num_replicas or 1
-    model = ModelServer.options(**options).bind(spec, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    if cfg.engine == "vllm":
+        from hone.serving.vllm import VLLMServer, engine_args, replica_options
+
+        model = VLLMServer.options(**replica_options(cfg, options)).bind(spec, engine_args(cfg, spec))
+    else:
+        model = ModelServer.options(**options).bind(spec, cfg.max_batch_size, cfg.batch_wait_timeout_s)
     max_replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
     capacity = max_replicas * (cfg.max_ongoing_requests + max(cfg.max_queued_requests, 0)) + 64
     settings = {"served_name": spec["served_name"], "adapters": list(cfg.adapters), "task": spec["task"],
                 "api_key_hashes": api_key_hashes(cfg), "max_tokens_default": cfg.max_tokens_default, "retry_after_s": cfg.retry_after_s,
-                "max_request_bytes": cfg.max_request_bytes}
+                "max_request_bytes": cfg.max_request_bytes, "engine": cfg.engine}
     return OpenAIIngress.options(max_ongoing_requests=capacity, ray_actor_options={"num_cpus": 0.1}).bind(model, settings)

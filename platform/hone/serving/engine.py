@@ -20,10 +20,38 @@ from typing import Any
 
 from hone.serving.protocol import RequestError, require_task
 
-__all__ = ["GREEDY_BELOW", "Engine", "GenRequest"]
+__all__ = ["GREEDY_BELOW", "Engine", "GenRequest", "check_length", "encode_prompt"]
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily."""
+
+
+def encode_prompt(tok: Any, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
+    """Token ids of a completion prompt, or of chat messages through the tokenizer's chat template (both engines)."""
+    if messages is not None:
+        if not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template: use /v1/completions", code="no_chat_template")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - template errors are the request's
+            raise RequestError(f"messages do not fit the model's chat template: {e}", param="messages") from None
+    else:
+        text = prompt or ""
+    try:
+        return tok(text, add_special_tokens=messages is None)["input_ids"]
+    except Exception as e:  # noqa: BLE001 - text the tokenizer cannot encode is the request's
+        raise RequestError(f"the prompt could not be tokenized: {type(e).__name__}", param="messages" if messages else "prompt") from None
+
+
+def check_length(prompt_ids: list[int], max_tokens: int, context_length: int) -> None:
+    """400 for an empty prompt, or one that with ``max_tokens`` more does not fit the context window."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty", param="prompt")
+    if len(prompt_ids) + max_tokens > context_length:
+        raise RequestError(
+            f"this model's maximum context length is {context_length} tokens; the prompt has {len(prompt_ids)} "
+            f"and max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+            code="context_length_exceeded", param="max_tokens")
 
 
 @dataclass
@@ -77,33 +105,13 @@ class Engine:
 
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
         """Token ids of a prompt or chat (one caller at a time: the replica's encoding thread)."""
-        tok = self._encoder
-        if messages is not None:
-            if not getattr(tok, "chat_template", None):
-                raise RequestError("this model has no chat template: use /v1/completions", code="no_chat_template")
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as e:  # noqa: BLE001 - template errors are the request's
-                raise RequestError(f"messages do not fit the model's chat template: {e}", param="messages") from None
-        else:
-            text = prompt or ""
-        try:
-            return tok(text, add_special_tokens=messages is None)["input_ids"]
-        except Exception as e:  # noqa: BLE001 - text the tokenizer cannot encode is the request's
-            raise RequestError(f"the prompt could not be tokenized: {type(e).__name__}",
-                               param="messages" if messages else "prompt") from None
+        return encode_prompt(self._encoder, prompt, messages)
 
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(ids) for ids in self._encoder(texts)["input_ids"])
 
     def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", param="prompt")
-        if len(prompt_ids) + max_tokens > self.context_length:
-            raise RequestError(
-                f"this model's maximum context length is {self.context_length} tokens; the prompt has {len(prompt_ids)} "
-                f"and max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
-                code="context_length_exceeded", param="max_tokens")
+        check_length(prompt_ids, max_tokens, self.context_length)
 
     # ------------------------------------------------------------------ adapters
 

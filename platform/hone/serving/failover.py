@@ -11,15 +11,20 @@ from typing import Any
 from hone.serving.engine import GREEDY_BELOW
 from hone.serving.protocol import RequestError
 
-__all__ = ["RETRY_DELAYS_S", "after", "is_back_pressure", "repeatable", "replica_lost", "resumable"]
+__all__ = ["RETRY_DELAYS_S", "after", "is_back_pressure", "last", "repeatable", "replica_lost", "resumable"]
 
 logger = logging.getLogger("hone.serve")
+
+
+def last(event: dict[str, Any]) -> bool:
+    """The event ends its request's stream (its choice finished and no other is still running)."""
+    return bool(event.get("finish_reason")) and not event.get("more")
 
 
 async def after(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, Any]]:
     """A stream whose first event was already read (``first`` ends it when it finishes or fails)."""
     yield first
-    if not (first.get("finish_reason") or first.get("error")):
+    if not (last(first) or first.get("error")):
         async for event in rest:
             yield event
 
@@ -35,8 +40,8 @@ def replica_lost(e: BaseException) -> bool:
 
 
 def repeatable(body: dict[str, Any]) -> bool:
-    """Whether generating ``body`` again gives the same text (greedy or seeded): a stream can then resume elsewhere."""
-    return body.get("temperature", 1.0) < GREEDY_BELOW or body.get("seed") is not None
+    """Whether generating ``body`` again gives the same text (greedy or seeded, one choice): a stream can then resume elsewhere."""
+    return body.get("n", 1) == 1 and (body.get("temperature", 1.0) < GREEDY_BELOW or body.get("seed") is not None)
 
 
 def is_back_pressure(e: Exception) -> bool:
@@ -66,7 +71,7 @@ async def resumable(first: dict[str, Any], stream: Any, body: dict[str, Any], re
                         yield event
                         return
                     regenerated += event["text"]
-                    finish = event.get("finish_reason")
+                    finish = last(event)
                     if len(regenerated) < len(sent) and not finish:
                         continue
                     if not regenerated.startswith(sent):
@@ -76,7 +81,7 @@ async def resumable(first: dict[str, Any], stream: Any, body: dict[str, Any], re
                     piece, sent = regenerated[len(sent):], max(sent, regenerated, key=len)
                     if finish:
                         finished = True
-                    if piece or finish:
+                    if piece or event.get("finish_reason"):
                         yield {**event, "text": piece}
                     if finish:
                         return

