@@ -191,12 +191,43 @@ def _bare_vllm(model: str, served: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _vllm_rows(model: str, served: str, levels: list[int], max_tokens: int, tmp: Path) -> list[tuple[str, int, dict[str, float]]]:
+def _vllm_rows(model: str, served: str, levels: list[int], max_tokens: int, tmp: Path,
+               proxy: str = "ray") -> list[tuple[str, int, dict[str, float]]]:
     rows = []
     for name in ("bare vLLM", "hone serve engine vllm"):
-        proc, url = _bare_vllm(model, served) if name == "bare vLLM" else _hone_server(model, "none", tmp, engine="vllm")
+        proc, url = _bare_vllm(model, served) if name == "bare vLLM" else _hone_server(model, "none", tmp, engine="vllm", proxy=proxy)
         try:
             for c in levels:
+                rows.append((name, c, asyncio.run(_load(url + "/v1/completions", served, c, max(16, 2 * c), max_tokens, stream=True))))
+                print(f"{name} c={c}: {rows[-1][2]}", flush=True)
+        finally:
+            _stop(proc)
+    return rows
+
+
+def _lora_rows(model: str, levels: list[int], max_tokens: int, tmp: Path, proxy: str) -> list[tuple[str, int, dict[str, float]]]:
+    """A LoRA adapter (r=8 on q/v, random non-zero weights) served by vLLM as a LoRA on the base, against the same
+    adapter merged into the base (what ``merge_adapter: true`` serves), both with engine: vllm."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hone import assets
+
+    torch.manual_seed(0)
+    path = assets.resolve_model(model)
+    lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                               peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp / "lora")
+    lora.merge_and_unload().save_pretrained(tmp / "merged")
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp / "merged")
+    rows = []
+    for name, target, extra in (("engine vllm, LoRA on the base", model, {"adapters": {"lora": str(tmp / "lora")}}),
+                                ("engine vllm, adapter merged", str(tmp / "merged"), {})):
+        proc, url = _hone_server(target, "none", tmp, engine="vllm", proxy=proxy, extra=extra)
+        try:
+            for c in levels:
+                served = "lora" if extra else "merged"
                 rows.append((name, c, asyncio.run(_load(url + "/v1/completions", served, c, max(16, 2 * c), max_tokens, stream=True))))
                 print(f"{name} c={c}: {rows[-1][2]}", flush=True)
         finally:
@@ -216,7 +247,8 @@ def _vllm_ratios(rows: list[tuple[str, int, dict[str, float]]]) -> str:
 
 
 def _hone_server(
-    model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False, proxy: str = "ray", engine: str = "transformers"
+    model: str, quantization: str, tmp: Path, allow_failed_gate: bool = False, proxy: str = "ray", engine: str = "transformers",
+    extra: dict | None = None,
 ) -> tuple[subprocess.Popen, str]:
     import yaml
 
@@ -238,7 +270,8 @@ def _hone_server(
     }  # the benchmark measures speed whatever the gate said
     if engine == "vllm":
         cfg.pop("max_batch_size")  # vLLM schedules its own batches
-        cfg["served_model_name"] = model.removeprefix("builtin:")
+        cfg["served_model_name"] = Path(model.removeprefix("builtin:")).name
+    cfg.update(extra or {})
     path = tmp / f"serve-{quantization}-{proxy}-{engine}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
@@ -400,6 +433,8 @@ def main() -> int:
     parser.add_argument("--overhead-only", action="store_true", help="only the Serve-overhead line")
     parser.add_argument("--engines", default="transformers,vllm", help="hone engines to load (vllm adds bare vLLM as its baseline)")
     parser.add_argument("--vllm-only", action="store_true", help="only bare vLLM against hone's engine: vllm")
+    parser.add_argument("--vllm-lora", action="store_true", help="only a LoRA served by vLLM against the same adapter merged")
+    parser.add_argument("--proxy", choices=["ray", "haproxy"], default="ray", help="hone serve's HTTP front for the engine: vllm rows")
     args = parser.parse_args()
     global PROMPTS
     PROMPTS = WORKLOADS[args.workload]
@@ -410,9 +445,14 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp_dir:
             print(_overhead_line(args.overhead_model, _overhead(args.overhead_model, args.overhead_reps, Path(tmp_dir))))
         return 0
+    if args.vllm_lora:
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            rows = _lora_rows(args.model, levels, args.max_tokens, Path(tmp_dir), args.proxy)
+        _table(args, rows)
+        return 0
     if args.vllm_only:
         with tempfile.TemporaryDirectory() as tmp_dir:
-            rows = _vllm_rows(args.model, served, levels, args.max_tokens, Path(tmp_dir))
+            rows = _vllm_rows(args.model, served, levels, args.max_tokens, Path(tmp_dir), args.proxy)
         _table(args, rows)
         print(_vllm_ratios(rows))
         return 0
@@ -458,7 +498,7 @@ def main() -> int:
         finally:
             _stop(hone)
         if "vllm" in args.engines.split(","):
-            rows += _vllm_rows(args.model, served, levels, args.max_tokens, tmp)
+            rows += _vllm_rows(args.model, served, levels, args.max_tokens, tmp, args.proxy)
         overhead = _overhead(args.overhead_model, args.overhead_reps, tmp)
         print(_overhead_line(args.overhead_model, overhead), flush=True)
 

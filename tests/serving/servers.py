@@ -154,7 +154,7 @@ def model_replica_pids(app: str) -> list[int]:
 
 # The reliability issue's malformed requests (7 of 18 used to get a 500), and the parameters an engine does not implement
 # (refused with 400 instead of being ignored): (route, body, status, param).
-ENGINE_ONLY = {"vllm": ("logprobs", "response_format", "n")}
+SUPPORTED = {"transformers": ("response_format",), "vllm": ("logprobs", "response_format", "n")}
 
 
 def malformed(model: str, engine: str = "transformers") -> list[tuple[str, dict | bytes, int, str | None]]:
@@ -186,4 +186,4 @@ def malformed(model: str, engine: str = "transformers") -> list[tuple[str, dict 
         ("/v1/chat/completions", b"[" * 50_000 + b"]" * 50_000, 400, None),
         ("/v1/completions", b'{"model": "' + m + b'", "prompt": "' + b"a" * 1_100_000 + b'"}', 413, None),
     ]
-    return [case for case in cases if case[3] not in ENGINE_ONLY.get(engine, ())]
+    return [case for case in cases if case[3] not in SUPPORTED[engine]]

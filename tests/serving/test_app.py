@@ -165,6 +165,28 @@ def test_multi_lora_routes_by_model_name(client, reference):
     assert adapted != base
 
 
+def test_structured_outputs_on_hones_engine(client):
+    """A choice, a regex and a JSON schema through the HTTP path (xgrammar in the replica), streamed and not; a schema
+    that cannot be compiled is a 400."""
+    import openai
+
+    labels = ["positive", "negative"]
+    for prompt in PROMPTS[:3]:
+        out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=1.0,
+                                        extra_body={"structured_outputs": {"choice": labels}})
+        assert out.choices[0].text in labels and out.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny-sentiment", prompt=PROMPTS[0], max_tokens=8,
+                                                                   temperature=0, stream=True,
+                                                                   extra_body={"structured_outputs": {"regex": "[0-9]{4}"}}) if c.choices]
+    assert len("".join(pieces)) == 4 and "".join(pieces).isdigit()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=12, temperature=0,
+                                          response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert json.loads(chat.choices[0].message.content) in ({"ok": True}, {"ok": False})
+    with pytest.raises(openai.BadRequestError, match="could not be compiled"):
+        client.completions.create(model="tiny-llama", prompt="x", max_tokens=4, extra_body={"structured_outputs": {"regex": "([a-z"}})
+
+
 def test_auth(server):
     url = server["url"]
     assert httpx.get(url + "/health", timeout=10).status_code == 200

@@ -64,3 +64,34 @@ def test_full_batch_admits_nothing(engine):
     asked = []
     _run(engine, [_req(engine, p, 4) for p in PROMPTS[:2]], lambda free: asked.append(free) or [], max_batch=2)
     assert asked == []  # no free row: the engine never asks
+
+
+def test_constrained_requests_only_produce_their_grammar(engine):
+    """Structured outputs on hone's engine (xgrammar): a choice, a regex and a JSON schema, greedy and sampled, in
+    one batch with an unconstrained request, which still gets its solo greedy text."""
+    import json
+
+    from hone.serving.engine import GenRequest
+    from hone.serving.protocol import RequestError
+
+    free = _run(engine, [_req(engine, PROMPTS[0], 12)])[0][0]
+    ids = engine.encode_prompt(PROMPTS[1], None)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    constraints = [{"choice": ["positive", "negative", "mixed \"ok\""]}, {"regex": "[0-9]{3}"}, {"json": schema}, {"choice": ["yes", "no"]}]
+    reqs = [GenRequest(ids, 40, temperature=t, seed=s, grammar=engine.compile_constraint(c))
+            for c in constraints for t, s in ((0.0, None), (1.0, 1), (1.0, 2))]
+    texts, finished = _run(engine, [_req(engine, PROMPTS[0], 12), *reqs])
+    assert texts[0] == free
+    for k, c in enumerate(constraints):
+        for j in range(3):
+            text, i = texts[1 + 3 * k + j], 1 + 3 * k + j
+            assert finished[i] == "stop", (c, text)
+            if "choice" in c:
+                assert text in c["choice"], text
+            elif "regex" in c:
+                assert len(text) == 3 and text.isdigit(), text
+            else:
+                assert json.loads(text) in ({"ok": True}, {"ok": False}), text
+    for bad in ({"json": {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}}, {"regex": "([a-z"}):
+        with pytest.raises(RequestError, match="could not be compiled"):
+            engine.compile_constraint(bad)

@@ -68,6 +68,9 @@ class SmokeTestStage(Section):
     """Also measure the untuned base model on the same rows (in this process, greedy) for comparison."""
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     """Fail the pipeline when the endpoint answers fewer than this fraction right."""
+    constrained: bool = True
+    """When the held-out answers form a small label set (2 to 20 distinct), ask for the answer as a constrained choice
+    among them (``structured_outputs: {choice: [...]}``), so every answer is one of the labels."""
 
 
 class PipelineConfig(Section):

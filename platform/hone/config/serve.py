@@ -53,6 +53,10 @@ class ServeConfig(Section):
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
     """``engine: vllm``: extra keyword arguments of vLLM's ``AsyncEngineArgs`` (hone sets ``model``, ``served_model_name``,
     LoRA settings, and on CPU ``dtype: float32``, ``enforce_eager: true``, ``max_model_len: 2048``)."""
+    merge_adapter: bool = True
+    """When ``model`` is a LoRA export: serve it merged into its base (engine transformers always does; engine vllm uses the
+    run's ``export-merged`` or writes a merged copy once under ``$HONE_HOME/merged/``). ``false`` with engine vllm serves
+    it as a vLLM LoRA on the base instead (slower on CPU: see Benchmarks)."""
     vllm_cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
     """``engine: vllm`` on CPU: KV cache size per replica in GiB (vLLM's ``VLLM_CPU_KVCACHE_SPACE``)."""
     adapters: dict[str, str] = Field(default_factory=dict)

@@ -94,6 +94,11 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
         raise PipelineError("smoke_test", f"/v1/models lists {listed}, not {served!r}")
     tokenizer = None if chat or classify else load_tokenizer(job)
     labels = list(job.task.labels or []) if classify else []
+    extra: dict[str, Any] = {}
+    if sm.constrained and not classify and job.data.format in ("alpaca", "messages", "sharegpt"):  # a label, never a sentence
+        answers_seen = sorted({str(prompt_messages(r, job.data)[1]).strip() for r in rows})
+        if 2 <= len(answers_seen) <= 20 and all(answers_seen):
+            extra = {"extra_body": {"structured_outputs": {"choice": answers_seen}}}
 
     def one(row: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -107,11 +112,11 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
                 text, tokens = str(r.json()["data"][0]["label"]), 0
             elif chat:
                 messages, expected = prompt_messages(row, job.data)
-                r = client.chat.completions.create(model=served, messages=messages, max_tokens=sm.max_tokens, temperature=0)
+                r = client.chat.completions.create(model=served, messages=messages, max_tokens=sm.max_tokens, temperature=0, **extra)
                 text, tokens = r.choices[0].message.content or "", r.usage.completion_tokens if r.usage else 0
             else:
                 prompt, expected = prompt_and_answer(row, job.data, tokenizer)
-                r = client.completions.create(model=served, prompt=prompt, max_tokens=sm.max_tokens, temperature=0)
+                r = client.completions.create(model=served, prompt=prompt, max_tokens=sm.max_tokens, temperature=0, **extra)
                 text, tokens = r.choices[0].text, r.usage.completion_tokens if r.usage else 0
             return {"ok": True, "text": text, "expected": expected, "tokens": tokens, "latency": time.perf_counter() - started}
         except Exception as e:  # noqa: BLE001 - counted and reported below
@@ -131,9 +136,10 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
     if not classify:  # one streamed request: time to the first content
         messages, _ = prompt_messages(rows[0], job.data) if chat else ([], "")
         t0 = time.perf_counter()
-        stream = (client.chat.completions.create(model=served, messages=messages, max_tokens=sm.max_tokens, temperature=0, stream=True)
+        stream = (client.chat.completions.create(model=served, messages=messages, max_tokens=sm.max_tokens, temperature=0, stream=True,
+                                                 **extra)
                   if chat else client.completions.create(model=served, prompt=prompt_and_answer(rows[0], job.data, tokenizer)[0],
-                                                         max_tokens=sm.max_tokens, temperature=0, stream=True))
+                                                         max_tokens=sm.max_tokens, temperature=0, stream=True, **extra))
         for chunk in stream:
             piece = (chunk.choices[0].delta.content if chat else chunk.choices[0].text) if chunk.choices else None
             if piece and ttft is None:
@@ -151,6 +157,7 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
            "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], "ttft_s": ttft,
            "requests_per_s": len(ok) / wall, "completion_tokens_per_s": sum(a["tokens"] for a in ok) / wall,
            "replicas_seen": "→".join(map(str, watch.seen)) if watch.seen else None, "seconds": wall,
+           "constrained_to": extra["extra_body"]["structured_outputs"]["choice"] if extra else None,
            "examples": [{"expected": a["expected"], "answered": a["text"], "correct": c} for a, c in zip(ok[:3], correct)]}
     if failed:
         raise PipelineError("smoke_test", f"{len(failed)} of {len(rows)} requests failed; first: {failed[0]['error']}")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hone.serving.grammar import Constraints, Matcher
 from hone.serving.protocol import RequestError, require_task
 
 __all__ = ["GREEDY_BELOW", "Engine", "GenRequest", "check_length", "encode_prompt"]
@@ -63,6 +64,8 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None
+    grammar: Any = None
+    """A compiled structured-output constraint (:mod:`hone.serving.grammar`), or None."""
     cancelled: bool = False
 
 
@@ -100,12 +103,18 @@ class Engine:
         # Prompts are encoded off the replica's event loop while the engine thread decodes: a tokenizer of their own
         # (a Rust tokenizer used from two threads at once can fail with "Already borrowed").
         self._encoder = copy.deepcopy(self.tokenizer)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0]) if self.task == "causal_lm" else 0
+        self._constraints = Constraints(self._encoder, self.vocab_size)
 
     # ------------------------------------------------------------------ prompts
 
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
         """Token ids of a prompt or chat (one caller at a time: the replica's encoding thread)."""
         return encode_prompt(self._encoder, prompt, messages)
+
+    def compile_constraint(self, constraint: dict[str, Any]) -> Any:
+        """A structured-output constraint compiled for this tokenizer (the replica's encoding thread); 400 if it cannot be."""
+        return self._constraints.compile(constraint)
 
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(ids) for ids in self._encoder(texts)["input_ids"])
@@ -150,28 +159,34 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def _sample(self, logits: Any, reqs: list[GenRequest], generators: list[Any]) -> list[int | None]:
-        """One token per row; None for a row whose sampling failed (that request ends with an error, its neighbours go on)."""
+    def _sample(self, logits: Any, reqs: list[GenRequest], generators: list[Any], matchers: list[Matcher | None]) -> list[int | None]:
+        """One token per row; None for a row whose sampling failed (that request ends with an error, its neighbours go on).
+        A constrained row only gets tokens its grammar allows."""
         import torch
 
         out: list[int | None] = []
         greedy = logits.argmax(-1).tolist()
         for i, req in enumerate(reqs):
+            matcher = matchers[i]
+            row = matcher.mask(logits[i]) if matcher is not None else logits[i].float()
             if req.temperature < GREEDY_BELOW:  # logits / 1e-30 overflow to inf and softmax to NaN: vLLM decodes greedily too
-                out.append(greedy[i])
-                continue
-            try:
-                row = logits[i].float() / req.temperature
-                if req.top_p < 1.0:
-                    sorted_logits, order = torch.sort(row, descending=True)
-                    probs = torch.softmax(sorted_logits, -1)
-                    cut = probs.cumsum(-1) - probs > req.top_p
-                    sorted_logits[cut] = float("-inf")
-                    row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-                probs = torch.softmax(row, -1)
-                out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-            except RuntimeError:  # non-finite probabilities: this request cannot be sampled
-                out.append(None)
+                tok: int | None = greedy[i] if matcher is None else int(row.argmax())
+            else:
+                try:
+                    row = row / req.temperature
+                    if req.top_p < 1.0:
+                        sorted_logits, order = torch.sort(row, descending=True)
+                        probs = torch.softmax(sorted_logits, -1)
+                        cut = probs.cumsum(-1) - probs > req.top_p
+                        sorted_logits[cut] = float("-inf")
+                        row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+                    probs = torch.softmax(row, -1)
+                    tok = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+                except RuntimeError:  # non-finite probabilities: this request cannot be sampled
+                    tok = None
+            if matcher is not None and tok is not None and not matcher.accept(tok):
+                tok = None
+            out.append(tok)
         return out
 
     @staticmethod
@@ -240,6 +255,7 @@ class Engine:
         limit = max_batch or len(reqs)
         with self._lock, torch.inference_mode(), self._use_adapter(reqs[0].adapter):
             generators: list[Any] = []
+            matchers: list[Matcher | None] = []
             tokens: list[list[int]] = []
             sent: list[int] = []
 
@@ -248,6 +264,7 @@ class Engine:
                     g = torch.Generator(device=self.device)
                     g.manual_seed(r.seed % 2**64 if r.seed is not None else int(time.time_ns() % 2**63))
                     generators.append(g)
+                    matchers.append(Matcher(r.grammar, self.vocab_size) if r.grammar is not None else None)
                     tokens.append([])
                     sent.append(0)
 
@@ -264,6 +281,8 @@ class Engine:
                     finish = "stop"
                 else:
                     tokens[i].append(tok)
+                    if matchers[i] is not None and matchers[i].done:  # the constrained text is complete
+                        finish = "stop"
                 text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
                 if finish is None and req.stop:
                     hits = [text.find(s, max(0, sent[i] - len(s))) for s in req.stop]
@@ -280,7 +299,7 @@ class Engine:
 
             def step(rows: list[int], logits: Any) -> tuple[list[int], list[int]]:
                 """Sample a token for each row; (kept row positions, their tokens)."""
-                picked = self._sample(logits, [reqs[i] for i in rows], [generators[i] for i in rows])
+                picked = self._sample(logits, [reqs[i] for i in rows], [generators[i] for i in rows], [matchers[i] for i in rows])
                 keep = [k for k, (i, tok) in enumerate(zip(rows, picked)) if advance(i, tok)]
                 return keep, [picked[k] for k in keep]
 

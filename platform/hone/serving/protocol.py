@@ -73,7 +73,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 ``unsupported_parameter`` when set to anything but an "off" value, unless the serving engine implements it."""
 
 ENGINE_FEATURES: dict[str, frozenset[str]] = {
-    "transformers": frozenset(),
+    "transformers": frozenset({"response_format", "structured_outputs"}),
     "vllm": frozenset({"n", "logprobs", "top_logprobs", "response_format", "structured_outputs", "presence_penalty",
                        "frequency_penalty"}),
 }
@@ -153,9 +153,9 @@ class GenerationRequest(_Strict):
     store: bool | None = None
     service_tier: str | None = None
     logit_bias: Any = _unsupported_field()
-    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema (engine vllm).")
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema.")
     structured_outputs: StructuredOutputs | None = Field(
-        default=None, description="vLLM's extension: one of choice, regex, json, grammar (engine vllm).")
+        default=None, description="vLLM's extension (extra_body): one of choice, regex, json, grammar.")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Engine vllm.")
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Engine vllm.")
 
@@ -171,7 +171,7 @@ class GenerationRequest(_Strict):
 
     def unsupported(self, supports: frozenset[str] = frozenset()) -> None:
         """400 for a parameter the serving engine does not implement, set to something other than off."""
-        if self.n > 1 and "n" not in supports:
+        if self.n > 1 and "n" not in supports:  # (only engine transformers lacks it)
             raise RequestError("n > 1 is unsupported by this server's engine (transformers): send one request per completion, "
                                "or serve with engine: vllm", code="unsupported_parameter", param="n")
         for name, off in UNSUPPORTED.items():

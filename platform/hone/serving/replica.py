@@ -133,11 +133,15 @@ class ModelServer:
                                                                    body.get("messages"))
             max_tokens = body.get("max_tokens") or min(body["default_max_tokens"], max(1, self.engine.context_length - len(ids)))
             self.engine.check_length(ids, max_tokens)
+            grammar = None
+            if body.get("structured"):
+                grammar = await asyncio.get_running_loop().run_in_executor(self._encoding, self.engine.compile_constraint,
+                                                                           body["structured"])
         except RequestError as e:
             yield e.event()
             return
         req = GenRequest(ids, max_tokens, body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("stop") or [],
-                         body.get("seed"), adapter)
+                         body.get("seed"), adapter, grammar)
         queue: asyncio.Queue = asyncio.Queue()
         with self._waiting_lock:
             self._waiting.append((req, queue))

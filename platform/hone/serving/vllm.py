@@ -31,7 +31,7 @@ from hone.runtime import quiet_libraries
 from hone.serving.engine import check_length, encode_prompt
 from hone.serving.protocol import RequestError, collect, require_model
 
-__all__ = ["VLLMServer", "engine_args", "replica_options", "vllm_python"]
+__all__ = ["VLLMServer", "engine_args", "merged_copy", "replica_options", "vllm_python"]
 
 logger = logging.getLogger("hone.serve")
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -92,6 +92,35 @@ def _adapter_id(name: str, path: str) -> int:
     return int(digest.hexdigest()[:7], 16) + 1
 
 
+def merged_copy(model: Any) -> Path:
+    """A plain model directory of an adapter export merged into its base: the run's ``export-merged`` when training
+    wrote one, else a copy written once under ``$HONE_HOME/merged/`` (staged, then renamed: never half-written)."""
+    import shutil
+    import tempfile
+
+    from hone import assets
+    from hone.artifacts import MERGED_DIR
+    from hone.modeling import load_model
+
+    sibling = Path(model.path).parent / MERGED_DIR
+    if (sibling / "config.json").is_file():
+        return sibling
+    target = assets.hone_home() / "merged" / model.slug()
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("merging %s into its base for vLLM: %s", model.path, target)
+    merged, tokenizer = load_model(model, "cpu", merge_adapter=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    merged.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process merged it meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
     """vLLM's ``AsyncEngineArgs`` (as keywords) and the LoRA adapters for a resolved serving spec."""
     from hone import assets
@@ -104,7 +133,9 @@ def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
                          "serve the unquantised model, or use engine: transformers")
     model = spec["model"]
     adapters = dict(spec.get("adapters") or {})
-    if model.adapter:  # an adapter export: its base, with the adapter under the served name
+    if model.adapter and cfg.merge_adapter:
+        path = merged_copy(model)
+    elif model.adapter:  # its base, with the adapter under the served name
         path = assets.resolve_model(model.job.model.name)
         adapters[spec["served_name"]] = model.path
     else:
