@@ -51,6 +51,9 @@ class QuantizeStage(Section):
     """Allowed relative eval-loss increase (causal LM); null: not checked."""
     max_accuracy_drop: float | None = 0.01
     """Allowed accuracy drop as a fraction (classification accuracy, or generated-answer accuracy); null: not checked."""
+    require_speedup: bool = True
+    """Serve the quantised model only if it decodes faster than full precision, or within 5% of its speed with a smaller
+    peak memory (both measured by the gate); otherwise say so and serve full precision."""
 
 
 class SmokeTestStage(Section):

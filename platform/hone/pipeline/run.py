@@ -85,7 +85,8 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 result.stages["quantize"] = quantize_stage(p, state, trained, rerun)
                 i += 1
             banner(i, n, "serve", f"{trained['model']} on Ray Serve")
-            serve_cfg, served = serve_stage(p, trained, address, remote)
+            serve_cfg, served = serve_stage(p, trained, address, remote,
+                                            quantized=bool(result.stages.get("quantize", {}).get("served", True)))
             deployed = True
             result.stages["serve"] = served
             result.endpoint = served["url"] + "/v1"

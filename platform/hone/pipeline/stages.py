@@ -16,7 +16,7 @@ from hone.artifacts import QUANTIZED_INFO
 from hone.config import Pipeline, ServeConfig
 from hone.pipeline.state import PipelineError, State, fingerprint, say
 
-__all__ = ["base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage"]
+__all__ = ["base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage", "worth_serving"]
 
 
 def train_fingerprint(p: Pipeline) -> str:
@@ -89,6 +89,19 @@ def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, r
     return {**out, "skipped": False}
 
 
+def worth_serving(original: dict[str, Any], quantized: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a quantised model (that passed its gate) is worth serving over full precision, and why: it decodes
+    faster, or within 5% of its speed with a smaller peak memory."""
+    o_ms, q_ms = original["decode_ms_per_token"], quantized["decode_ms_per_token"]
+    o_mb, q_mb = original["peak_rss_mb"], quantized["peak_rss_mb"]
+    speed = f"{q_ms:.1f} ms/token against {o_ms:.1f} for full precision"
+    if q_ms < o_ms:
+        return True, f"it decodes faster: {speed}"
+    if q_ms <= 1.05 * o_ms and q_mb < o_mb:
+        return True, f"as fast within 5% ({speed}) with a smaller peak memory ({q_mb:.0f} MB against {o_mb:.0f})"
+    return False, f"it decodes slower ({speed}) and does not save memory at equal speed"
+
+
 def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bool) -> dict[str, Any]:
     from hone.quantize import GateThresholds, quantize
 
@@ -108,7 +121,7 @@ def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bo
             reg["name"], reg["version"], {f"hone.quantized.{p.method}": reused["artifact"], f"hone.quantized.{p.method}.gate": "passed"}
         )
         say(f"quantize: reusing {reused['artifact']} (same model, method and gate since {state.data['quantize']['at']})")
-        return {**reused, "skipped": True}
+        return _decide({**reused, "skipped": True}, q.require_speedup)
     started = time.time()
     result = quantize(ref, p.method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop))
     print(result.table(), flush=True)
@@ -130,13 +143,26 @@ def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bo
             f"Loosen quantize.max_loss_increase / max_accuracy_drop knowingly, pick another "
             f"quantize.method, or drop the quantize stage to serve full precision",
         )
-    return {**out, "skipped": False}
+    return _decide({**out, "skipped": False}, q.require_speedup)
 
 
-def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remote: bool) -> tuple[ServeConfig, dict[str, Any]]:
+def _decide(out: dict[str, Any], required: bool) -> dict[str, Any]:
+    worth, why = worth_serving(out["original"], out["quantized"])
+    serve_it = worth or not required
+    if serve_it:
+        say(f"quantize: serving the {out['method']} model: {why if worth else 'quantize.require_speedup is off'}")
+    else:
+        say(f"quantize: the {out['method']} model passed its gate, but {why}: serving full precision "
+            "(quantize.require_speedup: false serves it anyway)")
+    return {**out, "served": serve_it, "why": why}
+
+
+def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remote: bool,
+                quantized: bool = True) -> tuple[ServeConfig, dict[str, Any]]:
+    """Deploy the trained model (quantised as the pipeline says, unless ``quantized`` is False: full precision)."""
     from hone.serving.runner import serve
 
-    cfg = p.serve.model_copy(update={"model": trained["model"]})
+    cfg = p.serve.model_copy(update={"model": trained["model"], **({} if quantized else {"quantization": "none"})})
     started = time.time()
     try:
         serve(cfg, address=address, block=False, access_log=False)

@@ -53,6 +53,8 @@ def format_summary(result: PipelineResult) -> str:
         again = " (reused: same inputs)" if q.get("skipped") else f" ({duration(q['seconds'])})"
         lines.append(f"quantize  {q['method']}, quality gate {'PASSED' if q['passed'] else 'FAILED'}{again}: {q['rule']}")
         lines += ["          " + row for row in q["table"].splitlines()[:-1]]
+        if "served" in q:
+            lines.append(f"          {'served' if q['served'] else 'NOT served (full precision instead)'}: {q['why']}")
     elif tr:
         lines.append("quantize  (not in this pipeline: served in full precision)")
     sv = st.get("serve")
