@@ -17,6 +17,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hone import assets
@@ -24,7 +25,7 @@ from hone import assets
 if TYPE_CHECKING:
     from hone.config import JobConfig
 
-__all__ = ["ClusterError", "base_worker_env", "dashboard_url", "free_port", "is_remote", "quiet_libraries", "ray_log_level",
+__all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "free_port", "is_remote", "quiet_libraries", "ray_log_level",
            "ray_session", "stop_event", "worker_env", "worker_setup_hook"]
 
 # Loggers that print optional-kernel load failures, deprecation notes and per-request lines nobody acts on.
@@ -189,3 +190,33 @@ def dashboard_url() -> str | None:
         return ray._private.worker.global_worker.node.webui_url or None  # noqa: SLF001 - no public accessor
     except Exception:  # noqa: BLE001 - no dashboard, or not connected
         return None
+
+
+def vllm_python(explicit: str | None = None) -> str | None:
+    """The interpreter of an environment with vLLM (whose processes run through Ray's runtime_env ``py_executable`` or as
+    subprocesses), or None when this interpreter has vLLM. Looked up in order: ``explicit``, ``$HONE_VLLM_PYTHON``, the
+    ``.venv-vllm`` beside this environment (``make setup`` builds it), this interpreter. RuntimeError when none has it."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    here = Path(sys.prefix).absolute()
+    for python in (explicit, os.environ.get("HONE_VLLM_PYTHON"), str(here.with_name(here.name + "-vllm") / "bin" / "python")):
+        if not python:
+            continue
+        if not Path(python).is_file():
+            if python == explicit:
+                raise RuntimeError(f"vllm_python: no such interpreter {python}")
+            continue
+        if Path(python).absolute().parent.parent == here:  # this environment (a venv's python links to its base's)
+            return None
+        probe = subprocess.run([python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
+                               capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return python
+        if python == explicit:
+            raise RuntimeError(f"vllm_python {python} has no vLLM installed: run `make setup` (CPU) or pip install 'hone[vllm]'")
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    raise RuntimeError("engine: vllm needs vLLM: `make setup` builds .venv-vllm with vLLM's CPU build (or set HONE_VLLM_PYTHON / "
+                       "vllm_python to an environment with vLLM); on GPUs pip install 'hone[vllm]'")

@@ -160,3 +160,33 @@ def test_gate_fails_on_non_finite_measures_and_refuses_no_rows():
     assert gate_verdict("sequence_classification", cls, {**cls, "eval_accuracy": 0.9}, GateThresholds())["passed"] is False
     with pytest.raises(QuantizeError, match="at least one evaluation row"):
         quantize("builtin:tiny-llama", "int8-dynamic", n=0)
+
+
+def test_w8a8_artifact_is_vllms_format_and_loads_with_its_numerics(tmp_path):
+    """w8a8-int8 writes compressed-tensors W8A8 (int8 weights, one scale per output channel, the scheme in config.json) that
+    vLLM loads; the gate loads it back in torch with the same numerics (weights × scales, inputs rounded to int8 per token)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hone import assets
+    from hone.quantize.methods import artifact_digest, default_modules, load_quantized, save_quantized
+
+    path = assets.resolve_model("builtin:tiny-llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    modules = default_modules(model, "w8a8-int8")
+    save_quantized(model, tokenizer, "w8a8-int8", tmp_path, modules)
+    state = load_file(tmp_path / "model.safetensors")
+    first = f"{modules[0]}.weight"
+    assert state[first].dtype == torch.int8 and state[first.removesuffix("weight") + "weight_scale"].shape == (state[first].shape[0], 1)
+    assert "lm_head.weight" not in state or state["lm_head.weight"].dtype == torch.float32
+    scheme = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert scheme["quant_method"] == "compressed-tensors" and scheme["format"] == "int-quantized"
+    assert scheme["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
+    (tmp_path / "quantization.json").write_text(json.dumps({"method": "w8a8-int8", "task": "causal_lm", "quantized_modules": modules,
+                                                            "sha256": artifact_digest(tmp_path)}))
+    loaded, _, _ = load_quantized(tmp_path)
+    ids = tokenizer("The movie was", return_tensors="pt")
+    with torch.no_grad():
+        ref, out = model(**ids).logits, loaded(**ids).logits
+    assert not torch.equal(ref, out) and torch.allclose(ref, out, atol=0.05 * ref.abs().max().item())

@@ -26,8 +26,10 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 
 def test_engine_vllm_settings_are_validated_before_serving():
-    with pytest.raises(ConfigError, match="full-precision"):
+    with pytest.raises(ConfigError, match="quantise with --method w8a8-int8"):
         validate_serve_config({"model": MODEL, "engine": "vllm", "quantization": "int8-dynamic"})
+    with pytest.raises(ConfigError, match="vLLM's format: serve it with engine: vllm"):
+        validate_serve_config({"model": MODEL, "quantization": "w8a8-int8"})
     with pytest.raises(ConfigError, match="engine: vllm only"):
         validate_serve_config({"model": MODEL, "vllm_engine_args": {"max_model_len": 512}})
     with pytest.raises(ConfigError, match="set by hone"):
@@ -275,3 +277,38 @@ def test_back_pressure_and_metrics(server, client):
 def test_no_prompt_or_key_in_the_log(server):
     log = Path(server["log"]).read_text()
     assert KEY not in log and PROMPTS[2] not in log
+
+
+@pytest.mark.slow
+def test_a_w8a8_artifact_is_gated_on_vllm_and_served_by_it(tmp_path):
+    """hone quantize --method w8a8-int8 writes vLLM's format, times both models on vLLM, and engine: vllm serves it."""
+    import subprocess
+    import sys
+
+    from hone.artifacts import QUANTIZED_INFO, quantized_dir, resolve_ref
+
+    hone = str(Path(sys.executable).parent / "hone")
+    # a loose gate: this test is about the format and the path, not about how much int8 costs a 135M model
+    out = subprocess.run([hone, "quantize", MODEL, "--method", "w8a8-int8", "-n", "8", "--max-loss-increase", "0.5",
+                          "--max-accuracy-drop", "0.5"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    gate = json.loads((quantized_dir(resolve_ref(MODEL), "w8a8-int8") / QUANTIZED_INFO).read_text())["gate"]
+    assert gate["passed"] and gate["quantized"]["size_mb"] < 0.6 * gate["original"]["size_mb"]
+    assert gate["original"]["decode_ms_per_token"] > 0 and gate["quantized"]["decode_ms_per_token"] > 0  # timed on vLLM
+    cfg = {"name": "q", "model": MODEL, "served_model_name": NAME, "engine": "vllm", "quantization": "w8a8-int8", "port": free_port(),
+           "metrics_export_port": free_port(), "num_replicas": 1, "vllm_cpu_kv_cache_gib": 1, "ray_actor_options": {"num_cpus": 1}}
+    proc, info = start(cfg, tmp_path)
+    try:
+        import openai
+
+        client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                             max_tokens=12, temperature=0)
+        assert out.choices[0].message.content.strip() and out.usage.completion_tokens > 0
+        labels = ["positive", "negative"]
+        choice = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Great film!"}], max_tokens=4,
+                                                extra_body={"structured_outputs": {"choice": labels}})
+        assert choice.choices[0].message.content in labels
+    finally:
+        stop(proc)
+    assert "w8a8-int8" in (tmp_path / "serve.log").read_text()

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hone.config.base import ConfigError, Problem, Section, problems_from_validation, read_mapping
-from hone.config.quantization import QuantMethod
+from hone.config.quantization import VLLM_ONLY, QuantMethod
 
 __all__ = ["ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
 
@@ -135,9 +135,11 @@ class ServeConfig(Section):
     def _consistent(self) -> ServeConfig:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("give num_replicas or autoscaling_config, not both")
-        if self.engine == "vllm" and self.quantization != "none":
-            raise ValueError(f"engine vllm loads full-precision Hugging Face weights, not hone's torch-quantised artifacts: "
-                             f"set quantization none (not {self.quantization}), or use engine transformers")
+        if self.engine == "vllm" and self.quantization not in ("none", *VLLM_ONLY):
+            raise ValueError(f"engine vllm serves full precision or {', '.join(sorted(VLLM_ONLY))} (vLLM's format), not hone's "
+                             f"torch-quantised {self.quantization}: quantise with --method w8a8-int8, or use engine transformers")
+        if self.engine != "vllm" and self.quantization in VLLM_ONLY:
+            raise ValueError(f"{self.quantization} is vLLM's format: serve it with engine: vllm")
         if self.engine != "vllm" and (self.vllm_engine_args or self.vllm_python):
             raise ValueError("vllm_engine_args and vllm_python apply to engine: vllm only")
         reserved = sorted(set(self.vllm_engine_args) & {"model", "served_model_name", "enable_lora", "max_loras", "tokenizer"})

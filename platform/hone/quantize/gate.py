@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from hone.artifacts import QUANTIZED_INFO, ModelSpec, model_class, publish_dir, quantized_dir, resolve_ref
 from hone.config import JobConfig, validate_job
-from hone.config.quantization import GateThresholds, QuantizeError, check_method, default_method
+from hone.config.quantization import VLLM_ONLY, GateThresholds, QuantizeError, check_method, default_method
 from hone.modeling import load_model
 from hone.quantize.methods import apply_method, artifact_digest, default_modules, load_quantized, save_quantized
 from hone.runtime import quiet_libraries
@@ -192,6 +193,40 @@ def _measure_in_child(source: Source, artifact: Path | None, n: int, method: str
     return payload
 
 
+def _vllm_decode_ms(source: Source, artifact: Path) -> tuple[float, float]:
+    """(original, quantised) greedy decode ms/token on vLLM, each in a fresh process of vLLM's environment."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from hone.runtime import vllm_python
+
+    try:
+        python = vllm_python() or sys.executable
+    except RuntimeError as e:
+        raise QuantizeError(f"this format is timed on vLLM: {e}") from None
+    gpu = torch.cuda.is_available()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def run(folder: str, dtype: str) -> float:
+        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", folder, dtype], capture_output=True, text=True, env=env,
+                             timeout=900)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            raise QuantizeError(f"timing {folder} on vLLM failed: {(out.stderr or out.stdout)[-2000:]}")
+        return float(json.loads(lines[-1])["decode_ms_per_token"])
+
+    with tempfile.TemporaryDirectory(prefix="hone-fp-") as tmp:
+        model, tokenizer = _load_original(source)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del model
+        original = run(tmp, "auto" if gpu else "float32")
+    # vLLM's int8 kernels on CPU take bf16 activations (fp32 is refused); the scales keep the precision
+    return original, run(str(artifact), "auto" if gpu else "bfloat16")
+
+
 def _original_size_mb(model: Any) -> float:
     """Size of the fp weights as safetensors (the original model's files on disk)."""
     return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values()) / 2**20
@@ -266,7 +301,7 @@ def quantize(
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_quantized(model, tokenizer, method, staging)
+    save_quantized(model, tokenizer, method, staging, modules)
     info: dict[str, Any] = {
         "method": method,
         "source": ref,
@@ -284,6 +319,9 @@ def quantize(
     say(f"measuring the original and the quantised model on {n} {source.job.data.source} rows (each in a fresh process)")
     original = _measure_in_child(source, None, n, method)
     quantized = _measure_in_child(source, staging, n, method)
+    if method in VLLM_ONLY:  # served by vLLM: decoding is timed there, the original in full precision on the same engine
+        say("timing greedy decoding of both on vLLM, the engine that serves this format")
+        original["decode_ms_per_token"], quantized["decode_ms_per_token"] = _vllm_decode_ms(source, staging)
     original["size_mb"] = original_mb if original_mb is not None else float("nan")
     quantized["size_mb"] = _folder_mb(staging) - sum(p.stat().st_size for p in staging.glob("tokenizer*")) / 2**20
     gate = gate_verdict(source.job.task.type, original, quantized, thresholds)

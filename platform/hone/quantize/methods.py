@@ -15,6 +15,18 @@ from hone.config.quantization import GPU_ONLY, QuantizeError
 
 __all__ = ["apply_method", "artifact_digest", "default_modules", "load_quantized", "quantized_linears", "save_quantized"]
 
+W8A8_CONFIG = {
+    # compressed-tensors' description of W8A8 int8 (what llm-compressor writes and vLLM loads): int8 weights with one
+    # scale per output channel, activations quantised to int8 per token at run time.
+    "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+        "output_activations": None}},
+    "kv_cache_scheme": None,
+}
+
 # Output layers stay in full precision (as bitsandbytes' llm_int8_skip_modules does): the LM head
 # is often tied to the embeddings, whose outlier rows int8 represents badly.
 _SKIP = ("lm_head", "score", "classifier", "embed_out")
@@ -40,6 +52,8 @@ def apply_method(model: Any, method: str, modules: list[str] | None = None) -> A
     The artifact records the module list, so it reloads with the recipe it was made with.
     """
     modules = modules if modules is not None else default_modules(model, method)
+    if method == "w8a8-int8":  # written quantised by save_quantized; the model stays in full precision until then
+        return model
     if method == "int8-dynamic":
         import torch
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -105,6 +119,8 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
     device = device or ("cuda" if method in GPU_ONLY or (torch.cuda.is_available() and method != "int8-dynamic") else "cpu")
     if method.startswith("bnb-"):
         return model_class(task).from_pretrained(folder, device_map=device).eval(), tokenizer, info
+    if method == "w8a8-int8":
+        return _load_w8a8(folder, task, info["quantized_modules"]), tokenizer, info
     model = apply_method(_skeleton(folder, task, device), method, info.get("quantized_modules"))
     # weights only: no pickled code runs, whatever the file holds
     state = torch.load(folder / QUANTIZED_STATE, map_location=device, weights_only=True)
@@ -116,7 +132,7 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
     return model.eval(), tokenizer, info
 
 
-def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path) -> None:
+def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path, modules: list[str] | None = None) -> None:
     import torch
 
     tokenizer.save_pretrained(folder)
@@ -124,7 +140,78 @@ def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path) -> Non
     if method.startswith("bnb-"):
         model.save_pretrained(folder)
         return
+    if method == "w8a8-int8":
+        _save_w8a8(model, folder, modules if modules is not None else default_modules(model, method))
+        return
     base.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / QUANTIZED_STATE)
+
+
+def _save_w8a8(model: Any, folder: Path, modules: list[str]) -> None:
+    """A Hugging Face folder in compressed-tensors W8A8 int8: ``model.safetensors`` with int8 ``weight`` and fp32
+    ``weight_scale`` (per output channel) for ``modules``, and the scheme in ``config.json``."""
+    import torch
+    from safetensors.torch import save_file
+
+    chosen = {f"{name}.weight" for name in modules}
+    state: dict[str, Any] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and key.endswith("lm_head.weight"):  # tied to the embeddings: stored once
+            continue
+        seen.add(tensor.data_ptr())
+        if key in chosen:
+            weight = tensor.detach().float()
+            scale = (weight.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+            state[key] = torch.round(weight / scale).clamp(-128, 127).to(torch.int8).contiguous()
+            state[key.removesuffix("weight") + "weight_scale"] = scale.contiguous()
+        else:
+            state[key] = tensor.detach().contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = model.config
+    config.quantization_config = {**W8A8_CONFIG, "ignore": [name for name in _linear_names(model) if name not in set(modules)]}
+    config.save_pretrained(folder)
+    del config.quantization_config
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def _linear_names(model: Any) -> list[str]:
+    import torch
+
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _load_w8a8(folder: Path, task: str, modules: list[str]) -> Any:
+    """A W8A8 artifact as vLLM computes it, in torch: the int8 weights times their scales, and each quantised layer's
+    input rounded to int8 per token (the gate measures these numerics; vLLM runs them with int8 kernels)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the skeleton is plain fp32; the weights are dequantised below
+    model = model_class(task).from_config(config).eval()
+    state = load_file(folder / "model.safetensors")
+    for name in modules:
+        state[f"{name}.weight"] = state[f"{name}.weight"].float() * state.pop(f"{name}.weight_scale")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise QuantizeError(f"{folder}: weights do not match the architecture (missing {sorted(set(missing) - tied)[:5]}, "
+                            f"unexpected {unexpected[:5]})")
+    if tied:
+        model.tie_weights()
+
+    def per_token_int8(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+        return (torch.round(x / scale).clamp(-128, 127) * scale, *args[1:])
+
+    named = dict(model.named_modules())
+    for name in modules:
+        named[name].register_forward_pre_hook(per_token_int8)
+    return model

@@ -16,8 +16,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +25,7 @@ from typing import Any
 from ray import serve
 
 from hone.config import ServeConfig
+from hone.config.quantization import VLLM_ONLY
 from hone.runtime import quiet_libraries
 from hone.serving.engine import check_length, encode_prompt
 from hone.serving.protocol import RequestError, collect, require_model
@@ -39,30 +38,14 @@ _MIN_LOGPROB = -9999.0  # -inf is not JSON: vLLM's own server clamps the same wa
 
 
 def vllm_python(cfg: ServeConfig) -> str | None:
-    """The interpreter of the environment with vLLM, or None for this one (checked here, before any Ray work)."""
-    import importlib.util
-    import subprocess
-
+    """The interpreter of the environment with vLLM for this service, or None for this one (:func:`hone.runtime.vllm_python`)."""
+    from hone.runtime import vllm_python as find
     from hone.serving.spec import ServeError
 
-    candidates = [cfg.vllm_python, os.environ.get("HONE_VLLM_PYTHON")]
-    candidates.append(str(Path(sys.prefix).with_name(Path(sys.prefix).name + "-vllm") / "bin" / "python"))  # .venv → .venv-vllm
-    for python in candidates:
-        if python and Path(python).is_file():
-            if Path(python).absolute().parent.parent == Path(sys.prefix).absolute():  # (a venv's python links to its base's)
-                return None
-            probe = subprocess.run([python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
-                                   capture_output=True, timeout=60)
-            if probe.returncode == 0:
-                return python
-            if python == cfg.vllm_python:
-                raise ServeError(f"vllm_python {python} has no vLLM installed: run `make setup` (CPU) or pip install 'hone[vllm]'")
-        elif python and python == cfg.vllm_python:
-            raise ServeError(f"vllm_python: no such interpreter {python}")
-    if importlib.util.find_spec("vllm") is not None:
-        return None
-    raise ServeError("engine: vllm needs vLLM: `make setup` builds .venv-vllm with vLLM's CPU build (or set HONE_VLLM_PYTHON / "
-                     "vllm_python to an environment with vLLM); on GPUs pip install 'hone[vllm]'")
+    try:
+        return find(cfg.vllm_python)
+    except RuntimeError as e:
+        raise ServeError(str(e)) from None
 
 
 def _on_gpu(cfg: ServeConfig) -> bool:
@@ -128,9 +111,9 @@ def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["task"] != "causal_lm":
         raise ServeError(f"engine: vllm serves causal LMs; {spec['source']} is a {spec['task']} model: use engine: transformers")
-    if spec["kind"] == "quantized":
-        raise ServeError(f"engine: vllm loads full-precision weights, not hone's torch-quantised artifact {spec['path']}: "
-                         "serve the unquantised model, or use engine: transformers")
+    if spec["kind"] == "quantized" and spec["quantization"] not in VLLM_ONLY:
+        raise ServeError(f"engine: vllm does not load hone's torch-quantised artifact {spec['path']} ({spec['quantization']}): "
+                         "quantise with --method w8a8-int8, serve the unquantised model, or use engine: transformers")
     model = spec["model"]
     adapters = dict(spec.get("adapters") or {})
     if model.adapter and cfg.merge_adapter:
@@ -139,10 +122,11 @@ def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
         path = assets.resolve_model(model.job.model.name)
         adapters[spec["served_name"]] = model.path
     else:
-        path = spec["path"] if spec["kind"] == "export" else assets.resolve_model(spec["path"])
+        path = spec["path"] if spec["kind"] in ("export", "quantized") else assets.resolve_model(spec["path"])
     args: dict[str, Any] = {"model": str(path), "served_model_name": spec["served_name"], "disable_log_stats": False}
     if not _on_gpu(cfg):
-        args.update(dtype="float32", enforce_eager=True, max_model_len=2048)
+        # fp32 on CPU (the numerics of training and of the transformers engine); vLLM's int8 kernels take bf16 activations
+        args.update(dtype="bfloat16" if spec["kind"] == "quantized" else "float32", enforce_eager=True, max_model_len=2048)
     loras = {}
     for name, folder in adapters.items():
         config = Path(folder) / "adapter_config.json"
