@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +29,36 @@ def test_gpu_quantisation_methods_pass_the_gate_machinery(method, tmp_path):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
-def test_vllm_engine_builds_a_serve_app():
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (pip install 'hone[vllm]')")
-    from hone.serving.app import build_app
+def test_vllm_engine_on_cuda_behind_hones_ingress(tmp_path):
+    """engine: vllm on a GPU: CUDA vLLM in the replica (its environment: HONE_VLLM_PYTHON, with the official vllm),
+    hone's ingress in front; greedy text and a constrained choice."""
+    import subprocess
+    import sys
 
-    app = build_app({"config": {"model": "builtin:smollm2-135m-instruct", "engine": "vllm", "ray_actor_options": {"num_gpus": 1}}})
-    assert app is not None
+    from hone.runtime import vllm_python
+
+    try:
+        python = vllm_python() or sys.executable
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    probe = subprocess.run([python, "-c", "import importlib.metadata as m; m.version('vllm')"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} has vLLM's CPU build, not CUDA vLLM: point HONE_VLLM_PYTHON at an environment with 'vllm'")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "serving"))  # the serving tests' server helper
+    import openai
+    from servers import free_port, start, stop
+
+    cfg = {"name": "gpu-vllm", "model": "builtin:smollm2-135m-instruct", "served_model_name": "smollm2", "engine": "vllm",
+           "port": free_port(), "metrics_export_port": free_port(), "num_replicas": 1, "max_ongoing_requests": 64,
+           "ray_actor_options": {"num_gpus": 1, "num_cpus": 1}}
+    proc, info = start(cfg, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert "Paris" in out.choices[0].text
+        labels = ["positive", "negative"]
+        choice = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Great film!"}], max_tokens=4,
+                                                extra_body={"structured_outputs": {"choice": labels}})
+        assert choice.choices[0].message.content in labels
+    finally:
+        stop(proc)
