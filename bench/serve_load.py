@@ -434,7 +434,7 @@ def main() -> int:
     parser.add_argument("--engines", default="transformers,vllm", help="hone engines to load (vllm adds bare vLLM as its baseline)")
     parser.add_argument("--vllm-only", action="store_true", help="only bare vLLM against hone's engine: vllm")
     parser.add_argument("--vllm-lora", action="store_true", help="only a LoRA served by vLLM against the same adapter merged")
-    parser.add_argument("--proxy", choices=["ray", "haproxy"], default="ray", help="hone serve's HTTP front for the engine: vllm rows")
+    parser.add_argument("--proxy", choices=["ray", "haproxy"], default="ray", help="hone serve's HTTP front (fp32 rows of both engines)")
     args = parser.parse_args()
     global PROMPTS
     PROMPTS = WORKLOADS[args.workload]
@@ -484,7 +484,7 @@ def main() -> int:
         finally:
             _stop(base)
 
-        hone, url = _hone_server(args.model, "none", tmp)
+        hone, url = _hone_server(args.model, "none", tmp, proxy=args.proxy)
         try:
             for c in levels:
                 rows.append(

@@ -18,9 +18,24 @@ from hone.runtime import quiet_libraries
 from hone.serving.engine import Engine, GenRequest
 from hone.serving.protocol import RequestError, collect, require_model, require_task
 
-__all__ = ["ModelServer"]
+__all__ = ["ModelServer", "QueueGauges"]
 
 logger = logging.getLogger("hone.serve")
+
+
+class QueueGauges:
+    """The replica gauges the dashboard and alerts read, the same for both engines: requests decoding and waiting."""
+
+    def __init__(self, model: str):
+        from ray.util import metrics
+
+        self.tags = {"model": model}
+        self.running = metrics.Gauge("hone_num_requests_running", "Requests in the batch being decoded.", tag_keys=("model",))
+        self.waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting to join a decoding batch.", tag_keys=("model",))
+
+    def set(self, running: int, waiting: int) -> None:
+        self.running.set(running, tags=self.tags)
+        self.waiting.set(waiting, tags=self.tags)
 
 
 @serve.deployment(name="ModelServer")
@@ -41,16 +56,13 @@ class ModelServer:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._running = 0
-        self._m_running = metrics.Gauge("hone_num_requests_running", "Requests in the batch being decoded.", tag_keys=("model",))
-        self._m_waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting to join a decoding batch.", tag_keys=("model",))
+        self._gauges = QueueGauges(self.name)
         self._m_batch = metrics.Histogram("hone_batch_size", "Sequences per decoding batch.", boundaries=[1, 2, 4, 8, 16, 32, 64],
                                           tag_keys=("model",))
         self._report_gauges()
 
     def _report_gauges(self) -> None:
-        tags = {"model": self.name}
-        self._m_running.set(self._running, tags=tags)
-        self._m_waiting.set(len(self._waiting), tags=tags)
+        self._gauges.set(self._running, len(self._waiting))
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()

@@ -29,6 +29,7 @@ from hone.config.quantization import VLLM_ONLY
 from hone.runtime import quiet_libraries
 from hone.serving.engine import check_length, encode_prompt
 from hone.serving.protocol import RequestError, collect, require_model
+from hone.serving.replica import QueueGauges
 
 __all__ = ["VLLMServer", "engine_args", "merged_copy", "replica_options", "vllm_python"]
 
@@ -148,7 +149,6 @@ class VLLMServer:
 
     async def __init__(self, spec: dict[str, Any], engine: dict[str, Any]):
         quiet_libraries()
-        from ray.util import metrics
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
@@ -157,8 +157,7 @@ class VLLMServer:
 
         self.name = spec["served_name"]
         self._running = self._waiting = self._inflight = 0
-        self._m_running = metrics.Gauge("hone_num_requests_running", "Requests in the batch being decoded.", tag_keys=("model",))
-        self._m_waiting = metrics.Gauge("hone_num_requests_waiting", "Requests waiting to join a decoding batch.", tag_keys=("model",))
+        self._gauges = QueueGauges(self.name)
         self._counts(0, 0)
         args = engine["args"]
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args),
@@ -171,8 +170,7 @@ class VLLMServer:
 
     def _counts(self, running: int, waiting: int) -> None:
         self._running, self._waiting = running, waiting
-        self._m_running.set(running, tags={"model": self.name})
-        self._m_waiting.set(waiting, tags={"model": self.name})
+        self._gauges.set(running, waiting)
 
     def _sampling(self, body: dict[str, Any], max_tokens: int) -> Any:
         from vllm import SamplingParams
