@@ -197,6 +197,9 @@ def test_structured_outputs(client):
 
 @pytest.mark.slow
 def test_n_and_logprobs(client):
+    one = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=1, presence_penalty=1.0)
+    logprobs = one.choices[0].logprobs  # logprobs=1 and a penalty of 1.0 reach the engine (not taken for "off")
+    assert len(logprobs.tokens) == one.usage.completion_tokens and all(len(top) == 1 for top in logprobs.top_logprobs)
     out = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=6, n=3, temperature=1.0, seed=1, logprobs=2)
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert out.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in out.choices)

@@ -196,9 +196,11 @@ class OpenAIIngress:
             body: dict[str, Any] = {"model": req.model, "max_tokens": (getattr(req, "max_completion_tokens", None) or req.max_tokens),
                                     "temperature": req.temperature, "top_p": req.top_p, "stop": req.stops(), "seed": req.seed,
                                     "default_max_tokens": self.default_max_tokens}
-            extras = {"n": req.n, "logprobs": req.top_logprobs_asked(), "structured": req.constraint(),
+            extras = {"logprobs": req.top_logprobs_asked(), "structured": req.constraint(),
                       "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
-            body.update({k: v for k, v in extras.items() if v is not None and v != 1})  # engine features, parsed above
+            body.update({k: v for k, v in extras.items() if v is not None})  # engine features (refused above if unsupported)
+            if req.n > 1:
+                body["n"] = req.n
             if chat:
                 body["messages"] = [m.plain() for m in req.messages]
             else:

@@ -71,9 +71,10 @@ class Matcher:
     def mask(self, row: Any) -> Any:
         """``row`` (1-D logits) with the tokens the grammar does not allow next set to -inf."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        row = row.float().unsqueeze(0).cpu()
+        device = row.device
+        row = row.float().unsqueeze(0).cpu()  # the bitmask lives on the CPU; one row is small
         self._xgr.apply_token_bitmask_inplace(row, self.bitmask)
-        return row[0]
+        return row[0].to(device)
 
     def accept(self, token: int) -> bool:
         """Advance past ``token``; False when the grammar does not allow it (it always does after :meth:`mask`)."""
