@@ -263,6 +263,7 @@ def test_back_pressure_and_metrics(server, client):
     refused = next(r for r in answers if r.status_code == 503)
     assert refused.headers["Retry-After"] == "3" and refused.json()["error"]["code"] == "server_overloaded"
     assert client.completions.create(model=NAME, prompt="x", max_tokens=2).choices[0].text is not None
+    assert httpx.post(server["url"] + "/v1/completions", json=body, timeout=30).status_code == 401  # counted too
 
     def statuses(families: dict) -> set:
         return {(s.labels.get("route"), s.labels.get("status")) for s in families.get("ray_hone_requests_total", [])}
