@@ -171,10 +171,9 @@ async def _load(url: str, model: str, concurrency: int, n: int, max_tokens: int,
 
 
 def _vllm_python() -> str:
-    from hone.config import validate_serve_config
-    from hone.serving.vllm import vllm_python
+    from hone.runtime import vllm_python
 
-    return vllm_python(validate_serve_config({"model": "builtin:tiny-llama", "engine": "vllm"})) or sys.executable
+    return vllm_python() or sys.executable
 
 
 def _bare_vllm(model: str, served: str) -> tuple[subprocess.Popen, str]:
