@@ -4,7 +4,12 @@
 #
 #   cluster/local.sh up [N_WORKERS]   start (default: 1 worker node)
 #   cluster/local.sh status           ray status
+#   cluster/local.sh stop-node I      kill worker node I (its raylet, SIGKILL): a node lost mid-run
+#   cluster/local.sh start-node I     start worker node I again (it rejoins the cluster)
 #   cluster/local.sh down             stop every node
+#
+# Each worker node has the resources {"hone_worker_I": 1, "hone_node": 1}: ask a training worker for
+# {"hone_node": 1} to place one per worker node.
 #
 # Settings (environment): HONE_CLUSTER_PORT (6390), HONE_CLUSTER_CPUS per node (2),
 # HONE_CLUSTER_DASHBOARD_PORT (8265), HONE_CLUSTER_METRICS_PORT (8080), HONE_CLUSTER_DASHBOARD (1),
@@ -20,6 +25,13 @@ DIR=${HONE_CLUSTER_DIR:-/tmp/hone-cluster}
 RAY=${RAY:-ray}
 # A laptop cluster on loopback: no token auth, so local drivers and `hone` connect as-is.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+
+start_node() {
+  $RAY start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
+    --resources="{\"hone_worker_$1\": 1, \"hone_node\": 1}" --metrics-export-port=$((METRICS_PORT + $1)) \
+    --node-manager-port=$((PORT + 100 + $1)) \
+    --disable-usage-stats >"$DIR/worker-$1.log" 2>&1 || { cat "$DIR/worker-$1.log"; exit 1; }
+}
 
 cmd=${1:-status}
 case "$cmd" in
@@ -38,14 +50,21 @@ case "$cmd" in
       --temp-dir="$DIR/ray" --disable-usage-stats "${dash_args[@]}" >"$DIR/head.log" 2>&1 \
       || { cat "$DIR/head.log"; exit 1; }
     echo "127.0.0.1:$PORT" >"$DIR/address"
-    for i in $(seq 1 "$workers"); do
-      $RAY start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
-        --resources="{\"hone_worker_$i\": 1}" --metrics-export-port=$((METRICS_PORT + i)) \
-        --disable-usage-stats >"$DIR/worker-$i.log" 2>&1 || { cat "$DIR/worker-$i.log"; exit 1; }
-    done
+    for i in $(seq 1 "$workers"); do start_node "$i"; done
     echo "up: head 127.0.0.1:$PORT + $workers worker node(s), $CPUS CPUs each"
     [ "$DASHBOARD" = 1 ] && echo "dashboard / Jobs API: http://127.0.0.1:$DASH_PORT"
     echo "use it: export RAY_ADDRESS=127.0.0.1:$PORT   (or hone ... --address 127.0.0.1:$PORT)"
+    ;;
+  stop-node)
+    i=${2:?usage: $0 stop-node I}
+    pkill -9 -f -- "raylet.*--node_manager_port=$((PORT + 100 + i))( |$)" && echo "worker node $i stopped" \
+      || { echo "worker node $i is not running" >&2; exit 1; }
+    ;;
+  start-node)
+    i=${2:?usage: $0 start-node I}
+    [ -f "$DIR/address" ] || { echo "the cluster is down: $0 up first" >&2; exit 1; }
+    start_node "$i"
+    echo "worker node $i started"
     ;;
   status)
     [ -f "$DIR/address" ] || { echo "down"; exit 1; }
@@ -57,6 +76,6 @@ case "$cmd" in
     echo "down"
     ;;
   *)
-    echo "usage: $0 up [N_WORKERS] | status | down" >&2; exit 2
+    echo "usage: $0 up [N_WORKERS] | status | stop-node I | start-node I | down" >&2; exit 2
     ;;
 esac

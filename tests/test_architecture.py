@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "platform" / "hone"
 # Lower layers first. A module may import from its own unit (a package's modules share one) and from lower layers.
 LAYERS = [
     ["assets"],
+    ["storage"],
     ["config"],
     ["runtime"],
     ["registry"],

@@ -24,15 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from hone import assets
+from hone import assets, storage
 
 if TYPE_CHECKING:
     from hone.config import JobConfig
 
 __all__ = ["EXPORT_DIR", "EXPORT_INFO", "INPUTS_FILE", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "QUANTIZED_INFO", "QUANTIZED_STATE",
-           "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "model_class",
+           "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "fetch_model",
+           "model_class",
            "new_run_dir", "parse_metrics", "publish_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir",
-           "run_storage"]
+           "run_storage", "sync_down", "sync_up"]
 
 EXPORT_DIR = "export"
 MERGED_DIR = "export-merged"
@@ -59,13 +60,48 @@ def default_storage() -> Path:
 
 def run_storage(storage_path: str | None, job: JobConfig | None = None) -> Path:
     """The storage root of a new run, sweep or pipeline: ``--storage-path``, else the job's ``training.storage_path``,
-    else :func:`default_storage`."""
-    chosen = storage_path or (job.training.storage_path if job is not None else None) or default_storage()
+    else :func:`default_storage`. An object-store URI is checked (:func:`hone.storage.check`) and stands here as its
+    local mirror folder: files written there are uploaded by the stage that writes them (:func:`sync_up`)."""
+    chosen = str(storage_path or (job.training.storage_path if job is not None else None) or default_storage())
+    if storage.is_uri(chosen):
+        storage.check(chosen)
+        return storage.mirror(chosen)
     return Path(chosen).expanduser().resolve()
 
 
+def sync_up(run_dir: Path, *names: str) -> None:
+    """Upload these files or folders of a run (or sweep) folder to its object-store location, if it has one."""
+    uri = storage.uri_of(run_dir)
+    if uri is None:
+        return
+    for name in names:
+        if (run_dir / name).exists():
+            storage.upload(run_dir / name, storage.join(uri, name))
+
+
+def sync_down(run_dir: Path, *names: str) -> None:
+    """Fetch these files or folders of a run from its object-store location into its local mirror (those it has)."""
+    uri = storage.uri_of(run_dir)
+    if uri is None:
+        return
+    for name in names:
+        if storage.exists(storage.join(uri, name)):
+            storage.download(storage.join(uri, name), run_dir / name)
+
+
 def resolve_run_dir(run: str, storage_path: str | None = None, what: str = "run") -> Path:
-    """A run (or sweep) given as a directory, or as a name under the storage path: the folder holding its job.yaml."""
+    """A run (or sweep) given as a directory, a URI, or a name under the storage path: the folder holding its job.yaml.
+    A run in object storage is fetched into its local mirror (its job, inputs, metrics and tokenizer; Ray Train reads
+    its checkpoints from the store itself)."""
+    if storage.is_uri(run) or (storage_path and storage.is_uri(storage_path) and not Path(run).expanduser().exists()):
+        uri = run if storage.is_uri(run) else storage.join(storage_path, run)
+        storage.check(uri)
+        local = storage.mirror(uri)
+        if not storage.exists(storage.join(uri, JOB_FILE)):
+            raise ArtifactError(f"no hone {what} at {uri} (no {JOB_FILE} there)")
+        local.mkdir(parents=True, exist_ok=True)
+        sync_down(local, JOB_FILE, INPUTS_FILE, METRICS_FILE, TOKENIZER_DIR, "sweep.json")
+        return local.resolve()
     candidate = Path(run).expanduser()
     if not (candidate / JOB_FILE).exists():
         candidate = Path(storage_path or default_storage()).expanduser() / run
@@ -176,6 +212,25 @@ class ModelSpec:
         return f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
+def fetch_model(uri: str) -> Path:
+    """A model in object storage (an export, a quantised artifact, a Hugging Face folder, or a run: its export) as a
+    local folder: its mirror, fetched again only when the objects changed (their names, sizes and times)."""
+    storage.check(uri)
+    if not any(storage.exists(storage.join(uri, marker)) for marker in (EXPORT_INFO, QUANTIZED_INFO, "config.json",
+                                                                          "adapter_config.json")):
+        if storage.exists(storage.join(uri, EXPORT_DIR, EXPORT_INFO)):
+            uri = storage.join(uri, EXPORT_DIR)
+        else:
+            raise ArtifactError(f"{uri} holds no model (no {EXPORT_INFO}, {QUANTIZED_INFO} or config.json, and no {EXPORT_DIR}/)")
+    local = storage.mirror(uri)
+    digest = storage.digest(uri)
+    stamp = local.parent / f".{local.name}.digest"
+    if not (local.is_dir() and stamp.exists() and stamp.read_text() == digest):
+        storage.download(uri, local)
+        stamp.write_text(digest)
+    return local
+
+
 def _read_info(folder: Path, name: str) -> dict[str, Any]:
     return json.loads((folder / name).read_text())
 
@@ -194,6 +249,8 @@ def resolve_ref(ref: str) -> ModelSpec:
 
         registry = resolve_model_ref(ref)
         path = registry["source"]
+    if storage.is_uri(path):
+        path = str(fetch_model(path))
     folder = Path(path).expanduser()
     if (folder / QUANTIZED_INFO).exists():
         info = _read_info(folder, QUANTIZED_INFO)

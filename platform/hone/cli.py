@@ -410,11 +410,12 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from hone.registry import RegistryError
     from hone.runtime import ClusterError
     from hone.serving.spec import ServeError
+    from hone.storage import StorageError
     from hone.submit import SubmitError
     from hone.training import TrainError
 
     return (ArtifactError, ClusterError, DataError, FileNotFoundError, ModelError, PipelineError, QuantizeError, RegistryError,
-            ServeError, SubmitError, TrainError)
+            ServeError, StorageError, SubmitError, TrainError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hone import assets
+from hone import assets, storage
 from hone.config import JobConfig, metric_mode
 from hone.runtime import quiet_libraries
 
@@ -94,7 +94,8 @@ def dataset_fingerprint(job: JobConfig) -> str:
     sources = [d.source]
     for spec in (d.validation, d.test):  # a fraction carves the split from the source; a path or list names more files
         sources += [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
-    blob = json.dumps([[assets.source_digest(s) for s in sources], d.format, d.columns.model_dump(), d.split, d.validation, d.test,
+    digests = [storage.digest(s) if storage.is_uri(s) else assets.source_digest(s) for s in sources]
+    blob = json.dumps([digests, d.format, d.columns.model_dump(), d.split, d.validation, d.test,
                        d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs, d.packing, d.prompt_template],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -127,7 +128,7 @@ def log_run(job: JobConfig, run_dir: Path, export_dir: Path, history: list[dict[
         "hone.git_commit": _git_commit(),
         "hone.version": __version__,
         "hone.run_dir": str(run_dir),
-        "hone.export_dir": str(export_dir),
+        "hone.export_dir": storage.uri_of(export_dir) or str(export_dir),
         "mlflow.runName": run_dir.name,
         **(extra_tags or {}),
     }
@@ -196,10 +197,11 @@ def register_winner(name: str, run_id: str, export_dir: Path, metric: str, value
                         "value": current.tags.get("hone.metric_value")}
         except Exception:  # noqa: BLE001 - no version carries the alias yet
             pass
-        tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": str(export_dir)}
+        source = storage.uri_of(export_dir) or str(export_dir)  # a run in object storage: the version points there
+        tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": source}
         if sweep:
             tags["hone.sweep"] = sweep
-        version = int(client.create_model_version(name, source=str(export_dir), run_id=run_id, tags=tags).version)
+        version = int(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
         moved = _better(value, previous, metric)
         if moved:
             client.set_registered_model_alias(name, alias, str(version))

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hone import assets
+from hone import assets, storage
 
 if TYPE_CHECKING:
     from hone.config import JobConfig
@@ -42,6 +42,7 @@ def quiet_libraries(*, console: bool = False) -> None:
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # per-dataset progress lines, the "progress bars disabled" note
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -82,7 +83,8 @@ def base_worker_env() -> dict[str, str]:
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI",
+                *storage.CREDENTIAL_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
@@ -126,6 +128,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # per-worker bars would flood the driver's console
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # (Ray Data configures its logger when imported)
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {**(worker_env(job) if job is not None else base_worker_env()), **(env or {})}
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "hone.runtime.worker_setup_hook"}
@@ -141,7 +144,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
     else:
         need = 0.0
         if job is not None:
-            need = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
+            need = job.distributed.max_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
         cpus = max(os.cpu_count() or 1, int(math.ceil(need + extra_cpus)))
         port = free_port()
         env_vars["RAY_ADDRESS"] = f"127.0.0.1:{port}"

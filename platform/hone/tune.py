@@ -30,7 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import EXPORT_DIR, JOB_FILE, append_metrics, new_run_dir, read_metrics, resolve_run_dir, run_storage
+from hone import storage
+from hone.artifacts import (
+    EXPORT_DIR,
+    JOB_FILE,
+    METRICS_FILE,
+    append_metrics,
+    new_run_dir,
+    read_metrics,
+    resolve_run_dir,
+    run_storage,
+    sync_down,
+    sync_up,
+)
 from hone.config import JobConfig, SearchDomain, load_job, validate_job
 from hone.config.base import set_path
 from hone.runtime import ray_session
@@ -224,7 +236,7 @@ def _concurrency(job: JobConfig) -> int:
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < per_trial + DATA_TASK_CPU:
         raise TrainError(f"the cluster has {cpus:g} CPUs but one trial needs {per_trial:g} "
-                         f"({job.distributed.num_workers} workers × {job.distributed.resources_per_worker.get('CPU', 1.0):g} CPU "
+                         f"({job.distributed.max_workers} workers × {job.distributed.resources_per_worker.get('CPU', 1.0):g} CPU "
                          f"+ {TRIAL_DRIVER_CPU} for the trial driver) and {DATA_TASK_CPU:g} more must stay free for "
                          "the trial's Ray Data tasks; add CPUs or lower distributed.resources_per_worker")
     fits = max(1, int((cpus - DATA_TASK_CPU) // per_trial))
@@ -234,7 +246,7 @@ def _concurrency(job: JobConfig) -> int:
 
 
 def _trial_cpus(job: JobConfig) -> float:
-    return job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + TRIAL_DRIVER_CPU
+    return job.distributed.max_workers * job.distributed.resources_per_worker.get("CPU", 1.0) + TRIAL_DRIVER_CPU
 
 
 def _trials_table(result_grid: Any, job: JobConfig, sweep_dir: Path) -> list[dict[str, Any]]:
@@ -386,11 +398,15 @@ def sweep(
     # Trials report every training.log_every steps and evaluate every eval_every: reports without the metric
     # are normal (ASHA decides on those that carry it), so Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    remote = storage.uri_of(sweep_dir)
+    sync_up(sweep_dir, JOB_FILE)
+    tune_dir = storage.join(remote or str(sweep_dir), "tune")  # Tune's experiment state: in the object store with the sweep
     with ray_session(job, address, extra_cpus=SWEEP_EXTRA_CPUS):
         started = time.time()
-        if resume and tune.Tuner.can_restore(str(sweep_dir / "tune" / "sweep")):
+        _prepare_data(job, sweep_dir)
+        if resume and tune.Tuner.can_restore(storage.join(tune_dir, "sweep")):
             print(f"[hone] resuming sweep {name}: finished trials are kept, unfinished ones continue", flush=True)
-            tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(storage.join(tune_dir, "sweep"), trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -403,7 +419,7 @@ def sweep(
                 ),
                 run_config=tune.RunConfig(
                     name="sweep",
-                    storage_path=str(sweep_dir / "tune"),
+                    storage_path=tune_dir,
                     verbose=1,
                     failure_config=tune.FailureConfig(max_failures=0),
                     # PBT clones from the latest checkpoint; Tune keeps three per trial.
@@ -412,6 +428,10 @@ def sweep(
             )
         result_grid = tuner.fit()
         wall = time.time() - started
+    if remote:  # trials ran on any node and wrote to the store: bring their records here
+        trials = sorted({rel.split("/", 1)[0] for rel, _, _ in storage.list_files(storage.join(remote, "runs")) if "/" in rel})
+        for trial in trials:
+            sync_down(sweep_dir / "runs" / trial, JOB_FILE, METRICS_FILE, "hone-run.json", EXPORT_DIR)
     rows = _trials_table(result_grid, job, sweep_dir)
     done = [r for r in rows if r["status"] == "completed" and r[metric] is not None]
     winner = choose_winner(rows, metric, mode)
@@ -440,7 +460,19 @@ def sweep(
         "registered": registered,
     }
     (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    sync_up(sweep_dir, "sweep.json", *(p.name for p in sweep_dir.iterdir() if p.is_file()))
     return SweepResult(sweep_dir, rows, winner, registered)
+
+
+def _prepare_data(job: JobConfig, sweep_dir: Path) -> None:
+    """Tokenise the sweep's data once, before the trials start, into the cache they share (a trial whose searched
+    values change the data builds its own entry)."""
+    from hone.data import load_tokenizer, prepare_cached, tokenizer_digest
+
+    tokenizer = load_tokenizer(job)
+    root = storage.uri_of(sweep_dir / "runs") or str(sweep_dir / "runs")
+    data = prepare_cached(job, tokenizer, tokenizer_digest(tokenizer), root)
+    print(f"[hone] data ({'cached' if data.hit else 'tokenised on Ray Data'}): {data.rows.get('train', 0)} training rows", flush=True)
 
 
 def _track_trial(run_dir: Path, sweep_name: str, trial: str) -> str:

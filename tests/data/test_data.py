@@ -244,36 +244,65 @@ def test_rotten_tomatoes_views_and_prepare(tiny_tokenizer):
     assert "train: 32 rows in" in str(prepared.report)
 
 
-_HANDOFF = """
-import tempfile, sys
+_ON_RAY_DATA = """
+import json, os, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 import ray
 from conftest import make_job
-from hone.data import load_tokenizer, prepare_data, to_ray_datasets
+from hone.data import CachedSplit, DataError, load_tokenizer, prepare_cached, prepare_data, tokenizer_digest
 
-job = make_job(data={"max_samples": 40, "max_eval_samples": 10})
-tokenizer = load_tokenizer(job)
-prepared = prepare_data(job, tokenizer)
-ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False)
+work = tempfile.mkdtemp(prefix="hone-data-")
+src = os.path.join(work, "d.jsonl")
+with open(src, "w") as fh:
+    for i in range(300):
+        row = {"instruction": f"say {i}", "input": "lorem " * (i % 40), "output": ("word " * (1 + i % 9)).strip()}
+        if i % 50 == 0:
+            row["output"] = "  "  # empty: dropped and counted
+        fh.write(json.dumps(row) + "\\n")
+jobs = {
+    "builtin-packed": make_job(data={"max_samples": 64, "max_eval_samples": 16, "test": 0.1, "packing": True, "max_length": 96}),
+    "jsonl": make_job(data={"source": src, "format": "alpaca", "prompt_template": "alpaca", "max_length": 200, "validation": 0.2}),
+    "classification": make_job(task={"type": "sequence_classification", "num_labels": 2}, method={"type": "full"},
+                               data={"format": "classification", "max_samples": 50, "max_eval_samples": 10}),
+}
+ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False)
 try:
-    ds = to_ray_datasets(prepared)
-    assert ds["train"].count() == 40 and ds["validation"].count() == 10
-    rows = sorted(ds["train"].take_all(), key=lambda r: r["row_id"])
-    assert [r["row_id"] for r in rows] == list(range(40))
-    assert list(rows[3]["input_ids"]) == prepared.train[3]["input_ids"]
-    shards = ds["train"].split(2, equal=True)
-    assert sum(s.count() for s in shards) == 40
+    for name, job in jobs.items():
+        tokenizer = load_tokenizer(job)
+        before = prepare_data(job, tokenizer)
+        data = prepare_cached(job, tokenizer, tokenizer_digest(tokenizer), work)
+        assert not data.hit and str(data.report) == str(before.report), (name, str(data.report), str(before.report))
+        for split in ("train", "validation", "test"):
+            expect = getattr(before, split)
+            if expect is None:
+                assert split not in data.rows, (name, split)
+                continue
+            got = CachedSplit(__import__("pathlib").Path(data.location), split)
+            assert len(got) == len(expect) == data.rows[split], (name, split, len(got), len(expect))
+            assert got.take([0, len(got) - 1]) == [expect[0], expect[len(expect) - 1]], (name, split)
+            assert got.all() == expect.to_list(), (name, split)
+        again = prepare_cached(job, tokenizer, tokenizer_digest(tokenizer), work)
+        assert again.hit and again.key == data.key and str(again.report) == str(data.report)
+        print(name, "OK", data.rows, flush=True)
+    bad = make_job(data={"source": src, "format": "alpaca", "columns": {"output": "answer"}, "validation": None})
+    try:
+        prepare_cached(bad, tokenizer, tokenizer_digest(tokenizer), work)
+        raise SystemExit("a missing column was accepted")
+    except DataError as e:
+        assert "data.columns.output" in str(e), e
 finally:
     ray.shutdown()
-print("HANDOFF OK")
+print("RAY DATA OK")
 """
 
 
 @pytest.mark.slow
-def test_ray_data_handoff(repo):
-    """Runs in its own process: a Ray started here would linger in the test process's Ray state."""
+def test_ray_data_path_matches_the_in_process_path(repo):
+    """Tokenising on Ray Data (the cache training reads) gives the very rows, order, splits and report of the
+    in-process path, for packed builtin data, a jsonl file and a classifier; a second call is a cache hit. Runs in its
+    own process: a Ray started here would linger in the test process's Ray state."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _HANDOFF, str(repo / "tests")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "HANDOFF OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-c", _ON_RAY_DATA, str(repo / "tests")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "RAY DATA OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]

@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from hone.config import validate_job
+from hone.config import JobConfigError, validate_job
 from hone.data import load_tokenizer, prepare_data
 from hone.modeling import ModelError, build_model, evaluate, load_base_model
-from hone.training import Schedule, TrainError, total_steps, train
+from hone.training import Schedule, TrainError, schedule, total_steps, train
 
 HONE = str(Path(sys.executable).parent / "hone")
 
@@ -383,12 +383,13 @@ def test_skip_step_discards_updates_up_to_its_bound(connected):
 def _engine_script(deepspeed: bool) -> str:
     return f"""
 import math, os, torch
-from hone.config import validate_job
+from hone.config import JobConfigError, validate_job
 from hone.modeling import build_model
 from hone.training.engines import make_engine
 import torch.distributed as dist
 dist.init_process_group("gloo", rank=0, world_size=1)
 job = validate_job({json.dumps(tiny("engine", training={**TINY["training"], "on_nonfinite": "skip_step"}))})
+job = job.model_copy(update={{"distributed": job.distributed.model_copy(update={{"num_workers": 1}})}})  # this one process
 if not {deepspeed}:
     job = job.model_copy(update={{"distributed": job.distributed.model_copy(update={{"deepspeed": None}})}})
 torch.manual_seed(0)
@@ -455,13 +456,41 @@ def test_two_workers_on_two_nodes(cluster, tmp_path):
 
 
 def test_schedule_depends_only_on_seed_and_epoch():
-    s = Schedule(n_rows=50, micro_batch=3, grad_accum=2, world_size=2, seed=7)
+    s = Schedule(n_rows=50, micro_batch=3, micro_batches=4, world_size=2, seed=7)
     assert s.global_batch == 12 and s.steps_per_epoch == 4
     epoch0 = [i for step in range(4) for m in range(2) for r in range(2) for i in s.micro_rows(step, m, r)]
     assert len(epoch0) == len(set(epoch0)) == 48  # no row twice in an epoch
-    assert s.micro_rows(5, 1, 0) == Schedule(50, 3, 2, 2, 7).micro_rows(5, 1, 0)
+    assert s.micro_rows(5, 1, 0) == Schedule(50, 3, 4, 2, 7).micro_rows(5, 1, 0)
     assert s.micro_rows(1, 0, 0) != s.micro_rows(5, 0, 0)  # a new permutation each epoch
     assert set(s.micro_rows(0, 0, 0)).isdisjoint(s.micro_rows(0, 0, 1))
+
+
+def test_schedule_keeps_the_global_batch_whatever_the_worker_count():
+    """An elastic run (num_workers [1, 4], grad_accum 3): 12 micro-batches per step however many workers share them;
+    each micro-batch has the same rows and the same random stream on whichever worker computes it."""
+    job = validate_job(tiny("elastic", training={**TINY["training"], "grad_accum": 3},
+                            distributed={"num_workers": [1, 4], "deepspeed": None, "max_failures": 3}))
+    by_world = {}
+    for world in (1, 2, 3, 4):
+        s = schedule(job, 400, world)
+        assert s.grad_accum * world == 12 and s.global_batch == 12 * job.training.batch_size
+        by_world[world] = {s.micro_index(m, r): (s.micro_rows(3, m, r), s.micro_seed(3, m, r))
+                           for r in range(world) for m in range(s.grad_accum)}
+    assert by_world[1] == by_world[2] == by_world[3] == by_world[4] and sorted(by_world[1]) == list(range(12))
+
+
+def test_elastic_settings_that_cannot_keep_the_global_batch_are_refused():
+    with pytest.raises(JobConfigError, match=r"(?s)grad_accum.*cannot be shared evenly by 2 worker.*set training.grad_accum: 2"):
+        validate_job(tiny("e", distributed={"num_workers": [2, 3], "deepspeed": None, "max_failures": 1}))
+    with pytest.raises(JobConfigError, match="ZeRO-2: DeepSpeed cannot reload"):
+        validate_job(tiny("e", distributed={"num_workers": [1, 2], "deepspeed": {"stage": 2}, "max_failures": 1}))
+    with pytest.raises(JobConfigError, match="max_failures >= 1"):
+        validate_job(tiny("e", distributed={"num_workers": [1, 2], "deepspeed": None}))
+    with pytest.raises(JobConfigError, match=r"1 <= min <= max"):
+        validate_job(tiny("e", distributed={"num_workers": [3, 2], "deepspeed": None, "max_failures": 1}))
+    ok = validate_job(tiny("e", training={**TINY["training"], "grad_accum": 2},
+                           distributed={"num_workers": [2, 3], "deepspeed": {"stage": 0}, "max_failures": -1}))
+    assert ok.distributed.elastic and ok.distributed.max_workers == 3
 
 
 def test_too_little_data_is_caught_before_ray():

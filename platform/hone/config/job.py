@@ -177,7 +177,7 @@ class JobConfig(Section):
         zero = f"ZeRO-{d.deepspeed.stage}" if d.deepspeed else "DDP"
         length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
         return (f"job {self.name!r}: {self.task.type} on {self.model.name} ({self.method.type}), {self.data.source} ({self.data.format}), "
-                f"{d.num_workers} worker(s) {zero} {'GPU' if d.use_gpu else 'CPU'} {self.precision}, {length}"
+                f"{d.workers_text()} worker(s) {zero} {'GPU' if d.use_gpu else 'CPU'} {self.precision}, {length}"
                 + (f", tune: {len(self.tune.search_space)} searched path(s)" if self.tune else ""))
 
 
@@ -215,6 +215,16 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
             and dist.deepspeed.stage == 0:
         out.append(Problem("training.on_nonfinite", "skip_step needs an optimizer that can discard a step: ZeRO stage 0 applies it",
                            "use distributed.deepspeed.stage 1-3, distributed.deepspeed: null (DDP), or on_nonfinite: stop"))
+    if training is not None and dist is not None and dist.elastic:
+        micro = training.grad_accum * dist.max_workers
+        uneven = [w for w in range(dist.min_workers, dist.max_workers + 1) if micro % w]
+        if uneven:
+            fits = next(a for a in range(1, 1000) if all(a * dist.max_workers % w == 0
+                                                          for w in range(dist.min_workers, dist.max_workers + 1)))
+            out.append(Problem("training.grad_accum", f"a step of {training.grad_accum} × {dist.max_workers} = {micro} micro-batches "
+                               f"cannot be shared evenly by {', '.join(map(str, uneven))} worker(s), so the global batch would change "
+                               f"when distributed.num_workers {list(dist.num_workers)} shrinks",
+                               f"set training.grad_accum: {fits} (or a multiple), or narrow num_workers"))
     if method is not None and task is not None and task.type == "sequence_classification" and method.type == "prefix_tuning":
         out.append(Problem("method.type", "prefix_tuning is supported for causal_lm only here", "use lora or ia3 for classifiers"))
     allowed = CLS_METRICS if task is not None and task.type == "sequence_classification" else LM_METRICS

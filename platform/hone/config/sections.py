@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from hone import assets
+from hone import assets, storage
 from hone.config.base import Section
 
 __all__ = ["CLS_METRICS", "DATA_FILE_TYPES", "LM_METRICS", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig",
@@ -112,7 +112,15 @@ class DataColumns(Section):
 
 
 def _source_problem(source: str) -> str | None:
-    """Return why ``source`` cannot be read on this machine, or None. Hub ids pass unchecked."""
+    """Return why ``source`` cannot be read on this machine, or None. Hub ids pass unchecked; object-store URIs are
+    looked up (credentials, endpoint, bucket, the file or at least one match of a pattern)."""
+    if storage.is_uri(source):
+        try:
+            storage.check(source)
+            found = storage.glob_files(source) if glob.has_magic(source) else storage.list_files(source)
+        except storage.StorageError as e:
+            return str(e)
+        return None if found else f"data source {source} does not exist (no object matches it)"
     if source.startswith(assets.PREFIX):
         try:
             assets.check_builtin_dataset(source)
@@ -342,8 +350,10 @@ class DeepSpeedConfig(Section):
 class DistributedConfig(Section):
     """Where training runs: Ray Train workers and the sharding strategy."""
 
-    num_workers: int = Field(default=1, ge=1)
-    """Ray Train workers (one process each; one GPU each with ``use_gpu``)."""
+    num_workers: int | tuple[int, int] = 1
+    """Ray Train workers (one process each; one GPU each with ``use_gpu``). ``[min, max]``: elastic (Ray Train's elastic
+    scaling): the run starts with as many as fit, continues on fewer when a worker or node is lost and grows back when
+    resources return, with the same global batch (per-worker accumulation adapts; see ``training.grad_accum``)."""
     use_gpu: bool = False
     """Place each worker on a GPU (NCCL, bf16). Off: CPU workers over gloo, fp32."""
     resources_per_worker: dict[str, float] = {"CPU": 1.0}
@@ -355,12 +365,48 @@ class DistributedConfig(Section):
     deepspeed: DeepSpeedConfig | None = DeepSpeedConfig()
     """DeepSpeed ZeRO settings; ``null`` trains with plain PyTorch DDP."""
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            v = tuple(v)
+        if isinstance(v, tuple) and (len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"give a worker count or [min, max], got {list(v)}")
+        if isinstance(v, tuple) and not 1 <= v[0] <= v[1]:
+            raise ValueError(f"[min, max] needs 1 <= min <= max, got {list(v)}")
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"at least 1 worker, got {v}")
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple) and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run can have: what its global batch and its resource request are sized by."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def workers_text(self) -> str:
+        return f"{self.min_workers}-{self.max_workers} (elastic)" if self.elastic else str(self.max_workers)
+
     @model_validator(mode="after")
     def _gpu(self) -> DistributedConfig:
         if not self.use_gpu and self.resources_per_worker.get("GPU", 0) > 0:
             raise ValueError("resources_per_worker asks for GPUs but use_gpu is false; set distributed.use_gpu: true")
         if any(v < 0 for v in self.resources_per_worker.values()):
             raise ValueError("resources_per_worker values must be >= 0")
+        if self.elastic and self.deepspeed is not None and self.deepspeed.stage > 0:
+            raise ValueError(f"elastic num_workers {list(self.num_workers)} with ZeRO-{self.deepspeed.stage}: DeepSpeed cannot reload "
+                             "ZeRO-partitioned optimizer state on a different number of workers; use deepspeed.stage: 0 or "
+                             "deepspeed: null (DDP) for an elastic run, or a fixed num_workers")
+        if self.elastic and self.max_failures == 0:
+            raise ValueError(f"elastic num_workers {list(self.num_workers)} restarts the worker group when a worker is lost, which "
+                             "needs distributed.max_failures >= 1 (or -1: unlimited)")
         return self
 
 
@@ -426,7 +472,15 @@ class TrainingConfig(Section):
     output_name: str | None = None
     """Run/export name; defaults to the job's ``name``."""
     storage_path: str | None = None
-    """Where runs, checkpoints and exports go (shared storage on a cluster); default ``$HONE_HOME/runs``."""
+    """Where runs, checkpoints, exports and the tokenised-data cache go: a folder, or object storage (``s3://bucket/runs``)
+    that every node reaches; default ``$HONE_HOME/runs``."""
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and storage.is_uri(v) and (info.context or {}).get("check_paths", True):
+            storage.check(v)  # a StorageError is a ValueError: reported as this field's problem
+        return v
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainingConfig:

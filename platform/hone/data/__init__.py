@@ -1,4 +1,4 @@
-"""The data pipeline: load → format → tokenize → mask → pack → Ray Data.
+"""The data pipeline: load → order and split → format → tokenize → mask → pack, on Ray Data, cached in the run storage.
 
 Every format becomes rows of ``input_ids`` and ``labels``:
 
@@ -14,11 +14,13 @@ tokenizer without a chat template) raise :class:`DataError` naming the config ke
 to change. Truncated and dropped rows are counted in a :class:`DataReport`.
 """
 
+from hone.data.cluster import CACHE_DIR, TokenizedData, cache_key, prepare_cached
 from hone.data.formats import IGNORE_INDEX, prompt_and_answer, prompt_messages
 from hone.data.preview import preview
-from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer, tokenizer_digest
+from hone.data.shards import CachedSplit, local_entry
+from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer, order_keys, tokenizer_digest
 from hone.data.tokenize import DataReport, PreparedData, SplitReport, collate, prepare_data, to_ray_datasets, tokenize_split
 
-__all__ = ["IGNORE_INDEX", "DataError", "DataReport", "PreparedData", "SplitReport", "collate", "held_out_rows", "load_splits",
-           "load_tokenizer", "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split",
-           "tokenizer_digest"]
+__all__ = ["CACHE_DIR", "IGNORE_INDEX", "CachedSplit", "DataError", "DataReport", "PreparedData", "SplitReport", "TokenizedData",
+           "cache_key", "collate", "held_out_rows", "load_splits", "load_tokenizer", "local_entry", "order_keys", "prepare_cached",
+           "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split", "tokenizer_digest"]

@@ -42,12 +42,12 @@ def _required_columns(cfg: DataConfig) -> dict[str, str]:
     }[cfg.format]
 
 
-def check_columns(ds: Any, cfg: DataConfig, split: str) -> None:
+def check_columns(columns: list[str], cfg: DataConfig, split: str) -> None:
     for key, column in _required_columns(cfg).items():
-        if column not in ds.column_names:
+        if column not in columns:
             raise DataError(
                 f"data.columns.{key}: the {split} data has no column {column!r} (format {cfg.format}); "
-                f"its columns are {ds.column_names}. Set data.columns.{key} to the right column."
+                f"its columns are {list(columns)}. Set data.columns.{key} to the right column."
             )
 
 

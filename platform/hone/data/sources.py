@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hone import assets
+from hone import assets, storage
 from hone.config import DataConfig, JobConfig
 from hone.config.sections import DATA_FILE_TYPES
 
-__all__ = ["DataError", "held_out_rows", "load_splits", "load_tokenizer", "tokenizer_digest"]
+__all__ = ["DataError", "held_out_rows", "load_source", "load_splits", "load_tokenizer", "order_keys", "pick_split", "source_files",
+           "tokenizer_digest"]
 
 
 class DataError(ValueError):
@@ -45,25 +46,85 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# --------------------------------------------------------------------------- the split and order rule
+
+
+def _canon(value: Any) -> Any:
+    """A row value in a form every reader agrees on (numbers as floats: one reader's 1 is another's 1.0)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): _canon(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canon(v) for v in value]
+    return str(value)
+
+
+def order_keys(rows: list[dict[str, Any]], seed: int) -> list[int]:
+    """The seeded sort key of each row: a hash of (seed, the row's content). Sorting a split by it is hone's one shuffle,
+    whether the rows sit in this process (``datasets``) or spread over a cluster (Ray Data): the same rows land in the
+    same order, wherever they were read and however they were split into blocks."""
+    import hashlib
+    import json
+
+    prefix = f"{seed}\0".encode()
+    return [int.from_bytes(hashlib.sha256(prefix + json.dumps(_canon(r), sort_keys=True, ensure_ascii=False).encode()).digest()[:8],
+                           "big", signed=True) for r in rows]
+
+
+def _seeded_order(ds: Any, seed: int) -> Any:
+    import numpy as np
+
+    keys = order_keys(ds.to_list(), seed)
+    return ds.select(np.argsort(np.asarray(keys, dtype=np.int64), kind="stable").tolist())
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def _load_source(source: str, cfg: DataConfig) -> Any:
+def source_files(source: str) -> tuple[list[str], str] | None:
+    """The files a file-like source names (a file or glob, local or ``s3://…``, or an object-store folder) and their
+    ``datasets``/Ray Data reader kind; None for built-ins, local folders (``datasets`` reads them, split files and
+    ``save_to_disk`` layouts included) and hub ids."""
+    if source.startswith(assets.PREFIX):
+        return None
+    if storage.is_uri(source):
+        if glob.has_magic(source):
+            files = storage.glob_files(source)
+        else:
+            listed = storage.list_files(source)
+            files = [source] if len(listed) == 1 and listed[0][0] == "" else [storage.join(source, rel) for rel, _, _ in listed]
+    else:
+        expanded = os.path.expanduser(source)
+        if glob.has_magic(expanded):
+            files = sorted(glob.glob(expanded))
+        elif os.path.isfile(expanded):
+            files = [expanded]
+        else:
+            return None
+    if not files:
+        raise DataError(f"data: no file matches {source!r}")
+    kinds = {DATA_FILE_TYPES.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"data: cannot tell the file type of {source!r}; use .jsonl, .json, .csv, .parquet or .txt files (one kind)")
+    return files, kinds.pop()
+
+
+def load_source(source: str, cfg: DataConfig) -> Any:
     """Load a source into a DatasetDict (or Dataset) without touching the network for local data."""
     import datasets
 
     if source.startswith(assets.PREFIX):
         return assets.load_builtin_dataset(source, cfg.format)
+    found = source_files(source)
+    if found is not None:
+        files, kind = found
+        if storage.is_uri(source):  # read here from a local copy (held-out rows, previews); training reads on Ray Data
+            files = [str(storage.download(f, storage.mirror(f))) for f in files]
+        return datasets.load_dataset(kind, data_files=files, split="train")
     expanded = os.path.expanduser(source)
-    is_glob = glob.has_magic(expanded)
-    if is_glob or os.path.isfile(expanded):
-        files = sorted(glob.glob(expanded)) if is_glob else [expanded]
-        if not files:
-            raise DataError(f"data: no file matches {source!r}")
-        kinds = {DATA_FILE_TYPES.get(Path(f).suffix.lower()) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise DataError(f"data: cannot tell the file type of {source!r}; use .jsonl, .json, .csv, .parquet or .txt files (one kind)")
-        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
     if os.path.isdir(expanded):
         if any((Path(expanded) / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
             return datasets.load_from_disk(expanded)
@@ -71,7 +132,7 @@ def _load_source(source: str, cfg: DataConfig) -> Any:
     return datasets.load_dataset(source)  # a hub id (needs network unless cached)
 
 
-def _pick_split(loaded: Any, split: str, source: str) -> Any:
+def pick_split(loaded: Any, split: str, source: str) -> Any:
     import datasets
 
     if isinstance(loaded, datasets.DatasetDict):
@@ -85,10 +146,10 @@ def load_splits(cfg: DataConfig) -> dict[str, Any]:
     """train/validation/test ``datasets.Dataset`` objects before formatting, split and seeded."""
     import datasets
 
-    loaded = _load_source(cfg.source, cfg)
-    train = _pick_split(loaded, cfg.split, cfg.source)
+    loaded = load_source(cfg.source, cfg)
+    train = pick_split(loaded, cfg.split, cfg.source)
     own = loaded if isinstance(loaded, datasets.DatasetDict) else {}
-    train = train.shuffle(seed=cfg.seed)
+    train = _seeded_order(train, cfg.seed)
     out: dict[str, Any] = {}
     for name in ("test", "validation"):
         spec = getattr(cfg, name)
@@ -104,7 +165,7 @@ def load_splits(cfg: DataConfig) -> dict[str, Any]:
                 out[name] = train.select(range(n))
                 train = train.select(range(n, len(train)))
         else:
-            parts = [_pick_split(_load_source(path, cfg), "train", path) for path in ([spec] if isinstance(spec, str) else spec)]
+            parts = [pick_split(load_source(path, cfg), "train", path) for path in ([spec] if isinstance(spec, str) else spec)]
             out[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if cfg.max_samples is not None:
         train = train.select(range(min(cfg.max_samples, len(train))))

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hone.config import DataConfig, JobConfig, TaskConfig
+from hone.config import DataConfig, JobConfig
 from hone.data.formats import IGNORE_INDEX, causal_example, check_chat_template, check_columns
 from hone.data.sources import DataError, load_splits
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
-__all__ = ["DataReport", "PreparedData", "SplitReport", "collate", "prepare_data", "to_ray_datasets", "tokenize_split"]
+__all__ = ["BAD_LABEL", "EMPTY", "NO_TARGET", "OK", "DataReport", "PreparedData", "SplitBuilder", "SplitReport", "check_split", "collate",
+           "encode_rows", "prepare_data", "to_ray_datasets", "tokenize_split"]
 
 
 @dataclass
@@ -72,130 +74,190 @@ def _truncate(ids: list[int], target: list[bool], cfg: DataConfig) -> tuple[list
     return ids[-cfg.max_length :], target[-cfg.max_length :], True
 
 
-def _tokenize_causal(ds: Any, cfg: DataConfig, tokenizer: Any, report: SplitReport) -> Any:
-    import datasets
+# Row outcomes of :func:`encode_rows` (the ``status`` column).
+OK, EMPTY, NO_TARGET, BAD_LABEL = 0, 1, 2, 3
 
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for row in ds:
-        example = causal_example(row, cfg, tokenizer)
+
+def _label_id(value: Any, names: list[str] | None, num_labels: int) -> int | None:
+    if isinstance(value, str):
+        return names.index(value) if names is not None and value in names else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None or not isinstance(value, (int, bool)) or not 0 <= int(value) < num_labels:
+        return None
+    return int(value)
+
+
+def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, names: list[str] | None = None) -> pa.Table:
+    """Formatted rows → a table of ``input_ids``, ``labels`` (token labels, or a class id), ``status`` (OK, EMPTY,
+    NO_TARGET, BAD_LABEL; those rows carry no ids), ``truncated`` and ``label_value`` (a bad label, shown in the error).
+    Each row is encoded on its own, so any split of the rows into batches (a Ray Data task each) gives the same result."""
+    cfg = job.data
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": [], "truncated": [], "label_value": []}
+
+    def put(ids: list[int], labels: Any, status: int, truncated: bool = False, value: Any = None) -> None:
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["status"].append(status)
+        out["truncated"].append(truncated)
+        out["label_value"].append(None if value is None else repr(value))
+
+    if job.task.type == "sequence_classification":
+        c = cfg.columns
+        names = job.task.labels or names
+        keep = [r for r in rows if r.get(c.text) is not None and str(r[c.text]).strip()]
+        full = tokenizer([str(r[c.text]) for r in keep], [str(r[c.text_pair]) for r in keep] if c.text_pair else None,
+                         truncation=False)["input_ids"] if keep else []
+        tokenizer.truncation_side = cfg.truncation_side
+        enc = tokenizer([str(r[c.text]) for r in keep], [str(r[c.text_pair]) for r in keep] if c.text_pair else None,
+                        truncation=True, max_length=cfg.max_length)["input_ids"] if keep else []
+        it = iter(zip(full, enc))
+        for r in rows:
+            if r.get(c.text) is None or not str(r[c.text]).strip():
+                put([], -1, EMPTY)
+                continue
+            whole, ids = next(it)
+            label = _label_id(r.get(c.label), names, job.task.num_labels or 0)
+            if label is None:
+                put([], -1, BAD_LABEL, value=r.get(c.label))
+                continue
+            put(list(ids), label, OK, len(whole) > cfg.max_length)
+        return _encoded_table(out, job)
+    for r in rows:
+        example = causal_example(r, cfg, tokenizer)
         if example is None:
-            report.dropped_empty += 1
+            put([], [], EMPTY)
             continue
         ids, target, truncated = _truncate(*example, cfg)
-        report.truncated += truncated
         labels = [i if (t or cfg.train_on_inputs) else IGNORE_INDEX for i, t in zip(ids, target)]
         if all(x == IGNORE_INDEX for x in labels):
-            report.dropped_no_target += 1
+            put([], [], NO_TARGET, truncated)
             continue
-        rows["input_ids"].append(ids)
-        rows["labels"].append(labels)
-    return datasets.Dataset.from_dict(rows, features=_causal_features())
+        put(ids, labels, OK, truncated)
+    return _encoded_table(out, job)
 
 
-def _causal_features() -> Any:
-    import datasets
+def _encoded_table(columns: dict[str, list[Any]], job: JobConfig) -> pa.Table:
+    import pyarrow as pa
 
-    return datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32"))})
-
-
-def _label_ids(ds: Any, cfg: DataConfig, task: TaskConfig, split: str) -> list[int]:
-    import datasets
-
-    column = cfg.columns.label
-    feature = ds.features.get(column)
-    names = task.labels or (feature.names if isinstance(feature, datasets.ClassLabel) else None)
-    ids, bad = [], []
-    for i, value in enumerate(ds[column]):
-        if isinstance(value, str):
-            if names is None or value not in names:
-                bad.append((i, value))
-                ids.append(-1)
-                continue
-            value = names.index(value)
-        if value is None or not isinstance(value, (int, bool)) or not 0 <= int(value) < (task.num_labels or 0):
-            bad.append((i, value))
-        ids.append(int(value) if isinstance(value, (int, bool)) else -1)
-    if bad:
-        shown = ", ".join(f"row {i}: {v!r}" for i, v in bad[:5])
-        allowed = f"ids 0..{task.num_labels - 1}" + (f" or names {names}" if names else "")
-        raise DataError(
-            f"data: {len(bad)} {split} label(s) outside task.num_labels={task.num_labels} ({shown}); labels must be {allowed}. "
-            "Fix the data or set task.num_labels / task.labels."
-        )
-    return ids
+    ids = pa.list_(pa.int32())
+    return pa.table({
+        "input_ids": pa.array(columns["input_ids"], ids),
+        "labels": pa.array(columns["labels"], ids if job.task.type == "causal_lm" else pa.int64()),
+        "status": pa.array(columns["status"], pa.int8()),
+        "truncated": pa.array(columns["truncated"], pa.bool_()),
+        "label_value": pa.array(columns["label_value"], pa.string()),
+    })
 
 
-def _tokenize_classification(ds: Any, cfg: DataConfig, task: TaskConfig, tokenizer: Any, report: SplitReport, split: str) -> Any:
-    c = cfg.columns
-    texts = ds[c.text]
-    keep = [i for i, t in enumerate(texts) if t is not None and str(t).strip()]
-    report.dropped_empty = len(texts) - len(keep)
-    ds = ds.select(keep)
-    labels = _label_ids(ds, cfg, task, split)
-    tokenizer.truncation_side = cfg.truncation_side
-    pairs = ds[c.text_pair] if c.text_pair else None
-    full = tokenizer([str(t) for t in ds[c.text]], pairs, truncation=False)["input_ids"]
-    report.truncated = sum(len(ids) > cfg.max_length for ids in full)
-    enc = tokenizer([str(t) for t in ds[c.text]], pairs, truncation=True, max_length=cfg.max_length)
-    import datasets
+class SplitBuilder:
+    """Turns encoded batches, in order, into a split's training rows: drops what :func:`encode_rows` flagged, counts
+    it in the :class:`SplitReport`, packs whole examples greedily in order when asked. Holds one packed row at most."""
 
-    return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": labels})
+    def __init__(self, job: JobConfig, split: str, pack: bool):
+        self.job, self.split, self.pack = job, split, pack
+        self.report = SplitReport()
+        self.bad: list[tuple[int, str]] = []
+        self._n_bad = 0
+        self._open: dict[str, list[int]] | None = None
+        if pack:
+            self.report.packed_rows = 0
+
+    def add(self, table: pa.Table) -> pa.Table | None:
+        """One encoded batch (in order) → the training rows it completes (None when packing has not closed a row)."""
+        import pyarrow.compute as pc
+
+        r = self.report
+        status = table["status"]
+        flagged = pc.filter(table, pc.equal(status, BAD_LABEL))
+        for i, value in zip(pc.indices_nonzero(pc.equal(status, BAD_LABEL)).to_pylist(), flagged["label_value"].to_pylist()):
+            if len(self.bad) < 5:
+                self.bad.append((r.rows_in + i, value))
+        self._n_bad += len(flagged)
+        r.rows_in += len(table)
+        r.dropped_empty += int(pc.sum(pc.equal(status, EMPTY)).as_py() or 0)
+        r.dropped_no_target += int(pc.sum(pc.equal(status, NO_TARGET)).as_py() or 0)
+        r.truncated += int(pc.sum(pc.and_(table["truncated"], pc.not_equal(status, EMPTY))).as_py() or 0)
+        kept = pc.filter(table, pc.equal(status, OK)).select(["input_ids", "labels"])
+        r.rows_out += len(kept)
+        r.tokens += int(pc.sum(pc.list_value_length(kept["input_ids"])).as_py() or 0)
+        if self.job.task.type == "causal_lm":
+            r.target_tokens += int(pc.sum(pc.not_equal(pc.list_flatten(kept["labels"]), IGNORE_INDEX)).as_py() or 0)
+        else:
+            r.target_tokens += len(kept)
+        if not self.pack:
+            return kept
+        closed = []
+        for ids, labels in zip(kept["input_ids"].to_pylist(), kept["labels"].to_pylist()):
+            if self._open is not None and len(self._open["input_ids"]) + len(ids) > self.job.data.max_length:
+                closed.append(self._close())
+            if self._open is None:
+                self._open = {"input_ids": [], "labels": [], "position_ids": []}
+            self._open["input_ids"] += ids
+            self._open["labels"] += labels
+            self._open["position_ids"] += list(range(len(ids)))
+        return _packed_table(closed) if closed else None
+
+    def _close(self) -> dict[str, list[int]]:
+        row, self._open = self._open, None
+        self.report.packed_rows += 1
+        return row
+
+    def finish(self) -> pa.Table | None:
+        """The last packed row (None without packing); raises :class:`DataError` for bad labels or an empty split."""
+        cfg, task, r = self.job.data, self.job.task, self.report
+        if self._n_bad:
+            shown = ", ".join(f"row {i}: {v}" for i, v in self.bad)
+            allowed = f"ids 0..{(task.num_labels or 0) - 1}" + (f" or names {task.labels}" if task.labels else "")
+            raise DataError(
+                f"data: {self._n_bad} {self.split} label(s) outside task.num_labels={task.num_labels} ({shown}); labels must be "
+                f"{allowed}. Fix the data or set task.num_labels / task.labels."
+            )
+        if r.rows_out == 0:
+            raise DataError(
+                f"data: the {self.split} split is empty after formatting ({r.rows_in} rows in, {r.dropped_empty} empty, "
+                f"{r.dropped_no_target} with no response tokens left after truncation to data.max_length={cfg.max_length}); "
+                "check data.columns and data.max_length"
+            )
+        return _packed_table([self._close()]) if self._open is not None else None
 
 
-def _pack(ds: Any, max_length: int) -> Any:
-    """Greedy in-order packing of whole examples into rows of at most ``max_length`` tokens."""
-    import datasets
+def _packed_table(rows: list[dict[str, list[int]]]) -> pa.Table:
+    import pyarrow as pa
 
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for ex_ids, ex_labels in zip(ds["input_ids"], ds["labels"]):
-        if ids and len(ids) + len(ex_ids) > max_length:
-            rows["input_ids"].append(ids)
-            rows["labels"].append(labels)
-            rows["position_ids"].append(positions)
-            ids, labels, positions = [], [], []
-        ids = ids + list(ex_ids)
-        labels = labels + list(ex_labels)
-        positions = positions + list(range(len(ex_ids)))
-    if ids:
-        rows["input_ids"].append(ids)
-        rows["labels"].append(labels)
-        rows["position_ids"].append(positions)
-    return datasets.Dataset.from_dict(rows)
+    ids = pa.list_(pa.int32())
+    return pa.table({k: pa.array([r[k] for r in rows], ids) for k in ("input_ids", "labels", "position_ids")})
+
+
+def check_split(columns: list[str], job: JobConfig, tokenizer: Any, split: str) -> None:
+    """What can be checked before tokenising: the columns the format needs, a chat template where one is needed."""
+    check_columns(columns, job.data, split)
+    if job.task.type != "sequence_classification":
+        check_chat_template(tokenizer, job.data)
 
 
 def tokenize_split(ds: Any, job: JobConfig, tokenizer: Any, split: str = "train", *, pack: bool | None = None) -> tuple[Any, SplitReport]:
-    """Format, tokenize, mask (and pack) one split."""
-    cfg = job.data
-    check_columns(ds, cfg, split)
-    report = SplitReport(rows_in=len(ds))
-    if job.task.type == "sequence_classification":
-        out = _tokenize_classification(ds, cfg, job.task, tokenizer, report, split)
-    else:
-        check_chat_template(tokenizer, cfg)
-        out = _tokenize_causal(ds, cfg, tokenizer, report)
-    report.rows_out = len(out)
-    if report.rows_out == 0:
-        raise DataError(
-            f"data: the {split} split is empty after formatting ({report.rows_in} rows in, {report.dropped_empty} empty, "
-            f"{report.dropped_no_target} with no response tokens left after truncation to data.max_length={cfg.max_length}); "
-            "check data.columns and data.max_length"
-        )
-    report.tokens = sum(len(x) for x in out["input_ids"])
-    if job.task.type == "causal_lm":
-        report.target_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in out["labels"])
-    else:
-        report.target_tokens = report.rows_out
-    if cfg.packing if pack is None else pack:
-        out = _pack(out, cfg.max_length)
-        report.packed_rows = len(out)
-    return out, report
+    """Format, tokenize, mask (and pack) one split held in this process (a ``datasets.Dataset``)."""
+    import datasets
+
+    check_split(ds.column_names, job, tokenizer, split)
+    feature = ds.features.get(job.data.columns.label) if job.task.type == "sequence_classification" else None
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    import pyarrow as pa
+
+    builder = SplitBuilder(job, split, job.data.packing if pack is None else pack)
+    parts = []
+    for start in range(0, len(ds), 1000):
+        chunk = ds.select(range(start, min(start + 1000, len(ds)))).to_list()
+        parts.append(builder.add(encode_rows(chunk, job, tokenizer, names)))
+    parts.append(builder.finish())
+    return datasets.Dataset(pa.concat_tables([t for t in parts if t is not None])), builder.report
 
 
 def prepare_data(job: JobConfig, tokenizer: Any) -> PreparedData:
-    """All splits of a job, tokenized, with the report. Evaluation splits are never packed."""
+    """All splits of a job, tokenized in this process, with the report. Evaluation splits are never packed.
+    ``hone train`` tokenises on Ray Data instead (:func:`hone.data.prepare_cached`); this is the same result, for
+    notebooks, small data and the benchmark's baseline."""
     raw = load_splits(job.data)
     report = DataReport()
     tokenized: dict[str, Any] = {}

@@ -31,7 +31,7 @@ __all__ = ["quickstart_pipeline", "run_pipeline"]
 
 def _cpus(p: Pipeline) -> float:
     """Extra logical CPUs a local session needs beyond the job's workers: the sweep's spare CPU or the replicas."""
-    workers = p.job.distributed.num_workers * p.job.distributed.resources_per_worker.get("CPU", 1.0)
+    workers = p.job.distributed.max_workers * p.job.distributed.resources_per_worker.get("CPU", 1.0)
     tune_extra = SWEEP_EXTRA_CPUS if p.sweep else 0.0
     return max(tune_extra, cpus_needed(p.serve) - workers, 0.0)
 
@@ -76,7 +76,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
         try:
             what = (f"Ray Tune sweep over {', '.join(p.job.tune.search_space)} ({p.job.tune.scheduler}, {p.job.tune.searcher})"
                     if p.sweep and p.job.tune else "one training run")
-            banner(1, n, "train", f"{what}: {p.job.name}, {p.job.method.type} on {p.job.model.name}, {p.job.distributed.num_workers} "
+            banner(1, n, "train", f"{what}: {p.job.name}, {p.job.method.type} on {p.job.model.name}, {p.job.distributed.max_workers} "
                                   f"workers {'ZeRO-' + str(p.job.distributed.deepspeed.stage) if p.job.distributed.deepspeed else 'DDP'}")
             result.stages["train"] = trained = train_stage(p, state, storage, address, rerun)
             i = 2

@@ -2,6 +2,6 @@
 driver-side progress, and :func:`train` (the driver)."""
 
 from hone.training.driver import TrainResult, train
-from hone.training.plan import Schedule, TrainError, total_steps
+from hone.training.plan import Schedule, TrainError, schedule, total_steps
 
-__all__ = ["Schedule", "TrainError", "TrainResult", "total_steps", "train"]
+__all__ = ["Schedule", "TrainError", "TrainResult", "schedule", "total_steps", "train"]

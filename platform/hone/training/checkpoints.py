@@ -52,6 +52,12 @@ def intact(directory: str | Path, rank: int) -> tuple[bool, str]:
         return (directory / "trainer_state.json").exists(), "no trainer_state.json"
     mine = directory / _manifest_name(rank)
     if not mine.exists():
+        try:
+            written_by = json.loads((directory / "trainer_state.json").read_text())["world_size"]
+        except (OSError, ValueError, KeyError):
+            written_by = None
+        if written_by is not None and rank >= written_by:
+            return True, ""  # an elastic run grew: this rank has no part in a checkpoint fewer workers wrote
         return False, f"{mine.name} is missing"
     try:
         files = json.loads(mine.read_text())

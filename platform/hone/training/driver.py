@@ -1,8 +1,10 @@
 """``hone train``: a fine-tuning run on Ray Train with DeepSpeed ZeRO (or DDP).
 
-The driver validates, prepares and tokenizes the data once, hands it to Ray Data, and runs a
-``TorchTrainer`` (workers: :func:`hone.training.loop.train_loop`) on the local embedded Ray or an
-existing cluster. The run directory's layout is :mod:`hone.artifacts`'.
+The driver validates the job, has the data tokenised on Ray Data into the run storage's cache (or reuses the cached
+entry: :func:`hone.data.prepare_cached`), and runs a ``TorchTrainer`` (workers: :func:`hone.training.loop.train_loop`,
+which read the cache memory-mapped) on the local embedded Ray or an existing cluster, with a fixed or an elastic
+number of workers. The run directory's layout is :mod:`hone.artifacts`'; with object storage (``s3://…``) the run
+lives there and the driver works in its local mirror.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hone import storage
 from hone.artifacts import (
     EXPORT_DIR,
     INPUTS_FILE,
@@ -24,6 +27,7 @@ from hone.artifacts import (
     read_metrics,
     resolve_run_dir,
     run_storage,
+    sync_up,
 )
 from hone.config import JobConfig, load_job, metric_mode
 from hone.runtime import ray_log_level, ray_session
@@ -60,7 +64,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hone.data import load_tokenizer, prepare_data, to_ray_datasets, tokenizer_digest
+    from hone.data import load_tokenizer, prepare_cached, tokenizer_digest
     from hone.registry import dataset_fingerprint
 
     if resume:
@@ -75,45 +79,51 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
         (run_dir / JOB_FILE).write_text(job.to_yaml())
 
     tokenizer = load_tokenizer(job)
-    inputs = {"data": dataset_fingerprint(job), "tokenizer": tokenizer_digest(tokenizer)}
+    digest = tokenizer_digest(tokenizer)
+    inputs = {"data": dataset_fingerprint(job), "tokenizer": digest}
     if resume:
         check_inputs(run_dir, inputs)
     else:
         (run_dir / INPUTS_FILE).write_text(json.dumps(inputs))
     if not (run_dir / TOKENIZER_DIR).exists():
         tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)
-    prepared = prepare_data(job, tokenizer)
-    if not quiet:
-        print(f"[hone] data:\n{prepared.report}", flush=True)
-    steps = total_steps(job, len(prepared.train))
-    has_val = prepared.validation is not None
-    metric = job.training.eval_metric if has_val else "loss"
-    if not quiet:
-        d = job.distributed
-        print(f"[hone] run {run_dir.name}: {steps} steps, {d.num_workers} worker(s), "
-              f"{'ZeRO-' + str(d.deepspeed.stage) if d.deepspeed else 'DDP'}, {job.precision}; run dir {run_dir}", flush=True)
+    sync_up(run_dir, JOB_FILE, INPUTS_FILE, TOKENIZER_DIR)
+    remote = storage.uri_of(run_dir)
+    root = storage.uri_of(run_dir.parent) or str(run_dir.parent)  # runs (and a sweep's trials) share the data cache
 
     with ray_session(job, address):
-        datasets = to_ray_datasets(prepared)
-        datasets.pop("test", None)
+        started = time.time()
+        data = prepare_cached(job, tokenizer, digest, root)
+        if not quiet:
+            how = "cached" if data.hit else f"tokenised on Ray Data in {time.time() - started:.1f} s"
+            print(f"[hone] data ({how}, {data.location}):\n{data.report}", flush=True)
+        steps = total_steps(job, data.rows["train"])
+        has_val = data.rows.get("validation", 0) > 0
+        metric = job.training.eval_metric if has_val else "loss"
+        if not quiet:
+            d = job.distributed
+            print(f"[hone] run {run_dir.name}: {steps} steps, {d.workers_text()} worker(s), "
+                  f"{'ZeRO-' + str(d.deepspeed.stage) if d.deepspeed else 'DDP'}, {job.precision}; run dir {remote or run_dir}", flush=True)
+        d = job.distributed
+        fs = storage.filesystem(root)[0] if remote else None
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "pad_id": tokenizer.pad_token_id,
-                               "total_steps": steps, "has_validation": has_val, "init_checkpoint": init_checkpoint},
-            scaling_config=ScalingConfig(num_workers=job.distributed.num_workers, use_gpu=job.distributed.use_gpu,
-                                         resources_per_worker=dict(job.distributed.resources_per_worker),
-                                         placement_strategy=job.distributed.placement_strategy),
+            train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "run_uri": remote, "pad_id": tokenizer.pad_token_id,
+                               "total_steps": steps, "has_validation": has_val, "init_checkpoint": init_checkpoint,
+                               "data": {"location": data.location, "key": data.key, "rows": data.rows}},
+            scaling_config=ScalingConfig(num_workers=d.num_workers if d.elastic else d.max_workers, use_gpu=d.use_gpu,
+                                         resources_per_worker=dict(d.resources_per_worker), placement_strategy=d.placement_strategy,
+                                         **({"elastic_resize_monitor_interval_s": _resize_interval()} if d.elastic else {})),
             run_config=RunConfig(
                 name=run_dir.name,
-                storage_path=str(run_dir.parent),
-                failure_config=FailureConfig(max_failures=job.distributed.max_failures),
+                storage_path=storage.filesystem(storage.uri_of(run_dir.parent))[1] if remote else str(run_dir.parent),
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=d.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints, checkpoint_score_attribute=metric,
                                                    checkpoint_score_order=metric_mode(metric)),
                 callbacks=[progress_callback(run_dir), *(callbacks or [])],
                 logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
             ),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         )
         with ProgressPrinter(run_dir, steps, quiet):
             started = time.time()
@@ -121,7 +131,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                 result = trainer.fit()
             except Exception as e:  # Ray wraps worker errors; keep the cause visible
                 raise TrainError(f"training run {run_dir.name} failed: {e}\n"
-                                 f"resume it with: hone train --resume {run_dir}") from e
+                                 f"resume it with: hone train --resume {remote or run_dir}") from e
             fit_seconds = time.time() - started
     history = read_metrics(run_dir)
     if history and history[-1].get("diverged"):  # (Ray Train's result carries the last checkpoint's metrics)
@@ -129,6 +139,10 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     metrics = dict(result.metrics or {})
     export = run_dir / EXPORT_DIR
     merged = run_dir / MERGED_DIR
+    if remote:  # the workers wrote the export to the store: keep a local copy for the stages that follow
+        for name, local in ((EXPORT_DIR, export), (MERGED_DIR, merged)):
+            if storage.exists(storage.join(remote, name, "hone.json")):
+                storage.download(storage.join(remote, name), local)
     mlflow_run_id = None
     if (track if track is not None else os.environ.get("HONE_MLFLOW", "1") != "0") and export.exists():
         from hone.registry import log_run
@@ -137,8 +151,14 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     (run_dir / "hone-run.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "fit_seconds": fit_seconds,
                                                         "metrics": metrics, "export": str(export) if export.exists() else None},
                                                        indent=2, default=str))
+    sync_up(run_dir, "hone-run.json")
     return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
                        metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)
+
+
+def _resize_interval() -> float:
+    """How often an elastic run looks for room to grow (``HONE_ELASTIC_RESIZE_S``, default Ray's 60 s)."""
+    return float(os.environ.get("HONE_ELASTIC_RESIZE_S", "60"))
 
 
 def check_inputs(run_dir: Path, now: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ from hone.config import JobConfig
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["deepspeed_config", "make_engine"]
+__all__ = ["deepspeed_config", "make_engine", "per_worker_accum"]
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +30,12 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def per_worker_accum(job: JobConfig, world_size: int) -> int:
+    """Micro-batches each of ``world_size`` workers accumulates per step: the global batch stays
+    ``batch_size × grad_accum × max_workers`` whatever the number of workers (elastic runs)."""
+    return job.training.grad_accum * job.distributed.max_workers // world_size
 
 
 def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
@@ -58,8 +64,8 @@ def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
         optimizer = {"type": "SGD", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_accumulation_steps": per_worker_accum(job, world_size),
+        "train_batch_size": t.batch_size * per_worker_accum(job, world_size) * world_size,
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "optimizer": optimizer,
@@ -184,7 +190,7 @@ class _DDP:
         else:
             self.optimizer = torch.optim.SGD(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = _scheduler_fn(job, total_steps)(self.optimizer)
-        self.grad_accum = t.grad_accum
+        self.grad_accum = per_worker_accum(job, world_size)
         self.max_grad_norm = t.max_grad_norm
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision)
         self._micro = 0

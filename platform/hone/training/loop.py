@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hone import storage
 from hone.artifacts import EXPORT_DIR, EXPORT_INFO, MERGED_DIR, TOKENIZER_DIR, publish_dir
 from hone.config import JobConfig, metric_mode
 from hone.runtime import worker_setup_hook
 from hone.training.checkpoints import candidates, intact, write_checkpoint
-from hone.training.plan import Schedule, rng_state, seed_all, set_rng_state
+from hone.training.plan import rng_state, schedule, seed_all, set_rng_state
 
 __all__ = ["nonfinite_step", "train_loop"]
 
@@ -42,18 +43,6 @@ class _State:
     stopped_early: bool = False
     world_size: int = 1
     skipped_steps: int = 0
-
-
-def _rows(shard: Any) -> list[dict[str, Any]]:
-    """Materialise a Ray Data iterator into a list indexed by ``row_id``."""
-    rows = [dict(r) for r in shard.iter_rows()]
-    rows.sort(key=lambda r: r["row_id"])
-    for r in rows:
-        r.pop("row_id")
-        for k in ("input_ids", "labels", "position_ids"):
-            if k in r and hasattr(r[k], "tolist"):
-                r[k] = r[k].tolist()
-    return rows
 
 
 def nonfinite_step(loss: float, grad_norm: float | None, applied: bool, all_reduce: Any) -> dict[str, Any] | None:
@@ -106,8 +95,10 @@ def _peak_flops() -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
 
-def _export(engine: Any, job: JobConfig, run_dir: Path, rank: int, metrics: dict[str, Any], workers: list[dict[str, Any]]) -> None:
-    """Write the Hugging Face export (every rank calls: ZeRO-3 gathers collectively)."""
+def _export(engine: Any, job: JobConfig, run_dir: Path, run_uri: str | None, rank: int, metrics: dict[str, Any],
+            workers: list[dict[str, Any]]) -> None:
+    """Write the Hugging Face export (every rank calls: ZeRO-3 gathers collectively) into the run, or, for a run in
+    object storage, upload it there (``hone.json`` last: a folder without it is not an export)."""
     state = engine.full_state_dict()
     if rank != 0:
         return
@@ -117,9 +108,12 @@ def _export(engine: Any, job: JobConfig, run_dir: Path, rank: int, metrics: dict
     hf = engine.hf_module
     staging = Path(tempfile.mkdtemp(prefix="hone-export-"))
     try:
+        tokenizer_dir = run_dir / TOKENIZER_DIR
+        if run_uri and not tokenizer_dir.is_dir():  # rank 0 on a node that shares nothing with the driver
+            tokenizer_dir = storage.download(storage.join(run_uri, TOKENIZER_DIR), staging / TOKENIZER_DIR)
         out = staging / EXPORT_DIR
         hf.save_pretrained(out, state_dict=state, safe_serialization=True)
-        for f in (run_dir / TOKENIZER_DIR).iterdir():
+        for f in tokenizer_dir.iterdir():
             shutil.copy2(f, out / f.name)
         info = {
             "kind": "adapter" if job.method.is_peft else "model",
@@ -127,7 +121,7 @@ def _export(engine: Any, job: JobConfig, run_dir: Path, rank: int, metrics: dict
             "method": job.method.type,
             "task": job.task.type,
             "zero_stage": job.distributed.deepspeed.stage if job.distributed.deepspeed else None,
-            "num_workers": job.distributed.num_workers,
+            "num_workers": len(workers),
             "workers": workers,
             "metrics": metrics,
             "job": job.to_dict(),
@@ -137,11 +131,16 @@ def _export(engine: Any, job: JobConfig, run_dir: Path, rank: int, metrics: dict
         if job.method.is_peft and job.method.merge_adapter:
             merged, _ = load_model(resolve_ref(str(out)), merge_adapter=True)
             merged.save_pretrained(staging / MERGED_DIR, safe_serialization=True)
-            for f in (run_dir / TOKENIZER_DIR).iterdir():
+            for f in tokenizer_dir.iterdir():
                 shutil.copy2(f, staging / MERGED_DIR / f.name)
             ((staging / MERGED_DIR) / EXPORT_INFO).write_text(json.dumps({**info, "kind": "merged-model"}, indent=2, default=str))
             dirs.append(MERGED_DIR)
-        for name in dirs:  # copied next to the run (same filesystem), then swapped in: never a half-written export
+        for name in dirs:
+            if run_uri:
+                for f in sorted((staging / name).iterdir(), key=lambda f: f.name == EXPORT_INFO):
+                    storage.upload(f, storage.join(run_uri, name, f.name))
+                continue
+            # copied next to the run (same filesystem), then swapped in: never a half-written export
             partial = run_dir / f".{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(staging / name, partial)
@@ -158,7 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from hone.data import collate
+    from hone.data import CachedSplit, collate, local_entry
     from hone.modeling import build_model, evaluate, forward_loss
     from hone.training.engines import make_engine
 
@@ -171,10 +170,10 @@ def train_loop(config: dict[str, Any]) -> None:
     task = job.task.type
     t = job.training
 
-    train_rows = _rows(ray.train.get_dataset_shard("train"))
-    val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
-    val_rows = _rows(val_shard) if val_shard is not None else []
-    sched = Schedule(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
+    entry = local_entry(config["data"]["location"], config["data"]["key"])  # memory-mapped: rows are built per micro-batch
+    train_rows = CachedSplit(entry, "train")
+    val_rows = CachedSplit(entry, "validation").all() if config["has_validation"] else []
+    sched = schedule(job, len(train_rows), world)
     total = config["total_steps"]
 
     seed_all(t.seed)  # identical new weights (adapters, heads) on every rank
@@ -204,18 +203,22 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as latest:
             d = _intact_checkpoint(candidates(latest, None if cloned else run_dir), rank, all_reduce)
             saved = json.loads((Path(d) / "trainer_state.json").read_text())
-            if saved["world_size"] != world:
+            resized = saved["world_size"] != world
+            if resized and not job.distributed.elastic:
                 raise RuntimeError(
                     f"checkpoint was written by {saved['world_size']} workers, this run has {world}; "
-                    "resume with the same distributed.num_workers"
+                    "resume with the same distributed.num_workers (or make it elastic: [min, max])"
                 )
             engine.load(d)
-            state = _State(**saved)
-            set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
+            state = _State(**{**saved, "world_size": world})
+            if (Path(d) / f"rng_rank{rank}.pt").exists():
+                set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
         if cloned:
             engine.retarget(t.lr, t.weight_decay)
         if rank == 0:
-            print(f"[hone] {'continued' if cloned else 'resumed'} at step {state.step}/{total} from {d}", flush=True)
+            print(f"[hone] {'continued' if cloned else 'resumed'} at step {state.step}/{total} from {d}"
+                  + (f" on {world} worker(s) (was {saved['world_size']}), {sched.grad_accum} micro-batch(es) each" if resized else ""),
+                  flush=True)
 
     metric = t.eval_metric if val_rows else "loss"
     mode = metric_mode(metric)
@@ -245,21 +248,23 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         if state.best is not None:
             final["best_" + metric] = state.best
-        _export(engine, job, run_dir, rank, {k: v for k, v in final.items() if isinstance(v, (int, float, bool))}, workers)
+        _export(engine, job, run_dir, config.get("run_uri"), rank,
+                {k: v for k, v in final.items() if isinstance(v, (int, float, bool))}, workers)
         ray.train.report(final)
         return
 
     while state.step < total and not state.stopped_early:
         start = time.perf_counter()
         step_sums = torch.zeros(4, dtype=torch.float64)  # loss, steps, tokens, samples
-        for micro in range(t.grad_accum):
-            rows = [train_rows[i] for i in sched.micro_rows(state.step, micro, rank)]
+        for micro in range(sched.grad_accum):
+            rows = train_rows.take(sched.micro_rows(state.step, micro, rank))
+            torch.manual_seed(sched.micro_seed(state.step, micro, rank))  # dropout: the micro-batch's stream, on any worker
             batch = {k: v.to(device) for k, v in collate(rows, pad_id, task).items()}
             with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                 loss, _, _ = forward_loss(engine.module, batch, task)
             engine.train_micro(loss)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            step_sums += torch.tensor([float(loss.detach()) / t.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
+            step_sums += torch.tensor([float(loss.detach()) / sched.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
         step_sums[1] = 1
         window_time += time.perf_counter() - start
         state.step += 1
@@ -299,6 +304,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "samples_per_s": float(summed[3]) / window_time,
             "step_time_s": window_time / max(steps, 1.0),
             "peak_memory_mb": _peak_memory_mb(),
+            "workers": world,
         }
         if state.skipped_steps:
             metrics["skipped_steps"] = state.skipped_steps
@@ -329,7 +335,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["done"] = final
         if final:
             metrics["stopped_early"] = state.stopped_early
-            _export(engine, job, run_dir, rank, {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}, workers)
+            _export(engine, job, run_dir, config.get("run_uri"), rank,
+                    {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}, workers)
         report_checkpoint = None
         tmp = None
         if do_ckpt:

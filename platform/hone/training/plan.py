@@ -1,8 +1,11 @@
 """What a run will do, decided before it starts: its steps, its data order and its random state.
 
 The data order depends only on (seed, epoch): the global batch of step ``s`` is a fixed slice of a
-seeded permutation, and worker ``r`` takes its rows of it. With every rank's RNG state saved in each
-checkpoint, a resumed or restarted run continues with the same batches and the same losses.
+seeded permutation, cut into a fixed number of micro-batches (``grad_accum`` × the most workers the run may have).
+With ``w`` workers, worker ``r`` takes micro-batches ``r, r + w, …`` and accumulates ``micro_batches / w`` of them, so the
+global batch, and the per-step loss, do not depend on how many workers there are (elastic runs). Each micro-batch gets
+its own seeded random stream (dropout), whichever worker computes it: a resumed, restarted or resized run continues with
+the same batches and the same losses.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 from hone.config import JobConfig
 
-__all__ = ["Schedule", "TrainError", "rng_state", "seed_all", "set_rng_state", "total_steps"]
+__all__ = ["Schedule", "TrainError", "rng_state", "schedule", "seed_all", "set_rng_state", "total_steps"]
 
 
 class TrainError(RuntimeError):
@@ -25,13 +28,19 @@ class Schedule:
 
     n_rows: int
     micro_batch: int
-    grad_accum: int
+    micro_batches: int
+    """Micro-batches per optimizer step (over all workers): ``grad_accum`` × the largest worker count."""
     world_size: int
     seed: int
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+        return self.micro_batch * self.micro_batches
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches each of this run's ``world_size`` workers accumulates per step."""
+        return self.micro_batches // self.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -42,20 +51,36 @@ class Schedule:
 
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
 
+    def micro_index(self, micro: int, rank: int) -> int:
+        """The global index (0 … micro_batches-1) of this rank's ``micro``-th micro-batch of a step."""
+        return micro * self.world_size + rank
+
     def micro_rows(self, step: int, micro: int, rank: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
         perm = self._perm(epoch)
-        start = k * self.global_batch + (micro * self.world_size + rank) * self.micro_batch
+        start = k * self.global_batch + self.micro_index(micro, rank) * self.micro_batch
         return perm[start : start + self.micro_batch].tolist()
+
+    def micro_seed(self, step: int, micro: int, rank: int) -> int:
+        """The seed of the random stream (dropout) of one micro-batch: a function of the step and its global index."""
+        import numpy as np
+
+        return int(np.random.default_rng([self.seed, step, self.micro_index(micro, rank)]).integers(2**62))
+
+
+def schedule(job: JobConfig, n_rows: int, world_size: int) -> Schedule:
+    """The run's schedule with ``world_size`` workers (any count in ``distributed.num_workers``' range)."""
+    t = job.training
+    return Schedule(n_rows, t.batch_size, t.grad_accum * job.distributed.max_workers, world_size, t.seed)
 
 
 def total_steps(job: JobConfig, n_rows: int) -> int:
     t = job.training
-    sched = Schedule(n_rows, t.batch_size, t.grad_accum, job.distributed.num_workers, t.seed)
+    sched = schedule(job, n_rows, job.distributed.max_workers)
     if sched.steps_per_epoch == 0:
         raise TrainError(
             f"{n_rows} training examples are fewer than one global batch ({t.batch_size} per worker × {t.grad_accum} accumulation × "
-            f"{job.distributed.num_workers} workers = {sched.global_batch}); lower training.batch_size or add data"
+            f"{job.distributed.max_workers} workers = {sched.global_batch}); lower training.batch_size or add data"
         )
     return t.max_steps or max(1, int(round(t.epochs * sched.steps_per_epoch)))
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hone.artifacts import MetricsFollower, append_metrics
+from hone.artifacts import METRICS_FILE, MetricsFollower, append_metrics, sync_up
 
 __all__ = ["ProgressPrinter", "format_metrics", "progress_callback"]
 
@@ -31,6 +31,7 @@ def progress_callback(run_dir: Path) -> Any:
             if checkpoint is not None:
                 m["checkpoint"] = checkpoint.path
             append_metrics(self.run_dir, m)
+            sync_up(Path(self.run_dir), METRICS_FILE)  # a run in object storage: the history goes with it
             try:
                 if self._writer is None:
                     from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,238 @@
+"""Tokenising on Ray Data, cached in the run storage.
+
+:func:`prepare_cached` reads the source with Ray Data's readers (files, globs and object-store URIs; built-ins, local
+folders and hub datasets through ``datasets``), orders and splits it by :func:`hone.data.order_keys` (a distributed
+sort: the same rows and order as :func:`hone.data.load_splits`), and formats, tokenises and masks it in Ray Data
+tasks spread over the cluster's CPUs. The driver only streams the finished rows, in order, into the cache (packing
+them when asked) and counts the report: it never holds the dataset.
+
+The cache entry ``<storage>/.hone-data/<key>/`` holds Arrow IPC shards per split and ``manifest.json`` (row counts, the
+report; written last, so an entry without it is incomplete and rebuilt). The key hashes the data's content, the
+tokenizer and every setting that shapes the rows, so the next run, every sweep trial and a resume reuse it. Training
+workers open it memory-mapped (:mod:`hone.data.shards`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hone import storage
+from hone.config import JobConfig
+from hone.data.sources import DataError, load_source, order_keys, pick_split, source_files
+from hone.data.tokenize import DataReport, SplitBuilder, SplitReport, check_split, encode_rows
+
+__all__ = ["CACHE_DIR", "MANIFEST", "TokenizedData", "cache_key", "prepare_cached"]
+
+CACHE_DIR = ".hone-data"
+MANIFEST = "manifest.json"
+_VERSION = 1  # bump when the cache layout or the row encoding changes
+_SHARD_ROWS = 65536
+_KEY = "__hone_order"
+
+
+@dataclass
+class TokenizedData:
+    """A cache entry: where it is, its rows per split, the data report, and whether this run built it."""
+
+    location: str
+    key: str
+    rows: dict[str, int]
+    report: DataReport
+    hit: bool
+
+
+def cache_key(job: JobConfig, tokenizer_digest: str) -> str:
+    """What decides the tokenised rows: the data's content and settings, the task, the tokenizer, the encoding."""
+    from hone.registry import dataset_fingerprint
+
+    d, t = job.data, job.task
+    blob = json.dumps([_VERSION, dataset_fingerprint(job), tokenizer_digest, d.truncation_side, d.system_prompt, t.type,
+                       t.num_labels, t.labels], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read(source: str, job: JobConfig, split: str) -> tuple[Any, dict[str, Any]]:
+    """(the split to train on, the source's own other splits) as Ray datasets."""
+    import ray.data
+
+    found = source_files(source)
+    if found is None:  # built-ins, local folders, hub ids: `datasets` (memory-mapped Arrow), handed to Ray Data
+        import datasets
+
+        loaded = load_source(source, job.data)
+        own = {k: v for k, v in loaded.items()} if isinstance(loaded, datasets.DatasetDict) else {}
+        train = pick_split(loaded, split, source)
+        return _from_hf(train), {k: _from_hf(v) for k, v in own.items() if k != split}
+    files, kind = found
+    fs = storage.filesystem(files[0])[0]
+    paths = [storage.filesystem(f)[1] for f in files]
+    if kind == "json":
+        return ray.data.read_json(paths, filesystem=fs, file_extensions=None), {}
+    if kind == "csv":
+        return ray.data.read_csv(paths, filesystem=fs, file_extensions=None), {}
+    if kind == "parquet":
+        return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None), {}
+    return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=False, file_extensions=None), {}
+
+
+def _from_hf(ds: Any) -> Any:
+    import ray.data
+
+    return ray.data.from_arrow(ds.with_format("arrow")[:])
+
+
+def _add_order(batch: Any, seed: int) -> Any:
+    import pyarrow as pa
+
+    return batch.append_column(_KEY, pa.array(order_keys(batch.to_pylist(), seed), pa.int64()))
+
+
+def _encode(batch: Any, job: dict[str, Any], tokenizer: Any) -> Any:
+    return encode_rows(batch.drop_columns([c for c in (_KEY,) if c in batch.column_names]).to_pylist(),
+                       JobConfig.model_validate(job, context={"check_paths": False}), tokenizer)
+
+
+def _splits(job: JobConfig) -> dict[str, Any]:
+    """The job's splits as Ray datasets, in hone's order (:func:`hone.data.load_splits`'s rule, run on the cluster)."""
+    cfg = job.data
+    train, own = _read(cfg.source, job, cfg.split)
+    ordered = train.map_batches(_add_order, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed}).sort(_KEY).materialize()
+    n = ordered.count()
+    out: dict[str, Any] = {}
+    taken = 0
+    for name in ("test", "validation"):
+        spec = getattr(cfg, name)
+        if spec is None:
+            continue
+        if isinstance(spec, float):
+            if name in own and name != cfg.split:
+                out[name] = own[name]
+                continue
+            k = max(1, int(round((n - taken) * spec)))
+            if k >= n - taken:
+                raise DataError(f"data.{name}: {spec} of {n - taken} rows leaves no training data")
+            out[name] = ordered.limit(taken + k).split_at_indices([taken])[1] if taken else ordered.limit(k)
+            taken += k
+        else:
+            parts = [_read(path, job, "train")[0] for path in ([spec] if isinstance(spec, str) else spec)]
+            out[name] = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    rest = ordered.split_at_indices([taken])[1] if taken else ordered
+    if cfg.max_samples is not None:
+        rest = rest.limit(cfg.max_samples)
+    if cfg.max_eval_samples is not None:
+        out = {k: v.limit(cfg.max_eval_samples) for k, v in out.items()}
+    return {"train": rest, **{k: out[k] for k in ("validation", "test") if k in out}}
+
+
+# --------------------------------------------------------------------------- writing the cache
+
+
+@contextlib.contextmanager
+def _ordered() -> Iterator[None]:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
+def _write_split(ds: Any, job: JobConfig, tokenizer: Any, name: str, folder: Path, batch_size: int) -> tuple[int, SplitReport]:
+    import pyarrow as pa
+
+    check_split(ds.columns(), job, tokenizer, name)
+    encoded = ds.map_batches(_encode, batch_format="pyarrow", batch_size=batch_size,
+                             fn_kwargs={"job": job.to_dict(), "tokenizer": tokenizer})
+    builder = SplitBuilder(job, name, job.data.packing and name == "train")
+    shard, writer, in_shard, total = 0, None, 0, 0
+
+    def write(table: pa.Table | None) -> None:
+        nonlocal shard, writer, in_shard, total
+        while table is not None and len(table):
+            if writer is None:
+                writer = pa.ipc.new_file(str(folder / f"{name}-{shard:05d}.arrow"), table.schema)
+            take = table.slice(0, _SHARD_ROWS - in_shard)
+            writer.write_table(take)
+            in_shard += len(take)
+            total += len(take)
+            table = table.slice(len(take))
+            if in_shard == _SHARD_ROWS:
+                writer.close()
+                writer, in_shard, shard = None, 0, shard + 1
+
+    try:
+        for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            write(builder.add(batch))
+        write(builder.finish())
+    except Exception as e:  # a DataError raised in a Ray Data task arrives wrapped: give the user its own message
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise DataError(str(cause)) from None
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    return total, builder.report
+
+
+def prepare_cached(job: JobConfig, tokenizer: Any, tokenizer_digest: str, root: str, *, batch_size: int = 256,
+                   quiet: bool = True) -> TokenizedData:
+    """The job's tokenised splits in the cache under ``root`` (a run-storage folder or URI): reused when present, else
+    built on Ray Data (Ray must be initialised: ``hone.runtime.ray_session``)."""
+    key = cache_key(job, tokenizer_digest)
+    location = storage.join(root, CACHE_DIR, key)
+    manifest = storage.join(location, MANIFEST)
+    if storage.exists(manifest):
+        m = json.loads(storage.read_text(manifest))
+        report = DataReport({k: SplitReport(**v) for k, v in m["report"].items()})
+        return TokenizedData(location, key, m["rows"], report, hit=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"hone-data-{key}-"))
+    try:
+        rows: dict[str, int] = {}
+        report = DataReport()
+        with _ordered():
+            for name, ds in _splits(job).items():
+                rows[name], report.splits[name] = _write_split(ds, job, tokenizer, name, staging, batch_size)
+        (staging / MANIFEST).write_text(json.dumps({"key": key, "rows": rows, "report": {k: vars(v) for k, v in report.splits.items()},
+                                                    "version": _VERSION}, indent=1))
+        _publish(staging, location)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TokenizedData(location, key, rows, report, hit=False)
+
+
+def _publish(staging: Path, location: str) -> None:
+    """Put a complete entry in place: shards first, the manifest last (readers trust only entries with one)."""
+    import os
+
+    manifest = staging / MANIFEST
+    if storage.is_uri(location):
+        for f in sorted(staging.iterdir()):
+            if f.name != MANIFEST:
+                storage.upload(f, storage.join(location, f.name))
+        storage.upload(manifest, storage.join(location, MANIFEST))
+        return
+    final = Path(location)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.copytree(staging, partial)
+    try:
+        os.replace(partial, final)  # another run that built the same entry first wins; both are identical
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
