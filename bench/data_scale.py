@@ -8,8 +8,9 @@ For each size (synthetic alpaca rows of about 60 tokens, written as jsonl):
   into the cache) + a worker opening the cache memory-mapped and building its first micro-batch;
 * cache hit: ``prepare_cached`` again with the entry in place.
 
-Each measurement runs in its own process: driver peak RSS is that process's ``ru_maxrss`` (Ray's workers and object
-store are other processes). Prints one table, and the ratios new/old.
+Each measurement runs in its own process: "driver MB" is that process's peak RSS once the data is ready (Ray's workers
+and object store are other processes); "worker MB" what a training worker's view of the split then adds (old: the
+list of rows; new: the memory-mapped cache and its first micro-batch). Prints one table, and the ratios.
 
     python bench/data_scale.py --rows 20000 200000 1000000
 """
@@ -22,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _CHILD = r"""
@@ -34,6 +34,10 @@ from hone.config import validate_job
 from hone.data import CachedSplit, collate, load_tokenizer, local_entry, prepare_cached, prepare_data, to_ray_datasets, tokenizer_digest
 from hone.runtime import quiet_libraries
 quiet_libraries(console=True)
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
 job = validate_job({"name": "bench", "model": {"name": "builtin:tiny-llama"}, "method": {"type": "lora"},
                     "data": {"source": src, "format": "alpaca", "max_length": 128, "validation": 0.01},
                     "distributed": {"num_workers": 1}, "training": {"max_steps": 1, "batch_size": 8}})
@@ -48,6 +52,8 @@ if mode == "old":
     n = len(prepared.train)
     tokenised = time.perf_counter() - start
     ds = to_ray_datasets(prepared)["train"]
+    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = rss_mb()
     rows = [dict(r) for r in ds.iter_rows()]  # what each worker did: its whole split in a list
     rows.sort(key=lambda r: r["row_id"])
     batch = collate(rows[:8], tokenizer.pad_token_id)
@@ -55,12 +61,15 @@ else:
     data = prepare_cached(job, tokenizer, tokenizer_digest(tokenizer), cache)
     n = data.rows["train"]
     tokenised = time.perf_counter() - start
+    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = rss_mb()
     split = CachedSplit(local_entry(data.location, data.key), "train")
     batch = collate(split.take(list(range(8))), tokenizer.pad_token_id)
 first = time.perf_counter() - start
+worker = rss_mb() - before
 ray.shutdown()
-print("RESULT " + json.dumps({"rows": n, "tokenise_s": tokenised, "first_batch_s": first,
-                              "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print("RESULT " + json.dumps({"rows": n, "tokenise_s": tokenised, "first_batch_s": first, "driver_peak_mb": driver,
+                              "worker_mb": worker}))
 """
 
 
@@ -91,7 +100,8 @@ def main() -> None:
     ap.add_argument("--skip-old-above", type=int, default=10**9, help="run the old path only up to this many rows")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hone-bench-data-"))
-    print(f"{'rows':>9} {'path':<14} {'tokenise s':>10} {'rows/s':>8} {'1st batch s':>11} {'driver MB':>9}", flush=True)
+    print(f"{'rows':>9} {'path':<14} {'tokenise s':>10} {'rows/s':>8} {'1st batch s':>11} {'driver MB':>9} {'worker MB':>9}",
+          flush=True)
     for n in args.rows:
         src = work / f"alpaca-{n}.jsonl"
         _write(src, n)
@@ -105,7 +115,7 @@ def main() -> None:
                 res["new cache hit"] = _run("new", src, 2, cache)
         for name, r in res.items():
             print(f"{n:>9} {name:<14} {r['tokenise_s']:>10.1f} {r['rows'] / r['tokenise_s']:>8.0f} {r['first_batch_s']:>11.1f} "
-                  f"{r['driver_peak_mb']:>9.0f}", flush=True)
+                  f"{r['driver_peak_mb']:>9.0f} {r['worker_mb']:>9.0f}", flush=True)
         one, two = res["new 1 CPU"], res["new 2 CPU"]
         line = f"{n:>9} ratios: 2 CPUs / 1 CPU throughput {one['tokenise_s'] / two['tokenise_s']:.2f}x"
         if "old (driver)" in res:

@@ -50,6 +50,14 @@ def test_alpaca_masks_the_prompt(tmp_path, tiny_tokenizer):
     assert "### Instruction:\nSay hi" in prompt and "### Input:\nto Bob" in prompt and prompt.endswith("### Response:\n")
 
 
+def test_batched_token_ids_equal_the_tokenizers_own(tiny_tokenizer):
+    from hone.data.tokenize import token_ids
+
+    texts = ["Below is an instruction", "  spaced  out\n\nlines ", "émoji 🎬 and ünïcode", ""]
+    for special in (True, False):
+        assert token_ids(texts, tiny_tokenizer, special=special) == tiny_tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
 def test_alpaca_train_on_inputs(tmp_path, tiny_tokenizer):
     rows = [{"instruction": "Say hi", "output": "hello"}]
     out, _ = one_split(tmp_path, tiny_tokenizer, rows, format="alpaca", prompt_template="alpaca", train_on_inputs=True, max_length=512)

@@ -111,8 +111,8 @@ def _own_home(tmp: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s3, tmp_path):
-    """Data, the tokenised cache, checkpoints, metrics and the export live in S3; the driver's local mirror is deleted
-    between the interruption and the resume, so the resume can only come from the store."""
+    """Data, the tokenised cache, checkpoints, metrics, the export and the quantised artifact live in S3; the local mirror
+    is deleted between every stage (interruption → resume → register → quantise → serve), so each reads the store."""
     client = s3["client"]
     job = tmp_path / "s3.yaml"
     job.write_text(yaml.safe_dump(_job("s3run", data={"source": f"s3://{BUCKET}/data/reviews.jsonl", "validation": 0.1})))
@@ -159,7 +159,7 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     assert f"runs/{run}/export/hone.json" in objects and f"runs/{run}/export/adapter_model.safetensors" in objects
 
     # registered (the version's source is the export in the store) and served from there by a fresh hone home
-    probe = f"""
+    probe = """
 import json, sys
 from pathlib import Path
 from hone import registry
@@ -174,10 +174,21 @@ print(json.dumps(registry.resolve_model_ref("models:/s3-tiny@winner")))
     assert reg.returncode == 0, reg.stdout[-2000:] + reg.stderr[-3000:]
     assert json.loads(reg.stdout.strip().splitlines()[-1])["source"] == f"{runs}/{run}/export"
     shutil.rmtree(home / "remote")
+    quantized = f"s3://{BUCKET}/quantized/s3-tiny"
+    q = subprocess.run([HONE, "quantize", "models:/s3-tiny@winner", "--method", "int8-dynamic", "--out", quantized, "-n", "8",
+                        "--max-loss-increase", "0.5", "--max-accuracy-drop", "none"], env=env, capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+    tags = subprocess.run([sys.executable, "-c", "from hone import registry; import json; "
+                           "print(json.dumps(registry.resolve_model_ref('models:/s3-tiny@winner')['tags']))"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(tags.stdout.strip().splitlines()[-1])["hone.quantized.int8-dynamic"] == quantized, tags.stdout + tags.stderr
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="quantized/s3-tiny/")["Contents"]]
+    assert "quantized/s3-tiny/quantization.json" in keys, keys
+    shutil.rmtree(home / "remote")
     sys.path.insert(0, str(REPO / "tests" / "serving"))
     from servers import free_port, start, stop
 
-    cfg = {"name": "s3", "model": "models:/s3-tiny@winner", "port": free_port(), "metrics_export_port": free_port(),
+    cfg = {"name": "s3", "model": quantized, "served_model_name": "s3-tiny", "port": free_port(), "metrics_export_port": free_port(),
            "max_tokens_default": 8, "ray_actor_options": {"num_cpus": 0.25}}
     serve_dir = tmp_path / "serve"
     serve_dir.mkdir()
@@ -189,7 +200,7 @@ print(json.dumps(registry.resolve_model_ref("models:/s3-tiny@winner")))
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
     finally:
         stop(proc)
-    assert (home / "remote" / "s3" / BUCKET / "runs" / run / "export" / "hone.json").exists()
+    assert (home / "remote" / "s3" / BUCKET / "quantized" / "s3-tiny" / "quantization.json").exists()  # fetched to serve
 
 
 def test_object_store_paths_are_checked_before_any_ray_work(s3, tmp_path):

@@ -400,10 +400,6 @@ class DistributedConfig(Section):
             raise ValueError("resources_per_worker asks for GPUs but use_gpu is false; set distributed.use_gpu: true")
         if any(v < 0 for v in self.resources_per_worker.values()):
             raise ValueError("resources_per_worker values must be >= 0")
-        if self.elastic and self.deepspeed is not None and self.deepspeed.stage > 0:
-            raise ValueError(f"elastic num_workers {list(self.num_workers)} with ZeRO-{self.deepspeed.stage}: DeepSpeed cannot reload "
-                             "ZeRO-partitioned optimizer state on a different number of workers; use deepspeed.stage: 0 or "
-                             "deepspeed: null (DDP) for an elastic run, or a fixed num_workers")
         if self.elastic and self.max_failures == 0:
             raise ValueError(f"elastic num_workers {list(self.num_workers)} restarts the worker group when a worker is lost, which "
                              "needs distributed.max_failures >= 1 (or -1: unlimited)")
@@ -443,7 +439,8 @@ class TrainingConfig(Section):
     batch_size: int = Field(default=8, ge=1)
     """Micro-batch per worker (``train_micro_batch_size_per_gpu``)."""
     grad_accum: int = Field(default=1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step by each worker (with the most workers an elastic run may have:
+    with fewer, each accumulates proportionally more, so the global batch stays ``batch_size × grad_accum × max``)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Gradient clipping norm; ``null``: no clipping."""
     on_nonfinite: Literal["stop", "skip_step"] = "stop"

@@ -35,6 +35,8 @@ CACHE_DIR = ".hone-data"
 MANIFEST = "manifest.json"
 _VERSION = 1  # bump when the cache layout or the row encoding changes
 _SHARD_ROWS = 65536
+_BLOCK_ROWS = 4096
+_BATCH_ROWS = 8192  # divides _SHARD_ROWS
 _KEY = "__hone_order"
 
 
@@ -105,9 +107,19 @@ def _encode(batch: Any, job: dict[str, Any], tokenizer: Any) -> Any:
 
 def _splits(job: JobConfig) -> dict[str, Any]:
     """The job's splits as Ray datasets, in hone's order (:func:`hone.data.load_splits`'s rule, run on the cluster)."""
+    import ray
+
     cfg = job.data
     train, own = _read(cfg.source, job, cfg.split)
-    ordered = train.map_batches(_add_order, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed}).sort(_KEY).materialize()
+    # Small blocks spread the work over every CPU (a file is one block as read) and keep what the driver maps at once
+    # small; the keys are uniform hashes, so even ranges of int64 split the sort without sampling.
+    parts = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    bounds = [-(2**63) + (2**64 * k) // parts for k in range(1, parts)]
+    ordered = (train.repartition(target_num_rows_per_block=_BLOCK_ROWS)
+               .map_batches(_add_order, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed})
+               .sort(_KEY, boundaries=bounds)
+               .repartition(target_num_rows_per_block=_BLOCK_ROWS)
+               .materialize())
     n = ordered.count()
     out: dict[str, Any] = {}
     taken = 0
@@ -125,8 +137,8 @@ def _splits(job: JobConfig) -> dict[str, Any]:
             out[name] = ordered.limit(taken + k).split_at_indices([taken])[1] if taken else ordered.limit(k)
             taken += k
         else:
-            parts = [_read(path, job, "train")[0] for path in ([spec] if isinstance(spec, str) else spec)]
-            out[name] = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+            named = [_read(path, job, "train")[0] for path in ([spec] if isinstance(spec, str) else spec)]
+            out[name] = named[0] if len(named) == 1 else named[0].union(*named[1:])
     rest = ordered.split_at_indices([taken])[1] if taken else ordered
     if cfg.max_samples is not None:
         rest = rest.limit(cfg.max_samples)
@@ -159,25 +171,35 @@ def _write_split(ds: Any, job: JobConfig, tokenizer: Any, name: str, folder: Pat
                              fn_kwargs={"job": job.to_dict(), "tokenizer": tokenizer})
     builder = SplitBuilder(job, name, job.data.packing and name == "train")
     shard, writer, in_shard, total = 0, None, 0, 0
+    pending: list[pa.Table] = []  # rows waiting to be written as one record batch (few, large batches map cheaply)
 
-    def write(table: pa.Table | None) -> None:
+    def flush(final: bool = False) -> None:
         nonlocal shard, writer, in_shard, total
-        while table is not None and len(table):
+        rows = sum(len(t) for t in pending)
+        while rows >= _BATCH_ROWS or (final and rows):
+            table = pa.concat_tables(pending).combine_chunks()
+            take = table.slice(0, min(_BATCH_ROWS, _SHARD_ROWS - in_shard))
             if writer is None:
                 writer = pa.ipc.new_file(str(folder / f"{name}-{shard:05d}.arrow"), table.schema)
-            take = table.slice(0, _SHARD_ROWS - in_shard)
-            writer.write_table(take)
+            writer.write_batch(take.to_batches(max_chunksize=len(take))[0])
             in_shard += len(take)
             total += len(take)
-            table = table.slice(len(take))
+            pending[:] = [table.slice(len(take))] if len(take) < len(table) else []
+            rows -= len(take)
             if in_shard == _SHARD_ROWS:
                 writer.close()
                 writer, in_shard, shard = None, 0, shard + 1
+
+    def write(table: pa.Table | None) -> None:
+        if table is not None and len(table):
+            pending.append(table)
+            flush()
 
     try:
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             write(builder.add(batch))
         write(builder.finish())
+        flush(final=True)
     except Exception as e:  # a DataError raised in a Ray Data task arrives wrapped: give the user its own message
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, DataError):

@@ -7,8 +7,8 @@ from typing import Any
 from hone.config import DataConfig
 from hone.data.sources import DataError
 
-__all__ = ["ALPACA_PROMPT", "IGNORE_INDEX", "causal_example", "check_chat_template", "check_columns", "prompt_and_answer",
-           "prompt_messages"]
+__all__ = ["ALPACA_PROMPT", "IGNORE_INDEX", "causal_example", "causal_texts", "check_chat_template", "check_columns", "plain_template",
+           "prompt_and_answer", "prompt_messages"]
 
 IGNORE_INDEX = -100
 
@@ -142,28 +142,44 @@ def _chat_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[
     return list(enc["input_ids"]), target
 
 
-def causal_example(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[list[int], list[bool]] | None:
-    """(ids, is_target) for one row, before truncation; None for an empty row."""
+def causal_texts(row: dict[str, Any], cfg: DataConfig) -> tuple[str | None, str] | None:
+    """For ``text`` rows and Alpaca-template rows: (prompt, answer) as text, tokenised as ``prompt`` with special tokens
+    and ``answer`` without (text rows have no prompt: the text is the answer, with special tokens); None for an empty
+    row. Batched tokenisation of these gives what :func:`causal_example` gives row by row."""
     c = cfg.columns
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if cfg.format == "text":
         text = row[c.text]
-        if text is None or not str(text).strip():
+        return None if text is None or not str(text).strip() else (None, str(text))
+    instruction, output = row[c.instruction], row[c.output]
+    if not instruction or output is None or not str(output).strip():
+        return None
+    extra = str(row.get(c.input) or "").strip()
+    prompt = ALPACA_PROMPT.format(
+        context=", paired with an input that provides further context" if extra else "",
+        instruction=str(instruction).strip(),
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+    return prompt, str(output)
+
+
+def plain_template(cfg: DataConfig) -> bool:
+    """Whether rows of this format are (prompt, answer) texts (:func:`causal_texts`) rather than chat conversations."""
+    return cfg.format == "text" or (cfg.format == "alpaca" and cfg.prompt_template == "alpaca")
+
+
+def causal_example(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[list[int], list[bool]] | None:
+    """(ids, is_target) for one row, before truncation; None for an empty row."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if plain_template(cfg):
+        texts = causal_texts(row, cfg)
+        if texts is None:
             return None
-        ids = tokenizer(str(text), add_special_tokens=True)["input_ids"] + eos
-        return ids, [True] * len(ids)
-    if cfg.format == "alpaca" and cfg.prompt_template == "alpaca":
-        instruction, output = row[c.instruction], row[c.output]
-        if not instruction or output is None or not str(output).strip():
-            return None
-        extra = str(row.get(c.input) or "").strip()
-        prompt = ALPACA_PROMPT.format(
-            context=", paired with an input that provides further context" if extra else "",
-            instruction=str(instruction).strip(),
-            input_block=f"### Input:\n{extra}\n\n" if extra else "",
-        )
+        prompt, answer = texts
+        if prompt is None:
+            ids = tokenizer(answer, add_special_tokens=True)["input_ids"] + eos
+            return ids, [True] * len(ids)
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r = tokenizer(str(output), add_special_tokens=False)["input_ids"] + eos
+        r = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
         return p + r, [False] * len(p) + [True] * len(r)
     messages = _row_messages(row, cfg)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):

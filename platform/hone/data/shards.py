@@ -39,24 +39,45 @@ def local_entry(location: str, key: str) -> Path:
 
 
 class CachedSplit:
-    """One split of a cache entry, memory-mapped: ``len(split)`` rows, :meth:`take` a list of them by index."""
+    """One split of a cache entry, memory-mapped: ``len(split)`` rows, :meth:`take` a list of them by index.
+
+    Record batches are kept as zero-copy views of the mapped files and a row is sliced out of its batch, so only the
+    pages of the rows asked for are read (``Table.take`` over many chunks would combine them: a copy of the split).
+    """
 
     def __init__(self, folder: Path, split: str):
         import pyarrow as pa
 
-        files = sorted(folder.glob(f"{split}-*.arrow"))
-        tables = [pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in files]
-        self.table = pa.concat_tables(tables) if tables else None
+        self._batches: list[Any] = []
+        self._starts: list[int] = []
+        total = 0
+        for f in sorted(folder.glob(f"{split}-*.arrow")):
+            reader = pa.ipc.open_file(pa.memory_map(str(f)))
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                if batch.num_rows:
+                    self._batches.append(batch)
+                    self._starts.append(total)
+                    total += batch.num_rows
+        self._len = total
         expected = json.loads((folder / _MANIFEST).read_text())["rows"].get(split, 0)
-        if len(self) != expected:
-            raise RuntimeError(f"tokenised-data cache {folder} is incomplete: {split} has {len(self)} rows, its manifest says "
+        if total != expected:
+            raise RuntimeError(f"tokenised-data cache {folder} is incomplete: {split} has {total} rows, its manifest says "
                                f"{expected}; delete the folder and run again")
 
     def __len__(self) -> int:
-        return 0 if self.table is None else self.table.num_rows
+        return self._len
 
     def take(self, indices: list[int]) -> list[dict[str, Any]]:
-        return self.table.take(indices).to_pylist()
+        import bisect
+
+        out = []
+        for i in indices:
+            if not 0 <= i < self._len:
+                raise IndexError(f"row {i} of a split of {self._len}")
+            k = bisect.bisect_right(self._starts, i) - 1
+            out.append(self._batches[k].slice(i - self._starts[k], 1).to_pylist()[0])
+        return out
 
     def all(self) -> list[dict[str, Any]]:
-        return [] if self.table is None else self.table.to_pylist()
+        return [row for batch in self._batches for row in batch.to_pylist()]

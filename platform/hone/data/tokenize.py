@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hone.config import DataConfig, JobConfig
-from hone.data.formats import IGNORE_INDEX, causal_example, check_chat_template, check_columns
+from hone.data.formats import IGNORE_INDEX, causal_example, causal_texts, check_chat_template, check_columns, plain_template
 from hone.data.sources import DataError, load_splits
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = ["BAD_LABEL", "EMPTY", "NO_TARGET", "OK", "DataReport", "PreparedData", "SplitBuilder", "SplitReport", "check_split", "collate",
-           "encode_rows", "prepare_data", "to_ray_datasets", "tokenize_split"]
+           "encode_rows", "prepare_data", "to_ray_datasets", "token_ids", "tokenize_split"]
 
 
 @dataclass
@@ -123,8 +123,7 @@ def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, name
                 continue
             put(list(ids), label, OK, len(whole) > cfg.max_length)
         return _encoded_table(out, job)
-    for r in rows:
-        example = causal_example(r, cfg, tokenizer)
+    for r, example in zip(rows, _causal_examples(rows, cfg, tokenizer)):
         if example is None:
             put([], [], EMPTY)
             continue
@@ -135,6 +134,41 @@ def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, name
             continue
         put(ids, labels, OK, truncated)
     return _encoded_table(out, job)
+
+
+def token_ids(texts: list[str], tokenizer: Any, *, special: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=special)["input_ids"]``, straight from the Rust tokenizer of a fast
+    tokenizer (transformers' per-encoding conversion costs as much as the tokenising)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+
+
+def _causal_examples(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any) -> list[tuple[list[int], list[bool]] | None]:
+    """:func:`causal_example` of each row; text and Alpaca-template rows are tokenised in one batched call each for
+    prompts and answers (the same ids, a fraction of the per-row cost)."""
+    if not plain_template(cfg):
+        return [causal_example(r, cfg, tokenizer) for r in rows]
+    texts = [causal_texts(r, cfg) for r in rows]
+    kept = [t for t in texts if t is not None]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt_ids = iter(token_ids([t[0] for t in kept if t[0] is not None], tokenizer, special=True))
+    text_ids = iter(token_ids([t[1] for t in kept if t[0] is None], tokenizer, special=True))
+    answer_ids = iter(token_ids([t[1] for t in kept if t[0] is not None], tokenizer, special=False))
+    out: list[tuple[list[int], list[bool]] | None] = []
+    for t in texts:
+        if t is None:
+            out.append(None)
+        elif t[0] is None:
+            ids = list(next(text_ids)) + eos
+            out.append((ids, [True] * len(ids)))
+        else:
+            p, a = list(next(prompt_ids)), list(next(answer_ids)) + eos
+            out.append((p + a, [False] * len(p) + [True] * len(a)))
+    return out
 
 
 def _encoded_table(columns: dict[str, list[Any]], job: JobConfig) -> pa.Table:
@@ -313,11 +347,9 @@ def collate(rows: Sequence[dict[str, Any]] | dict[str, Sequence[Any]], pad_id: i
 
 
 def to_ray_datasets(prepared: PreparedData) -> dict[str, ray.data.Dataset]:
-    """Hand the tokenized splits to Ray Data (Ray Train shards ``train`` across workers).
-
-    Each row carries ``row_id`` (its position in the prepared split) so a worker can put
-    its shard back into a canonical order before the seeded per-epoch shuffle.
-    """
+    """Copy splits prepared in this process (:func:`prepare_data`) into Ray Data, each row with its ``row_id`` (its
+    position in the split): for your own Ray Train loops on small data. ``hone train`` does not use it: its data is
+    tokenised on Ray Data and read from the cache (:func:`hone.data.prepare_cached`)."""
     import ray.data
 
     out = {}

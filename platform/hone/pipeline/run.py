@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hone.artifacts import run_storage
+from hone.artifacts import run_storage, sync_up
 from hone.config import Pipeline, PipelineConfigError, Problem
 from hone.pipeline.smoke import smoke_stage
 from hone.pipeline.stages import quantize_stage, serve_stage, train_stage
@@ -24,6 +24,7 @@ from hone.pipeline.state import PipelineError, State, banner, say
 from hone.pipeline.summary import PipelineResult
 from hone.runtime import dashboard_url, is_remote, stop_event
 from hone.serving.runner import cpus_needed, serving_session
+from hone.storage import uri_of as storage_uri
 from hone.tune import SWEEP_EXTRA_CPUS
 
 __all__ = ["quickstart_pipeline", "run_pipeline"]
@@ -82,7 +83,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
             i = 2
             if cfg.quantize:
                 banner(i, n, "quantize", f"{trained['model']} with {p.method} behind the quality gate ({cfg.quantize.eval_rows} rows)")
-                result.stages["quantize"] = quantize_stage(p, state, trained, rerun)
+                result.stages["quantize"] = quantize_stage(p, state, trained, rerun, remote=storage_uri(storage))
                 i += 1
             banner(i, n, "serve", f"{trained['model']} on Ray Serve")
             serve_cfg, served = serve_stage(p, trained, address, remote,
@@ -99,6 +100,7 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 result.stages["smoke_test"] = smoke_stage(p, state, serve_cfg, served["url"], rerun)
             result.wall_s = time.time() - started
             (folder / "summary.json").write_text(json.dumps({**result.__dict__, "folder": str(folder)}, indent=2, default=str))
+            sync_up(folder, "state.json", "summary.json")  # a pipeline in object storage keeps its record there
             if on_ready:
                 on_ready(result)
             if keep_serving and not remote:

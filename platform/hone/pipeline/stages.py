@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hone import registry
+from hone import registry, storage
 from hone.artifacts import QUANTIZED_INFO
 from hone.config import Pipeline, ServeConfig
 from hone.pipeline.state import PipelineError, State, fingerprint, say
@@ -102,7 +102,9 @@ def worth_serving(original: dict[str, Any], quantized: dict[str, Any]) -> tuple[
     return False, f"it decodes slower ({speed}) and does not save memory at equal speed"
 
 
-def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bool) -> dict[str, Any]:
+def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bool, remote: str | None = None) -> dict[str, Any]:
+    """Quantise the trained model behind the gate; ``remote``: the pipeline's object-store root, where the artifact
+    is uploaded (``<remote>/quantized/…``) and which the registry's tag names."""
     from hone.quantize import GateThresholds, quantize
 
     q = p.config.quantize
@@ -123,7 +125,12 @@ def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bo
         say(f"quantize: reusing {reused['artifact']} (same model, method and gate since {state.data['quantize']['at']})")
         return _decide({**reused, "skipped": True}, q.require_speedup)
     started = time.time()
-    result = quantize(ref, p.method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop))
+    target = None
+    if remote:
+        from hone.artifacts import quantized_dir, resolve_ref
+
+        target = storage.join(remote, "quantized", quantized_dir(resolve_ref(ref), p.method).name)
+    result = quantize(ref, p.method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop), out=target)
     print(result.table(), flush=True)
     out = {
         "method": p.method,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hone import storage
 from hone.artifacts import QUANTIZED_INFO, ModelSpec, model_class, publish_dir, quantized_dir, resolve_ref
 from hone.config import JobConfig, validate_job
 from hone.config.quantization import VLLM_ONLY, GateThresholds, QuantizeError, check_method, default_method
@@ -284,7 +285,10 @@ def quantize(
                             "cannot pass")
     thresholds = thresholds or GateThresholds()
     source = resolve_source(ref, job)
-    folder = Path(out) if out else quantized_dir(source.spec, method)
+    remote = str(out) if out is not None and storage.is_uri(str(out)) else None  # object storage: built here, then uploaded
+    if remote:
+        storage.check(remote)
+    folder = storage.mirror(remote) if remote else Path(out) if out else quantized_dir(source.spec, method)
     say = (lambda *_: None) if quiet else (lambda msg: print(f"[hone] {msg}", flush=True))
 
     say(f"quantising {ref} with {method}")
@@ -328,6 +332,9 @@ def quantize(
     info["gate"] = {**gate, "thresholds": thresholds.__dict__, "original": original, "quantized": quantized, "eval_rows": n}
     (staging / QUANTIZED_INFO).write_text(json.dumps(info, indent=2, default=str))
     publish_dir(staging, folder)  # the artifact appears complete or not at all
+    if remote:  # its description last: a folder without it is not an artifact
+        for f in sorted(folder.iterdir(), key=lambda f: f.name == QUANTIZED_INFO):
+            storage.upload(f, storage.join(remote, f.name))
     if source.spec.registry:
         from hone.registry import tag_version
 
@@ -336,7 +343,7 @@ def quantize(
             reg["name"],
             reg["version"],
             {
-                f"hone.quantized.{method}": str(folder),
+                f"hone.quantized.{method}": remote or str(folder),
                 f"hone.quantized.{method}.sha256": info["sha256"],
                 f"hone.quantized.{method}.gate": "passed" if gate["passed"] else "failed",
                 f"hone.quantized.{method}.report": json.dumps({"rule": gate["rule"], "original": original, "quantized": quantized})[:5000],

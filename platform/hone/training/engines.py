@@ -22,7 +22,7 @@ from hone.config import JobConfig
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["deepspeed_config", "make_engine", "per_worker_accum"]
+__all__ = ["UNIVERSAL_TAG", "deepspeed_config", "make_engine", "per_worker_accum", "universal_checkpoint"]
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +30,40 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+UNIVERSAL_TAG = "state_universal"
+
+
+def universal_checkpoint(directory: str) -> None:
+    """Convert a ZeRO checkpoint's ``state`` to DeepSpeed's universal format (``state_universal``, beside it), which any
+    number of workers can load. Converted once per filesystem: built under a unique name, then renamed into place."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+    import socket
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    final = os.path.join(directory, UNIVERSAL_TAG)
+    if os.path.exists(os.path.join(final, ".complete")):
+        return
+    tmp = os.path.join(directory, f".{UNIVERSAL_TAG}.{socket.gethostname()}.{os.getpid()}")
+    args = argparse.Namespace(input_folder=os.path.join(directory, "state"), output_folder=tmp, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"could not convert {directory} for a different number of workers: {e}\n{log.getvalue()[-2000:]}") from e
+    open(os.path.join(tmp, ".complete"), "w").close()
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another node converted the same checkpoint first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def per_worker_accum(job: JobConfig, world_size: int) -> int:
@@ -149,9 +183,17 @@ class _DeepSpeed:
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="state", save_latest=False, exclude_frozen_parameters=self.peft)
 
-    def load(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag="state", load_module_strict=not self.peft,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    def load(self, directory: str, *, resized: bool = False) -> None:
+        """Load a checkpoint; ``resized``: written by another number of workers. ZeRO 1-3 partition the optimizer
+        state by worker, so such a checkpoint is read in DeepSpeed's universal format (:func:`universal_checkpoint`
+        converted it, next to the original)."""
+        universal = resized and self.stage > 0
+        self.engine._config.load_universal_checkpoint = universal  # noqa: SLF001 - the engine's own switch, read at load time
+        try:
+            path, _ = self.engine.load_checkpoint(directory, tag=UNIVERSAL_TAG if universal else "state", load_module_strict=not self.peft,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False  # noqa: SLF001
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory}")
 
@@ -241,7 +283,7 @@ class _DDP:
             torch.save({"model": self.hf_module.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, os.path.join(directory, "ddp_state.pt"))
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str, *, resized: bool = False) -> None:
         import torch
 
         state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device, weights_only=False)

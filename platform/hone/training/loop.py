@@ -159,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from hone.data import CachedSplit, collate, local_entry
     from hone.modeling import build_model, evaluate, forward_loss
-    from hone.training.engines import make_engine
+    from hone.training.engines import make_engine, universal_checkpoint
 
     job = JobConfig.model_validate(config["job"], context={"check_paths": False})
     run_dir = Path(config["run_dir"])
@@ -209,7 +209,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"checkpoint was written by {saved['world_size']} workers, this run has {world}; "
                     "resume with the same distributed.num_workers (or make it elastic: [min, max])"
                 )
-            engine.load(d)
+            if resized and job.distributed.deepspeed is not None and job.distributed.deepspeed.stage > 0:
+                if ctx.get_local_rank() == 0:  # one conversion per node (per filesystem), the node's ranks wait
+                    universal_checkpoint(d)
+                dist.barrier()
+            engine.load(d, resized=resized)
             state = _State(**{**saved, "world_size": world})
             if (Path(d) / f"rng_rank{rank}.pt").exists():
                 set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
