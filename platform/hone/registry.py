@@ -26,7 +26,7 @@ from hone import assets, storage
 from hone.config import JobConfig, metric_mode
 from hone.runtime import quiet_libraries
 
-__all__ = ["WINNER", "Registration", "RegistryError", "dataset_fingerprint", "describe", "list_models", "log_run", "promote",
+__all__ = ["SPLIT_RULE", "WINNER", "Registration", "RegistryError", "dataset_fingerprint", "describe", "list_models", "log_run", "promote",
            "register_winner", "resolve_model_ref", "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
@@ -87,6 +87,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
+SPLIT_RULE = "order-by-content-hash-v1"
+"""How hone orders and splits rows (``hone.data.order_keys``); changing it changes every dataset fingerprint."""
+
+
 def dataset_fingerprint(job: JobConfig) -> str:
     """A short hash of what decides the training data: the content of its files (source, validation, test) and the
     settings that format, split, sample and cut it. Lineage tags, pipeline re-runs and resume checks use it."""
@@ -95,7 +99,8 @@ def dataset_fingerprint(job: JobConfig) -> str:
     for spec in (d.validation, d.test):  # a fraction carves the split from the source; a path or list names more files
         sources += [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
     digests = [storage.digest(s) if storage.is_uri(s) else assets.source_digest(s) for s in sources]
-    blob = json.dumps([digests, d.format, d.columns.model_dump(), d.split, d.validation, d.test,
+    # the split/order rule is part of what decides the rows: a run started under another rule resumes on other batches
+    blob = json.dumps([SPLIT_RULE, digests, d.format, d.columns.model_dump(), d.split, d.validation, d.test,
                        d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs, d.packing, d.prompt_template],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
