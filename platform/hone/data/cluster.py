@@ -26,7 +26,7 @@ from typing import Any
 
 from hone import storage
 from hone.config import JobConfig
-from hone.data.sources import DataError, load_source, order_keys, pick_split, source_files
+from hone.data.sources import DataError, load_source, order_keys, pick_split, source_files, split_plan
 from hone.data.tokenize import DataReport, SplitBuilder, SplitReport, check_split, encode_rows
 
 __all__ = ["CACHE_DIR", "MANIFEST", "TokenizedData", "cache_key", "prepare_cached"]
@@ -120,31 +120,24 @@ def _splits(job: JobConfig) -> dict[str, Any]:
                .sort(_KEY, boundaries=bounds)
                .repartition(target_num_rows_per_block=_BLOCK_ROWS)
                .materialize())
-    n = ordered.count()
+    plan, (start, stop) = split_plan(cfg, ordered.count(), set(own))
+
+    def rows(a: int, b: int) -> Any:
+        return ordered.limit(b).split_at_indices([a])[1] if a else ordered.limit(b)
+
     out: dict[str, Any] = {}
-    taken = 0
-    for name in ("test", "validation"):
-        spec = getattr(cfg, name)
-        if spec is None:
-            continue
-        if isinstance(spec, float):
-            if name in own and name != cfg.split:
-                out[name] = own[name]
-                continue
-            k = max(1, int(round((n - taken) * spec)))
-            if k >= n - taken:
-                raise DataError(f"data.{name}: {spec} of {n - taken} rows leaves no training data")
-            out[name] = ordered.limit(taken + k).split_at_indices([taken])[1] if taken else ordered.limit(k)
-            taken += k
-        else:
+    for name, where in plan.items():
+        if where == "own":
+            out[name] = own[name]
+        elif where == "files":
+            spec = getattr(cfg, name)
             named = [_read(path, job, "train")[0] for path in ([spec] if isinstance(spec, str) else spec)]
             out[name] = named[0] if len(named) == 1 else named[0].union(*named[1:])
-    rest = ordered.split_at_indices([taken])[1] if taken else ordered
-    if cfg.max_samples is not None:
-        rest = rest.limit(cfg.max_samples)
+        else:
+            out[name] = rows(*where)
     if cfg.max_eval_samples is not None:
         out = {k: v.limit(cfg.max_eval_samples) for k, v in out.items()}
-    return {"train": rest, **{k: out[k] for k in ("validation", "test") if k in out}}
+    return {"train": rows(start, stop), **{k: out[k] for k in ("validation", "test") if k in out}}
 
 
 # --------------------------------------------------------------------------- writing the cache

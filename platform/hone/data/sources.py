@@ -11,8 +11,8 @@ from hone import assets, storage
 from hone.config import DataConfig, JobConfig
 from hone.config.sections import DATA_FILE_TYPES
 
-__all__ = ["DataError", "held_out_rows", "load_source", "load_splits", "load_tokenizer", "order_keys", "pick_split", "source_files",
-           "tokenizer_digest"]
+__all__ = ["DataError", "held_out_rows", "load_source", "load_splits", "load_tokenizer", "order_keys", "pick_split",
+           "source_files", "split_plan", "tokenizer_digest"]
 
 
 class DataError(ValueError):
@@ -150,28 +150,43 @@ def load_splits(cfg: DataConfig) -> dict[str, Any]:
     train = pick_split(loaded, cfg.split, cfg.source)
     own = loaded if isinstance(loaded, datasets.DatasetDict) else {}
     train = _seeded_order(train, cfg.seed)
+    plan, (start, stop) = split_plan(cfg, len(train), set(own))
     out: dict[str, Any] = {}
+    for name, where in plan.items():
+        if where == "own":
+            out[name] = own[name]
+        elif where == "files":
+            spec = getattr(cfg, name)
+            parts = [pick_split(load_source(path, cfg), "train", path) for path in ([spec] if isinstance(spec, str) else spec)]
+            out[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        else:
+            out[name] = train.select(range(*where))
+    if cfg.max_eval_samples is not None:
+        out = {k: v.select(range(min(cfg.max_eval_samples, len(v)))) for k, v in out.items()}
+    return {"train": train.select(range(start, stop)), **{k: out[k] for k in ("validation", "test") if k in out}}
+
+
+def split_plan(cfg: DataConfig, n: int, own: set[str]) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Where each held-out split comes from once the ``n`` source rows are in hone's order: a row range ``(start,
+    stop)`` of them (a fraction: test first, then validation from the rest), ``"own"`` (the source's own split) or
+    ``"files"`` (separate files); and the training rows' range (``max_samples`` applied). Both engines follow it."""
+    plan: dict[str, Any] = {}
+    taken = 0
     for name in ("test", "validation"):
         spec = getattr(cfg, name)
         if spec is None:
             continue
-        if isinstance(spec, float):
-            if name in own and name != cfg.split:
-                out[name] = own[name]
-            else:
-                n = max(1, int(round(len(train) * spec)))
-                if n >= len(train):
-                    raise DataError(f"data.{name}: {spec} of {len(train)} rows leaves no training data")
-                out[name] = train.select(range(n))
-                train = train.select(range(n, len(train)))
+        if not isinstance(spec, float):
+            plan[name] = "files"
+        elif name in own and name != cfg.split:
+            plan[name] = "own"
         else:
-            parts = [pick_split(load_source(path, cfg), "train", path) for path in ([spec] if isinstance(spec, str) else spec)]
-            out[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if cfg.max_samples is not None:
-        train = train.select(range(min(cfg.max_samples, len(train))))
-    if cfg.max_eval_samples is not None:
-        out = {k: v.select(range(min(cfg.max_eval_samples, len(v)))) for k, v in out.items()}
-    return {"train": train, **{k: out[k] for k in ("validation", "test") if k in out}}
+            k = max(1, int(round((n - taken) * spec)))
+            if k >= n - taken:
+                raise DataError(f"data.{name}: {spec} of {n - taken} rows leaves no training data")
+            plan[name] = (taken, taken + k)
+            taken += k
+    return plan, (taken, n if cfg.max_samples is None else min(n, taken + cfg.max_samples))
 
 
 def held_out_rows(cfg: DataConfig, split: str, n: int) -> Any:
