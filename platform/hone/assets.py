@@ -43,7 +43,8 @@ BUILTIN_MODELS: dict[str, str] = {
 }
 BUILTIN_DATASETS: dict[str, str] = {
     "builtin:rotten-tomatoes": "Rotten Tomatoes reviews, fresh=positive / rotten=negative, seeded 80/10/10 train/validation/test; "
-    "format classification (text, label) or alpaca (instruction view)",
+    "format classification (text, label), alpaca (instruction view), preference (the right answer chosen, the wrong one "
+    "rejected) or unpaired (both answers, labelled right or wrong, for KTO)",
 }
 
 SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -325,4 +326,19 @@ def load_builtin_dataset(name: str, fmt: str) -> Any:
             )
 
         return datasets.DatasetDict({k: view(v) for k, v in parts.items()})
-    raise ValueError(f"{name} comes in format classification (text, label) or alpaca (instruction view), not {fmt!r}")
+    if fmt in ("preference", "unpaired"):
+        # The prompt is the alpaca view's user turn (instruction, blank line, review), so an SFT model trained on that
+        # view with prompt_template: chat sees the same prompt here.
+        def pairs(part: Any) -> Any:
+            prompts = [f"{SENTIMENT_INSTRUCTION}\n\n{t}" for t in part["text"].tolist()]
+            right = [SENTIMENT_LABELS[i] for i in part["label"].tolist()]
+            wrong = [SENTIMENT_LABELS[1 - i] for i in part["label"].tolist()]
+            if fmt == "preference":
+                return datasets.Dataset.from_dict({"prompt": prompts, "chosen": right, "rejected": wrong})
+            return datasets.Dataset.from_dict({"prompt": [p for p in prompts for _ in (0, 1)],
+                                               "completion": [a for pair in zip(right, wrong) for a in pair],
+                                               "label": [True, False] * len(prompts)})
+
+        return datasets.DatasetDict({k: pairs(v) for k, v in parts.items()})
+    raise ValueError(f"{name} comes in format classification (text, label), alpaca (instruction view), preference or unpaired, "
+                     f"not {fmt!r}")

@@ -8,11 +8,11 @@ metrics computed during training.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hone import assets
-from hone.artifacts import ModelSpec, model_class
+from hone.artifacts import EXPORT_INFO, MERGED_DIR, ModelSpec, model_class, publish_dir, resolve_ref
 from hone.config import JobConfig
 from hone.data import IGNORE_INDEX, collate
 
@@ -26,9 +26,12 @@ __all__ = [
     "evaluate",
     "forward_loss",
     "generation_accuracy",
+    "is_hone_model",
     "load_base_model",
     "load_model",
         "model_device",
+    "rank_batches",
+    "starting_weights",
     "torch_dtype",
     "unwrap",
 ]
@@ -86,6 +89,45 @@ def load_base_model(job: JobConfig, path: str | None = None) -> Any:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def is_hone_model(name: str) -> bool:
+    """Whether a job's ``model.name`` names a hone model (a ``models:/`` reference, an export, a run) to start from."""
+    from pathlib import Path
+
+    return name.startswith("models:/") or (Path(name).expanduser() / EXPORT_INFO).exists()
+
+
+def starting_weights(ref: str) -> str:
+    """A local Hugging Face folder holding the full weights of a hone model reference, for a job that starts from it
+    (``model.name: models:/sft@winner``: preference tuning after supervised fine-tuning). A full export is used as it
+    is; an adapter export is its run's merged model when there is one, else it is merged once into
+    ``$HONE_HOME/cache/merged/`` (with its tokenizer). Quantised artifacts are refused."""
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    spec = resolve_ref(ref)
+    if spec.kind == "quantized":
+        raise ModelError(f"model.name {ref} is a quantised artifact: fine-tune from the full-precision model it was made from")
+    if spec.kind != "export" or not spec.adapter:
+        return spec.path
+    merged = Path(spec.path).parent / MERGED_DIR
+    if (merged / EXPORT_INFO).exists():
+        return str(merged)
+    weights = Path(spec.path) / "adapter_model.safetensors"
+    stamp = f"{Path(spec.path).resolve()}:{weights.stat().st_mtime_ns if weights.exists() else 0}"
+    target = assets.hone_home() / "cache" / "merged" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    if not (target / EXPORT_INFO).exists():
+        model, tokenizer = load_model(spec, merge_adapter=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        (partial / EXPORT_INFO).write_text(json.dumps({**spec.info, "kind": "merged-model"}, indent=2, default=str))
+        publish_dir(partial, target)
+    return str(target)
 
 
 def _check_targets(model: Any, targets: Any, key: str) -> None:
@@ -212,6 +254,16 @@ def forward_loss(
     return token_loss / count.clamp(min=1), count, None
 
 
+def rank_batches(rows: Sequence[Any], batch_size: int, rank: int, world_size: int) -> Iterator[tuple[list[Any], float]]:
+    """This rank's evaluation batches of ``rows`` (rows ``rank::world_size``) with their weight: every rank yields
+    the same number of batches (ZeRO-3 gathers parameters collectively), a short shard padding with weight-0 copies
+    of the first row."""
+    mine = list(rows[rank::world_size])
+    for b in range(math.ceil(math.ceil(len(rows) / world_size) / batch_size)):
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
+        yield (chunk, 1.0) if chunk else (list(rows[:1]), 0.0)
+
+
 def evaluate(
     model: Any,
     rows: Sequence[dict[str, Any]],
@@ -231,8 +283,6 @@ def evaluate(
     import torch
 
     task = job.task.type
-    mine = list(rows[rank::world_size])
-    n_batches = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
     num_labels = job.task.num_labels or 0
     # Sums: [loss_sum, n_targets] + confusion matrix (classification).
     loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -241,10 +291,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for b in range(n_batches):
-            chunk = mine[b * batch_size : (b + 1) * batch_size]
-            weight = 1.0 if chunk else 0.0
-            batch = {k: v.to(device) for k, v in collate(chunk or rows[:1], pad_id, task).items()}
+        for chunk, weight in rank_batches(rows, batch_size, rank, world_size):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id, task).items()}
             loss, count, logits = forward_loss(model, batch, task, reduction="sum")
             loss_sum += weight * torch.tensor([float(loss), float(count)], dtype=torch.float64)
             if task == "sequence_classification" and weight:

@@ -46,7 +46,7 @@ from hone.artifacts import (
 from hone.config import JobConfig, SearchDomain, load_job, validate_job
 from hone.config.base import set_path
 from hone.runtime import ray_session
-from hone.training import TrainError, train
+from hone.training import TrainError, starting_point, train
 
 __all__ = ["DATA_TASK_CPU", "SWEEP_EXTRA_CPUS", "TRIAL_DRIVER_CPU", "SweepResult", "choose_winner", "format_table", "sweep"]
 
@@ -380,6 +380,7 @@ def sweep(
     else:
         if job.tune is None or not job.tune.search_space:
             raise TrainError(f"job {job.name!r} has no tune.search_space to search")
+        job = starting_point(job)  # a sweep from models:/… trains every trial from the same resolved weights
         sweep_dir = new_run_dir(run_storage(storage_path, job), f"{job.name}-sweep")  # created: never shared
         (sweep_dir / JOB_FILE).write_text(job.to_yaml())
     assert job.tune is not None

@@ -60,6 +60,30 @@ def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
     assert out.returncode == 2 and "nowhere.yaml" in out.stderr and "quantize.metod" in out.stderr, out.stderr
 
 
+def test_an_align_stage_is_validated_with_the_pipeline(tmp_path, repo):
+    """The align job (trained from the train stage's model) is checked with everything else; the later stages serve
+    what it registers."""
+    from hone.config import PipelineConfigError
+    from hone.pipeline import load_pipeline
+
+    p = load_pipeline(repo / "jobs" / "pipelines" / "sft-dpo-smollm2.yaml")
+    assert p.align_job is not None and p.align_job.preference.loss == "dpo"
+    assert p.serve.model == "models:/dpo-smollm2-sentiment@winner" and p.registered_model == "smollm2-sentiment"
+    assert "sweep → dpo → quantise → serve" in p.summary()
+
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({"name": "sft", "model": {"name": "builtin:tiny-llama"},
+                                                       "data": {"source": "builtin:rotten-tomatoes", "format": "alpaca"}}))
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({"name": "sft", "model": {"name": "builtin:tiny-llama"},
+                                                       "data": {"source": "builtin:rotten-tomatoes", "format": "preference"},
+                                                       "preference": {"loss": "kto"}}))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"kind": "pipeline", "name": "p", "train": {"job": "sft.yaml"},
+                                                            "align": {"job": "dpo.yaml"}, "smoke_test": None}))
+    with pytest.raises(PipelineConfigError) as e:
+        load_pipeline(tmp_path / "pipeline.yaml")
+    paths = [problem.path for problem in e.value.problems]
+    assert any(path.startswith("align.job →") and path.endswith("data.format") for path in paths), paths
+
+
 def test_a_pipeline_reruns_training_when_its_data_content_changes(tmp_path):
     """The train stage is reused only for the same inputs, data content included: a file edited in place (same size,
     same timestamps) is new data; the same content at another time is not."""

@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
+from tests.training.runs import killed_after_step, logged_losses, logged_step, run_cli, wait_until
 
 from hone.config import JobConfigError, validate_job
 from hone.data import load_tokenizer, prepare_data
@@ -65,19 +65,6 @@ def reload_eval(export: Path, job) -> dict:
     else:
         model = AutoModelForCausalLM.from_pretrained(export)
     return evaluate(model, list(prepared.validation), job, tokenizer.pad_token_id, batch_size=5)
-
-
-@pytest.fixture(scope="module")
-def connected(cluster, tmp_path_factory):
-    """This test process as a driver on the cluster, with the workers' environment."""
-    import ray
-
-    from hone.runtime import worker_env
-
-    if not ray.is_initialized():
-        ray.init(address=cluster["address"], runtime_env={"env_vars": worker_env(validate_job(tiny("x")))},
-                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
-    return tmp_path_factory.mktemp("runs")
 
 
 # --------------------------------------------------------------------------- exports
@@ -172,42 +159,7 @@ def test_classification_metrics(connected):
 # --------------------------------------------------------------------------- resume and fault tolerance
 
 
-def _steps(run_dir: Path) -> dict[int, float]:
-    """Per-step losses; a step logged twice (before and after a resume) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        out[m["step"]] = m["loss"]
-    return out
-
-
 RESUME = dict(training={**TINY["training"], "max_steps": 10, "log_every": 1, "checkpoint_every": 4, "lr": 2e-3})
-
-
-def _run_cli(args, env, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [HONE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw
-    )
-
-
-def _wait_until(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _logged_step(run_dir: Path, step: int) -> bool:
-    path = run_dir / "metrics.jsonl"
-    return path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line.strip())
-
-
-@pytest.fixture(scope="module")
-def slow_reports(cluster):
-    """Make each report wait for the controller (1 s poll) so a kill lands between steps."""
-    return {**cluster["env"], "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "HONE_HOME": os.environ["HONE_HOME"]}
 
 
 @pytest.fixture(scope="module")
@@ -224,20 +176,7 @@ def uninterrupted(cluster, tmp_path_factory, slow_reports):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = next(storage.iterdir())
-    return job, _steps(run_dir)
-
-
-def _killed_after_step(step: int, cluster, job: Path, storage: Path, env: dict, *overrides: str) -> Path:
-    """Start ``hone train`` on the job and SIGKILL its whole process group once ``step`` is logged; returns the run."""
-    proc = _run_cli(["train", str(job), *overrides, "--address", cluster["address"], "--storage-path", str(storage)], env)
-    try:
-        _wait_until(lambda: any(storage.iterdir()), "the run directory", timeout=120)
-        run_dir = next(storage.iterdir())
-        _wait_until(lambda: _logged_step(run_dir, step), f"step {step}")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return run_dir
+    return job, logged_losses(run_dir)
 
 
 @pytest.mark.slow
@@ -245,8 +184,8 @@ def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, t
     job, reference = uninterrupted
     assert sorted(reference) == list(range(1, 11))
     # Interrupted once step 5 is logged: the checkpoint at step 4 is complete, steps 5+ are lost.
-    run_dir = _killed_after_step(5, cluster, job, tmp_path, slow_reports)
-    before = _steps(run_dir)
+    run_dir = killed_after_step(5, cluster, job, tmp_path, slow_reports)
+    before = logged_losses(run_dir)
     assert max(before) < 10, "the run finished before it could be interrupted"
     out = subprocess.run(
         [HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]],
@@ -257,7 +196,7 @@ def test_interrupted_run_resumes_with_identical_losses(cluster, uninterrupted, t
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed at step 4/10" in out.stdout
-    after = _steps(run_dir)
+    after = logged_losses(run_dir)
     assert sorted(after) == list(range(1, 11))
     for step in range(1, 11):
         assert abs(after[step] - reference[step]) < 1e-5, (step, after[step], reference[step])
@@ -270,7 +209,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cluster, uni
     The resume notices (each rank checks its manifest), warns, resumes from the checkpoint before and still reproduces
     every loss."""
     job, reference = uninterrupted
-    run_dir = _killed_after_step(5, cluster, job, tmp_path, slow_reports, "training.checkpoint_every=2")
+    run_dir = killed_after_step(5, cluster, job, tmp_path, slow_reports, "training.checkpoint_every=2")
     # the checkpoint Ray will resume from (a newer one may be on disk half-registered when the kill landed), and the one before
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     latest = run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
@@ -285,7 +224,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cluster, uni
     assert out.returncode == 0, text[-4000:]
     assert "rng_rank1.pt does not match its checksum" in text and "falling back to the previous checkpoint" in text, text[-4000:]
     assert f"resumed at step {previous_step}/10" in text
-    after = _steps(run_dir)
+    after = logged_losses(run_dir)
     for step in range(1, 11):
         assert abs(after[step] - reference[step]) < 1e-5, (step, after[step], reference[step])
 
@@ -316,14 +255,14 @@ def test_resume_refuses_changed_data(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_path, slow_reports):
     job, reference = uninterrupted
-    proc = _run_cli(
+    proc = run_cli(
         ["train", str(job), "distributed.max_failures=2", "--address", cluster["address"], "--storage-path", str(tmp_path)], slow_reports
     )
     killed = []
     try:
-        _wait_until(lambda: any(tmp_path.iterdir()), "the run directory", timeout=120)
+        wait_until(lambda: any(tmp_path.iterdir()), "the run directory", timeout=120)
         run_dir = next(tmp_path.iterdir())
-        _wait_until(lambda: _logged_step(run_dir, 5), "step 5")
+        wait_until(lambda: logged_step(run_dir, 5), "step 5")
         workers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
         assert workers, "no Ray Train worker process found"
         workers[-1].send_signal(signal.SIGKILL)
@@ -333,7 +272,7 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster, uninterrupted, tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
-    steps = _steps(run_dir)
+    steps = logged_losses(run_dir)
     assert sorted(steps) == list(range(1, 11))
     assert abs(steps[10] - reference[10]) < 1e-5, (steps[10], reference[10])
     for step in range(5, 11):

@@ -1,7 +1,7 @@
 """The config machinery: one typed schema per kind of hone YAML, validated before any Ray work.
 
 - :mod:`hone.config.base`: sections, problems, overrides, YAML reading (shared by every kind)
-- :mod:`hone.config.sections` and :mod:`hone.config.job`: the job (``hone train``, ``hone tune``)
+- :mod:`hone.config.sections`, :mod:`hone.config.preference` and :mod:`hone.config.job`: the job (``hone train``, ``hone tune``)
 - :mod:`hone.config.serve`: the serve YAML (``hone serve``)
 - :mod:`hone.config.pipeline`: the pipeline YAML (``hone pipeline``, ``hone quickstart``)
 - :mod:`hone.config.quantization`: the quantisation methods and gate thresholds
@@ -22,6 +22,7 @@ import yaml
 from hone.config.base import ConfigError, Problem, Section
 from hone.config.job import JobConfig, JobConfigError, SearchDomain, TuneConfig, apply_overrides, load_job, validate_job
 from hone.config.pipeline import Pipeline, PipelineConfig, PipelineConfigError, load_pipeline
+from hone.config.preference import PREF_METRICS, PREFERENCE_LOSSES, PreferenceConfig
 from hone.config.quantization import METHODS, GateThresholds, QuantizeError
 from hone.config.reference import json_schema, reference_markdown
 from hone.config.sections import (
@@ -39,7 +40,8 @@ from hone.config.serve import ServeConfig, ServeConfigError, load_serve_config, 
 
 __all__ = [
     "KINDS", "METHODS", "ConfigError", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig", "GateThresholds",
-    "JobConfig", "JobConfigError", "MethodConfig", "ModelConfig", "Pipeline", "PipelineConfig", "PipelineConfigError", "Problem",
+    "JobConfig", "JobConfigError", "MethodConfig", "ModelConfig", "Pipeline", "PipelineConfig", "PipelineConfigError", "PREF_METRICS",
+    "PREFERENCE_LOSSES", "PreferenceConfig", "Problem",
     "QuantizeError", "SearchDomain", "Section", "ServeConfig", "ServeConfigError", "TaskConfig", "TrainingConfig", "TuneConfig",
     "apply_overrides", "detect_kind", "json_schema", "load_file", "load_job", "load_pipeline", "load_serve_config",
     "metric_mode", "reference_markdown", "validate_job", "validate_serve_config",

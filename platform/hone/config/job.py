@@ -26,6 +26,7 @@ from hone.config.base import (
     read_mapping,
     set_path,
 )
+from hone.config.preference import PREF_METRICS, PreferenceConfig
 from hone.config.sections import (
     CLS_METRICS,
     LM_METRICS,
@@ -148,6 +149,8 @@ class JobConfig(Section):
     method: MethodConfig = MethodConfig()
     distributed: DistributedConfig = DistributedConfig()
     training: TrainingConfig = TrainingConfig()
+    preference: PreferenceConfig | None = None
+    """Preference fine-tuning (DPO, IPO, SimPO, ORPO, KTO) on preference rows instead of supervised fine-tuning."""
     tune: TuneConfig | None = None
     """Search space for ``hone tune``; ignored by ``hone train``."""
 
@@ -176,7 +179,9 @@ class JobConfig(Section):
         d, t = self.distributed, self.training
         zero = f"ZeRO-{d.deepspeed.stage}" if d.deepspeed else "DDP"
         length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
-        return (f"job {self.name!r}: {self.task.type} on {self.model.name} ({self.method.type}), {self.data.source} ({self.data.format}), "
+        objective = f" {self.preference.loss}" if self.preference else ""
+        return (f"job {self.name!r}: {self.task.type}{objective} on {self.model.name} ({self.method.type}), "
+                f"{self.data.source} ({self.data.format}), "
                 f"{d.workers_text()} worker(s) {zero} {'GPU' if d.use_gpu else 'CPU'} {self.precision}, {length}"
                 + (f", tune: {len(self.tune.search_space)} searched path(s)" if self.tune else ""))
 
@@ -193,6 +198,8 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
     """Checks that need more than one section; each runs only if its sections validated."""
     out: list[Problem] = []
     method, dist, task, data, training, tune = (sections.get(k) for k in ("method", "distributed", "task", "data", "training", "tune"))
+    pref = sections.get("preference")
+    out += _preference_problems(pref, task, data, training)
     if method is not None and dist is not None and method.type == "qlora" and not dist.use_gpu:
         out.append(Problem("method.type", "qlora quantises the base model with bitsandbytes, which needs a CUDA GPU",
                            "set distributed.use_gpu: true on a GPU cluster, or use method.type: lora on CPU"))
@@ -227,7 +234,7 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
                                f"set training.grad_accum: {fits} (or a multiple), or narrow num_workers"))
     if method is not None and task is not None and task.type == "sequence_classification" and method.type == "prefix_tuning":
         out.append(Problem("method.type", "prefix_tuning is supported for causal_lm only here", "use lora or ia3 for classifiers"))
-    allowed = CLS_METRICS if task is not None and task.type == "sequence_classification" else LM_METRICS
+    allowed = CLS_METRICS if task is not None and task.type == "sequence_classification" else PREF_METRICS if pref else LM_METRICS
     if training is not None and task is not None and training.eval_metric not in allowed:
         out.append(Problem("training.eval_metric", f"unknown metric {training.eval_metric!r} for {task.type}",
                            f"one of {', '.join(allowed)}"))
@@ -237,6 +244,35 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
         out += _search_path_problems(tune.search_space)
         if tune.scheduler == "pbt":
             out += _pbt_problems(tune, training)
+    return out
+
+
+def _preference_problems(pref: PreferenceConfig | None, task: TaskConfig | None, data: DataConfig | None,
+                         training: TrainingConfig | None) -> list[Problem]:
+    """A ``preference:`` section and preference data go together, on a causal LM, without packing."""
+    out: list[Problem] = []
+    pref_format = data is not None and data.format in ("preference", "unpaired")
+    if pref is None:
+        if pref_format:
+            out.append(Problem("data.format", f"format {data.format} rows train a preference objective, which needs a "
+                               "preference: section", "add `preference: {loss: dpo}` (or kto for unpaired rows)"))
+        return out
+    if task is not None and task.type != "causal_lm":
+        out.append(Problem("preference", "preference objectives train a causal LM", "set task: causal_lm"))
+    if data is not None:
+        want = "preference" if pref.paired else "unpaired"
+        if data.format != want:
+            out.append(Problem("data.format", f"preference.loss {pref.loss} reads {want} rows, not format {data.format!r}",
+                               f"set data.format: {want}" + (" (prompt, chosen, rejected)" if pref.paired
+                                                                 else " (prompt, completion, label)")))
+        if data.packing:
+            out.append(Problem("data.packing", "preference pairs are compared whole: they cannot be packed", "set data.packing: false"))
+        if pref.max_prompt_length is not None and pref.max_prompt_length >= data.max_length:
+            out.append(Problem("preference.max_prompt_length", f"{pref.max_prompt_length} leaves no room for a response within "
+                               f"data.max_length={data.max_length}", "lower it, or raise data.max_length"))
+    if pref.loss == "kto" and training is not None and training.batch_size < 2:
+        out.append(Problem("training.batch_size", "KTO estimates its KL term from mismatched completions of the same "
+                           "micro-batch, so a micro-batch of 1 makes it equal to the implied reward", "set training.batch_size ≥ 2"))
     return out
 
 

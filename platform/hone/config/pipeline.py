@@ -1,4 +1,5 @@
-"""The pipeline YAML: a job and how each later stage behaves (quantise, serve, smoke test).
+"""The pipeline YAML: a job, optionally a second job trained from its result (align), and how each later stage behaves
+(quantise, serve, smoke test).
 
 :func:`load_pipeline` validates the pipeline, the job file it names, the quantisation method on this
 machine and the serve settings it derives, reporting every problem at once, before any Ray work.
@@ -19,8 +20,8 @@ from hone.config.job import JobConfig, JobConfigError, load_job
 from hone.config.quantization import GateThresholds, QuantizeError, QuantMethod, check_method, default_method
 from hone.config.serve import ServeConfig, ServeConfigError, validate_serve_config
 
-__all__ = ["Pipeline", "PipelineConfig", "PipelineConfigError", "QuantizeStage", "SmokeTestStage", "TrainStage", "load_pipeline",
-           "registered_name"]
+__all__ = ["AlignStage", "Pipeline", "PipelineConfig", "PipelineConfigError", "QuantizeStage", "SmokeTestStage", "TrainStage",
+           "load_pipeline", "registered_name"]
 
 
 class PipelineConfigError(ConfigError):
@@ -38,6 +39,17 @@ class TrainStage(Section):
     """``key.path=value`` overrides applied to the job, as on the command line."""
     sweep: bool | None = None
     """Run the job's ``tune:`` section (default: when the job has one) rather than one training run."""
+
+
+class AlignStage(Section):
+    """Stage 1b: one more training run that starts from the train stage's model, typically preference tuning (DPO and
+    its relatives) after supervised fine-tuning. Its job's ``model.name`` is replaced by the train stage's model; its
+    result is registered under the job's name and is what the later stages quantise and serve."""
+
+    job: str
+    """The job YAML (usually with a ``preference:`` section), relative to the pipeline file."""
+    overrides: list[str] = Field(default_factory=list)
+    """``key.path=value`` overrides applied to the job, as on the command line."""
 
 
 class QuantizeStage(Section):
@@ -84,6 +96,8 @@ class PipelineConfig(Section):
     kind: Literal["pipeline"] = Field(default="pipeline", exclude=True)
     """What this YAML is (``hone validate`` also tells a pipeline by its ``train`` stage)."""
     train: TrainStage
+    align: AlignStage | None = None
+    """Omit for train → quantise → serve; give to continue training from the train stage's model first."""
     quantize: QuantizeStage | None = None
     """Omit to serve the trained model in full precision."""
     serve: dict[str, Any] = Field(default_factory=dict)
@@ -102,15 +116,23 @@ class Pipeline:
     sweep: bool
     method: str | None
     source: str
+    align_job: JobConfig | None = None
 
     @property
     def registered_model(self) -> str:
+        """Where the train stage registers its model."""
         return registered_name(self.job, self.sweep)
+
+    @property
+    def served_model(self) -> str:
+        """Where the model the later stages quantise and serve is registered (the align stage's, when there is one)."""
+        return self.align_job.name if self.align_job is not None else self.registered_model
 
     def summary(self) -> str:
         """One line: the stages this pipeline runs."""
         c = self.config
-        return (f"pipeline {c.name}: {'sweep' if self.sweep else 'train'} → {'quantise → ' if c.quantize else ''}serve"
+        align = f"{self.align_job.preference.loss if self.align_job.preference else 'train'} → " if self.align_job else ""
+        return (f"pipeline {c.name}: {'sweep' if self.sweep else 'train'} → {align}{'quantise → ' if c.quantize else ''}serve"
                 f"{' → smoke test' if c.smoke_test else ''} ({self.job.summary()})")
 
     def to_yaml(self) -> str:
@@ -146,6 +168,13 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     if sweep and (job.tune is None or not job.tune.search_space):
         problems.append(Problem("train.sweep", f"the job {job_path} has no tune.search_space to sweep",
                                 "add a tune: section to the job, or set train.sweep: false for one training run"))
+    align_job = None
+    if cfg.align is not None:
+        align_job, align_problems = _job_problems(path, cfg.align.job, cfg.align.overrides, "align.job")
+        problems += align_problems
+        if align_job is not None and align_job.name == registered_name(job, sweep):
+            problems.append(Problem("align.job", f"the align job's name {align_job.name!r} is where the train stage registers its "
+                                                 "model", "give the align job another name"))
     method = None
     if cfg.quantize is not None:
         method = cfg.quantize.method or default_method()
@@ -157,7 +186,8 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
             GateThresholds(cfg.quantize.max_loss_increase, cfg.quantize.max_accuracy_drop)
         except QuantizeError as e:
             problems.append(Problem("quantize", str(e), "give max_loss_increase or max_accuracy_drop"))
-    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, f"models:/{registered_name(job, sweep)}@winner", method or "none")
+    served = align_job.name if align_job is not None else registered_name(job, sweep)
+    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, f"models:/{served}@winner", method or "none")
     problems += serve_problems
     if cfg.smoke_test is not None and cfg.serve.get("api_keys_file") and not os.environ.get("HONE_API_KEYS"):
         problems.append(Problem("smoke_test", "the endpoint will require an API key and only key hashes are configured "
@@ -168,7 +198,7 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     if problems:
         raise PipelineConfigError(problems, str(path))
     assert serve_cfg is not None
-    return Pipeline(cfg, job, serve_cfg, sweep, method, str(path))
+    return Pipeline(cfg, job, serve_cfg, sweep, method, str(path), align_job)
 
 
 def _serve_problems(name: str, serve: dict[str, Any], model: str, method: str) -> tuple[ServeConfig | None, list[Problem]]:
@@ -188,9 +218,9 @@ def _job_path(pipeline: Path, job: str) -> Path:
     return Path(job) if Path(job).is_absolute() else pipeline.parent / job
 
 
-def _job_problems(pipeline: Path, job: str, overrides: Sequence[str]) -> tuple[JobConfig | None, list[Problem]]:
+def _job_problems(pipeline: Path, job: str, overrides: Sequence[str], key: str = "train.job") -> tuple[JobConfig | None, list[Problem]]:
     job_path = _job_path(pipeline, job)
     try:
         return load_job(job_path, list(overrides)), []
     except JobConfigError as e:
-        return None, [Problem(f"train.job → {job_path}" + (f": {p.path}" if p.path else ""), p.message, p.hint) for p in e.problems]
+        return None, [Problem(f"{key} → {job_path}" + (f": {p.path}" if p.path else ""), p.message, p.hint) for p in e.problems]

@@ -109,6 +109,14 @@ class DataColumns(Section):
     """List of ``{from, value}`` turns (``sharegpt``)."""
     system: str | None = None
     """Optional per-row system prompt column (chat formats)."""
+    prompt: str = "prompt"
+    """Prompt (``preference``, ``unpaired``): a string, or a list of ``{role, content}`` messages."""
+    chosen: str = "chosen"
+    """Preferred response (``preference``): a string, an assistant message, or a list of messages."""
+    rejected: str = "rejected"
+    """Dispreferred response (``preference``), as ``chosen``."""
+    completion: str = "completion"
+    """Response (``unpaired``), judged desirable or not by the boolean ``label`` column."""
 
 
 def _source_problem(source: str) -> str | None:
@@ -146,10 +154,13 @@ class DataConfig(Section):
     source: str
     """A jsonl/json/csv/parquet path or glob, a ``datasets.save_to_disk`` directory, a hub dataset id,
     or a built-in (``builtin:rotten-tomatoes``)."""
-    format: Literal["text", "alpaca", "sharegpt", "messages", "classification"] = "text"
+    format: Literal["text", "alpaca", "sharegpt", "messages", "classification", "preference", "unpaired"] = "text"
     """Row layout: ``text`` (train on all tokens), ``alpaca`` (instruction/input/output), ``sharegpt``
     (``conversations`` of from/value), ``messages`` (OpenAI-style role/content, rendered with the
-    tokenizer's chat template), ``classification`` (text + label)."""
+    tokenizer's chat template), ``classification`` (text + label), ``preference`` (prompt/chosen/rejected pairs,
+    with a ``preference:`` section), ``unpaired`` (prompt/completion/label, for ``preference.loss: kto``).
+    Preference rows given as message lists are rendered with the chat template; string rows are used as they are,
+    or as one user/assistant exchange with ``prompt_template: chat``."""
     columns: DataColumns = DataColumns()
     """Column mapping for the chosen format."""
     split: str = "train"
@@ -175,7 +186,8 @@ class DataConfig(Section):
     """Pack several short examples into each ``max_length`` row (causal_lm only)."""
     prompt_template: Literal["alpaca", "chat"] = "alpaca"
     """How ``alpaca`` rows become a prompt: the Alpaca text template, or a user/assistant chat
-    through the tokenizer's chat template (best for instruct models)."""
+    through the tokenizer's chat template (best for instruct models). For string ``preference``/``unpaired`` rows,
+    ``chat`` renders them as a user turn and an assistant turn; otherwise they are used as they are."""
     system_prompt: str | None = None
     """System message prepended to chat-formatted rows that have none."""
 

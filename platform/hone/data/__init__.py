@@ -8,6 +8,9 @@ Every format becomes rows of ``input_ids`` and ``labels``:
   that restart at 0 for each packed example, which makes transformers build a
   block-diagonal causal mask (no attention across examples).
 * sequence classification: ``labels`` is the class id.
+* preference pairs (``format: preference``) add ``rejected_ids``/``rejected_labels`` beside the chosen
+  ``input_ids``/``labels``; unpaired rows (``format: unpaired``, KTO) add ``desirable`` and ``prompt_len``
+  (:mod:`hone.data.pairs`).
 
 Problems in the data (missing column, empty result, bad label, a chat format on a
 tokenizer without a chat template) raise :class:`DataError` naming the config key
@@ -19,8 +22,9 @@ from hone.data.formats import IGNORE_INDEX, prompt_and_answer, prompt_messages
 from hone.data.preview import preview
 from hone.data.shards import CachedSplit, local_entry
 from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer, order_keys, tokenizer_digest
-from hone.data.tokenize import DataReport, PreparedData, SplitReport, collate, prepare_data, to_ray_datasets, tokenize_split
+from hone.data.tokenize import DataReport, PreparedData, SplitReport, check_sample, collate, prepare_data, to_ray_datasets, tokenize_split
 
 __all__ = ["CACHE_DIR", "IGNORE_INDEX", "CachedSplit", "DataError", "DataReport", "PreparedData", "SplitReport", "TokenizedData",
-           "cache_key", "collate", "held_out_rows", "load_splits", "load_tokenizer", "local_entry", "order_keys", "prepare_cached",
+           "cache_key", "check_sample", "collate", "held_out_rows", "load_splits", "load_tokenizer", "local_entry", "order_keys",
+           "prepare_cached",
            "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split", "tokenizer_digest"]

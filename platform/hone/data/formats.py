@@ -7,10 +7,13 @@ from typing import Any
 from hone.config import DataConfig
 from hone.data.sources import DataError
 
-__all__ = ["ALPACA_PROMPT", "IGNORE_INDEX", "causal_example", "causal_texts", "check_chat_template", "check_columns", "plain_template",
-           "prompt_and_answer", "prompt_messages"]
+__all__ = ["ALPACA_PROMPT", "BAD_LABEL", "BAD_PAIR", "EMPTY", "IGNORE_INDEX", "NO_TARGET", "OK", "SHAREGPT_ROLES", "causal_example",
+           "causal_texts", "check_chat_template", "check_columns", "plain_template", "prompt_and_answer", "prompt_messages"]
 
 IGNORE_INDEX = -100
+
+# Row outcomes of encoding (the ``status`` column of :func:`hone.data.tokenize.encode_rows`).
+OK, EMPTY, NO_TARGET, BAD_LABEL, BAD_PAIR = 0, 1, 2, 3, 4
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes the request.\n\n"
@@ -39,6 +42,8 @@ def _required_columns(cfg: DataConfig) -> dict[str, str]:
         "sharegpt": {"conversations": c.conversations},
         "messages": {"messages": c.messages},
         "classification": {"text": c.text, "label": c.label, **({"text_pair": c.text_pair} if c.text_pair else {})},
+        "preference": {"prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected},
+        "unpaired": {"prompt": c.prompt, "completion": c.completion, "label": c.label},
     }[cfg.format]
 
 
@@ -52,9 +57,9 @@ def check_columns(columns: list[str], cfg: DataConfig, split: str) -> None:
 
 
 def check_chat_template(tokenizer: Any, cfg: DataConfig) -> None:
-    chat = cfg.format in ("sharegpt", "messages") or (cfg.format == "alpaca" and cfg.prompt_template == "chat")
+    chat = cfg.format in ("sharegpt", "messages") or (cfg.format in ("alpaca", "preference", "unpaired") and cfg.prompt_template == "chat")
     if chat and not getattr(tokenizer, "chat_template", None):
-        what = f"format {cfg.format}" + (" with prompt_template: chat" if cfg.format == "alpaca" else "")
+        what = f"format {cfg.format}" + (" with prompt_template: chat" if cfg.format != "sharegpt" and cfg.format != "messages" else "")
         raise DataError(
             f"data.format: {what} renders conversations with the tokenizer's chat template, but this tokenizer has none; "
             "use a chat/instruct model, or format: alpaca with prompt_template: alpaca, or format: text"
@@ -96,6 +101,10 @@ def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
     For chat formats the answer is the last assistant turn and the prompt everything before it.
     """
     c = cfg.columns
+    if cfg.format in ("preference", "unpaired"):
+        from hone.data.pairs import preference_prompt
+
+        return preference_prompt(row, cfg, tokenizer)
     if cfg.format == "alpaca" and cfg.prompt_template == "alpaca":
         extra = str(row.get(c.input) or "").strip()
         prompt = ALPACA_PROMPT.format(
@@ -110,6 +119,10 @@ def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
 
 def prompt_messages(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
     """The chat messages a client sends for a row (every turn before the last assistant turn) and that turn's text."""
+    if cfg.format in ("preference", "unpaired"):
+        from hone.data.pairs import preference_messages
+
+        return preference_messages(row, cfg)
     if cfg.format not in ("alpaca", "messages", "sharegpt"):
         raise DataError(f"data.format {cfg.format!r} has no prompt/answer to generate")
     messages = _row_messages(row, cfg)

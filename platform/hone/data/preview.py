@@ -52,6 +52,12 @@ def preview(job: JobConfig, n: int = 3, split: str = "train", color: bool = Fals
             name = job.task.labels[label] if job.task.labels else str(label)
             lines.append(tokenizer.decode(row["input_ids"], skip_special_tokens=False))
             lines.append(f"→ label {label} ({name})")
+        elif "rejected_ids" in row:
+            lines.append("chosen:   " + _marked(tokenizer, row["input_ids"], row["labels"], color))
+            lines.append("rejected: " + _marked(tokenizer, row["rejected_ids"], row["rejected_labels"], color))
+        elif "desirable" in row:
+            lines.append(("desirable:   " if row["desirable"] else "undesirable: ")
+                         + _marked(tokenizer, row["input_ids"], row["labels"], color))
         else:
             lines.append(_marked(tokenizer, row["input_ids"], row["labels"], color))
         lines.append("")

@@ -8,15 +8,28 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hone.config import DataConfig, JobConfig
-from hone.data.formats import IGNORE_INDEX, causal_example, causal_texts, check_chat_template, check_columns, plain_template
+from hone.data.formats import (
+    BAD_LABEL,
+    BAD_PAIR,
+    EMPTY,
+    IGNORE_INDEX,
+    NO_TARGET,
+    OK,
+    causal_example,
+    causal_texts,
+    check_chat_template,
+    check_columns,
+    plain_template,
+)
+from hone.data.pairs import encode_preference
 from hone.data.sources import DataError, load_splits
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-__all__ = ["BAD_LABEL", "EMPTY", "NO_TARGET", "OK", "DataReport", "PreparedData", "SplitBuilder", "SplitReport", "check_split", "collate",
-           "encode_rows", "prepare_data", "to_ray_datasets", "token_ids", "tokenize_split"]
+__all__ = ["DataReport", "PreparedData", "SplitBuilder", "SplitReport", "check_sample", "check_split", "collate", "encode_rows",
+           "prepare_data", "to_ray_datasets", "token_ids", "tokenize_split"]
 
 
 @dataclass
@@ -74,10 +87,6 @@ def _truncate(ids: list[int], target: list[bool], cfg: DataConfig) -> tuple[list
     return ids[-cfg.max_length :], target[-cfg.max_length :], True
 
 
-# Row outcomes of :func:`encode_rows` (the ``status`` column).
-OK, EMPTY, NO_TARGET, BAD_LABEL = 0, 1, 2, 3
-
-
 def _label_id(value: Any, names: list[str] | None, num_labels: int) -> int | None:
     if isinstance(value, str):
         return names.index(value) if names is not None and value in names else None
@@ -90,8 +99,11 @@ def _label_id(value: Any, names: list[str] | None, num_labels: int) -> int | Non
 
 def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, names: list[str] | None = None) -> pa.Table:
     """Formatted rows → a table of ``input_ids``, ``labels`` (token labels, or a class id), ``status`` (OK, EMPTY,
-    NO_TARGET, BAD_LABEL; those rows carry no ids), ``truncated`` and ``label_value`` (a bad label, shown in the error).
+    NO_TARGET, BAD_LABEL, BAD_PAIR; those rows carry no ids), ``truncated`` and ``label_value`` (a bad label, shown in
+    the error). Preference rows carry more columns (:func:`hone.data.pairs.encode_preference`).
     Each row is encoded on its own, so any split of the rows into batches (a Ray Data task each) gives the same result."""
+    if job.preference is not None:
+        return encode_preference(rows, job, tokenizer)
     cfg = job.data
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": [], "truncated": [], "label_value": []}
 
@@ -192,7 +204,7 @@ class SplitBuilder:
         self.job, self.split, self.pack = job, split, pack
         self.report = SplitReport()
         self.bad: list[tuple[int, str]] = []
-        self._n_bad = 0
+        self._n_bad = {BAD_LABEL: 0, BAD_PAIR: 0}
         self._open: dict[str, list[int]] | None = None
         if pack:
             self.report.packed_rows = 0
@@ -203,22 +215,27 @@ class SplitBuilder:
 
         r = self.report
         status = table["status"]
-        flagged = pc.filter(table, pc.equal(status, BAD_LABEL))
-        for i, value in zip(pc.indices_nonzero(pc.equal(status, BAD_LABEL)).to_pylist(), flagged["label_value"].to_pylist()):
-            if len(self.bad) < 5:
-                self.bad.append((r.rows_in + i, value))
-        self._n_bad += len(flagged)
+        for code in (BAD_LABEL, BAD_PAIR):
+            flagged = pc.filter(table, pc.equal(status, code))
+            for i, value in zip(pc.indices_nonzero(pc.equal(status, code)).to_pylist(), flagged["label_value"].to_pylist()):
+                if len(self.bad) < 5:
+                    self.bad.append((r.rows_in + i, code, value))
+            self._n_bad[code] += len(flagged)
         r.rows_in += len(table)
         r.dropped_empty += int(pc.sum(pc.equal(status, EMPTY)).as_py() or 0)
         r.dropped_no_target += int(pc.sum(pc.equal(status, NO_TARGET)).as_py() or 0)
         r.truncated += int(pc.sum(pc.and_(table["truncated"], pc.not_equal(status, EMPTY))).as_py() or 0)
-        kept = pc.filter(table, pc.equal(status, OK)).select(["input_ids", "labels"])
+        kept = pc.filter(table, pc.equal(status, OK))
+        kept = kept.select([c for c in kept.column_names if c not in ("status", "truncated", "label_value")])
         r.rows_out += len(kept)
-        r.tokens += int(pc.sum(pc.list_value_length(kept["input_ids"])).as_py() or 0)
-        if self.job.task.type == "causal_lm":
-            r.target_tokens += int(pc.sum(pc.not_equal(pc.list_flatten(kept["labels"]), IGNORE_INDEX)).as_py() or 0)
-        else:
-            r.target_tokens += len(kept)
+        for ids, labels in (("input_ids", "labels"), ("rejected_ids", "rejected_labels")):
+            if ids not in kept.column_names:
+                continue
+            r.tokens += int(pc.sum(pc.list_value_length(kept[ids])).as_py() or 0)
+            if self.job.task.type == "causal_lm":
+                r.target_tokens += int(pc.sum(pc.not_equal(pc.list_flatten(kept[labels]), IGNORE_INDEX)).as_py() or 0)
+            else:
+                r.target_tokens += len(kept)
         if not self.pack:
             return kept
         closed = []
@@ -232,6 +249,26 @@ class SplitBuilder:
             self._open["position_ids"] += list(range(len(ids)))
         return _packed_table(closed) if closed else None
 
+    def check(self) -> None:
+        """Raise :class:`DataError` for the bad labels or pairs seen so far (with up to five of them)."""
+        task, c, n = self.job.task, self.job.data.columns, self._n_bad
+        if n[BAD_PAIR]:
+            shown = ", ".join(f"row {i}: {v}" for i, code, v in self.bad if code == BAD_PAIR)
+            raise DataError(f"data: {n[BAD_PAIR]} {self.split} pair(s) whose {c.chosen!r} and {c.rejected!r} responses are identical "
+                            f"({shown}); such a pair states no preference: remove or fix those rows")
+        if n[BAD_LABEL] and self.job.preference is not None:
+            shown = ", ".join(f"row {i}: {v}" for i, code, v in self.bad if code == BAD_LABEL)
+            raise DataError(f"data: {n[BAD_LABEL]} {self.split} row(s) without a boolean label in column {c.label!r} ({shown}); "
+                            "KTO needs true (desirable) or false (undesirable) for every completion: fix the rows or set "
+                            "data.columns.label")
+        if n[BAD_LABEL]:
+            shown = ", ".join(f"row {i}: {v}" for i, code, v in self.bad if code == BAD_LABEL)
+            allowed = f"ids 0..{(task.num_labels or 0) - 1}" + (f" or names {task.labels}" if task.labels else "")
+            raise DataError(
+                f"data: {n[BAD_LABEL]} {self.split} label(s) outside task.num_labels={task.num_labels} ({shown}); labels must be "
+                f"{allowed}. Fix the data or set task.num_labels / task.labels."
+            )
+
     def _close(self) -> dict[str, list[int]]:
         row, self._open = self._open, None
         self.report.packed_rows += 1
@@ -239,14 +276,8 @@ class SplitBuilder:
 
     def finish(self) -> pa.Table | None:
         """The last packed row (None without packing); raises :class:`DataError` for bad labels or an empty split."""
-        cfg, task, r = self.job.data, self.job.task, self.report
-        if self._n_bad:
-            shown = ", ".join(f"row {i}: {v}" for i, v in self.bad)
-            allowed = f"ids 0..{(task.num_labels or 0) - 1}" + (f" or names {task.labels}" if task.labels else "")
-            raise DataError(
-                f"data: {self._n_bad} {self.split} label(s) outside task.num_labels={task.num_labels} ({shown}); labels must be "
-                f"{allowed}. Fix the data or set task.num_labels / task.labels."
-            )
+        cfg, r = self.job.data, self.report
+        self.check()
         if r.rows_out == 0:
             raise DataError(
                 f"data: the {self.split} split is empty after formatting ({r.rows_in} rows in, {r.dropped_empty} empty, "
@@ -268,6 +299,30 @@ def check_split(columns: list[str], job: JobConfig, tokenizer: Any, split: str) 
     check_columns(columns, job.data, split)
     if job.task.type != "sequence_classification":
         check_chat_template(tokenizer, job.data)
+
+
+def check_sample(job: JobConfig, tokenizer: Any, rows: int = 512) -> None:
+    """Read the first ``rows`` rows of a local (or built-in) training source here and encode them: a missing column,
+    a chat template the format needs, and bad rows (identical pairs, labels) are reported before any Ray work. Object-store
+    and hub sources are checked when Ray Data reads them."""
+    from hone import storage
+    from hone.data.sources import load_source, pick_split
+
+    if storage.is_uri(job.data.source) or not (job.data.source.startswith("builtin:") or _local(job.data.source)):
+        return
+    ds = pick_split(load_source(job.data.source, job.data), job.data.split, job.data.source)
+    check_split(ds.column_names, job, tokenizer, "train")
+    builder = SplitBuilder(job, "train", False)
+    builder.add(encode_rows(ds.select(range(min(rows, len(ds)))).to_list(), job, tokenizer))
+    builder.check()
+
+
+def _local(source: str) -> bool:
+    import glob
+    import os
+
+    path = os.path.expanduser(source)
+    return bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)
 
 
 def tokenize_split(ds: Any, job: JobConfig, tokenizer: Any, split: str = "train", *, pack: bool | None = None) -> tuple[Any, SplitReport]:

@@ -1,6 +1,7 @@
 """``hone pipeline``: the stages in order on one Ray session.
 
-    train (one run, or a Ray Tune sweep) → registry version → quantise behind the quality gate
+    train (one run, or a Ray Tune sweep) → [align: a run from that model, e.g. DPO] → registry version → quantise behind
+    the quality gate
     → deploy on Ray Serve → smoke-test the endpoint through the ``openai`` client
 
 The pipeline directory (``<storage>/<name>-pipeline/``) keeps ``state.json`` and ``summary.json``.
@@ -19,7 +20,7 @@ from pathlib import Path
 from hone.artifacts import run_storage, sync_up
 from hone.config import Pipeline, PipelineConfigError, Problem
 from hone.pipeline.smoke import smoke_stage
-from hone.pipeline.stages import quantize_stage, serve_stage, train_stage
+from hone.pipeline.stages import align_stage, quantize_stage, serve_stage, train_stage
 from hone.pipeline.state import PipelineError, State, banner, say
 from hone.pipeline.summary import PipelineResult
 from hone.runtime import dashboard_url, is_remote, stop_event
@@ -67,7 +68,8 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
     folder.mkdir(parents=True, exist_ok=True)
     state = State(folder)
     result = PipelineResult(cfg.name, folder)
-    stages = ["train"] + (["quantize"] if cfg.quantize else []) + ["serve"] + (["smoke_test"] if cfg.smoke_test else [])
+    stages = (["train"] + (["align"] if cfg.align else []) + (["quantize"] if cfg.quantize else []) + ["serve"]
+              + (["smoke_test"] if cfg.smoke_test else []))
     n = len(stages)
     started = time.time()
     with serving_session(p.serve, p.job, address, _cpus(p)):
@@ -81,6 +83,12 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                                   f"workers {'ZeRO-' + str(p.job.distributed.deepspeed.stage) if p.job.distributed.deepspeed else 'DDP'}")
             result.stages["train"] = trained = train_stage(p, state, storage, address, rerun)
             i = 2
+            if p.align_job is not None:
+                a = p.align_job
+                banner(i, n, "align", f"{a.name}: {a.preference.loss if a.preference else 'training'} from {trained['model']}, "
+                                      f"{a.method.type}, {a.distributed.workers_text()} workers")
+                result.stages["align"] = trained = align_stage(p, state, trained, storage, address, rerun)
+                i += 1
             if cfg.quantize:
                 banner(i, n, "quantize", f"{trained['model']} with {p.method} behind the quality gate ({cfg.quantize.eval_rows} rows)")
                 result.stages["quantize"] = quantize_stage(p, state, trained, rerun, remote=storage_uri(storage))

@@ -84,7 +84,7 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
     job = p.job
     rows = [dict(r) for r in held_out_rows(job.data, sm.split, sm.requests)]
     classify = job.task.type == "sequence_classification"
-    chat = not classify and not (job.data.format == "alpaca" and job.data.prompt_template == "alpaca")
+    chat = not classify and not (job.data.format in ("alpaca", "preference", "unpaired") and job.data.prompt_template == "alpaca")
     untuned = untuned_accuracy(p, state, rows, rerun) if sm.compare_untuned and not classify else None
 
     client = openai.OpenAI(base_url=base + "/v1", api_key=_api_key(), max_retries=6, timeout=300)

@@ -1,4 +1,5 @@
-"""The pipeline's stages: train (one run or a sweep) → registry version → quantise behind the gate → deploy.
+"""The pipeline's stages: train (one run or a sweep) → [align: a run from that model] → registry version → quantise
+behind the gate → deploy.
 
 Each stage's output is the next one's input through the model registry; a stage whose input
 fingerprint matches ``state.json`` and whose output still exists is reused, not rerun.
@@ -13,10 +14,10 @@ from typing import Any
 
 from hone import registry, storage
 from hone.artifacts import QUANTIZED_INFO
-from hone.config import Pipeline, ServeConfig
+from hone.config import JobConfig, Pipeline, ServeConfig
 from hone.pipeline.state import PipelineError, State, fingerprint, say
 
-__all__ = ["base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage", "worth_serving"]
+__all__ = ["align_stage", "base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage", "worth_serving"]
 
 
 def train_fingerprint(p: Pipeline) -> str:
@@ -28,16 +29,12 @@ def train_fingerprint(p: Pipeline) -> str:
 
 
 def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, rerun: bool) -> dict[str, Any]:
-    from hone.training import train
     from hone.tune import format_table, sweep
 
     job = p.job
     fp = train_fingerprint(p)
 
-    def exists(out: dict[str, Any]) -> bool:
-        return Path(registry.resolve_model_ref(out["model"])["source"]).is_dir()
-
-    reused = None if rerun else state.reusable("train", fp, exists)
+    reused = None if rerun else state.reusable("train", fp, _registered)
     if reused is not None:
         say(f"train: reusing {reused['model']} (the job and its overrides are unchanged since {state.data['train']['at']})")
         return {**reused, "skipped": True}
@@ -68,24 +65,53 @@ def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, r
             "winner": {"trial": result.winner["trial"], "params": result.winner["params"], "value": result.winner[metric]},
         }
     else:
-        run = train(job, address=address, storage_path=str(storage), track=True)
-        if run.export_dir is None or run.mlflow_run_id is None:
-            raise PipelineError("train", f"the run {run.run_dir} wrote no export to register")
-        metric = job.training.eval_metric if "eval_loss" in run.metrics else "loss"
-        value = float(run.metrics.get(metric, run.metrics.get("loss", float("nan"))))
-        reg = registry.register_winner(name, run.mlflow_run_id, run.export_dir, metric, value)
-        print(f"[hone] {registry.describe(reg, metric, value)}", flush=True)
-        version = reg.version
-        out = {
-            "sweep": False,
-            "run_dir": str(run.run_dir),
-            "metric": metric,
-            "value": value,
-            "model": f"models:/{name}/{version}",
-            "export": str(run.export_dir),
-        }
+        out = _one_run("train", job, name, storage, address)
     out["seconds"] = time.time() - started
     state.record("train", fp, out)
+    return {**out, "skipped": False}
+
+
+def _registered(out: dict[str, Any]) -> bool:
+    """Whether a recorded stage's registered model still exists."""
+    return Path(registry.resolve_model_ref(out["model"])["source"]).is_dir()
+
+
+def _one_run(stage: str, job: JobConfig, name: str, storage: Path, address: str | None) -> dict[str, Any]:
+    """One training run, its export registered as ``models:/NAME`` by the job's metric."""
+    from hone.training import train
+
+    run = train(job, address=address, storage_path=str(storage), track=True)
+    if run.export_dir is None or run.mlflow_run_id is None:
+        raise PipelineError(stage, f"the run {run.run_dir} wrote no export to register")
+    metric = job.training.eval_metric if "eval_loss" in run.metrics else "loss"
+    value = float(run.metrics.get(metric, run.metrics.get("loss", float("nan"))))
+    reg = registry.register_winner(name, run.mlflow_run_id, run.export_dir, metric, value)
+    print(f"[hone] {registry.describe(reg, metric, value)}", flush=True)
+    return {"sweep": False, "run_dir": str(run.run_dir), "metric": metric, "value": value,
+            "model": f"models:/{name}/{reg.version}", "export": str(run.export_dir)}
+
+
+def align_stage(p: Pipeline, state: State, trained: dict[str, Any], storage: Path, address: str | None,
+                rerun: bool) -> dict[str, Any]:
+    """Train the align job from the train stage's model (its ``model.name`` replaced by it) and register the result
+    under the align job's name; reused while that model, the job and its data are unchanged."""
+    assert p.align_job is not None
+    raw = p.align_job.to_dict()
+    raw["model"]["name"] = trained["model"]
+    job = JobConfig.model_validate(raw, context={"check_paths": False})
+    inputs = job.to_dict()
+    inputs["training"]["storage_path"] = None
+    fp = fingerprint({"job": inputs, "from": trained["model"], "export": trained["export"], "data": registry.dataset_fingerprint(job)})
+
+    reused = None if rerun else state.reusable("align", fp, _registered)
+    if reused is not None:
+        say(f"align: reusing {reused['model']} (trained from {trained['model']}, the job unchanged since {state.data['align']['at']})")
+        return {**reused, "skipped": True}
+    started = time.time()
+    out = {**_one_run("align", job, p.align_job.name, storage, address), "from": trained["model"],
+           "objective": job.preference.loss if job.preference else "sft"}
+    out["seconds"] = time.time() - started
+    state.record("align", fp, out)
     return {**out, "skipped": False}
 
 

@@ -48,6 +48,11 @@ def format_summary(result: PipelineResult) -> str:
         else:
             lines.append(f"train     one run{again}: {tr['metric']} {tr['value']:.4g}")
         lines.append(f"          registered {tr['model']} (@winner)")
+    al = st.get("align")
+    if al:
+        again = " (reused: same inputs)" if al.get("skipped") else f" ({duration(al['seconds'])})"
+        lines.append(f"align     {al['objective']} from {al['from']}{again}: {al['metric']} {al['value']:.4g}; "
+                     f"registered {al['model']} (@winner)")
     q = st.get("quantize")
     if q:
         again = " (reused: same inputs)" if q.get("skipped") else f" ({duration(q['seconds'])})"

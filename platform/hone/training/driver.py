@@ -35,7 +35,7 @@ from hone.training.loop import train_loop
 from hone.training.plan import TrainError, total_steps
 from hone.training.progress import ProgressPrinter, progress_callback
 
-__all__ = ["TrainResult", "check_inputs", "train"]
+__all__ = ["TrainResult", "check_inputs", "starting_point", "train"]
 
 
 @dataclass
@@ -64,7 +64,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hone.data import load_tokenizer, prepare_cached, tokenizer_digest
+    from hone.data import check_sample, load_tokenizer, prepare_cached, tokenizer_digest
     from hone.registry import dataset_fingerprint
 
     if resume:
@@ -74,11 +74,14 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     elif job is None:
         raise TrainError("give a job or a run to resume")
     else:
+        job = starting_point(job)
         run_dir = Path(run_dir or new_run_dir(run_storage(storage_path, job), job.run_name)).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / JOB_FILE).write_text(job.to_yaml())
 
     tokenizer = load_tokenizer(job)
+    if job.preference is not None:  # bad pairs and labels are refused here, before any Ray work
+        check_sample(job, tokenizer)
     digest = tokenizer_digest(tokenizer)
     inputs = {"data": dataset_fingerprint(job), "tokenizer": digest}
     if resume:
@@ -154,6 +157,21 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     sync_up(run_dir, "hone-run.json")
     return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
                        metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)
+
+
+def starting_point(job: JobConfig) -> JobConfig:
+    """A job that starts from a hone model (``model.name: models:/sft@winner``, an export or a run) gets the local folder
+    of its full weights instead (the run's ``job.yaml`` records that folder, so a resume trains on the same start
+    even if the alias has moved since)."""
+    from hone.modeling import is_hone_model, starting_weights
+
+    if not is_hone_model(job.model.name):
+        return job
+    path = starting_weights(job.model.name)
+    print(f"[hone] starting from {job.model.name} ({path})", flush=True)
+    raw = job.to_dict()
+    raw["model"]["name"] = path
+    return JobConfig.model_validate(raw, context={"check_paths": False})
 
 
 def _resize_interval() -> float:

@@ -120,6 +120,7 @@ def _export(engine: Any, job: JobConfig, run_dir: Path, run_uri: str | None, ran
             "base_model": job.model.name,
             "method": job.method.type,
             "task": job.task.type,
+            "objective": job.preference.loss if job.preference else "sft",
             "zero_stage": job.distributed.deepspeed.stage if job.distributed.deepspeed else None,
             "num_workers": len(workers),
             "workers": workers,
@@ -157,9 +158,10 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from hone.data import CachedSplit, collate, local_entry
-    from hone.modeling import build_model, evaluate, forward_loss
+    from hone.data import CachedSplit, local_entry
+    from hone.modeling import build_model
     from hone.training.engines import make_engine, universal_checkpoint
+    from hone.training.objectives import make_objective
 
     job = JobConfig.model_validate(config["job"], context={"check_paths": False})
     run_dir = Path(config["run_dir"])
@@ -167,7 +169,6 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(job.distributed.resources_per_worker.get("CPU", 1))))
-    task = job.task.type
     t = job.training
 
     entry = local_entry(config["data"]["location"], config["data"]["key"])  # memory-mapped: rows are built per micro-batch
@@ -187,6 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y.cpu()
 
+    objective = make_objective(job, engine, pad_id, world, all_reduce)
     workers = [None] * world
     dist.all_gather_object(
         workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid()}
@@ -230,13 +232,14 @@ def train_loop(config: dict[str, Any]) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.hf_module.parameters())
     peak_flops = _peak_flops()
     window = torch.zeros(4, dtype=torch.float64)  # loss sum, steps, tokens, samples
+    stats_window = torch.zeros(objective.n_stats, dtype=torch.float64)  # the objective's own sums (preference rewards …)
     window_time = 0.0
     last_loss = float("nan")
     skipped = 0  # consecutive steps discarded for a non-finite loss or gradient norm
     engine.module.train()
 
     def eval_now() -> dict[str, float]:
-        return evaluate(engine.module, val_rows, job, pad_id, batch_size=t.batch_size, rank=rank, world_size=world, all_reduce=all_reduce)
+        return objective.evaluate(val_rows, t.batch_size, rank)
 
     if cloned and (state.step >= total or state.stopped_early):
         # Continued from a finished run's final state: nothing left to train, so this run ends as
@@ -260,15 +263,18 @@ def train_loop(config: dict[str, Any]) -> None:
     while state.step < total and not state.stopped_early:
         start = time.perf_counter()
         step_sums = torch.zeros(4, dtype=torch.float64)  # loss, steps, tokens, samples
+        step_stats = torch.zeros(objective.n_stats, dtype=torch.float64)
         for micro in range(sched.grad_accum):
             rows = train_rows.take(sched.micro_rows(state.step, micro, rank))
             torch.manual_seed(sched.micro_seed(state.step, micro, rank))  # dropout: the micro-batch's stream, on any worker
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id, task).items()}
+            batch = objective.batch(rows)
             with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-                loss, _, _ = forward_loss(engine.module, batch, task)
+                loss, stats = objective.loss(batch)
             engine.train_micro(loss)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             step_sums += torch.tensor([float(loss.detach()) / sched.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
+            if stats is not None:
+                step_stats += stats
         step_sums[1] = 1
         window_time += time.perf_counter() - start
         state.step += 1
@@ -287,6 +293,7 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             skipped = 0
             window += step_sums
+            stats_window += step_stats
         last = state.step == total
         do_ckpt = last or bool(t.checkpoint_every and state.step % t.checkpoint_every == 0)
         do_eval = bool(val_rows) and (last or do_ckpt or bool(t.eval_every and state.step % t.eval_every == 0))
@@ -310,11 +317,14 @@ def train_loop(config: dict[str, Any]) -> None:
             "peak_memory_mb": _peak_memory_mb(),
             "workers": world,
         }
+        if objective.n_stats:
+            metrics.update(objective.metrics(all_reduce(stats_window)))
         if state.skipped_steps:
             metrics["skipped_steps"] = state.skipped_steps
         if peak_flops:
             metrics["mfu"] = 6 * n_params * float(summed[2]) / window_time / (peak_flops * world)
         window.zero_()
+        stats_window.zero_()
         window_time = 0.0
         if do_eval:
             metrics.update(eval_now())

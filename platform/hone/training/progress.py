@@ -95,7 +95,9 @@ def format_metrics(m: dict[str, Any]) -> str:
     if m.get("grad_norm") is not None:
         parts.append(f"grad {m['grad_norm']:.3f}")
     parts.append(f"{m['tokens_per_s']:.0f} tok/s")
-    for k in ("eval_loss", "eval_accuracy", "eval_f1"):
+    if "reward_accuracy" in m:
+        parts.append(f"reward acc {m['reward_accuracy']:.2f} margin {m['reward_margin']:.4f}")
+    for k in ("eval_loss", "eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_reward_margin"):
         if k in m:
             parts.append(f"{k} {m[k]:.4f}")
     if "mfu" in m:
