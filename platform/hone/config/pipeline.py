@@ -123,11 +123,6 @@ class Pipeline:
         """Where the train stage registers its model."""
         return registered_name(self.job, self.sweep)
 
-    @property
-    def served_model(self) -> str:
-        """Where the model the later stages quantise and serve is registered (the align stage's, when there is one)."""
-        return self.align_job.name if self.align_job is not None else self.registered_model
-
     def summary(self) -> str:
         """One line: the stages this pipeline runs."""
         c = self.config

@@ -59,7 +59,7 @@ def check_columns(columns: list[str], cfg: DataConfig, split: str) -> None:
 def check_chat_template(tokenizer: Any, cfg: DataConfig) -> None:
     chat = cfg.format in ("sharegpt", "messages") or (cfg.format in ("alpaca", "preference", "unpaired") and cfg.prompt_template == "chat")
     if chat and not getattr(tokenizer, "chat_template", None):
-        what = f"format {cfg.format}" + (" with prompt_template: chat" if cfg.format != "sharegpt" and cfg.format != "messages" else "")
+        what = f"format {cfg.format}" + (" with prompt_template: chat" if cfg.format not in ("sharegpt", "messages") else "")
         raise DataError(
             f"data.format: {what} renders conversations with the tokenizer's chat template, but this tokenizer has none; "
             "use a chat/instruct model, or format: alpaca with prompt_template: alpaca, or format: text"

@@ -11,7 +11,7 @@ from hone import assets, storage
 from hone.config import DataConfig, JobConfig
 from hone.config.sections import DATA_FILE_TYPES
 
-__all__ = ["DataError", "held_out_rows", "load_source", "load_splits", "load_tokenizer", "order_keys", "pick_split",
+__all__ = ["DataError", "head_rows", "held_out_rows", "load_source", "load_splits", "load_tokenizer", "order_keys", "pick_split",
            "source_files", "split_plan", "tokenizer_digest"]
 
 
@@ -130,6 +130,38 @@ def load_source(source: str, cfg: DataConfig) -> Any:
             return datasets.load_from_disk(expanded)
         return datasets.load_dataset(expanded)
     return datasets.load_dataset(source)  # a hub id (needs network unless cached)
+
+
+def head_rows(cfg: DataConfig, n: int) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """(columns, the first ``n`` rows) of the training source when that is cheap here: a built-in, or local files read
+    from their start (jsonl line by line; json, csv and parquet through pyarrow's dataset reader). None for object-store,
+    folder and hub sources, which are read (and checked) on Ray Data."""
+    import json
+
+    if cfg.source.startswith(assets.PREFIX):
+        train = pick_split(assets.load_builtin_dataset(cfg.source, cfg.format), cfg.split, cfg.source)
+        return train.column_names, train.select(range(min(n, len(train)))).to_list()
+    found = None if storage.is_uri(cfg.source) else source_files(cfg.source)
+    if found is None:
+        return None
+    files, kind = found
+    rows: list[dict[str, Any]] = []
+    if kind == "json" and all(f.endswith(".jsonl") for f in files):
+        for f in files:
+            with open(f) as lines:
+                rows += [json.loads(line) for line, _ in zip((x for x in lines if x.strip()), range(n - len(rows)))]
+            if len(rows) >= n:
+                break
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        return columns, rows
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    try:
+        head = pds.dataset(files, format=kind).head(n)
+    except (pa.ArrowInvalid, ValueError):  # e.g. a .json file holding one array: datasets (and Ray Data) read it
+        return None
+    return head.column_names, head.to_pylist()
 
 
 def pick_split(loaded: Any, split: str, source: str) -> Any:

@@ -22,7 +22,7 @@ from hone.data.formats import (
     plain_template,
 )
 from hone.data.pairs import encode_preference
-from hone.data.sources import DataError, load_splits
+from hone.data.sources import DataError, head_rows, load_splits
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -302,27 +302,17 @@ def check_split(columns: list[str], job: JobConfig, tokenizer: Any, split: str) 
 
 
 def check_sample(job: JobConfig, tokenizer: Any, rows: int = 512) -> None:
-    """Read the first ``rows`` rows of a local (or built-in) training source here and encode them: a missing column,
-    a chat template the format needs, and bad rows (identical pairs, labels) are reported before any Ray work. Object-store
-    and hub sources are checked when Ray Data reads them."""
-    from hone import storage
-    from hone.data.sources import load_source, pick_split
-
-    if storage.is_uri(job.data.source) or not (job.data.source.startswith("builtin:") or _local(job.data.source)):
+    """Encode the first ``rows`` rows of a local (or built-in) training source here: a missing column, a chat template
+    the format needs, and bad rows (identical pairs, labels) are reported before any Ray work. Object-store, folder and
+    hub sources are checked when Ray Data reads them."""
+    head = head_rows(job.data, rows)
+    if head is None:
         return
-    ds = pick_split(load_source(job.data.source, job.data), job.data.split, job.data.source)
-    check_split(ds.column_names, job, tokenizer, "train")
+    columns, sample = head
+    check_split(columns, job, tokenizer, "train")
     builder = SplitBuilder(job, "train", False)
-    builder.add(encode_rows(ds.select(range(min(rows, len(ds)))).to_list(), job, tokenizer))
+    builder.add(encode_rows(sample, job, tokenizer))
     builder.check()
-
-
-def _local(source: str) -> bool:
-    import glob
-    import os
-
-    path = os.path.expanduser(source)
-    return bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)
 
 
 def tokenize_split(ds: Any, job: JobConfig, tokenizer: Any, split: str = "train", *, pack: bool | None = None) -> tuple[Any, SplitReport]:

@@ -161,7 +161,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from hone.data import CachedSplit, local_entry
     from hone.modeling import build_model
     from hone.training.engines import make_engine, universal_checkpoint
-    from hone.training.objectives import make_objective
+    from hone.training.objectives import Objective
 
     job = JobConfig.model_validate(config["job"], context={"check_paths": False})
     run_dir = Path(config["run_dir"])
@@ -188,7 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y.cpu()
 
-    objective = make_objective(job, engine, pad_id, world, all_reduce)
+    objective = Objective(job, engine, pad_id, world, all_reduce)
     workers = [None] * world
     dist.all_gather_object(
         workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid()}

@@ -23,8 +23,7 @@ from hone.config import JobConfig
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PREFERENCE_STATS", "Objective", "collate_preference", "make_objective", "preference_loss", "preference_metrics",
-           "sequence_logps"]
+__all__ = ["PREFERENCE_STATS", "Objective", "collate_preference", "preference_loss", "preference_metrics", "sequence_logps"]
 
 # Sums kept per window: pairs (or completions), chosen/rejected reward sums, correctly ordered, chosen/rejected
 # log-prob sums, chosen/rejected counts, KL estimate sum and count (KTO).
@@ -146,7 +145,8 @@ def preference_metrics(stats: torch.Tensor, prefix: str = "") -> dict[str, float
 
 class Objective:
     """One training objective on one worker: batches, the loss of a micro-batch (with its statistics), and the
-    evaluation of held-out rows. :func:`make_objective` picks supervised fine-tuning or the job's preference loss."""
+    evaluation of held-out rows: supervised fine-tuning, or the job's preference loss (building the reference model
+    where one is needed)."""
 
     def __init__(self, job: JobConfig, engine: Any, pad_id: int, world_size: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]):
         self.job, self.engine, self.pad_id, self.world_size, self.all_reduce = job, engine, pad_id, world_size, all_reduce
@@ -202,12 +202,6 @@ class Objective:
         module.train(was_training)
         sums = self.all_reduce(sums)
         return {"eval_loss": float(sums[-2] / max(float(sums[-1]), 1.0)), **preference_metrics(sums[:-2], "eval_")}
-
-
-def make_objective(job: JobConfig, engine: Any, pad_id: int, world_size: int,
-                   all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> Objective:
-    """The job's objective on this worker's engine (builds the reference model where one is needed)."""
-    return Objective(job, engine, pad_id, world_size, all_reduce)
 
 
 def _reference(job: JobConfig, engine: Any, world_size: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
