@@ -44,14 +44,14 @@ BUILTIN_MODELS: dict[str, str] = {
 BUILTIN_DATASETS: dict[str, str] = {
     "builtin:rotten-tomatoes": "Rotten Tomatoes reviews, fresh=positive / rotten=negative, seeded 80/10/10 train/validation/test; "
     "format classification (text, label), alpaca (instruction view), preference (the right answer chosen, the wrong one "
-    "rejected) or unpaired (both answers, labelled right or wrong, for KTO)",
+    "rejected), unpaired (both answers, labelled right or wrong, for KTO) or prompts (the prompt and its answer, for GRPO)",
 }
 
 SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
 SENTIMENT_LABELS = ["negative", "positive"]
 
 # Recipe versions: bump when a derived artefact's recipe changes so old caches are not reused.
-_TINY_LLAMA_VERSION = 1
+_TINY_LLAMA_VERSION = 2  # 2: two heads of 32 (vLLM runs it)
 _SMOLLM2_VERSION = 1
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -258,8 +258,8 @@ def _tiny_llama_dir(seed: int = 0) -> Path:
             hidden_size=64,
             intermediate_size=256,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=2,  # head_dim 32: the smallest vLLM's CPU attention kernels take
+            num_key_value_heads=1,
             max_position_embeddings=2048,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -326,7 +326,7 @@ def load_builtin_dataset(name: str, fmt: str) -> Any:
             )
 
         return datasets.DatasetDict({k: view(v) for k, v in parts.items()})
-    if fmt in ("preference", "unpaired"):
+    if fmt in ("preference", "unpaired", "prompts"):
         # The prompt is the alpaca view's user turn (instruction, blank line, review), so an SFT model trained on that
         # view with prompt_template: chat sees the same prompt here.
         def pairs(part: Any) -> Any:
@@ -335,10 +335,12 @@ def load_builtin_dataset(name: str, fmt: str) -> Any:
             wrong = [SENTIMENT_LABELS[1 - i] for i in part["label"].tolist()]
             if fmt == "preference":
                 return datasets.Dataset.from_dict({"prompt": prompts, "chosen": right, "rejected": wrong})
+            if fmt == "prompts":
+                return datasets.Dataset.from_dict({"prompt": prompts, "answer": right})
             return datasets.Dataset.from_dict({"prompt": [p for p in prompts for _ in (0, 1)],
                                                "completion": [a for pair in zip(right, wrong) for a in pair],
                                                "label": [True, False] * len(prompts)})
 
         return datasets.DatasetDict({k: pairs(v) for k, v in parts.items()})
-    raise ValueError(f"{name} comes in format classification (text, label), alpaca (instruction view), preference or unpaired, "
+    raise ValueError(f"{name} comes in format classification (text, label), alpaca (instruction view), preference, unpaired or prompts, "
                      f"not {fmt!r}")

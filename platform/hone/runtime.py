@@ -145,6 +145,8 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         need = 0.0
         if job is not None:
             need = job.distributed.max_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
+            if job.grpo is not None:  # the rollout engines (Ray actors beside the training workers)
+                need += job.grpo.rollout_engines * job.grpo.rollout_resources.get("CPU", 1.0)
         cpus = max(os.cpu_count() or 1, int(math.ceil(need + extra_cpus)))
         port = free_port()
         env_vars["RAY_ADDRESS"] = f"127.0.0.1:{port}"

@@ -172,7 +172,7 @@ def test_structured_outputs_on_hones_engine(client):
 
     labels = ["positive", "negative"]
     for prompt in PROMPTS[:3]:
-        out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=1.0,
+        out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=1.0,
                                         extra_body={"structured_outputs": {"choice": labels}})
         assert out.choices[0].text in labels and out.choices[0].finish_reason == "stop"
     pieces = [c.choices[0].text for c in client.completions.create(model="tiny-sentiment", prompt=PROMPTS[0], max_tokens=8,

@@ -55,11 +55,13 @@ def reference_markdown(kind: str = "job") -> str:
     while i < len(sections):
         prefix, model = sections[i]
         for name, field in model.model_fields.items():
-            sub = model_of(field.annotation) or dict_value_model(field.annotation)
+            items = [a for a in unwrap_annotation(field.annotation) if typing.get_origin(a) is list]
+            listed = model_of(typing.get_args(items[0])[0]) if items else None
+            sub = model_of(field.annotation) or dict_value_model(field.annotation) or listed
             if sub is not None and sub not in seen:
                 seen.add(sub)
                 path = name if prefix == "(top level)" else f"{prefix}.{name}"
-                sections.append((path + (".<path>" if is_dict(field.annotation) else ""), sub))
+                sections.append((path + (".<path>" if is_dict(field.annotation) else "[]" if listed else ""), sub))
         i += 1
     out = []
     for prefix, model in sections:

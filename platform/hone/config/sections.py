@@ -110,13 +110,15 @@ class DataColumns(Section):
     system: str | None = None
     """Optional per-row system prompt column (chat formats)."""
     prompt: str = "prompt"
-    """Prompt (``preference``, ``unpaired``): a string, or a list of ``{role, content}`` messages."""
+    """Prompt (``preference``, ``unpaired``, ``prompts``): a string, or a list of ``{role, content}`` messages."""
     chosen: str = "chosen"
     """Preferred response (``preference``): a string, an assistant message, or a list of messages."""
     rejected: str = "rejected"
     """Dispreferred response (``preference``), as ``chosen``."""
     completion: str = "completion"
     """Response (``unpaired``), judged desirable or not by the boolean ``label`` column."""
+    answer: str = "answer"
+    """Reference answer (``prompts``): what exact_match rewards and evaluations compare with."""
 
 
 def _source_problem(source: str) -> str | None:
@@ -152,15 +154,13 @@ class DataConfig(Section):
     """Where the training data comes from and how it becomes tokens."""
 
     source: str
-    """A jsonl/json/csv/parquet path or glob, a ``datasets.save_to_disk`` directory, a hub dataset id,
-    or a built-in (``builtin:rotten-tomatoes``)."""
-    format: Literal["text", "alpaca", "sharegpt", "messages", "classification", "preference", "unpaired"] = "text"
+    """A jsonl/json/csv/parquet path or glob, a ``datasets.save_to_disk`` directory, a hub dataset id, or a built-in."""
+    format: Literal["text", "alpaca", "sharegpt", "messages", "classification", "preference", "unpaired", "prompts"] = "text"
     """Row layout: ``text`` (train on all tokens), ``alpaca`` (instruction/input/output), ``sharegpt``
     (``conversations`` of from/value), ``messages`` (OpenAI-style role/content, rendered with the
     tokenizer's chat template), ``classification`` (text + label), ``preference`` (prompt/chosen/rejected pairs,
-    with a ``preference:`` section), ``unpaired`` (prompt/completion/label, for ``preference.loss: kto``).
-    Preference rows given as message lists are rendered with the chat template; string rows are used as they are,
-    or as one user/assistant exchange with ``prompt_template: chat``."""
+    with a ``preference:`` section), ``unpaired`` (prompt/completion/label, for ``preference.loss: kto``), ``prompts`` (for ``grpo:``).
+    Preference and prompt rows given as message lists use the chat template; strings as they are, or with ``prompt_template: chat``."""
     columns: DataColumns = DataColumns()
     """Column mapping for the chosen format."""
     split: str = "train"
@@ -186,7 +186,7 @@ class DataConfig(Section):
     """Pack several short examples into each ``max_length`` row (causal_lm only)."""
     prompt_template: Literal["alpaca", "chat"] = "alpaca"
     """How ``alpaca`` rows become a prompt: the Alpaca text template, or a user/assistant chat
-    through the tokenizer's chat template (best for instruct models). For string ``preference``/``unpaired`` rows,
+    through the tokenizer's chat template (best for instruct models). For string ``preference``/``unpaired``/``prompts`` rows,
     ``chat`` renders them as a user turn and an assistant turn; otherwise they are used as they are."""
     system_prompt: str | None = None
     """System message prepended to chat-formatted rows that have none."""
@@ -470,6 +470,8 @@ class TrainingConfig(Section):
     """Report training metrics every N optimizer steps."""
     eval_every: int | None = Field(default=None, ge=1)
     """Evaluate every N steps (and always at the end); ``null``: only at the end."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (a new run only); reported as ``initial_eval_*`` with the first step."""
     checkpoint_every: int | None = Field(default=None, ge=1)
     """Checkpoint every N steps (and at the end); ``null``: only at the end."""
     keep_checkpoints: int = Field(default=2, ge=1)

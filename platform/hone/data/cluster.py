@@ -57,7 +57,8 @@ def cache_key(job: JobConfig, tokenizer_digest: str) -> str:
 
     d, t = job.data, job.task
     blob = json.dumps([_VERSION, dataset_fingerprint(job), tokenizer_digest, d.truncation_side, d.system_prompt, t.type,
-                       t.num_labels, t.labels] + ([job.preference.max_prompt_length] if job.preference else []),
+                       t.num_labels, t.labels] + ([job.preference.max_prompt_length] if job.preference else [])
+                      + ([job.grpo.max_prompt_length, job.grpo.max_new_tokens] if job.grpo else []),
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

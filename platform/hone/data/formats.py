@@ -44,6 +44,7 @@ def _required_columns(cfg: DataConfig) -> dict[str, str]:
         "classification": {"text": c.text, "label": c.label, **({"text_pair": c.text_pair} if c.text_pair else {})},
         "preference": {"prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected},
         "unpaired": {"prompt": c.prompt, "completion": c.completion, "label": c.label},
+        "prompts": {"prompt": c.prompt},
     }[cfg.format]
 
 
@@ -57,7 +58,8 @@ def check_columns(columns: list[str], cfg: DataConfig, split: str) -> None:
 
 
 def check_chat_template(tokenizer: Any, cfg: DataConfig) -> None:
-    chat = cfg.format in ("sharegpt", "messages") or (cfg.format in ("alpaca", "preference", "unpaired") and cfg.prompt_template == "chat")
+    chat = cfg.format in ("sharegpt", "messages") or (cfg.format in ("alpaca", "preference", "unpaired", "prompts")
+                                                      and cfg.prompt_template == "chat")
     if chat and not getattr(tokenizer, "chat_template", None):
         what = f"format {cfg.format}" + (" with prompt_template: chat" if cfg.format not in ("sharegpt", "messages") else "")
         raise DataError(
@@ -101,7 +103,7 @@ def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
     For chat formats the answer is the last assistant turn and the prompt everything before it.
     """
     c = cfg.columns
-    if cfg.format in ("preference", "unpaired"):
+    if cfg.format in ("preference", "unpaired", "prompts"):
         from hone.data.pairs import preference_prompt
 
         return preference_prompt(row, cfg, tokenizer)
@@ -119,7 +121,7 @@ def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
 
 def prompt_messages(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
     """The chat messages a client sends for a row (every turn before the last assistant turn) and that turn's text."""
-    if cfg.format in ("preference", "unpaired"):
+    if cfg.format in ("preference", "unpaired", "prompts"):
         from hone.data.pairs import preference_messages
 
         return preference_messages(row, cfg)

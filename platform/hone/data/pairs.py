@@ -1,4 +1,5 @@
-"""Preference rows → token ids: (prompt, chosen, rejected) pairs, and unpaired completions with a desirable label (KTO).
+"""Preference rows → token ids: (prompt, chosen, rejected) pairs, and unpaired completions with a desirable label (KTO);
+and prompt rows (GRPO): the prompt's ids, with the row itself kept for the rewards.
 
 A row's prompt and responses are tokenised apart (so the prompt/response boundary is exact) and the loss is on
 response tokens only. Strings are used as they are (TRL's standard format; responses end with EOS); message lists
@@ -19,12 +20,14 @@ from hone.data.sources import DataError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["encode_preference", "preference_columns", "preference_messages", "preference_prompt"]
+__all__ = ["encode_preference", "encode_prompts", "preference_columns", "preference_messages", "preference_prompt"]
 
 
 def preference_columns(cfg: DataConfig) -> dict[str, str]:
     """The columns a preference format reads, by their ``data.columns`` key."""
     c = cfg.columns
+    if cfg.format == "prompts":
+        return {"prompt": c.prompt}
     if cfg.format == "unpaired":
         return {"prompt": c.prompt, "completion": c.completion, "label": c.label}
     return {"prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected}
@@ -64,7 +67,7 @@ def preference_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
     """A preference row's prompt as the model sees it (the generation prompt for chat rows) and its preferred answer
     (the chosen response; an unpaired row's completion)."""
     names = preference_columns(cfg)
-    answer = _text(row[names["chosen" if cfg.format == "preference" else "completion"]])
+    answer = _answer(row, cfg, names)
     if not _chat(row, cfg, names):
         return str(row[names["prompt"]]), answer
     return tokenizer.apply_chat_template(_prompt_messages(row, cfg, names), tokenize=False, add_generation_prompt=True), answer
@@ -73,7 +76,13 @@ def preference_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> t
 def preference_messages(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
     """The chat messages a client sends for a preference row and the preferred answer."""
     names = preference_columns(cfg)
-    return _prompt_messages(row, cfg, names), _text(row[names["chosen" if cfg.format == "preference" else "completion"]])
+    return _prompt_messages(row, cfg, names), _answer(row, cfg, names)
+
+
+def _answer(row: dict[str, Any], cfg: DataConfig, names: dict[str, str]) -> str:
+    if cfg.format == "prompts":
+        return _text(row.get(cfg.columns.answer))
+    return _text(row[names["chosen" if cfg.format == "preference" else "completion"]])
 
 
 def _prompt_messages(row: dict[str, Any], cfg: DataConfig, names: dict[str, str]) -> list[dict[str, str]]:
@@ -179,3 +188,38 @@ def encode_preference(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any
     table.update(status=pa.array(cols["status"], pa.int8()), truncated=pa.array(cols["truncated"], pa.bool_()),
                  label_value=pa.array(cols["label_value"], pa.string()))
     return pa.table(table)
+
+
+def encode_prompts(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any) -> pa.Table:
+    """Prompt rows → ``input_ids`` (the prompt as the model sees it, its start cut to ``grpo.max_prompt_length``, then
+    the row's reference answer when it has one), ``labels`` (the answer's tokens: the gate and ``hone eval`` measure
+    its loss), ``prompt_len`` (what a rollout continues) and ``row`` (the row as JSON, for the rewards); ``status``
+    marks rows without a prompt (EMPTY)."""
+    import json
+
+    import pyarrow as pa
+
+    names = preference_columns(job.data)
+    answer = job.data.columns.answer
+    keep = job.grpo.max_prompt_length or job.data.max_length - job.grpo.max_new_tokens
+    cols: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "prompt_len", "row", "status", "truncated")}
+    for row in rows:
+        if not _text(row.get(names["prompt"])):
+            prompt, tail = [], []
+        else:
+            has_answer = bool(_text(row.get(answer)))
+            prompt, tails = _encode(row, job, tokenizer, names, [answer] if has_answer else [])
+            tail = tails[0] if tails else []
+        cut = prompt[-keep:]
+        tail = tail[: job.data.max_length - len(cut)]
+        cols["input_ids"].append(cut + tail)
+        cols["labels"].append([IGNORE_INDEX] * len(cut) + tail)
+        cols["prompt_len"].append(len(cut))
+        cols["row"].append(json.dumps(row, default=str))
+        cols["status"].append(OK if prompt else EMPTY)
+        cols["truncated"].append(len(prompt) > keep)
+    ids = pa.list_(pa.int32())
+    return pa.table({"input_ids": pa.array(cols["input_ids"], ids), "labels": pa.array(cols["labels"], ids),
+                     "prompt_len": pa.array(cols["prompt_len"], pa.int32()), "row": pa.array(cols["row"], pa.string()),
+                     "status": pa.array(cols["status"], pa.int8()), "truncated": pa.array(cols["truncated"], pa.bool_()),
+                     "label_value": pa.array([None] * len(rows), pa.string())})

@@ -21,7 +21,7 @@ from hone.data.formats import (
     check_columns,
     plain_template,
 )
-from hone.data.pairs import encode_preference
+from hone.data.pairs import encode_preference, encode_prompts
 from hone.data.sources import DataError, head_rows, load_splits
 
 if TYPE_CHECKING:
@@ -104,6 +104,8 @@ def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, name
     Each row is encoded on its own, so any split of the rows into batches (a Ray Data task each) gives the same result."""
     if job.preference is not None:
         return encode_preference(rows, job, tokenizer)
+    if job.grpo is not None:
+        return encode_prompts(rows, job, tokenizer)
     cfg = job.data
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": [], "truncated": [], "label_value": []}
 
@@ -310,6 +312,12 @@ def check_sample(job: JobConfig, tokenizer: Any, rows: int = 512) -> None:
         return
     columns, sample = head
     check_split(columns, job, tokenizer, "train")
+    if job.grpo is not None:
+        for i, reward in enumerate(job.grpo.rewards):
+            column = reward.column or (job.data.columns.answer if reward.type == "exact_match" else None)
+            if column and column not in columns:
+                raise DataError(f"grpo.rewards.{i}.column: the train data has no column {column!r} for the {reward.type} reward; "
+                                f"its columns are {list(columns)}. Set the reward's column (or data.columns.answer).")
     builder = SplitBuilder(job, "train", False)
     builder.add(encode_rows(sample, job, tokenizer))
     builder.check()

@@ -120,7 +120,7 @@ def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, A
 def _answers_gated(job: JobConfig) -> bool:
     """Causal LM data with a prompt and an expected answer (a pair's is its chosen response): the gate also compares
     generated answers."""
-    return job.task.type == "causal_lm" and job.data.format in ("alpaca", "messages", "sharegpt", "preference")
+    return job.task.type == "causal_lm" and job.data.format in ("alpaca", "messages", "sharegpt", "preference", "prompts")
 
 
 def _folder_mb(folder: Path) -> float:

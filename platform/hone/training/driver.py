@@ -80,7 +80,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
         (run_dir / JOB_FILE).write_text(job.to_yaml())
 
     tokenizer = load_tokenizer(job)
-    if job.preference is not None:  # bad pairs and labels are refused here, before any Ray work
+    if job.preference is not None or job.grpo is not None:  # bad pairs, labels, reward columns refused before any Ray work
         check_sample(job, tokenizer)
     digest = tokenizer_digest(tokenizer)
     inputs = {"data": dataset_fingerprint(job), "tokenizer": digest}
@@ -109,10 +109,12 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                   f"{'ZeRO-' + str(d.deepspeed.stage) if d.deepspeed else 'DDP'}, {job.precision}; run dir {remote or run_dir}", flush=True)
         d = job.distributed
         fs = storage.filesystem(root)[0] if remote else None
+        pool = _rollout_pool(job, run_dir, quiet) if job.grpo is not None else None
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "run_uri": remote, "pad_id": tokenizer.pad_token_id,
                                "total_steps": steps, "has_validation": has_val, "init_checkpoint": init_checkpoint,
+                               "rollout_pool": pool[1] if pool else None,
                                "data": {"location": data.location, "key": data.key, "rows": data.rows}},
             scaling_config=ScalingConfig(num_workers=d.num_workers if d.elastic else d.max_workers, use_gpu=d.use_gpu,
                                          resources_per_worker=dict(d.resources_per_worker), placement_strategy=d.placement_strategy,
@@ -135,6 +137,11 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
             except Exception as e:  # Ray wraps worker errors; keep the cause visible
                 raise TrainError(f"training run {run_dir.name} failed: {e}\n"
                                  f"resume it with: hone train --resume {remote or run_dir}") from e
+            finally:
+                if pool is not None:
+                    from hone.training.rollout import stop_pool
+
+                    stop_pool(pool[0])
             fit_seconds = time.time() - started
     history = read_metrics(run_dir)
     if history and history[-1].get("diverged"):  # (Ray Train's result carries the last checkpoint's metrics)
@@ -157,6 +164,26 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     sync_up(run_dir, "hone-run.json")
     return TrainResult(run_dir, export if export.exists() else None, merged if merged.exists() else None,
                        metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)
+
+
+def _rollout_pool(job: JobConfig, run_dir: Path, quiet: bool) -> tuple[Any, str]:
+    """Start a GRPO run's rollout engines on the cluster: (the pool's handle, its actor name)."""
+    import uuid
+
+    from hone import assets
+    from hone.training.rollout import start_pool
+
+    model_dir = assets.resolve_model(job.model.name)
+    if not Path(model_dir).is_dir():  # a hub id: the engines read the same snapshot the trainer does
+        from huggingface_hub import snapshot_download
+
+        model_dir = snapshot_download(model_dir)
+    name = f"hone-rollout-{run_dir.name}-{uuid.uuid4().hex[:6]}"
+    started = time.time()
+    pool = start_pool(job, str(model_dir), name)
+    if not quiet:
+        print(f"[hone] {job.grpo.rollout_engines} rollout engine(s) (vLLM) ready in {time.time() - started:.1f} s ({name})", flush=True)
+    return pool, name
 
 
 def starting_point(job: JobConfig) -> JobConfig:

@@ -120,7 +120,7 @@ def _export(engine: Any, job: JobConfig, run_dir: Path, run_uri: str | None, ran
             "base_model": job.model.name,
             "method": job.method.type,
             "task": job.task.type,
-            "objective": job.preference.loss if job.preference else "sft",
+            "objective": job.preference.loss if job.preference else "grpo" if job.grpo else "sft",
             "zero_stage": job.distributed.deepspeed.stage if job.distributed.deepspeed else None,
             "num_workers": len(workers),
             "workers": workers,
@@ -188,7 +188,12 @@ def train_loop(config: dict[str, Any]) -> None:
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y.cpu()
 
-    objective = Objective(job, engine, pad_id, world, all_reduce)
+    if job.grpo is not None:
+        from hone.training.grpo import GRPOObjective
+
+        objective: Any = GRPOObjective(job, engine, pad_id, world, all_reduce, rank, config["rollout_pool"])
+    else:
+        objective = Objective(job, engine, pad_id, world, all_reduce)
     workers = [None] * world
     dist.all_gather_object(
         workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid()}
@@ -226,6 +231,7 @@ def train_loop(config: dict[str, Any]) -> None:
                   + (f" on {world} worker(s) (was {saved['world_size']}), {sched.grad_accum} micro-batch(es) each" if resized else ""),
                   flush=True)
 
+    objective.start(state.step, train_rows)  # online objectives: the rollout engines get these weights
     metric = t.eval_metric if val_rows else "loss"
     mode = metric_mode(metric)
     autocast = getattr(engine, "autocast", None)
@@ -260,6 +266,11 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.report(final)
         return
 
+    initial: dict[str, Any] = {}
+    if t.eval_on_start and val_rows and state.step == 0:
+        initial = {"initial_" + k: v for k, v in eval_now().items()}
+        if rank == 0:
+            print("[hone] before training: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in initial.items()), flush=True)
     while state.step < total and not state.stopped_early:
         start = time.perf_counter()
         step_sums = torch.zeros(4, dtype=torch.float64)  # loss, steps, tokens, samples
@@ -276,6 +287,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if stats is not None:
                 step_stats += stats
         step_sums[1] = 1
+        step_stats += objective.after_step(state.step + 1)  # GRPO: the weight sync, timed with the step
         window_time += time.perf_counter() - start
         state.step += 1
         bad = nonfinite_step(float(step_sums[0]), engine.grad_norm, engine.step_applied, all_reduce)
@@ -321,6 +333,8 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics.update(objective.metrics(all_reduce(stats_window)))
         if state.skipped_steps:
             metrics["skipped_steps"] = state.skipped_steps
+        metrics.update(initial)
+        initial = {}
         if peak_flops:
             metrics["mfu"] = 6 * n_params * float(summed[2]) / window_time / (peak_flops * world)
         window.zero_()

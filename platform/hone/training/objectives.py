@@ -23,7 +23,8 @@ from hone.config import JobConfig
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PREFERENCE_STATS", "Objective", "collate_preference", "preference_loss", "preference_metrics", "sequence_logps"]
+__all__ = ["PREFERENCE_STATS", "Objective", "collate_preference", "preference_loss", "preference_metrics", "reference_model",
+           "sequence_logps", "token_logps"]
 
 # Sums kept per window: pairs (or completions), chosen/rejected reward sums, correctly ordered, chosen/rejected
 # log-prob sums, chosen/rejected counts, KL estimate sum and count (KTO).
@@ -56,14 +57,28 @@ def collate_preference(rows: Sequence[dict[str, Any]], pad_id: int, paired: bool
     return batch
 
 
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of the label tokens' log-probs, number of label tokens, summed token NLL) per sequence."""
+def token_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each label token's log-prob, 0 elsewhere; the label mask), both ``[batch, length − 1]``, at ``temperature``; with
+    ``batch["bitmask"]`` (xgrammar's packed allowed-token mask, one row per position) of the constrained distribution."""
     import torch
 
     labels = batch["labels"][:, 1:]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if batch.get("bitmask") is not None:
+        import xgrammar
+
+        flat = logits.reshape(-1, logits.shape[-1]).contiguous()
+        xgrammar.apply_token_bitmask_inplace(flat, batch["bitmask"].to(flat.device))
+        logits = flat.view_as(logits)
     mask = labels != -100
-    token = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of the label tokens' log-probs, number of label tokens, summed token NLL) per sequence."""
+    token, mask = token_logps(model, batch)
     return token.sum(-1), mask.sum(-1), -token.sum(-1)
 
 
@@ -152,7 +167,7 @@ class Objective:
         self.job, self.engine, self.pad_id, self.world_size, self.all_reduce = job, engine, pad_id, world_size, all_reduce
         self.task = job.task.type
         self.pref = job.preference
-        self.reference = _reference(job, engine, world_size) if self.pref is not None and self.pref.uses_reference else None
+        self.reference = reference_model(job, engine, world_size) if self.pref is not None and self.pref.uses_reference else None
 
     @property
     def n_stats(self) -> int:
@@ -173,10 +188,20 @@ class Objective:
 
             return forward_loss(self.engine.module, batch, self.task)[0], None
         policy = sequence_logps(self.engine.module, batch)
-        return preference_loss(self.job, batch, policy, self.reference(batch) if self.reference else None, self.all_reduce)
+        reference = self.reference(lambda model: sequence_logps(model, batch)[0]) if self.reference else None
+        return preference_loss(self.job, batch, policy, reference, self.all_reduce)
 
     def metrics(self, stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
         return preference_metrics(stats, prefix) if self.pref is not None else {}
+
+    def start(self, step: int, rows: Any) -> None:
+        """Called once the run's state is loaded (online objectives sync their rollout engines here)."""
+
+    def after_step(self, step: int) -> torch.Tensor:
+        """Called after each optimiser step; returns statistics to add to the step's."""
+        import torch
+
+        return torch.zeros(self.n_stats, dtype=torch.float64)
 
     def evaluate(self, rows: Sequence[dict[str, Any]], batch_size: int, rank: int) -> dict[str, float]:
         """Held-out metrics (``eval_loss`` and, for preferences, ``eval_reward_accuracy`` and the rest); every rank
@@ -204,14 +229,15 @@ class Objective:
         return {"eval_loss": float(sums[-2] / max(float(sums[-1]), 1.0)), **preference_metrics(sums[:-2], "eval_")}
 
 
-def _reference(job: JobConfig, engine: Any, world_size: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """The reference model's summed response log-probs of a batch, without gradients."""
+def reference_model(job: JobConfig, engine: Any, world_size: int) -> Callable[[Callable[[Any], torch.Tensor]], torch.Tensor]:
+    """The reference model, as a function that runs ``fn(model)`` on it without gradients: with adapters the policy
+    with its adapter disabled, else a frozen copy of the starting weights (sharded by ZeRO-3 under stage 3)."""
     import torch
 
     if job.method.is_peft:
-        def disabled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        def disabled(fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
             with torch.no_grad(), engine.hf_module.disable_adapter():
-                return sequence_logps(engine.module, batch)[0]
+                return fn(engine.module)
 
         return disabled
     from hone.modeling import load_base_model
@@ -231,8 +257,8 @@ def _reference(job: JobConfig, engine: Any, world_size: int) -> Callable[[dict[s
     else:
         ref.to(engine.device)
 
-    def frozen(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def frozen(fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return sequence_logps(ref, batch)[0]
+            return fn(ref)
 
     return frozen

@@ -95,9 +95,11 @@ def format_metrics(m: dict[str, Any]) -> str:
     if m.get("grad_norm") is not None:
         parts.append(f"grad {m['grad_norm']:.3f}")
     parts.append(f"{m['tokens_per_s']:.0f} tok/s")
+    if "reward_std" in m:
+        parts.append(f"reward {m['reward']:.3f} ± {m['reward_std']:.3f}, rollout {m['rollout_time_s']:.2f} s sync {m['sync_time_s']:.2f} s")
     if "reward_accuracy" in m:
         parts.append(f"reward acc {m['reward_accuracy']:.2f} margin {m['reward_margin']:.4f}")
-    for k in ("eval_loss", "eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_reward_margin"):
+    for k in ("eval_loss", "eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_reward_margin", "eval_reward"):
         if k in m:
             parts.append(f"{k} {m[k]:.4f}")
     if "mfu" in m:

@@ -1,0 +1,175 @@
+"""The ``grpo:`` section of a job: online reinforcement learning (GRPO and its relatives) with rollouts on vLLM actors.
+
+A job with this section reads ``data.format: prompts`` rows (a prompt, and whatever columns its rewards compare
+with), samples ``k`` completions per prompt on rollout engines (Ray actors running vLLM, placed apart from the Ray
+Train workers), scores them with the rewards declared here, and trains on group-normalised advantages through the
+same Ray Train + DeepSpeed loop, checkpoints, sweeps, registry, gate and serving as every other objective.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from hone.config.base import Section
+
+__all__ = ["GRPO_METRICS", "GRPOConfig", "RewardConfig", "reward_names"]
+
+# Metrics a GRPO run can be judged by (each training-step metric also exists; eval_ on the held-out prompts, greedy).
+GRPO_METRICS = ("reward", "eval_reward")
+
+
+class RewardConfig(Section):
+    """One reward term (the terms are summed with their weights).
+
+    Built-ins score a completion against the row: ``exact_match`` (the completion, trimmed and
+    case-folded, equals the ``column``'s value), ``choice`` (the completion is one of ``labels`` and, with a
+    ``column``, the right one: 1 right, ``partial`` for another label, 0 otherwise), ``json_schema`` (the completion
+    parses as JSON and, with a ``json_schema``, validates against it), ``regex`` (``pattern`` matches the completion; with a
+    ``column``, its first group must equal the column's value). ``function``: a user function
+    ``module.path:name`` called as ``fn(prompts=[...], completions=[...], rows=[{...}]) -> [float | None]`` in Ray
+    tasks; None, or an exception, marks the sample (counted in ``reward_errors``, scored 0), never ends the run."""
+
+    type: Literal["exact_match", "choice", "json_schema", "regex", "function"]
+    weight: float = 1.0
+    """Weight of this term in the summed reward."""
+    name: str | None = None
+    """Name in the metrics (``reward_<name>``). Default: the type (the function's name for functions)."""
+    column: str | None = None
+    """Column holding the expected answer (exact_match: default ``data.columns.answer``; choice, regex: optional)."""
+    labels: list[str] | None = None
+    """choice: the allowed answers."""
+    partial: float = Field(default=0.0, ge=0.0, le=1.0)
+    """choice: the score of an allowed but wrong label."""
+    json_schema: dict[str, Any] | None = None
+    """json_schema: the JSON Schema a completion must satisfy (any JSON value passes without one)."""
+    pattern: str | None = None
+    """regex: the pattern searched for in the completion."""
+    function: str | None = None
+    """function: ``module.path:name`` of a reward function importable on every node."""
+
+    @model_validator(mode="after")
+    def _fields(self) -> RewardConfig:
+        need = {"choice": "labels", "regex": "pattern", "function": "function"}.get(self.type)
+        if need and not getattr(self, need):
+            raise ValueError(f"a {self.type} reward needs `{need}`")
+        if self.type == "regex":
+            try:
+                compiled = re.compile(self.pattern or "")
+            except re.error as e:
+                raise ValueError(f"regex reward: {self.pattern!r} is not a regular expression ({e})") from None
+            if self.column and compiled.groups < 1:
+                raise ValueError("regex reward with a column compares the pattern's first group: add a (group)")
+        if self.type == "function" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function or ""):
+            raise ValueError(f"reward function {self.function!r}: give it as module.path:name")
+        if self.type == "json_schema" and self.json_schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.json_schema)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"json_schema reward: the schema is not valid JSON Schema ({e.message})") from None
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.function.rsplit(":", 1)[1] if self.type == "function" and self.function else self.type
+
+
+def reward_names(rewards: list[RewardConfig]) -> list[str]:
+    """Each reward's metric name, made unique (``choice``, ``choice_2``, …)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rewards:
+        seen[r.label] = seen.get(r.label, 0) + 1
+        out.append(r.label if seen[r.label] == 1 else f"{r.label}_{seen[r.label]}")
+    return out
+
+
+class GRPOConfig(Section):
+    """Group Relative Policy Optimisation (Shao et al.) and its relatives, following TRL's definitions.
+
+    Each optimiser step, every Ray Train worker takes its prompts (``training.batch_size`` per micro-batch, one rollout
+    batch per micro-batch: ``training.grad_accum`` rollout batches per step), the rollout engines sample ``k``
+    completions of each, the rewards score them, and each completion's advantage is its reward minus its group's
+    mean (divided by the group's spread with ``scale_rewards``). The loss is the clipped policy ratio times the
+    advantage per token, plus ``beta`` × the k3 KL estimate to the reference (the base with the adapter disabled, or
+    a frozen copy for full fine-tuning). Every ``sync_every`` steps the trainer's weights (the adapter, merged on the
+    engines) go to every rollout engine, and the engines' log-probs of a fixed prompt are checked against the trainer's.
+    """
+
+    k: int = Field(default=4, ge=2)
+    """Completions sampled per prompt (a group; advantages compare within it)."""
+    max_new_tokens: int = Field(default=32, ge=1)
+    """Longest completion."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature (the trainer's log-probs use the same)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a completion (the EOS token always does)."""
+    structured_outputs: dict[str, Any] | None = None
+    """Constrain the rollouts (and evaluation) with vLLM's structured outputs: ``{choice: [a, b]}``, ``{regex: …}``,
+    ``{json: schema}`` or ``{grammar: …}``. The trainer's log-probs stay those of the unconstrained model: the
+    gradient raises the probability of the constrained answers that scored well."""
+    rewards: list[RewardConfig] = Field(min_length=1)
+    """The reward terms, summed with their weights."""
+    reward_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest a reward function's Ray task may take for one rollout batch; its samples are marked past it."""
+    beta: float = Field(default=0.0, ge=0)
+    """Weight of the KL to the reference model (0: no reference pass)."""
+    epsilon: float = Field(default=0.2, gt=0, lt=1)
+    """Clipping range of the policy ratio, below 1."""
+    epsilon_high: float | None = Field(default=None, gt=0)
+    """Clipping range above 1 (DAPO's clip-higher); default ``epsilon``."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
+    """``grpo``: per-sequence token means, averaged; ``bnpo``: tokens averaged over the micro-batch; ``dr_grpo``:
+    token sums over ``completions × max_new_tokens`` (no length bias, Dr. GRPO)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's standard deviation (Dr. GRPO turns this off)."""
+    sync_every: int = Field(default=1, ge=1)
+    """Optimiser steps between weight syncs to the rollout engines (>1: rollouts are off-policy, and the ratio uses the
+    engines' log-probs of the sampled tokens as the old policy)."""
+    sync_tolerance: float | None = Field(default=None, gt=0)
+    """Largest difference allowed between the engines' and the trainer's log-probs of the check prompt after a sync
+    (a larger one is retried, then fails the run). Default: 2e-3 at fp32, 0.1 at bf16/fp16."""
+    sync_retries: int = Field(default=2, ge=0)
+    """Retries of a weight sync that failed or did not take, before the run fails."""
+    sync_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest a weight sync may take on one engine."""
+    rollout_engines: int = Field(default=1, ge=1)
+    """Rollout engines (Ray actors running vLLM), placed apart from the Ray Train workers."""
+    rollout_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    """Resources of each rollout engine actor (``{"GPU": 1}`` on a GPU cluster)."""
+    rollout_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest one rollout batch may take before its engine is replaced and the batch retried."""
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Extra ``vllm.LLM`` arguments (e.g. ``gpu_memory_utilization``, ``max_model_len``)."""
+    vllm_cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+    """KV cache of each engine on CPU (``VLLM_CPU_KVCACHE_SPACE``)."""
+    vllm_python: str | None = None
+    """Interpreter of the environment with vLLM (default ``$HONE_VLLM_PYTHON``, else this one)."""
+    max_prompt_length: int | None = Field(default=None, ge=1)
+    """Prompt tokens kept (its start is cut). Default: ``data.max_length − max_new_tokens``."""
+
+    @model_validator(mode="after")
+    def _fields(self) -> GRPOConfig:
+        so = self.structured_outputs
+        if so is not None and (len(so) != 1 or next(iter(so)) not in ("choice", "regex", "json", "grammar")):
+            raise ValueError("grpo.structured_outputs takes one of choice, regex, json or grammar")
+        if so is not None and self.sync_every > 1:
+            raise ValueError("grpo.structured_outputs needs sync_every: 1 (off-policy ratios would use constrained log-probs)")
+        names = reward_names(self.rewards)
+        if len(set(names)) != len(names):
+            raise ValueError("grpo.rewards: two rewards have the same name")
+        if not any(r.weight for r in self.rewards):
+            raise ValueError("grpo.rewards: every weight is 0, so every advantage would be 0")
+        return self
+
+    def tolerance(self, precision: str) -> float:
+        """The sync check's tolerance at a training precision."""
+        return self.sync_tolerance if self.sync_tolerance is not None else (2e-3 if precision == "fp32" else 0.1)
