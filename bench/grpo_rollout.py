@@ -3,7 +3,8 @@
 
 Same model (SmolLM2-135M-Instruct; TRL trains a LoRA r8 adapter on q/k/v/o as hone's recipe does), the built-in Rotten
 Tomatoes prompts view through the chat template, 4 prompts × 4 completions a step, at most 8 new tokens, temperature
-1, fp32 on CPU. hone: ``RolloutPool.generate`` on one engine, timed around the call the trainer makes (Ray included).
+1, fp32 on CPU, every core to each (the engine actor reserves them all). hone: ``RolloutPool.generate`` on one engine,
+timed around the call the trainer makes (Ray included).
 TRL: its ``_generate_single_turn`` (``model.generate`` on the policy) timed inside ``GRPOTrainer.train``. Tokens are
 the completion tokens each returned (TRL's cut after EOS). vLLM is not installed beside TRL here (it needs its own
 environment), so TRL's vLLM mode is not measured.
@@ -44,7 +45,8 @@ def main() -> None:
     job = validate_job({"name": "bench", "model": {"name": args.model},
                         "data": {"source": "builtin:rotten-tomatoes", "format": "prompts", "prompt_template": "chat",
                                  "max_length": 160, "max_samples": n, "validation": None},
-                        "grpo": {"k": args.k, "max_new_tokens": args.max_new_tokens, "rewards": [{"type": "exact_match"}]},
+                        "grpo": {"k": args.k, "max_new_tokens": args.max_new_tokens, "rewards": [{"type": "exact_match"}],
+                                 "rollout_resources": {"CPU": os.cpu_count() or 1}},  # the cores TRL's generate uses
                         "method": {"type": "lora", "lora": {"r": 8, "alpha": 16,
                                                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
                         "distributed": {"num_workers": 1, "deepspeed": None}, "training": {"batch_size": args.prompts}})

@@ -200,7 +200,7 @@ def test_bad_grpo_configs_are_refused_at_validation():
         (grpo_job("g", grpo={"structured_outputs": {"lark": "x"}}), "structured_outputs"),
         (grpo_job("g", data={"format": "alpaca"}), "data.format"),
         (grpo_job("g", grpo=None), "grpo: section"),
-        (grpo_job("g", training={"eval_metric": "eval_loss"}), "training.eval_metric"),
+        (grpo_job("g", training={"eval_metric": "eval_accuracy"}), "training.eval_metric"),
         (grpo_job("g", grpo={"max_new_tokens": 200}), "grpo.max_new_tokens"),
         (grpo_job("g", method={"type": "ia3"}), "method.type"),
     ]
@@ -284,3 +284,11 @@ def test_prompt_rows_keep_the_prompt_the_answer_and_the_row():
         assert all(x == -100 for x in r["labels"][: r["prompt_len"]])
         answer = tokenizer.decode([t for t in r["labels"] if t != -100])
         assert answer.strip().startswith(json.loads(r["row"])["answer"])
+
+
+def test_a_grpo_job_is_judged_by_its_held_out_reward_by_default():
+    raw = grpo_job("g")
+    del raw["training"]["eval_metric"]
+    raw["tune"] = {"search_space": {"training.lr": {"loguniform": [1e-4, 1e-2]}}}
+    job = validate_job(raw)
+    assert job.training.eval_metric == "eval_reward" and job.tune.metric == "eval_reward"

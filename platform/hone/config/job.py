@@ -157,6 +157,19 @@ class JobConfig(Section):
     tune: TuneConfig | None = None
     """Search space for ``hone tune``; ignored by ``hone train``."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_metric(cls, raw: Any) -> Any:
+        """A GRPO job is judged by its held-out reward unless it names another metric (it has no eval_loss)."""
+        if isinstance(raw, dict) and raw.get("grpo") is not None:
+            raw = dict(raw)
+            for section, key in (("training", "eval_metric"), ("tune", "metric")):
+                if isinstance(raw.get(section), dict) and key not in raw[section]:
+                    raw[section] = {**raw[section], key: "eval_reward"}
+            if raw.get("training") is None:
+                raw["training"] = {"eval_metric": "eval_reward"}
+        return raw
+
     @model_validator(mode="after")
     def _cross_sections(self) -> JobConfig:
         problems = _cross_section_problems(self.__dict__)
