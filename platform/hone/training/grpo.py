@@ -88,8 +88,12 @@ def engine_weights(engine: Any, job: JobConfig) -> dict[str, Any] | None:
     state = engine.full_state_dict()
     if state is None:
         return None
+
+    def own(t: Any) -> Any:  # a copy: DeepSpeed's parameters are views of one flat buffer, which pickling would send whole
+        return t.detach().float().cpu().clone()
+
     if not job.method.is_peft:
-        return {"full": {k: v.detach().float().cpu().contiguous() for k, v in state.items()}}
+        return {"full": {k: own(v) for k, v in state.items()}}
     lora = {}
     for key, a in state.items():
         found = _LORA.match(key)
@@ -98,7 +102,7 @@ def engine_weights(engine: Any, job: JobConfig) -> dict[str, Any] | None:
         path, adapter = found.groups()
         b = state[key.replace(f".lora_A.{adapter}.", f".lora_B.{adapter}.")]
         layer = engine.hf_module.get_submodule("base_model.model." + path if key.startswith("base_model.model.") else path)
-        lora[path + ".weight"] = (a.detach().float().cpu(), b.detach().float().cpu(), float(layer.scaling[adapter]))
+        lora[path + ".weight"] = (own(a), own(b), float(layer.scaling[adapter]))
     return {"lora": lora}
 
 
