@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from hone.config.base import Section
+from hone.config.base import Problem, Section
 
-__all__ = ["GRPO_METRICS", "GRPOConfig", "RewardConfig", "reward_names"]
+__all__ = ["GRPO_METRICS", "GRPOConfig", "RewardConfig", "grpo_problems", "reward_names"]
 
 # Metrics a GRPO run can be judged by (each training-step metric also exists; eval_ on the held-out prompts, greedy).
 GRPO_METRICS = ("reward", "eval_reward")
@@ -173,3 +173,51 @@ class GRPOConfig(Section):
     def tolerance(self, precision: str) -> float:
         """The sync check's tolerance at a training precision."""
         return self.sync_tolerance if self.sync_tolerance is not None else (2e-3 if precision == "fp32" else 0.1)
+
+
+def grpo_problems(grpo: GRPOConfig | None, pref: Any, task: Any, data: Any, method: Any) -> list[Problem]:
+    """A ``grpo:`` section reads prompt rows on a causal LM; its rewards' columns and functions must exist."""
+    out: list[Problem] = []
+    prompts = data is not None and data.format == "prompts"
+    if grpo is None:
+        if prompts:
+            out.append(Problem("data.format", "format prompts rows train online RL, which needs a grpo: section",
+                               "add `grpo: {rewards: [{type: exact_match}]}`"))
+        return out
+    if pref is not None:
+        out.append(Problem("grpo", "a job has one objective: preference and grpo exclude each other", "remove one of them"))
+    if task is not None and task.type != "causal_lm":
+        out.append(Problem("grpo", "GRPO trains a causal LM", "set task: causal_lm"))
+    if data is not None:
+        if not prompts:
+            out.append(Problem("data.format", f"grpo samples completions of prompts: it reads format prompts rows, not {data.format!r}",
+                               "set data.format: prompts (a prompt column, and the columns the rewards compare with)"))
+        if data.packing:
+            out.append(Problem("data.packing", "GRPO's prompts are not packed", "set data.packing: false"))
+        if grpo.max_new_tokens >= data.max_length:
+            out.append(Problem("grpo.max_new_tokens", f"{grpo.max_new_tokens} leaves no room for a prompt within data.max_length "
+                               f"{data.max_length}", "lower grpo.max_new_tokens or raise data.max_length"))
+    if method is not None and method.type not in ("full", "lora"):
+        out.append(Problem("method.type", f"rollout engines receive full weights or a LoRA adapter, not {method.type}",
+                           "use method.type: lora or full"))
+    for i, r in enumerate(grpo.rewards):
+        if r.type == "function":
+            problem = _importable(r.function or "")
+            if problem:
+                out.append(Problem(f"grpo.rewards.{i}.function", problem,
+                                   "give module.path:name of a function importable where hone runs (install its package)"))
+    return out
+
+
+def _importable(path: str) -> str | None:
+    """Why ``module.path:name`` cannot be imported here, or None."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    try:
+        found = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+        return f"cannot import {module!r} ({type(e).__name__}: {e})"
+    if not callable(getattr(found, name, None)):
+        return f"{module!r} has no function {name!r}"
+    return None

@@ -26,7 +26,7 @@ from hone.config.base import (
     read_mapping,
     set_path,
 )
-from hone.config.grpo import GRPO_METRICS, GRPOConfig
+from hone.config.grpo import GRPO_METRICS, GRPOConfig, grpo_problems
 from hone.config.preference import PREF_METRICS, PreferenceConfig
 from hone.config.sections import (
     CLS_METRICS,
@@ -217,7 +217,7 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
     pref = sections.get("preference")
     out += _preference_problems(pref, task, data, training)
     grpo = sections.get("grpo")
-    out += _grpo_problems(grpo, pref, task, data, sections.get("method"))
+    out += grpo_problems(grpo, pref, task, data, sections.get("method"))
     if method is not None and dist is not None and method.type == "qlora" and not dist.use_gpu:
         out.append(Problem("method.type", "qlora quantises the base model with bitsandbytes, which needs a CUDA GPU",
                            "set distributed.use_gpu: true on a GPU cluster, or use method.type: lora on CPU"))
@@ -264,55 +264,6 @@ def _cross_section_problems(sections: Mapping[str, Any]) -> list[Problem]:
         if tune.scheduler == "pbt":
             out += _pbt_problems(tune, training)
     return out
-
-
-def _grpo_problems(grpo: GRPOConfig | None, pref: PreferenceConfig | None, task: TaskConfig | None, data: DataConfig | None,
-                   method: Any) -> list[Problem]:
-    """A ``grpo:`` section reads prompt rows on a causal LM; its rewards' columns and functions must exist."""
-    out: list[Problem] = []
-    prompts = data is not None and data.format == "prompts"
-    if grpo is None:
-        if prompts:
-            out.append(Problem("data.format", "format prompts rows train online RL, which needs a grpo: section",
-                               "add `grpo: {rewards: [{type: exact_match}]}`"))
-        return out
-    if pref is not None:
-        out.append(Problem("grpo", "a job has one objective: preference and grpo exclude each other", "remove one of them"))
-    if task is not None and task.type != "causal_lm":
-        out.append(Problem("grpo", "GRPO trains a causal LM", "set task: causal_lm"))
-    if data is not None:
-        if not prompts:
-            out.append(Problem("data.format", f"grpo samples completions of prompts: it reads format prompts rows, not {data.format!r}",
-                               "set data.format: prompts (a prompt column, and the columns the rewards compare with)"))
-        if data.packing:
-            out.append(Problem("data.packing", "GRPO's prompts are not packed", "set data.packing: false"))
-        if grpo.max_new_tokens >= data.max_length:
-            out.append(Problem("grpo.max_new_tokens", f"{grpo.max_new_tokens} leaves no room for a prompt within data.max_length "
-                               f"{data.max_length}", "lower grpo.max_new_tokens or raise data.max_length"))
-    if method is not None and method.type not in ("full", "lora"):
-        out.append(Problem("method.type", f"rollout engines receive full weights or a LoRA adapter, not {method.type}",
-                           "use method.type: lora or full"))
-    for i, r in enumerate(grpo.rewards):
-        if r.type == "function":
-            problem = _importable(r.function or "")
-            if problem:
-                out.append(Problem(f"grpo.rewards.{i}.function", problem,
-                                   "give module.path:name of a function importable where hone runs (install its package)"))
-    return out
-
-
-def _importable(path: str) -> str | None:
-    """Why ``module.path:name`` cannot be imported here, or None."""
-    import importlib
-
-    module, _, name = path.partition(":")
-    try:
-        found = importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        return f"cannot import {module!r} ({type(e).__name__}: {e})"
-    if not callable(getattr(found, name, None)):
-        return f"{module!r} has no function {name!r}"
-    return None
 
 
 def _preference_problems(pref: PreferenceConfig | None, task: TaskConfig | None, data: DataConfig | None,
