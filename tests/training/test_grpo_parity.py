@@ -75,7 +75,7 @@ def test_grpo_loss_matches_trl(tmp_path, tiny_tokenizer, loss_type):
               "completion_mask": completion_mask, "advantages": torch.tensor(ADVANTAGES),
               "old_per_token_logps": old_full[:, completion_cols], "ref_per_token_logps": ref_full[:, completion_cols]}
     policy.train()
-    theirs = trainer._compute_loss(policy, inputs)  # noqa: SLF001 - the loss of one GRPO step, as TRL computes it
+    theirs = trainer._compute_loss(policy, inputs)  # the loss of one GRPO step, as TRL computes it
     theirs.backward()
 
     job = make_job(data={"format": "prompts", "max_length": 96},
