@@ -1,8 +1,13 @@
-"""Shared test setup: offline, a repo-local hone cache, small thread counts for 2-core machines."""
+"""Shared test setup: offline, a repo-local hone cache, one tokenised-data cache for the session, the test cluster, and the
+order tests run in (everything that starts its own Ray first, then everything on the shared cluster, so no test runs
+beside an idle cluster). The helpers tests call live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,17 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# One tokenised-data cache for every run of the session (hone keys entries by content and settings): each data set is
+# tokenised on Ray Data once per session, not once per test. The object-storage test keeps its cache in the bucket.
+_DATA_CACHE = None
+if "HONE_DATA_CACHE" not in os.environ:
+    _DATA_CACHE = tempfile.mkdtemp(prefix="hone-test-data-")
+    os.environ["HONE_DATA_CACHE"] = _DATA_CACHE
+
+
+def pytest_unconfigure(config):
+    if _DATA_CACHE:
+        shutil.rmtree(_DATA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -32,23 +48,6 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(assets.resolve_model("builtin:tiny-llama"))
 
 
-def make_job(**sections):
-    """A valid tiny job with some sections replaced (dicts are merged one level deep)."""
-    from hone.config import validate_job
-
-    raw = {
-        "name": "t",
-        "model": {"name": "builtin:tiny-llama"},
-        "data": {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return validate_job(raw)
-
-
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
     """A private registry (HONE_HOME/mlflow) while keeping the shared built-in model cache."""
@@ -63,29 +62,32 @@ def home(tmp_path, monkeypatch):
     return registry_home
 
 
+# --------------------------------------------------------------------------- the test cluster
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster():
     """A real three-node Ray cluster on this machine (cluster/local.sh): head + 2 worker nodes, 2 CPUs each, Jobs API on.
 
-    Its state lives in a short /tmp path: Ray's dashboard modules use AF_UNIX sockets under it (≤ 107 bytes).
+    Its state lives in a short /tmp path: Ray's dashboard modules use AF_UNIX sockets under it (≤ 107 bytes). A node
+    that dies is declared dead after about 3 s (Ray's default is about 15 s), so the elastic test sees it go promptly.
     """
-    import shutil
     import subprocess
     import sys
-    import tempfile
 
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "HONE_CLUSTER_PORT": "6391", "HONE_CLUSTER_METRICS_PORT": "8181", "HONE_CLUSTER_DASHBOARD": "1",
            "HONE_CLUSTER_DASHBOARD_PORT": "8275",
-           "HONE_CLUSTER_DIR": tempfile.mkdtemp(prefix="hone-c", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+           "HONE_CLUSTER_DIR": tempfile.mkdtemp(prefix="hone-c", dir="/tmp"), "RAY_AUTH_MODE": "disabled",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     script = str(REPO / "cluster" / "local.sh")
     subprocess.run([script, "down"], env=env, capture_output=True)
     up = subprocess.run([script, "up", "2"], env=env, capture_output=True, text=True)
     assert up.returncode == 0, up.stdout + up.stderr
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        yield {"address": "127.0.0.1:6391", "jobs_api": "http://127.0.0.1:8275", "env": env}
+        yield {"address": "127.0.0.1:6391", "jobs_api": "http://127.0.0.1:8275", "env": env, "script": script}
     finally:
         import ray
 
@@ -95,24 +97,15 @@ def cluster(tmp_path_factory):
         shutil.rmtree(env["HONE_CLUSTER_DIR"], ignore_errors=True)
 
 
-def pytest_collection_modifyitems(config, items):
-    """tests/gpu holds CUDA-only checks: skipped (not faked) on machines without a GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if f"{os.sep}gpu{os.sep}" in str(item.fspath):
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="module")
 def connected(cluster, tmp_path_factory):
-    """This test process as a driver on the test cluster, with the (CPU) training workers' environment; a runs folder."""
+    """This test process as a driver on the test cluster (joined once), with the (CPU) training workers' environment; a runs
+    folder for the module."""
     import ray
 
     from hone.runtime import worker_env
+
+    from tests.helpers import make_job
 
     if not ray.is_initialized():
         ray.init(address=cluster["address"], runtime_env={"env_vars": worker_env(make_job())},
@@ -120,7 +113,47 @@ def connected(cluster, tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.fixture(scope="module")
-def slow_reports(cluster):
-    """Make each report wait for the controller (1 s poll) so a kill lands between steps."""
-    return {**cluster["env"], "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "HONE_HOME": os.environ["HONE_HOME"]}
+@pytest.fixture(scope="session")
+def cluster_env(cluster):
+    """The environment of ``hone`` commands run against the test cluster."""
+    return {**cluster["env"], "HONE_HOME": os.environ["HONE_HOME"], "HONE_DATA_CACHE": os.environ["HONE_DATA_CACHE"]}
+
+
+@pytest.fixture(scope="session")
+def slow_reports(cluster_env):
+    """Each report waits for the controller's 1 s poll, so a kill after a logged step lands long before the next checkpoint."""
+    return {**cluster_env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
+
+
+# --------------------------------------------------------------------------- order and time
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu holds CUDA-only checks: skipped (not faked) on machines without a GPU. Tests on the shared cluster run
+    last (in their usual order), after every test that starts a Ray of its own."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if f"{os.sep}gpu{os.sep}" in str(item.fspath):
+                item.add_marker(skip)
+    items.sort(key=lambda item: "cluster" in getattr(item, "fixturenames", ()))
+
+
+_SPENT: dict[str, float] = {}
+_STARTED = time.time()
+
+
+def pytest_runtest_logreport(report):
+    _SPENT[report.nodeid.split("::")[0]] = _SPENT.get(report.nodeid.split("::")[0], 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _SPENT:
+        return
+    terminalreporter.section("time per test module (setup + call + teardown)")
+    for module, seconds in sorted(_SPENT.items(), key=lambda kv: -kv[1]):
+        if seconds >= 1.0:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {module}")
+    terminalreporter.write_line(f"{sum(_SPENT.values()):8.1f} s  in tests; {time.time() - _STARTED:.1f} s since the session began")

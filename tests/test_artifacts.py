@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from conftest import make_job
 from hone import artifacts
 from hone.artifacts import ArtifactError, MetricsFollower, ModelSpec, append_metrics, read_metrics, resolve_ref
+
+from tests.helpers import make_job
 
 
 def _export(folder, job, kind="adapter"):

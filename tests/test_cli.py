@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-HONE = shutil.which("hone", path=str(Path(sys.executable).parent)) or "hone"
-
-
-def hone(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([HONE, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), timeout=300)
+from tests.helpers import hone
 
 
 def test_validate_ok(repo):

@@ -6,13 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-HONE = str(Path(sys.executable).parent / "hone")
+from tests.helpers import hone, wait_until
+
 IMAGE = "ghcr.io/hone-ml/hone:0.1.0"
 
 
@@ -78,8 +78,7 @@ def test_kuberay_manifests_have_what_kuberay_requires(repo):
 
 def test_rayservice_serve_config_is_what_hone_emits(repo):
     service = yaml.safe_load((repo / "cluster" / "kuberay" / "rayservice.yaml").read_text())
-    out = subprocess.run([HONE, "serve", str(repo / "serving" / "smollm2-winner.yaml"), "--emit-serve-config"],
-                         capture_output=True, text=True, cwd=repo)
+    out = hone("serve", str(repo / "serving" / "smollm2-winner.yaml"), "--emit-serve-config", cwd=repo, timeout=120)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load(out.stdout), \
         "cluster/kuberay/rayservice.yaml is stale: paste `hone serve serving/smollm2-winner.yaml --emit-serve-config`"
@@ -112,7 +111,7 @@ def _env(cluster: dict) -> dict[str, str]:
 
 
 def _submit_args(cluster: dict, job: Path, *extra: str) -> list[str]:
-    return [HONE, "submit", str(job), "--address", cluster["jobs_api"], *extra]
+    return ["submit", str(job), "--address", cluster["jobs_api"], *extra]
 
 
 @pytest.mark.slow
@@ -131,13 +130,12 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'team-mlflow' / 'mlflow.db'}", "HF_TOKEN": "hf_not_a_real_token",
             "HONE_API_KEYS": "sk-not-a-real-key"}
 
-    refused = subprocess.run(_submit_args(cluster, job, "--storage-path", str(storage)), env=env, capture_output=True, text=True)
+    refused = hone(*_submit_args(cluster, job, "--storage-path", str(storage)), env=env, timeout=120)
     assert refused.returncode == 1
     for text in ("local paths the cluster's nodes cannot see", "data.source", "--upload", "--shared-path", "s3://"):
         assert text in refused.stderr, text
 
-    out = subprocess.run(_submit_args(cluster, job, "--upload", "--storage-path", str(storage), "--follow"),
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = hone(*_submit_args(cluster, job, "--upload", "--storage-path", str(storage), "--follow"), env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     sid = out.stdout.split("submitted ", 1)[1].split()[0]
     assert "SUCCEEDED" in out.stdout and "export: " in out.stdout
@@ -162,43 +160,43 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     ray_cli = str(Path(sys.executable).parent / "ray")
     status = subprocess.run([ray_cli, "job", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
     assert "succeeded" in (status.stdout + status.stderr).lower()
-    listed = subprocess.run([HONE, "jobs", "list", "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
+    listed = hone("jobs", "list", "--address", cluster["jobs_api"], env=env, timeout=60)
     assert sid in listed.stdout and "train" in listed.stdout
 
 
 def test_submit_fails_fast_and_sends_nothing(tmp_path, repo):
-    out = subprocess.run([HONE, "submit", str(repo / "jobs" / "tiny-smoke.yaml"), "--address", "http://127.0.0.1:9"],
-                         capture_output=True, text=True, timeout=60)
+    out = hone("submit", str(repo / "jobs" / "tiny-smoke.yaml"), "--address", "http://127.0.0.1:9", timeout=60)
     assert out.returncode == 1 and "http://127.0.0.1:9" in out.stderr and "cannot reach" in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: builtin:tiny-llama}\ndata: {source: builtin:rotten-tomatoes, format: alpaca}\ntraining: {lr: fast}\n")
-    out = subprocess.run([HONE, "submit", str(bad), "--address", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    out = hone("submit", str(bad), "--address", "http://127.0.0.1:9", timeout=60)
     assert out.returncode == 2 and "training.lr" in out.stderr  # invalid: rejected before any network call
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([HONE, "submit", str(repo / "jobs" / "tiny-smoke.yaml")], capture_output=True, text=True, env=env)
+    out = hone("submit", str(repo / "jobs" / "tiny-smoke.yaml"), env=env, timeout=60)
     assert out.returncode == 1 and "RAY_ADDRESS" in out.stderr
 
 
-def _wait_status(cluster: dict, env: dict[str, str], sid: str, want: str, timeout: float) -> str:
-    """Poll `hone jobs status` until it reports ``want``; return the last status line."""
-    deadline, status = time.time() + timeout, ""
-    while time.time() < deadline and want not in status:
-        status = subprocess.run([HONE, "jobs", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True,
-                                text=True).stdout
-        time.sleep(1)
-    return status
+def _wait_status(cluster: dict, sid: str, want: str, timeout: float) -> None:
+    """Wait for the job to reach ``want`` (one Jobs API client, polled)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["jobs_api"])
+    wait_until(lambda: str(client.get_job_status(sid)).endswith(want), f"job {sid} to be {want}", timeout=timeout, every=0.5)
 
 
 @pytest.mark.slow
 def test_stop_a_running_job(cluster, repo, tmp_path):
     env = _env(cluster)
-    out = subprocess.run(_submit_args(cluster, repo / "jobs" / "tiny-smoke.yaml", "training.max_steps=5000",
-                                      "--storage-path", str(tmp_path / "runs")), env=env, capture_output=True, text=True, timeout=120)
+    out = hone(*_submit_args(cluster, repo / "jobs" / "tiny-smoke.yaml", "training.max_steps=5000", "--storage-path",
+                             str(tmp_path / "runs")), env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     sid = out.stdout.split("submitted ", 1)[1].split()[0]
-    assert "RUNNING" in _wait_status(cluster, env, sid, "RUNNING", 180)
-    stopped = subprocess.run([HONE, "jobs", "stop", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
+    _wait_status(cluster, sid, "RUNNING", 180)
+    status = hone("jobs", "status", sid, "--address", cluster["jobs_api"], env=env, timeout=60)
+    assert "RUNNING" in status.stdout, status.stdout + status.stderr
+    stopped = hone("jobs", "stop", sid, "--address", cluster["jobs_api"], env=env, timeout=60)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
-    assert "STOPPED" in _wait_status(cluster, env, sid, "STOPPED", 120)
-    logs = subprocess.run([HONE, "jobs", "logs", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
+    _wait_status(cluster, sid, "STOPPED", 120)
+    assert "STOPPED" in hone("jobs", "status", sid, "--address", cluster["jobs_api"], env=env, timeout=60).stdout
+    logs = hone("jobs", "logs", sid, "--address", cluster["jobs_api"], env=env, timeout=60)
     assert logs.returncode == 0 and "hone train tiny-smoke.yaml" in logs.stdout

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_job
 from hone import artifacts, registry
+
+from tests.helpers import make_job
 
 
 @pytest.fixture()

@@ -8,8 +8,9 @@ import os
 import signal
 import socket
 
-from conftest import make_job
 from hone import runtime
+
+from tests.helpers import make_job
 
 
 def test_worker_environment(monkeypatch, tmp_path):

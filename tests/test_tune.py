@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,21 +13,7 @@ import yaml
 
 from hone.config import load_job
 
-HONE = str(Path(sys.executable).parent / "hone")
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a hone command in its own process group; on timeout kill the group and fail with its output."""
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(args[1:3])} timed out after {timeout}s\n--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
+from tests.helpers import hone, start_hone, stop_group, wait_until
 
 # A sweep with ASHA stopping a bad trial, the winner registered with its lineage, the tables and the plots:
 # tests/pipeline/test_pipeline.py::test_tiny_quickstart_end_to_end_then_reruns (the tiny quickstart's first stage).
@@ -38,34 +21,29 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(repo, home, tmp_path):
+    """Two trials, one at a time, each on one worker (this is about the sweep, not the run): the sweep is killed once the
+    first trial has exported; ``hone tune --resume`` runs the second and leaves the first alone."""
     job = yaml.safe_load((repo / "jobs" / "sweep-tiny.yaml").read_text())
-    job["tune"]["scheduler"] = "fifo"
-    job["tune"]["search_space"] = {"training.lr": {"grid": [1e-3, 2e-3, 3e-3]}}
+    job["tune"].update(scheduler="fifo", search_space={"training.lr": {"grid": [1e-3, 3e-3]}}, max_concurrent_trials=1)
     job["training"].update(max_steps=6, eval_every=3, log_every=3)
+    job["distributed"]["num_workers"] = 1
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(job))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     storage = tmp_path / "runs"
-    proc = subprocess.Popen([HONE, "tune", str(path), "--storage-path", str(storage)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_hone("tune", str(path), "--storage-path", str(storage), env=env, log=tmp_path / "tune.log")
     try:
-        deadline = time.time() + 600
-        finished: list[Path] = []
-        while time.time() < deadline and not finished:
-            finished = list(storage.glob("*/runs/*/export/hone.json"))
-            time.sleep(0.5)
-        assert finished, "no trial finished"
+        wait_until(lambda: list(storage.glob("*/runs/*/export/hone.json")), "the first trial's export", 600, proc, tmp_path / "tune.log")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc)
     sweep_dir = next(storage.iterdir())
     first = {p.parent.parent.name: p.stat().st_mtime_ns for p in storage.glob("*/runs/*/export/hone.json")}
-    assert 1 <= len(first) < 3
-    out = _run([HONE, "tune", "--resume", str(sweep_dir)], env, 480)
+    assert len(first) == 1, first
+    out = hone("tune", "--resume", str(sweep_dir), env=env, timeout=480)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "resuming sweep" in out.stdout
     trials = json.loads((sweep_dir / "trials.json").read_text())
-    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials)
+    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials)
     after = {p.parent.parent.name: p.stat().st_mtime_ns for p in storage.glob("*/runs/*/export/hone.json")}
     for trial, mtime in first.items():
         assert after[trial] == mtime, f"finished trial {trial} was run again"
@@ -80,7 +58,7 @@ def test_invalid_search_space_rejected_before_any_work(tmp_path):
         "    training.batch_size: {choice: [big]}\n"
     )
     started = time.time()
-    out = subprocess.run([HONE, "tune", str(bad), "--storage-path", str(tmp_path / "runs")], capture_output=True, text=True)
+    out = hone("tune", str(bad), "--storage-path", str(tmp_path / "runs"), timeout=120)
     assert out.returncode == 2
     for text in (
         "tune.search_space.training.lrr",
@@ -125,7 +103,7 @@ def test_pbt_sweeps_that_cannot_work_are_rejected_with_the_field(repo):
 @pytest.mark.slow
 def test_pbt_sweep_clones_the_better_trial_with_a_perturbed_lr(repo, home, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = _run([HONE, "tune", str(repo / "jobs" / "sweep-pbt-tiny.yaml"), "--storage-path", str(tmp_path)], env, 480)
+    out = hone("tune", str(repo / "jobs" / "sweep-pbt-tiny.yaml"), "--storage-path", str(tmp_path), env=env, timeout=480)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     sweep_dir = next(tmp_path.glob("sweep-pbt-tiny-sweep-*"))
     trials = {t["trial"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}

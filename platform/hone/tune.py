@@ -468,10 +468,10 @@ def sweep(
 def _prepare_data(job: JobConfig, sweep_dir: Path) -> None:
     """Tokenise the sweep's data once, before the trials start, into the cache they share (a trial whose searched
     values change the data builds its own entry)."""
-    from hone.data import load_tokenizer, prepare_cached, tokenizer_digest
+    from hone.data import cache_root, load_tokenizer, prepare_cached, tokenizer_digest
 
     tokenizer = load_tokenizer(job)
-    root = storage.uri_of(sweep_dir / "runs") or str(sweep_dir / "runs")
+    root = cache_root(storage.uri_of(sweep_dir / "runs") or str(sweep_dir / "runs"))
     data = prepare_cached(job, tokenizer, tokenizer_digest(tokenizer), root)
     print(f"[hone] data ({'cached' if data.hit else 'tokenised on Ray Data'}): {data.rows.get('train', 0)} training rows", flush=True)
 

@@ -4,23 +4,16 @@ pipelines alike, with every problem reported at once, and ``hone schema --kind``
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hone.config import ConfigError, detect_kind, load_file
 
+from tests.helpers import hone
+
 REPO = Path(__file__).resolve().parents[2]
-HONE = shutil.which("hone", path=str(Path(sys.executable).parent)) or "hone"
 SHIPPED = sorted([*(REPO / "jobs").rglob("*.yaml"), *(p for p in (REPO / "serving").glob("*.yaml") if "prometheus" not in p.name)])
-
-
-def hone(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HONE, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=120)
 
 
 def test_every_shipped_yaml_validates_as_its_kind():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import make_job
 from hone.config import JobConfigError, apply_overrides, json_schema, load_job, validate_job
+
+from tests.helpers import make_job
 
 BASE = {
     "model": {"name": "builtin:tiny-llama"},

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import make_job
 from hone.data import IGNORE_INDEX, DataError, collate, load_splits, prepare_data, tokenize_split
+
+from tests.helpers import make_job
 
 
 def write_jsonl(path, rows):
@@ -254,9 +255,8 @@ def test_rotten_tomatoes_views_and_prepare(tiny_tokenizer):
 
 _ON_RAY_DATA = """
 import json, os, sys, tempfile
-sys.path.insert(0, sys.argv[1])
 import ray
-from conftest import make_job
+from tests.helpers import make_job
 from hone.data import CachedSplit, DataError, load_tokenizer, prepare_cached, prepare_data, tokenizer_digest
 
 work = tempfile.mkdtemp(prefix="hone-data-")
@@ -312,5 +312,5 @@ def test_ray_data_path_matches_the_in_process_path(repo):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _ON_RAY_DATA, str(repo / "tests")], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _ON_RAY_DATA], cwd=repo, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "RAY DATA OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]

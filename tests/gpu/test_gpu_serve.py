@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,14 +43,14 @@ def test_vllm_engine_on_cuda_behind_hones_ingress(tmp_path):
     probe = subprocess.run([python, "-c", "import importlib.metadata as m; m.version('vllm')"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"{python} has vLLM's CPU build, not CUDA vLLM: point HONE_VLLM_PYTHON at an environment with 'vllm'")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "serving"))  # the serving tests' server helper
     import openai
-    from servers import free_port, start, stop
+
+    from tests.helpers import free_port, start_server, stop_server
 
     cfg = {"name": "gpu-vllm", "model": "builtin:smollm2-135m-instruct", "served_model_name": "smollm2", "engine": "vllm",
            "port": free_port(), "metrics_export_port": free_port(), "num_replicas": 1, "max_ongoing_requests": 64,
            "ray_actor_options": {"num_gpus": 1, "num_cpus": 1}}
-    proc, info = start(cfg, tmp_path)
+    proc, info = start_server(cfg, tmp_path)
     try:
         client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
         out = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
@@ -61,4 +60,4 @@ def test_vllm_engine_on_cuda_behind_hones_ingress(tmp_path):
                                                 extra_body={"structured_outputs": {"choice": labels}})
         assert choice.choices[0].message.content in labels
     finally:
-        stop(proc)
+        stop_server(proc)

@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-HONE = str(Path(sys.executable).parent / "hone")
-PIPELINES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "pipelines").glob("*.yaml"))
+from tests.helpers import REPO, free_port, hone
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+PIPELINES = sorted((REPO / "jobs" / "pipelines").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
@@ -47,7 +40,7 @@ def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
         "smoke_test": {"requests": 4},
     }))
     started = time.time()
-    out = subprocess.run([HONE, "pipeline", str(bad), "--storage-path", str(tmp_path / "runs")], capture_output=True, text=True)
+    out = hone("pipeline", str(bad), "--storage-path", str(tmp_path / "runs"), timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     for text in ("train.sweep", "no tune.search_space", "quantize.method", "quantize: the quality gate would check nothing",
                  "serve.model", "comes from the earlier stages", "serve.port", "smoke_test", "no prompts and answers"):
@@ -56,7 +49,7 @@ def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
 
     missing = tmp_path / "missing.yaml"
     missing.write_text("train: {job: nowhere.yaml}\nquantize: {metod: int8-dynamic}\n")
-    out = subprocess.run([HONE, "pipeline", str(missing)], capture_output=True, text=True)
+    out = hone("pipeline", str(missing), timeout=120)
     assert out.returncode == 2 and "nowhere.yaml" in out.stderr and "quantize.metod" in out.stderr, out.stderr
 
 
@@ -107,9 +100,7 @@ def test_a_pipeline_reruns_training_when_its_data_content_changes(tmp_path):
 
 
 def _quickstart(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    from test_tune import _run
-
-    return _run([HONE, "quickstart", "--tiny", *args], env, timeout)
+    return hone("quickstart", "--tiny", *args, env=env, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -117,7 +108,7 @@ def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HONE_API_KEYS")}
     env["HONE_API_KEYS"] = "smoke-key"  # auth on: the smoke test must authenticate like any client
     storage = tmp_path / "runs"
-    ports = [f"serve.port={_free_port()}", f"serve.metrics_export_port={_free_port()}"]
+    ports = [f"serve.port={free_port()}", f"serve.metrics_export_port={free_port()}"]
     started = time.time()
     out = _quickstart(["--storage-path", str(storage), *ports], env, 600)
     first_wall = time.time() - started
@@ -160,7 +151,7 @@ def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
     assert lineage["hone.base_model"] == "builtin:tiny-llama" and lineage["hone.method"] == "lora"
     assert lineage["hone.zero_stage"] == "2" and len(lineage["hone.dataset_fingerprint"]) == 12
     assert lineage["hone.git_commit"] and lineage["hone.sweep"] == sweep_dir.name
-    listed = subprocess.run([HONE, "models", "list"], env=env, capture_output=True, text=True)
+    listed = hone("models", "list", env=env, timeout=120)
     assert "quickstart-tiny" in listed.stdout and "@winner→v1" in listed.stdout
 
     # Same inputs again: training and quantisation are reused, the endpoint is deployed and checked again.

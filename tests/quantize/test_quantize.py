@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-HONE = str(Path(sys.executable).parent / "hone")
+from tests.helpers import hone, make_job
 
 
 @pytest.fixture()
@@ -18,7 +16,6 @@ def registered_export(home, tmp_path):
     """A full-model export of the tiny Llama in hone's export format, registered as models:/tiny@winner."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import make_job
     from hone import assets, registry
 
     export = tmp_path / "export"
@@ -110,8 +107,7 @@ def test_artifacts_load_without_pickle_and_only_as_recorded(registered_export, h
 
 def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, home, tmp_path):
     env = {**os.environ, "HONE_HOME": str(home)}
-    out = subprocess.run([HONE, "quantize", "models:/tiny@winner", "--method", "int8-weight-only", "-n", "8",
-                          "--max-loss-increase", "-0.5"], capture_output=True, text=True, env=env, timeout=600)
+    out = hone("quantize", "models:/tiny@winner", "--method", "int8-weight-only", "-n", "8", "--max-loss-increase", "-0.5", env=env)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "quality gate FAILED" in out.stdout
     from hone import registry
@@ -119,7 +115,7 @@ def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, h
     assert registry.resolve_model_ref("models:/tiny@winner")["tags"]["hone.quantized.int8-weight-only.gate"] == "failed"
     serve_yaml = tmp_path / "serve.yaml"
     serve_yaml.write_text("model: models:/tiny@winner\nquantization: int8-weight-only\n")
-    refused = subprocess.run([HONE, "serve", str(serve_yaml)], capture_output=True, text=True, env=env, timeout=120)
+    refused = hone("serve", str(serve_yaml), env=env, timeout=120)
     assert refused.returncode == 1 and "failed its quality gate" in refused.stderr and "--allow-failed-gate" in refused.stderr
 
     from hone.config import validate_serve_config

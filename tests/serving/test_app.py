@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import ReplicaMonitor, free_port, haproxy_configs, malformed, metrics, replicas, start, stop
 
-HONE = str(Path(sys.executable).parent / "hone")
+from tests.helpers import ServeProbe, free_port, haproxy_configs, malformed, metrics, start_server, stop_server
+
 KEY = "sk-hone-test-key"
 PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "Overall the plot", "The director", "Fans of"]
 
@@ -45,9 +45,9 @@ def server(tmp_path_factory, adapter_dir):
     cfg = {"name": "t", "model": "builtin:tiny-llama", "port": free_port(), "metrics_export_port": free_port(),
            "adapters": {"tiny-sentiment": str(adapter_dir)}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
            "max_tokens_default": 16, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    proc, info = start(cfg, tmp, {"HONE_API_KEYS": f"other-key, {KEY}"})
+    proc, info = start_server(cfg, tmp, {"HONE_API_KEYS": f"other-key, {KEY}"})
     yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log"}
-    stop(proc)
+    stop_server(proc)
     log = (tmp / "serve.log").read_text()
     assert KEY not in log and PROMPTS[1] not in log, "an API key or a prompt reached the server's log"
 
@@ -331,7 +331,7 @@ def test_openapi_publishes_request_schemas_and_fuzzing_finds_no_5xx(server, refe
         [str(Path(sys.executable).parent / "st"), "run", str(schema), "--url", url, "-H", f"Authorization: Bearer {KEY}",
          "--checks", "not_a_server_error", "--max-examples", "60", "--seed", "1", "--no-shrink", "--workers", "2",
          "--generation-database", "none", "--request-timeout", "60", "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its own cache folder lands there
     )
     statuses = [int(code) for code in re.findall(r'"status_code":\s*(\d+)', report.read_text())]
     counts = {code: statuses.count(code) for code in sorted(set(statuses))}
@@ -357,8 +357,9 @@ def _long_streams(server, n: int, max_tokens: int, model: str = "tiny-llama") ->
 
 
 def test_a_client_that_disconnects_before_its_first_token_frees_its_place(server):
-    monitor = ReplicaMonitor(server["ray_address"], server["name"])
+    monitor = ServeProbe(server["ray_address"], server["name"])
     try:
+        monitor.watch()
         pool, streams = _long_streams(server, server["max_batch_size"], 600)  # a full batch, decoding for a few seconds
         monitor.wait_for(lambda s: s["running"] == server["max_batch_size"], "a full batch")
         body = json.dumps({"model": "tiny-llama", "prompt": "x", "max_tokens": 50, "stream": True}).encode()
@@ -433,10 +434,12 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                                   "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2},
            "max_ongoing_requests": 2, "max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.25}, "retry_after_s": 2}
-    proc, info = start(cfg, tmp_path)
+    proc, info = start_server(cfg, tmp_path)
     url = info["url"] + "/v1/completions"
     body = {"model": "tiny-llama", "prompt": "The movie was", "max_tokens": 600, "temperature": 0}
+    probe = None
     try:
+        probe = ServeProbe(info["ray_address"], "scale")
         assert any(f":{port}" in text for text in haproxy_configs()), "no HAProxy in front of the service"
         import openai
 
@@ -449,7 +452,7 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
         assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == reference["base"][prompt]
         bad = httpx.post(info["url"] + "/v1/completions", content=b"{not json", timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-        assert replicas(info["ray_address"], "scale") == 1
+        assert probe.running() == 1
 
         def one(_: int) -> httpx.Response:
             return httpx.post(url, json=body, timeout=120)
@@ -471,15 +474,14 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
         with cf.ThreadPoolExecutor(4) as pool:
             while time.time() < until and not scaled:
                 list(pool.map(one, range(4)))
-                scaled = replicas(info["ray_address"], "scale") == 2
+                scaled = probe.running() == 2
         assert scaled, "the model deployment never scaled up to 2 replicas"
         # ... and back down once idle.
-        deadline = time.time() + 90
-        while time.time() < deadline and replicas(info["ray_address"], "scale") != 1:
-            time.sleep(2)
-        assert replicas(info["ray_address"], "scale") == 1, "the model deployment never scaled back down"
+        probe.wait_running(1, timeout=90)
     finally:
-        stop(proc)
+        if probe is not None:
+            probe.close()
+        stop_server(proc)
     # SIGTERM reached hone's own handler (Ray installs one that would end the process on the spot), Serve shut down,
     # and the service's HAProxy went with it: nothing holds the port.
     assert "[hone] shutting down" in (tmp_path / "serve.log").read_text()

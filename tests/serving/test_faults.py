@@ -12,7 +12,8 @@ import time
 
 import httpx
 import pytest
-from servers import free_port, metrics, model_replica_pids, replicas, start, stop
+
+from tests.helpers import ServeProbe, free_port, metrics, model_replica_pids, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +21,13 @@ APP = "faults"
 PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "Overall the plot", "The director", "Fans of"]
 
 
+LONG = 1000  # tokens of the long greedy stream whose replica is killed after its first few
+
+
 @pytest.fixture(scope="module")
 def reference():
-    """Greedy continuations (16 tokens) computed locally with transformers, one prompt at a time."""
+    """Greedy continuations computed locally with transformers, one prompt at a time: 16 tokens of each prompt, and the
+    long stream's LONG tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,13 +36,14 @@ def reference():
     path = assets.resolve_model("builtin:tiny-llama")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    out = {}
-    for prompt in PROMPTS:
+
+    def greedy(prompt: str, n: int) -> str:
         ids = tok(prompt, return_tensors="pt")
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-        out[prompt] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
+            gen = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return {**{prompt: greedy(prompt, 16) for prompt in PROMPTS}, "long": greedy(PROMPTS[4], LONG)}
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +66,12 @@ def server(tmp_path_factory):
 
     watcher = threading.Thread(target=kill_first_replica, daemon=True)
     watcher.start()
-    proc, info = start(cfg, tmp)
+    proc, info = start_server(cfg, tmp)
     watcher.join(timeout=5)
-    yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log", "killed_at_start": killed}
-    stop(proc)
-
-
-def _wait_replicas(server, n: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while replicas(server["ray_address"], APP) != n:
-        assert time.time() < deadline, f"the application never got back to {n} running replicas"
-        time.sleep(1)
+    probe = ServeProbe(info["ray_address"], APP)
+    yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log", "killed_at_start": killed, "probe": probe}
+    probe.close()
+    stop_server(proc)
 
 
 def test_a_replica_killed_while_the_service_starts_does_not_end_it(server, reference):
@@ -79,7 +80,28 @@ def test_a_replica_killed_while_the_service_starts_does_not_end_it(server, refer
     body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
     r = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[PROMPTS[0]]
-    _wait_replicas(server, 2)
+    assert r.headers["x-hone-replica"]  # which replica answered
+    server["probe"].wait_running(2)
+
+
+def _stream_killing_its_replica(url: str, body: dict, pids: dict[str, int], after_lines: int) -> dict:
+    """Stream ``body``; once ``after_lines`` events have arrived, SIGKILL the replica that serves it (the response's
+    X-Hone-Replica header, mapped to its process by ``pids``); read the stream to its end."""
+    lines: list[str] = []
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        replica = r.headers["x-hone-replica"]
+        killed = None
+        for line in r.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == after_lines:
+                killed = pids[replica]
+                os.kill(killed, signal.SIGKILL)
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    return {"replica": replica, "pid": killed, "lines": lines, "events": events,
+            "text": "".join(e["choices"][0]["text"] for e in events if e.get("choices"))}
 
 
 async def _one(client: httpx.AsyncClient, url: str, i: int) -> dict:
@@ -127,28 +149,46 @@ async def _load(url: str, total: int, concurrency: int, on_progress) -> list[dic
 
 
 def test_a_replica_killed_in_the_middle_of_1000_requests_loses_none(server, reference):
-    """1,000 greedy requests (a third streaming) at 32 concurrent; one model replica is SIGKILLed after 300 answers.
-    Every request ends 200 with the right text (a request whose replica died is sent again; a stream resumes on the other
-    replica after the text it already sent) or 503 with Retry-After; none hangs; Serve replaces the replica."""
-    _wait_replicas(server, 2)
-    killed: list[int] = []
+    """1,000 greedy requests (a third streaming) at 32 concurrent. After 300 answers a long greedy stream starts; after its
+    first tokens the replica serving it (its X-Hone-Replica header) is SIGKILLed: the kill lands on work in flight by
+    construction. That stream resumes on the other replica after the text it already sent and ends with exactly the
+    reference text; every other request ends 200 with the right text (a request whose replica died is sent again, a
+    stream resumes) or 503 with Retry-After; none hangs; Serve replaces the replica."""
+    probe = server["probe"]
+    probe.wait_running(2)
+    pids = probe.replica_pids()
+    assert len(pids) == 2, pids
+    url = server["url"] + "/v1/completions"
+    started = threading.Event()
+    loaded: list[dict] = []
+    answered = [0]
 
     def progress(done: int) -> None:
-        if done >= 300 and not killed:
-            pids = model_replica_pids(APP)
-            assert len(pids) == 2, pids
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
+        answered[0] = done
+        if done >= 300:
+            started.set()
 
-    started = time.time()
-    results = asyncio.run(_load(server["url"] + "/v1/completions", 1000, 32, progress))
-    wall = time.time() - started
+    load = threading.Thread(target=lambda: loaded.extend(asyncio.run(_load(url, 1000, 32, progress))), daemon=True)
+    begun = time.time()
+    load.start()
+    assert started.wait(timeout=600), "the load never reached 300 answers"
+    body = {"model": "tiny-llama", "prompt": PROMPTS[4], "max_tokens": LONG, "temperature": 0, "stream": True}
+    long = _stream_killing_its_replica(url, body, pids, after_lines=5)
+    answered_at_kill = answered[0]
+    load.join(timeout=600)
+    wall = time.time() - begun
+    assert long["pid"] is not None, long["lines"][-3:]
+    assert long["text"] == reference["long"], "the stream whose replica was killed did not resume with the reference text"
+    assert long["lines"][-1] == "data: [DONE]" and long["events"][-1]["choices"][0]["finish_reason"] == "length"
+
+    results = loaded
     counts: dict[str, int] = {}
     for r in results:
         key = f"{r['status']}{' stream' if r['stream'] else ''}"
         counts[key] = counts.get(key, 0) + 1
-    print(f"load test: {len(results)} requests in {wall:.0f}s at 32 concurrent, replica killed after 300: {counts}")
-    assert killed and len(results) == 1000
+    print(f"load test: {len(results)} requests in {wall:.0f}s at 32 concurrent; replica {long['replica']} killed under a long "
+          f"stream when {answered_at_kill} had been answered: {counts}")
+    assert len(results) == 1000
     assert not [r for r in results if r["status"] == "hung"], counts
     assert {r["status"] for r in results} <= {200, 503}, counts
     for r in results:
@@ -162,28 +202,21 @@ def test_a_replica_killed_in_the_middle_of_1000_requests_loses_none(server, refe
     def failovers(families: dict) -> dict[str, float]:
         return {s.labels["kind"]: s.value for s in families.get("ray_hone_replica_failovers_total", [])}
 
-    recovered = failovers(metrics(server["metrics_export_port"], lambda f: sum(failovers(f).values()) > 0))
+    recovered = failovers(metrics(server["metrics_export_port"], lambda f: failovers(f).get("resume", 0) >= 1))
     print(f"load test: requests recovered from the killed replica: {recovered}")
-    assert sum(recovered.values()) > 0, "the kill hit no request in flight: nothing was tested"
-    _wait_replicas(server, 2)  # replaced
-    assert killed[0] not in model_replica_pids(APP)
+    assert recovered.get("resume", 0) >= 1, recovered  # the long stream, at least
+    probe.wait_running(2)  # replaced
+    assert long["pid"] not in model_replica_pids(APP)
 
 
 def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done(server):
     """A sampled (unseeded) stream cannot resume elsewhere: it gets an SSE error event, then [DONE], and is counted."""
-    _wait_replicas(server, 2)
+    probe = server["probe"]
+    probe.wait_running(2)
     body = {"model": "tiny-llama", "prompt": PROMPTS[1], "max_tokens": 1500, "temperature": 1.0, "stream": True}
-    lines: list[str] = []
-    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line:
-                continue
-            lines.append(line)
-            if len(lines) == 5:
-                for pid in model_replica_pids(APP):  # whichever replica serves it
-                    os.kill(pid, signal.SIGKILL)
-    assert lines[-1] == "data: [DONE]", lines[-3:]
+    out = _stream_killing_its_replica(server["url"] + "/v1/completions", body, probe.replica_pids(), after_lines=5)
+    lines = out["lines"]
+    assert out["pid"] is not None and lines[-1] == "data: [DONE]", lines[-3:]
     error = json.loads(lines[-2][6:])["error"]
     assert error["code"] == "replica_unavailable" and error["type"] == "server_error", error
 
@@ -191,13 +224,13 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done(server):
         return any(s.labels.get("status") == "503" and s.value >= 1 for s in families.get("ray_hone_requests_total", []))
 
     assert counted(metrics(server["metrics_export_port"], counted))
-    _wait_replicas(server, 2)
+    probe.wait_running(2)
 
 
 def test_sigterm_during_a_long_stream_lets_it_finish(server):
     """Stopping hone serve (SIGTERM, as Kubernetes does) drains: a stream already running completes within the graceful
     shutdown timeout, then the process exits."""
-    _wait_replicas(server, 2)
+    server["probe"].wait_running(2)
     body = {"model": "tiny-llama", "prompt": PROMPTS[2], "max_tokens": 1500, "temperature": 0, "stream": True}
     lines: list[str] = []
     late: list[httpx.Response] = []

@@ -4,17 +4,14 @@ dashboard and Prometheus alerts over the series the deployments define (the serv
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-HONE = str(Path(sys.executable).parent / "hone")
+from tests.helpers import hone
 
 
 def test_emit_serve_config_matches_the_app_builder(repo):
     import yaml
 
-    out = subprocess.run([HONE, "serve", str(repo / "serving" / "tiny.yaml"), "--emit-serve-config"], capture_output=True, text=True)
+    out = hone("serve", str(repo / "serving" / "tiny.yaml"), "--emit-serve-config", timeout=120)
     assert out.returncode == 0, out.stderr
     doc = yaml.safe_load(out.stdout)
     app = doc["applications"][0]
@@ -62,6 +59,6 @@ def test_require_auth_refuses_a_public_port_without_keys_before_ray(repo, tmp_pa
     cfg.write_text("model: builtin:tiny-llama\nhost: 0.0.0.0\nrequire_auth: true\n")
     env = {k: v for k, v in os.environ.items() if k not in ("HONE_API_KEYS", "RAY_ADDRESS")}
     started = time.time()
-    out = subprocess.run([HONE, "serve", str(cfg)], capture_output=True, text=True, env=env, timeout=120)
+    out = hone("serve", str(cfg), env=env, timeout=120)
     assert out.returncode != 0 and "no API keys are configured" in out.stderr + out.stdout, out.stderr[-2000:]
     assert "Started a local Ray instance" not in out.stderr + out.stdout and time.time() - started < 60

@@ -1,27 +1,25 @@
-"""Online RL (GRPO) with rollouts on vLLM actors: the tiny recipe end to end on the test cluster (rewards, KL, the
-time split, every sync checked), the weight-sync proof on a real rollout engine, a killed rollout engine replaced
-mid-run, exact resume of the reward curve, rewards, advantages and the loss, and bad configs refused before any Ray
-work."""
+"""Online RL (GRPO) with rollouts on vLLM actors: one run of the tiny recipe on the test cluster, hit by two faults (its
+driver SIGKILLed, then, after the resume, its rollout engine killed), checked for the rewards, KL, time split and sync
+check of every step, the exact resume of the reward curve and the engine's replacement; the weight-sync proof on a real
+rollout engine; rewards, advantages and the loss; and bad configs refused before any Ray work."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from tests.training.runs import HONE, killed_after_step, logged_step, wait_until
 
 from hone.config import JobConfigError, validate_job
 from hone.data import DataError, load_tokenizer, prepare_data
 from hone.training import train
 
-RECIPE = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "grpo-tiny.yaml").read_text())
+from tests.helpers import REPO, killed_after_step, records, start_hone, stop_group, wait_until
+
+RECIPE = yaml.safe_load((REPO / "jobs" / "grpo-tiny.yaml").read_text())
 
 
 def grpo_job(name: str, **overrides) -> dict:
@@ -32,24 +30,50 @@ def grpo_job(name: str, **overrides) -> dict:
     return raw
 
 
-def history_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 # --------------------------------------------------------------------------- the loop on Ray Train
 
 
+def _rollout_engines() -> list:
+    from ray.util.state import list_actors
+
+    return list(list_actors(filters=[("class_name", "=", "RolloutEngine"), ("state", "=", "ALIVE")]))
+
+
 @pytest.fixture(scope="module")
-def tiny_run(connected):
-    job = validate_job(grpo_job("grpo-run", training={"max_steps": 4, "eval_every": 2, "eval_on_start": True}))
-    return job, train(job, storage_path=str(connected), quiet=True)
+def tiny_run(cluster, cluster_env, connected, tmp_path_factory):
+    """The tiny recipe for 6 steps (evaluated before training and every 2 steps, checkpoints every 2) through ``hone train``:
+    SIGKILLed after step 3, resumed with ``hone train --resume``, and its rollout engine killed once the resumed run has
+    logged step 4. Returns the run's folder, its records before the resume, and the resume's output."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    job = tmp / "grpo-run.yaml"
+    job.write_text(yaml.safe_dump(grpo_job("grpo-run", training={"max_steps": 6, "eval_every": 2, "eval_on_start": True,
+                                                                 "checkpoint_every": 2})))
+    env = {**cluster_env, "HONE_RAY_LOG_LEVEL": "ERROR"}
+    run_dir = killed_after_step(3, cluster["address"], job, tmp / "runs", env)
+    before = records(run_dir)
+    log = tmp / "resume.log"
+    proc = start_hone("train", "--resume", str(run_dir), "--address", cluster["address"], env=env, log=log)
+    killed = []
+    try:
+        wait_until(lambda: any(m["step"] >= 4 for m in records(run_dir)[len(before):]), "step 4 of the resumed run", proc=proc, log=log)
+        for a in _rollout_engines():
+            ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=True)
+            killed.append(a.name)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        stop_group(proc)
+    return {"job": validate_job(yaml.safe_load(job.read_text())), "run_dir": run_dir, "before": before, "log": log.read_text(),
+            "killed": killed}
 
 
 @pytest.mark.slow
 def test_the_tiny_recipe_logs_rewards_kl_and_the_time_split_every_step(tiny_run):
-    job, result = tiny_run
-    history = history_of(result.run_dir)
-    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    job, run_dir = tiny_run["job"], tiny_run["run_dir"]
+    history = records(run_dir)
+    final = {m["step"]: m for m in history}  # a step logged again after the resume keeps its last record
+    assert sorted(final) == [1, 2, 3, 4, 5, 6]
     for m in history:
         for key in ("reward", "reward_std", "reward_choice", "reward_concise", "kl", "completion_length", "rollout_tokens_per_s",
                     "rollout_time_s", "train_time_s", "sync_time_s", "clip_ratio", "frac_reward_zero_std", "engine_logprob_gap"):
@@ -58,15 +82,42 @@ def test_the_tiny_recipe_logs_rewards_kl_and_the_time_split_every_step(tiny_run)
         assert 0 < m["completion_length"] <= job.grpo.max_new_tokens
         assert m["reward"] == pytest.approx(m["reward_choice"] + 0.5 * m["reward_concise"], abs=1e-9)
         assert m["reward_errors"] == 0
-        # every step's sync was checked: the engine now computes the trainer's log-probs, and they moved
+        # every step's sync was checked (after the resume and on the replacement engine too): the engine now computes
+        # the trainer's log-probs, and they moved
         assert m["sync_logprob_diff"] < 2e-3, m
         assert m["sync_logprob_change"] > 1e-4, m
         assert m["engine_logprob_gap"] < 1e-3  # the sampled tokens' log-probs: engine and trainer agree
-    assert history[0]["kl"] < history[-1]["kl"]  # the policy leaves the reference (beta 0.04)
-    assert "initial_eval_reward" in history[0] and "eval_reward" in history[1] and "eval_reward" in history[3]
-    info = json.loads((result.export_dir / "hone.json").read_text())
+    assert final[1]["kl"] < final[6]["kl"]  # the policy leaves the reference (beta 0.04)
+    assert "initial_eval_reward" in final[1] and all("eval_reward" in final[s] for s in (2, 4, 6))
+    info = json.loads((run_dir / "export" / "hone.json").read_text())
     assert info["objective"] == "grpo" and info["kind"] == "adapter"
-    assert result.metrics["best_eval_reward"] == max(m["eval_reward"] for m in history if "eval_reward" in m)
+    metrics = json.loads((run_dir / "hone-run.json").read_text())["metrics"]
+    assert metrics["best_eval_reward"] == max(m["eval_reward"] for m in final.values() if "eval_reward" in m)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_reward_curve(tiny_run):
+    """SIGKILLed after step 3 (checkpoints every 2): the resumed run restarts at step 2, samples the same completions
+    for step 3 (seeded per prompt, engines synced to the checkpoint's weights) and logs the same rewards."""
+    assert "resumed at step 2/6" in tiny_run["log"], tiny_run["log"][-3000:]
+    before = {m["step"]: m for m in tiny_run["before"]}
+    after = {m["step"]: m for m in records(tiny_run["run_dir"])[len(tiny_run["before"]):]}
+    assert max(before) == 3 and min(after) == 3
+    for key in ("reward", "reward_choice", "reward_concise", "completion_length"):
+        assert after[3][key] == pytest.approx(before[3][key], abs=1e-9), key
+    assert after[3]["loss"] == pytest.approx(before[3]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_killed_rollout_engine_is_replaced_and_training_continues(tiny_run):
+    """The rollout engine killed (``ray.kill``) after the resumed run's step 4: the pool replaces it, the new engine gets
+    the trained weights (the sync check holds), the run finishes every step and exports."""
+    assert tiny_run["killed"], "no rollout engine was found to kill"
+    after = records(tiny_run["run_dir"])[len(tiny_run["before"]):]
+    assert [m["step"] for m in after] == [3, 4, 5, 6]
+    assert sum(m.get("rollout_engines_replaced", 0) for m in after if m["step"] > 4) >= 1
+    assert all(m["sync_logprob_diff"] < 2e-3 for m in after)
+    assert (tiny_run["run_dir"] / "export" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -124,65 +175,6 @@ def test_a_weight_sync_reaches_the_engine_and_is_what_the_trainer_computes(conne
         assert ray.get(pool.info.remote())["version"] == 2
     finally:
         stop_pool(pool)
-
-
-def _rollout_engines() -> list:
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("class_name", "=", "RolloutEngine"), ("state", "=", "ALIVE")])]
-
-
-@pytest.mark.slow
-def test_a_killed_rollout_engine_is_replaced_and_training_continues(connected):
-    import ray
-
-    job = validate_job(grpo_job("grpo-kill", training={"max_steps": 5, "eval_every": None}))
-    storage = connected / "kill"
-    storage.mkdir()
-    killed = []
-
-    def kill_after_step_2() -> None:
-        wait_until(lambda: any(logged_step(p, 2) for p in storage.iterdir() if not p.name.startswith(".")), "step 2", timeout=300)
-        engines = _rollout_engines()
-        for a in engines:
-            ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=True)
-            killed.append(a.name)
-
-    killer = threading.Thread(target=kill_after_step_2, daemon=True)
-    killer.start()
-    result = train(job, storage_path=str(storage), quiet=True)
-    killer.join(timeout=5)
-    assert killed, "no rollout engine was found to kill"
-    history = history_of(result.run_dir)
-    assert [m["step"] for m in history] == [1, 2, 3, 4, 5]
-    assert sum(m.get("rollout_engines_replaced", 0) for m in history) >= 1
-    assert all(m["sync_logprob_diff"] < 2e-3 for m in history)  # the new engine got the trained weights
-    assert result.export_dir is not None
-
-
-@pytest.mark.slow
-def test_resume_continues_the_reward_curve(cluster, tmp_path):
-    """SIGKILLed after step 3 (checkpoints every 2): the resumed run restarts at step 2, samples the same completions
-    for step 3 (seeded per prompt, engines synced to the checkpoint's weights) and logs the same rewards."""
-    import os
-
-    raw = grpo_job("grpo-resume", training={"max_steps": 5, "checkpoint_every": 2, "eval_every": None})
-    job_file = tmp_path / "grpo-resume.yaml"
-    job_file.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "HONE_RAY_LOG_LEVEL": "ERROR"}
-    run_dir = killed_after_step(3, cluster, job_file, tmp_path / "runs", env)
-    before = {m["step"]: m for m in history_of(run_dir)}
-    resumed = subprocess.run([HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]], env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed at step 2/5" in resumed.stdout
-    after = {}
-    for m in history_of(run_dir):
-        after[m["step"]] = m  # a step logged twice keeps its resumed value
-    assert sorted(after) == [1, 2, 3, 4, 5]
-    for key in ("reward", "reward_choice", "reward_concise", "completion_length"):
-        assert after[3][key] == pytest.approx(before[3][key], abs=1e-9), key
-    assert after[3]["loss"] == pytest.approx(before[3]["loss"], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- refused before any Ray work

@@ -13,10 +13,11 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import make_job
 
 from hone.training.grpo import grpo_loss
 from hone.training.objectives import token_logps
+
+from tests.helpers import make_job
 
 pytest.importorskip("trl")
 

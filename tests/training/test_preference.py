@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from tests.training.runs import HONE, killed_after_step, logged_losses
 
 from hone.config import JobConfigError, validate_job
-from hone.data import CACHE_DIR, DataError, load_tokenizer, prepare_data, preview
+from hone.data import DataError, load_tokenizer, prepare_data, preview
 from hone.training import Objective, train
+
+from tests.helpers import hone, killed_after_step, losses, read_metrics
 
 # The shipped tiny recipe, shortened: 3 steps, each logged, evaluated at the end.
 PAIRS = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "dpo-tiny.yaml").read_text())
@@ -61,17 +61,32 @@ def history_of(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(connected):
-    """Each objective's run, trained once for the module (the ZeRO-3 test starts from the DPO run's adapter)."""
+def runs(cluster, connected, slow_reports, tmp_path_factory):
+    """Each objective's run, trained once for the module (the ZeRO-3 test starts from the DPO run's adapter).
+
+    The IPO run goes through ``hone train`` and is interrupted: 4 steps with checkpoints at 2 and 4, SIGKILLed once step
+    3 is logged, then resumed with ``hone train --resume``; every step it computes again must reproduce its loss."""
     done = {}
 
     def run(loss: str):
-        if loss not in done:
-            sections = {"preference": {"loss": loss}}
-            if loss == "kto":
-                sections["data"] = {**PAIRS["data"], "format": "unpaired"}
+        if loss in done:
+            return done[loss]
+        sections = {"preference": {"loss": loss}}
+        if loss == "kto":
+            sections["data"] = {**PAIRS["data"], "format": "unpaired"}
+        if loss != "ipo":
             job = validate_job(pref_job(f"pref-{loss}", **sections))
             done[loss] = (job, train(job, storage_path=str(connected), quiet=True))
+            return done[loss]
+        raw = pref_job("pref-ipo", **sections, training={**PAIRS["training"], "max_steps": 4, "checkpoint_every": 2})
+        path = tmp_path_factory.mktemp("ipo") / "ipo.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        run_dir = killed_after_step(3, cluster["address"], path, path.parent / "runs", slow_reports)
+        before = losses(run_dir)
+        out = hone("train", "--resume", str(run_dir), "--address", cluster["address"], env=slow_reports, check=True)
+        meta = json.loads((run_dir / "hone-run.json").read_text())
+        result = SimpleNamespace(run_dir=run_dir, export_dir=run_dir / "export", metrics=meta["metrics"], before=before, out=out.stdout)
+        done[loss] = (validate_job(raw), result)
         return done[loss]
 
     return run
@@ -82,8 +97,8 @@ def runs(connected):
 def test_each_objective_trains_on_two_zero2_workers_and_its_export_reloads(runs, loss):
     job, result = runs(loss)
     assert result.export_dir is not None and result.metrics["done"]
-    history = history_of(result.run_dir)
-    assert [m["step"] for m in history] == [1, 2, 3]
+    history = read_metrics(result.run_dir)  # (a step computed again after a resume keeps its last record)
+    assert [m["step"] for m in history] == list(range(1, job.training.max_steps + 1))
     for m in history:
         for key in ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
             assert math.isfinite(m[key]), (key, m)
@@ -92,7 +107,8 @@ def test_each_objective_trains_on_two_zero2_workers_and_its_export_reloads(runs,
         assert all(m["kl"] >= 0 for m in history)
     final = history[-1]
     assert {"eval_loss", "eval_reward_accuracy", "eval_reward_margin"} <= set(final)
-    assert final["best_eval_reward_accuracy"] == final["eval_reward_accuracy"]  # the sweep/early-stopping metric
+    # the sweep/early-stopping metric: the best of the run's evaluations (at its checkpoints and at the end)
+    assert final["best_eval_reward_accuracy"] == max(m["eval_reward_accuracy"] for m in history if "eval_reward_accuracy" in m)
     info = json.loads((result.export_dir / "hone.json").read_text())
     assert info["objective"] == loss and info["kind"] == "adapter"
     reloaded = reload_metrics(result.export_dir, job)
@@ -103,6 +119,18 @@ def test_each_objective_trains_on_two_zero2_workers_and_its_export_reloads(runs,
         assert abs(final["eval_rewards_chosen"]) > 0
     if loss == "dpo":  # LoRA starts as the identity, so at step 1 the policy is its reference: every pair's loss is log 2
         assert abs(history[0]["loss"] - math.log(2)) < 1e-6 and history[0]["reward_margin"] == 0.0
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_with_identical_losses(runs):
+    """The IPO run, killed after step 3 with a checkpoint at 2 (the next at 4): the resume starts at the latest intact
+    checkpoint and recomputes the steps after it, each with the loss logged for it before the kill."""
+    _, result = runs("ipo")
+    resumed_at = int(result.out.split("resumed at step ", 1)[1].split("/", 1)[0])
+    assert resumed_at == 2, result.out[-3000:]
+    after = losses(result.run_dir)
+    assert sorted(after) == [1, 2, 3, 4] and max(result.before) == 3
+    assert len(after[3]) == 2 and abs(after[3][1] - after[3][0]) < 1e-6, after[3]  # step 3, computed again
 
 
 @pytest.mark.slow
@@ -145,33 +173,6 @@ def test_zero3_full_fine_tuning_with_a_sharded_frozen_reference(connected):
     reloaded = reload_metrics(result.export_dir, job)
     assert abs(reloaded["eval_reward_accuracy"] - final["eval_reward_accuracy"]) < 1e-4
     assert abs(reloaded["eval_loss"] - final["eval_loss"]) < 1e-4, (reloaded, final)
-
-
-# --------------------------------------------------------------------------- exact resume
-
-
-@pytest.mark.slow
-def test_an_interrupted_dpo_run_resumes_with_identical_losses(cluster, connected, slow_reports, tmp_path):
-    """Killed after step 4 with checkpoints at 2 and 4 … the resume starts at the latest intact one and recomputes the
-    steps after it: each equals the loss logged for it before the kill."""
-    job = tmp_path / "dpo.yaml"
-    job.write_text(yaml.safe_dump(pref_job("pref-resume", training={**PAIRS["training"], "max_steps": 6, "checkpoint_every": 2})))
-    (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / CACHE_DIR).symlink_to(connected / CACHE_DIR)  # the module's tokenised pairs: no second tokenising
-    run_dir = killed_after_step(3, cluster, job, tmp_path / "cut", slow_reports)
-    before = logged_losses(run_dir)
-    assert max(before) < 6, "the run finished before it could be interrupted"
-    out = subprocess.run([HONE, "train", "--resume", str(run_dir), "--address", cluster["address"]],
-                         env=slow_reports, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    resumed_at = int(out.stdout.split("resumed at step ", 1)[1].split("/", 1)[0])
-    assert resumed_at in (2, 4) and resumed_at < max(before)  # at least one logged step is computed again
-    after = logged_losses(run_dir)
-    assert sorted(after) == list(range(1, 7))
-    again = [step for step in before if step > resumed_at]
-    assert again
-    for step in again:
-        assert abs(after[step] - before[step]) < 1e-6, (step, after[step], before[step])
 
 
 # --------------------------------------------------------------------------- a sweep by reward accuracy

@@ -11,9 +11,10 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import make_job
 
 from hone.training.objectives import collate_preference, preference_loss, preference_metrics, sequence_logps
+
+from tests.helpers import make_job
 
 pytest.importorskip("trl")
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,33 +16,29 @@ import yaml
 
 from hone.config import validate_job
 
-HONE = str(Path(sys.executable).parent / "hone")
+from tests.helpers import (
+    REPO,
+    free_port,
+    hone,
+    losses,
+    records,
+    run_dirs,
+    start_hone,
+    start_server,
+    stop_group,
+    stop_server,
+    wait_until,
+)
+
 BUCKET = "hone-test"
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, what: str, timeout: float = 300.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}:\n" + (log.read_text()[-4000:] if log else ""))
-        if time.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}" + (":\n" + log.read_text()[-4000:] if log else ""))
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 with a bucket holding the training data; the AWS variables that reach it."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -56,7 +50,7 @@ def s3(tmp_path_factory):
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
-        _wait(up, "the S3 server", 60)
+        wait_until(up, "the S3 server", 60, proc=proc)
         client = boto3.client("s3")
         client.create_bucket(Bucket=BUCKET)
         rows = [{"instruction": "Label the review", "input": f"review {i}: " + ("good " if i % 2 else "bad ") * (1 + i % 5),
@@ -64,8 +58,7 @@ def s3(tmp_path_factory):
         client.put_object(Bucket=BUCKET, Key="data/reviews.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
         yield {"env": env, "client": client}
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -97,10 +90,6 @@ def _losses(lines: str) -> dict[int, list[float]]:
     return out
 
 
-def _env(cluster, home: Path, extra: dict) -> dict:
-    return {**cluster["env"], "HONE_HOME": str(home), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", **extra}
-
-
 def _own_home(tmp: Path) -> Path:
     """A hone home of its own (nothing local is shared with the test's), with the shared built-in model cache."""
     home = tmp / "home"
@@ -115,17 +104,19 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     is deleted between every stage (interruption → resume → register → quantise → serve), so each reads the store."""
     client = s3["client"]
     job = tmp_path / "s3.yaml"
-    job.write_text(yaml.safe_dump(_job("s3run", data={"source": f"s3://{BUCKET}/data/reviews.jsonl", "validation": 0.1})))
+    job.write_text(yaml.safe_dump(_job("s3run", data={"source": f"s3://{BUCKET}/data/reviews.jsonl", "validation": 0.1},
+                                       training={"max_steps": 8, "checkpoint_every": 4})))
     home = _own_home(tmp_path)
-    env = _env(cluster, home, s3["env"])
+    # the session's shared data cache is local: this run keeps its own in the bucket, beside its runs
+    env = {**{k: v for k, v in cluster["env"].items() if k != "HONE_DATA_CACHE"}, "HONE_HOME": str(home),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", **s3["env"]}
     runs = f"s3://{BUCKET}/runs"
-    proc = subprocess.Popen([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", runs], env=env,
-                            stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "first.log"
+    proc = start_hone("train", str(job), "--address", cluster["address"], "--storage-path", runs, env=env, log=log)
     mirror = home / "remote" / "s3" / BUCKET / "runs"
     try:
-        _wait(lambda: mirror.is_dir() and any(p.name.startswith("s3run") for p in mirror.iterdir()), "the run's folder", 300, proc,
-              tmp_path / "first.log")
-        run = next(p.name for p in mirror.iterdir() if p.name.startswith("s3run"))
+        run = wait_until(lambda: next((p.name for p in run_dirs(mirror) if p.name.startswith("s3run")), None), "the run's folder",
+                         300, proc, log)
         key = f"runs/{run}/metrics.jsonl"
 
         def logged(step: int) -> bool:
@@ -135,12 +126,10 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
                 return False
             return max(_losses(body), default=0) >= step
 
-        _wait(lambda: logged(5), "step 5 in the store's metrics.jsonl", 600, proc, tmp_path / "first.log")
+        wait_until(lambda: logged(5), "step 5 in the store's metrics.jsonl", 600, proc, log, every=0.2)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    first = (tmp_path / "first.log").read_text()
+        stop_group(proc)
+    first = log.read_text()
     assert "tokenised on Ray Data" in first, first[-3000:]
     objects = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["Contents"]]
     assert any(k.startswith(f"runs/{run}/checkpoint_") for k in objects), objects
@@ -148,12 +137,11 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     assert not any(k.startswith(f"runs/{run}/export/") for k in objects)
     shutil.rmtree(home / "remote")  # nothing of the run is left on this machine
 
-    out = subprocess.run([HONE, "train", "--resume", f"{runs}/{run}", "--address", cluster["address"]], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = hone("train", "--resume", f"{runs}/{run}", "--address", cluster["address"], env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "resumed at step 4/10" in out.stdout and "data (cached" in out.stdout, out.stdout[-3000:]
+    assert "resumed at step 4/8" in out.stdout and "data (cached" in out.stdout, out.stdout[-3000:]
     history = _losses(client.get_object(Bucket=BUCKET, Key=f"runs/{run}/metrics.jsonl")["Body"].read().decode())
-    assert sorted(history) == list(range(1, 11))
+    assert sorted(history) == list(range(1, 9))
     assert abs(history[5][0] - history[5][-1]) < 1e-5, history[5]  # step 5 before the kill and after the resume
     objects = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{run}/export/")["Contents"]]
     assert f"runs/{run}/export/hone.json" in objects and f"runs/{run}/export/adapter_model.safetensors" in objects
@@ -175,8 +163,8 @@ print(json.dumps(registry.resolve_model_ref("models:/s3-tiny@winner")))
     assert json.loads(reg.stdout.strip().splitlines()[-1])["source"] == f"{runs}/{run}/export"
     shutil.rmtree(home / "remote")
     quantized = f"s3://{BUCKET}/quantized/s3-tiny"
-    q = subprocess.run([HONE, "quantize", "models:/s3-tiny@winner", "--method", "int8-dynamic", "--out", quantized, "-n", "8",
-                        "--max-loss-increase", "0.5", "--max-accuracy-drop", "none"], env=env, capture_output=True, text=True, timeout=600)
+    q = hone("quantize", "models:/s3-tiny@winner", "--method", "int8-dynamic", "--out", quantized, "-n", "8", "--max-loss-increase", "0.5",
+             "--max-accuracy-drop", "none", env=env)
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     tags = subprocess.run([sys.executable, "-c", "from hone import registry; import json; "
                            "print(json.dumps(registry.resolve_model_ref('models:/s3-tiny@winner')['tags']))"],
@@ -185,21 +173,19 @@ print(json.dumps(registry.resolve_model_ref("models:/s3-tiny@winner")))
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="quantized/s3-tiny/")["Contents"]]
     assert "quantized/s3-tiny/quantization.json" in keys, keys
     shutil.rmtree(home / "remote")
-    sys.path.insert(0, str(REPO / "tests" / "serving"))
-    from servers import free_port, start, stop
 
     cfg = {"name": "s3", "model": quantized, "served_model_name": "s3-tiny", "port": free_port(), "metrics_export_port": free_port(),
            "max_tokens_default": 8, "ray_actor_options": {"num_cpus": 0.25}}
     serve_dir = tmp_path / "serve"
     serve_dir.mkdir()
-    proc, info = start(cfg, serve_dir, {k: v for k, v in env.items() if k not in ("RAY_ADDRESS",)})
+    proc, info = start_server(cfg, serve_dir, env)
     try:
         import httpx
 
         r = httpx.post(info["url"] + "/v1/completions", json={"model": "s3-tiny", "prompt": "The movie was", "max_tokens": 4}, timeout=120)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
     finally:
-        stop(proc)
+        stop_server(proc)
     assert (home / "remote" / "s3" / BUCKET / "quantized" / "s3-tiny" / "quantization.json").exists()  # fetched to serve
 
 
@@ -212,63 +198,76 @@ def test_object_store_paths_are_checked_before_any_ray_work(s3, tmp_path):
         validate_job(_job("bad", data={"source": f"s3://{BUCKET}/data/missing.jsonl"}))
     with pytest.raises(JobConfigError, match="unknown storage scheme 'ftp'"):
         validate_job(_job("bad", data={"source": "ftp://host/x.jsonl"}))
-    out = subprocess.run([HONE, "train", str(REPO / "jobs" / "tiny-smoke.yaml"), "--storage-path", "s3://no-such-bucket/runs"],
-                         capture_output=True, text=True, timeout=120)
+    out = hone("train", str(REPO / "jobs" / "tiny-smoke.yaml"), "--storage-path", "s3://no-such-bucket/runs", timeout=120)
     assert out.returncode != 0 and "no-such-bucket" in out.stderr + out.stdout and "Traceback" not in out.stderr
 
 
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 @pytest.mark.slow
-def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, tmp_path):
-    """num_workers [1, 2], one worker per worker node: node 2 is killed mid-run, the run goes on with one worker
-    accumulating both micro-batches, node 2 rejoins and the run grows back to two; every step's loss matches an
-    uninterrupted run's."""
-    script = str(REPO / "cluster" / "local.sh")
-    steps = 60
-    raw = _job("elastic", distributed={"num_workers": [1, 2], "deepspeed": None, "max_failures": 5,
-                                       "resources_per_worker": {"CPU": 1, "hone_node": 1}},
-               training={"max_steps": steps, "checkpoint_every": 2})
+def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env, tmp_path):
+    """num_workers [1, 2], one worker per worker node, a constant learning rate (a step's loss does not depend on the run's
+    length). Node 2 is killed after step 5; the run goes on with one worker accumulating both micro-batches; node 2 rejoins
+    and the run grows back to two workers; three steps after that the run is stopped. Every step's loss (the last
+    computed, after every resize) matches an uninterrupted run of exactly that length. Each phase waits for its event in the
+    run's records, however long Ray takes to notice the node and to grow back."""
+    script = cluster["script"]
+    # the data of test_train's runs (tokenised once for the session)
+    data = {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128, "max_samples": 128,
+            "max_eval_samples": 32}
+    raw = _job("elastic", data=data, distributed={"num_workers": [1, 2], "deepspeed": None, "max_failures": 5,
+                                                  "resources_per_worker": {"CPU": 1, "hone_node": 1}},
+               training={"max_steps": 1000, "checkpoint_every": 2, "scheduler": "constant", "eval_every": None})
     validate_job(raw)
     job = tmp_path / "elastic.yaml"
     job.write_text(yaml.safe_dump(raw))
-    # Ray Train waits this long for a worker group it believes fits (the dead node still counts for a moment)
-    env = _env(cluster, Path(os.environ["HONE_HOME"]), {"HONE_ELASTIC_RESIZE_S": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"})
-    reference = tmp_path / "reference"
-    out = subprocess.run([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(reference)], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    expected = {k: v[-1] for k, v in _losses(next(reference.iterdir()).joinpath("metrics.jsonl").read_text()).items()}
-
-    storage = tmp_path / "elastic"
-    log_path = tmp_path / "elastic.log"
-    proc = subprocess.Popen([HONE, "train", str(job), "--address", cluster["address"], "--storage-path", str(storage)], env=env,
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    # Ray Train's elastic policy sees nodes come and go through Ray's autoscaling coordinator, which looks every 20 s:
+    # until it has seen the dead node, each try to start two workers waits this long for them before trying again.
+    # Each report waits for the controller's 1 s poll, so the phases take few steps and the reference run is short.
+    env = {**cluster_env, "HONE_ELASTIC_RESIZE_S": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
+    storage, log = tmp_path / "elastic", tmp_path / "elastic.log"
+    proc = start_hone("train", str(job), "--address", cluster["address"], "--storage-path", str(storage), env=env, log=log)
     node_env = cluster["env"]
+    node_down = False
+
+    def first(condition, after: int = 0) -> int | None:
+        """The index of the first record after ``after`` that meets ``condition``."""
+        got = records(run_dir)
+        return next((i for i in range(after, len(got)) if condition(got[i])), None)
+
     try:
-        _wait(lambda: storage.is_dir() and any(storage.iterdir()), "the run folder", 300, proc, log_path)
-        metrics = next(storage.iterdir()) / "metrics.jsonl"
-        _wait(lambda: any(r["step"] >= 5 for r in _records(metrics)), "step 5", 600, proc, log_path)
+        run_dir = wait_until(lambda: next(iter(run_dirs(storage)), None), "the run folder", 300, proc, log)
+        wait_until(lambda: first(lambda r: r["step"] >= 5) is not None, "step 5", 600, proc, log)
         stopped = subprocess.run([script, "stop-node", "2"], env=node_env, capture_output=True, text=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        _wait(lambda: any(r.get("workers") == 1 for r in _records(metrics)), "steps on one worker", 300, proc, log_path)
+        node_down = True
+        shrunk = wait_until(lambda: first(lambda r: r["workers"] == 1), "steps on one worker", 600, proc, log)
         started = subprocess.run([script, "start-node", "2"], env=node_env, capture_output=True, text=True)
         assert started.returncode == 0, started.stdout + started.stderr
-        proc.wait(timeout=900)
+        node_down = False
+        grown = wait_until(lambda: first(lambda r: r["workers"] == 2, shrunk), "steps on two workers again", 600, proc, log)
+        regrown_at = records(run_dir)[grown]["step"]
+        wait_until(lambda: first(lambda r: r["step"] >= regrown_at + 3, grown), "three steps after growing back", 600, proc, log)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        subprocess.run([script, "start-node", "2"], env=node_env, capture_output=True)  # leave the cluster whole
-    text = log_path.read_text()
-    assert proc.returncode == 0, text[-4000:]
+        stop_group(proc)
+        if node_down:  # leave the cluster whole
+            subprocess.run([script, "start-node", "2"], env=node_env, capture_output=True)
+    text = log.read_text()
     assert "on 1 worker(s) (was 2), 2 micro-batch(es) each" in text, text[-4000:]
-    sizes = [r["workers"] for r in _records(metrics)]
+    assert "on 2 worker(s) (was 1), 1 micro-batch(es) each" in text, text[-4000:]
+    sizes = [r["workers"] for r in records(run_dir)]
     first_one = sizes.index(1)
     assert 2 in sizes[:first_one] and 2 in sizes[first_one:], sizes  # shrank, then grew back once node 2 rejoined
-    got = {k: v[-1] for k, v in _losses(metrics.read_text()).items()}
-    assert sorted(got) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
+    got = {step: values[-1] for step, values in losses(run_dir).items()}
+    last = max(got)
+    assert sorted(got) == list(range(1, last + 1))
+
+    # the reference: two workers throughout (a fixed size, so Ray Train does not consult the autoscaling coordinator, which
+    # still holds the stopped run's request for a while)
+    reference = tmp_path / "reference"
+    out = hone("train", str(job), f"training.max_steps={last}", "distributed.num_workers=2", "--address", cluster["address"],
+               "--storage-path", str(reference), env=cluster_env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    expected = {step: values[-1] for step, values in losses(run_dirs(reference)[0]).items()}
+    assert sorted(expected) == sorted(got)
+    for step in sorted(got):
         assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got[step], expected[step])

@@ -9,7 +9,8 @@ them when asked) and counts the report: it never holds the dataset.
 The cache entry ``<storage>/.hone-data/<key>/`` holds Arrow IPC shards per split and ``manifest.json`` (row counts, the
 report; written last, so an entry without it is incomplete and rebuilt). The key hashes the data's content, the
 tokenizer and every setting that shapes the rows, so the next run, every sweep trial and a resume reuse it. Training
-workers open it memory-mapped (:mod:`hone.data.shards`).
+workers open it memory-mapped (:mod:`hone.data.shards`). ``HONE_DATA_CACHE`` (a folder or URI every node reads) moves the
+cache out of the run storage into one place shared by every run, sweep and pipeline (:func:`cache_root`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from hone.config import JobConfig
 from hone.data.sources import DataError, load_source, order_keys, pick_split, source_files, split_plan
 from hone.data.tokenize import DataReport, SplitBuilder, SplitReport, check_split, encode_rows
 
-__all__ = ["CACHE_DIR", "MANIFEST", "TokenizedData", "cache_key", "prepare_cached"]
+__all__ = ["CACHE_DIR", "MANIFEST", "TokenizedData", "cache_key", "cache_root", "prepare_cached"]
 
 CACHE_DIR = ".hone-data"
 MANIFEST = "manifest.json"
@@ -49,6 +51,12 @@ class TokenizedData:
     rows: dict[str, int]
     report: DataReport
     hit: bool
+
+
+def cache_root(storage_root: str) -> str:
+    """Where a run's tokenised data is cached: ``$HONE_DATA_CACHE`` when set (one cache for every run, sweep and pipeline
+    that reads the same data with the same settings), else ``storage_root``, the run storage the run lives in."""
+    return os.environ.get("HONE_DATA_CACHE") or storage_root
 
 
 def cache_key(job: JobConfig, tokenizer_digest: str) -> str:
@@ -210,8 +218,8 @@ def _write_split(ds: Any, job: JobConfig, tokenizer: Any, name: str, folder: Pat
 
 def prepare_cached(job: JobConfig, tokenizer: Any, tokenizer_digest: str, root: str, *, batch_size: int = 256,
                    quiet: bool = True) -> TokenizedData:
-    """The job's tokenised splits in the cache under ``root`` (a run-storage folder or URI): reused when present, else
-    built on Ray Data (Ray must be initialised: ``hone.runtime.ray_session``)."""
+    """The job's tokenised splits in the cache under ``root`` (a folder or URI: :func:`cache_root`): reused when present,
+    else built on Ray Data (Ray must be initialised: ``hone.runtime.ray_session``)."""
     key = cache_key(job, tokenizer_digest)
     location = storage.join(root, CACHE_DIR, key)
     manifest = storage.join(location, MANIFEST)

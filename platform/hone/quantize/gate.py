@@ -196,7 +196,7 @@ def _measure_in_child(source: Source, artifact: Path | None, n: int, method: str
 
 
 def _vllm_decode_ms(source: Source, artifact: Path) -> tuple[float, float]:
-    """(original, quantised) greedy decode ms/token on vLLM, each in a fresh process of vLLM's environment."""
+    """(original, quantised) greedy decode ms/token on vLLM, one after the other in one process of vLLM's environment."""
     import subprocess
     import tempfile
 
@@ -209,24 +209,20 @@ def _vllm_decode_ms(source: Source, artifact: Path) -> tuple[float, float]:
     except RuntimeError as e:
         raise QuantizeError(f"this format is timed on vLLM: {e}") from None
     gpu = torch.cuda.is_available()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-    def run(folder: str, dtype: str) -> float:
-        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", folder, dtype], capture_output=True, text=True, env=env,
-                             timeout=900)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise QuantizeError(f"timing {folder} on vLLM failed: {(out.stderr or out.stdout)[-2000:]}")
-        return float(json.loads(lines[-1])["decode_ms_per_token"])
-
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with tempfile.TemporaryDirectory(prefix="hone-fp-") as tmp:
         model, tokenizer = _load_original(source)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del model
-        original = run(tmp, "auto" if gpu else "float32")
-    # vLLM's int8 kernels on CPU take bf16 activations (fp32 is refused); the scales keep the precision
-    return original, run(str(artifact), "auto" if gpu else "bfloat16")
+        # vLLM's int8 kernels on CPU take bf16 activations (fp32 is refused); the scales keep the precision
+        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", tmp, "auto" if gpu else "float32", str(artifact),
+                              "auto" if gpu else "bfloat16"], capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    if out.returncode != 0 or not lines:
+        raise QuantizeError(f"timing the models on vLLM failed: {(out.stderr or out.stdout)[-2000:]}")
+    original, quantized = (float(m["decode_ms_per_token"]) for m in json.loads(lines[-1]))
+    return original, quantized
 
 
 def _original_size_mb(model: Any) -> float:

@@ -1,35 +1,50 @@
-"""Greedy decode time of a model folder on vLLM, for the quality gate of formats vLLM serves (``w8a8-int8``).
+"""Greedy decode time of model folders on vLLM, for the quality gate of formats vLLM serves (``w8a8-int8``).
 
 Run with the interpreter of vLLM's environment (:func:`hone.runtime.vllm_python`), which has hone without its
-dependencies: ``python -m hone.quantize.vllm_speed FOLDER DTYPE`` prints ``{"decode_ms_per_token": ...}`` as its last line.
+dependencies: ``python -m hone.quantize.vllm_speed FOLDER DTYPE [FOLDER DTYPE ...]`` times each model in turn in this one
+process (vLLM imported once, its engine in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and prints
+``[{"decode_ms_per_token": ...}, ...]`` as its last line, in the order given.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["decode_ms_per_token", "main"]
 
 PROMPT = "The movie was"
 NEW_TOKENS = 32
 
 
-def main() -> None:
+def decode_ms_per_token(folder: str, dtype: str) -> float:
+    """The median of three greedy decodes of NEW_TOKENS tokens after a warm-up, in ms per token."""
     from vllm import LLM, SamplingParams
 
-    folder, dtype = sys.argv[1], sys.argv[2]
     llm = LLM(model=folder, dtype=dtype, max_model_len=512, enforce_eager=True, disable_log_stats=True)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    llm.generate([PROMPT], params, use_tqdm=False)  # warm-up
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        llm.generate([PROMPT], params, use_tqdm=False)
-        times.append((time.perf_counter() - started) * 1000 / NEW_TOKENS)
-    print(json.dumps({"decode_ms_per_token": sorted(times)[1]}), flush=True)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        llm.generate([PROMPT], params, use_tqdm=False)  # warm-up
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            llm.generate([PROMPT], params, use_tqdm=False)
+            times.append((time.perf_counter() - started) * 1000 / NEW_TOKENS)
+        return sorted(times)[1]
+    finally:
+        del llm
+        gc.collect()
 
 
-if __name__ == "__main__":  # vLLM's engine process is spawned: the module must not run on import
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or len(args) % 2:
+        raise SystemExit("usage: python -m hone.quantize.vllm_speed FOLDER DTYPE [FOLDER DTYPE ...]")
+    out = [{"decode_ms_per_token": decode_ms_per_token(folder, dtype)} for folder, dtype in zip(args[::2], args[1::2])]
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":  # a module run as a script: nothing runs on import
     main()

@@ -58,6 +58,11 @@ _TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64
 # the decorator runs, with the module globals that exist at that moment.
 
 
+def _replica_header(first: dict[str, Any]) -> dict[str, str]:
+    """``X-Hone-Replica``: the id of the model replica that answered (that started the stream, for a stream)."""
+    return {"X-Hone-Replica": first["replica"]} if first.get("replica") else {}
+
+
 api = FastAPI(title="hone", docs_url=None, redoc_url=None, openapi_url=None)  # /openapi.json is a route below, behind the key
 @api.exception_handler(RequestError)
 async def _api_error(_: Request, e: RequestError) -> JSONResponse:
@@ -222,7 +227,8 @@ class OpenAIIngress:
             events = resumable(first, events, body, restart=lambda: self._start(body, True), lost=lambda e: self._unavailable(e).event(),
                                on_resume=lambda: self.m_recovered.inc(tags={"kind": "resume"}))
             return StreamingResponse(self._sse(events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **_replica_header(first)})
         n = first["completion_tokens"]
         first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
         self._token_metrics(req.model, started, first_at, n, prompt_tokens)
@@ -236,8 +242,8 @@ class OpenAIIngress:
                                 "finish_reason": c["finish_reason"]})
             else:
                 choices.append({"index": c["index"], "text": c["text"], "logprobs": logprobs, "finish_reason": c["finish_reason"]})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": req.model,
-                "choices": choices, "usage": usage}
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                             "model": req.model, "choices": choices, "usage": usage}, headers=_replica_header(first))
 
     def _token_metrics(self, model: str, started: float, first_at: float | None, n: int, prompt_tokens: int) -> None:
         tags = {"model": model}

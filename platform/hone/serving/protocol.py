@@ -378,6 +378,8 @@ async def collect(events: Any) -> dict[str, Any]:
         if event["text"] and out["first_token_s"] is None:
             out["first_token_s"] = time.perf_counter() - started
         out["prompt_tokens"] = event.get("prompt_tokens", out["prompt_tokens"])
+        if "replica" in event:
+            out["replica"] = event["replica"]
         out["completion_tokens"] = event["completion_tokens"]
         c = choices.setdefault(event.get("index", 0), {"index": event.get("index", 0), "text": "", "finish_reason": None})
         c["text"] += event["text"]

@@ -18,9 +18,20 @@ from hone.runtime import quiet_libraries
 from hone.serving.engine import Engine, GenRequest
 from hone.serving.protocol import RequestError, collect, require_model, require_task
 
-__all__ = ["ModelServer", "QueueGauges"]
+__all__ = ["ModelServer", "QueueGauges", "replica_id"]
 
 logger = logging.getLogger("hone.serve")
+
+
+def replica_id() -> str:
+    """This Serve replica's id, which the ingress returns as the ``X-Hone-Replica`` response header (which replica
+    answered: to find it in Serve's logs and dashboard, or to follow a request through a failover); "" outside Serve."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # not running inside a Serve replica
+        return ""
 
 
 class QueueGauges:
@@ -47,6 +58,7 @@ class ModelServer:
         from ray.util import metrics
 
         self.engine = Engine(spec)
+        self.replica = replica_id()
         self._encoding = ThreadPoolExecutor(1, thread_name_prefix="hone-encode")  # the engine's encoder is used by one thread
         self.name = spec["served_name"]
         self.max_batch_size = max_batch_size
@@ -162,7 +174,7 @@ class ModelServer:
             self._scheduler = asyncio.create_task(self._schedule())
         self._wake.set()
         try:
-            event = {**await queue.get(), "prompt_tokens": len(ids)}
+            event = {**await queue.get(), "prompt_tokens": len(ids), "replica": self.replica}
             while True:
                 yield event
                 if event.get("finish_reason") or event.get("error"):

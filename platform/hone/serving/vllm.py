@@ -29,7 +29,7 @@ from hone.config.quantization import VLLM_ONLY
 from hone.runtime import quiet_libraries
 from hone.serving.engine import check_length, encode_prompt
 from hone.serving.protocol import RequestError, collect, require_model
-from hone.serving.replica import QueueGauges
+from hone.serving.replica import QueueGauges, replica_id
 
 __all__ = ["VLLMServer", "engine_args", "merged_copy", "replica_options", "vllm_python"]
 
@@ -156,6 +156,7 @@ class VLLMServer:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.name = spec["served_name"]
+        self.replica = replica_id()
         self._running = self._waiting = self._inflight = 0
         self._gauges = QueueGauges(self.name)
         self._counts(0, 0)
@@ -219,6 +220,7 @@ class VLLMServer:
                         event["logprobs"] = self._logprobs(o, params.logprobs)
                     if not started:
                         event["prompt_tokens"] = len(ids)
+                        event["replica"] = self.replica
                         started = True
                     yield event
         except ValueError as e:  # vLLM refused the request (e.g. a schema its grammar backend cannot compile)

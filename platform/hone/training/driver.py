@@ -64,7 +64,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hone.data import check_sample, load_tokenizer, prepare_cached, tokenizer_digest
+    from hone.data import cache_root, check_sample, load_tokenizer, prepare_cached, tokenizer_digest
     from hone.registry import dataset_fingerprint
 
     if resume:
@@ -96,7 +96,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
 
     with ray_session(job, address):
         started = time.time()
-        data = prepare_cached(job, tokenizer, digest, root)
+        data = prepare_cached(job, tokenizer, digest, cache_root(root))
         if not quiet:
             how = "cached" if data.hit else f"tokenised on Ray Data in {time.time() - started:.1f} s"
             print(f"[hone] data ({how}, {data.location}):\n{data.report}", flush=True)
