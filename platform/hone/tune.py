@@ -33,7 +33,9 @@ from typing import Any
 from hone import storage
 from hone.artifacts import (
     EXPORT_DIR,
+    EXPORT_INFO,
     JOB_FILE,
+    MERGED_DIR,
     METRICS_FILE,
     append_metrics,
     new_run_dir,
@@ -111,6 +113,14 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
     start = tune.get_checkpoint() if pbt else None
     init = _continue_from(run_dir, start, config) if start is not None else None
     resume = str(run_dir) if init is None and (run_dir / JOB_FILE).exists() else None
+    if resume and _exported(run_dir, job):
+        # The run finished before the sweep stopped, but Tune had not recorded the trial's end yet: its
+        # records stand for it (training it again would replace a finished export).
+        record: dict[str, Any] = {}
+        for r in read_metrics(run_dir):
+            record.update(r)
+        tune.report(record)
+        return
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
 
@@ -136,6 +146,12 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
     runner.join()
     if failure:
         raise failure[0]
+
+
+def _exported(run_dir: Path, job: JobConfig) -> bool:
+    """Whether a trial's run has published everything it exports (the export last but for a merged copy)."""
+    merged = job.method.is_peft and job.method.merge_adapter
+    return (run_dir / EXPORT_DIR / EXPORT_INFO).exists() and (not merged or (run_dir / MERGED_DIR / EXPORT_INFO).exists())
 
 
 def _continue_from(run_dir: Path, checkpoint: Any, config: dict[str, Any]) -> str:

@@ -153,24 +153,28 @@ class RolloutPool:
             self.engines[i] = engine
             self.replaced += 1
 
-    async def generate(self, index: int, prompts: list[list[int]], params: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
-        """One rollout batch on engine ``index % engines``; an engine that dies or hangs is replaced and the batch retried."""
+    async def _on_engine(self, i: int, call: Any, timeout: float) -> Any:
+        """``call(engine i)`` (a remote call); an engine that dies or does not answer within ``timeout`` is replaced (the new
+        one holds the last synced weights) and the call is made again, three tries in all."""
         from ray.exceptions import RayActorError
 
-        i = index % len(self.engines)
         for attempt in range(3):
             engine = self.engines[i]
             try:
-                out = await asyncio.wait_for(engine.generate.remote(prompts, params, seeds), self.spec["rollout_timeout_s"])
-                out["engine"] = i
-                out["replaced"] = self.replaced
-                return out
+                return await asyncio.wait_for(call(engine), timeout)
             except (RayActorError, asyncio.TimeoutError) as e:
                 if attempt == 2:
                     raise RuntimeError(f"rollout engine {i} failed three times in a row: {type(e).__name__}: {e}") from e
-                await self._replace(i, engine, "died" if isinstance(e, RayActorError) else
-                                    f"did not answer within {self.spec['rollout_timeout_s']:g} s")
+                await self._replace(i, engine, "died" if isinstance(e, RayActorError) else f"did not answer within {timeout:g} s")
         raise AssertionError("unreachable")
+
+    async def generate(self, index: int, prompts: list[list[int]], params: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+        """One rollout batch on engine ``index % engines``; an engine that dies or hangs is replaced and the batch retried."""
+        i = index % len(self.engines)
+        out = await self._on_engine(i, lambda e: e.generate.remote(prompts, params, seeds), self.spec["rollout_timeout_s"])
+        out["engine"] = i
+        out["replaced"] = self.replaced
+        return out
 
     async def sync(self, weights: list[Any], version: int) -> dict[str, Any]:
         """Load ``weights[0]`` (an ObjectRef) on every engine; retried per engine, a replaced engine loads it too.
@@ -201,8 +205,10 @@ class RolloutPool:
         return {"seconds": time.perf_counter() - start, "replaced": self.replaced}
 
     async def check(self, ids: list[int]) -> list[list[float]]:
-        """Every engine's log-probs of ``ids`` (the sync check)."""
-        return list(await asyncio.gather(*(e.prompt_logprobs.remote(ids) for e in self.engines)))
+        """Every engine's log-probs of ``ids`` (the sync check); an engine that died meanwhile is replaced (with the last
+        synced weights) and asked again."""
+        return list(await asyncio.gather(*(self._on_engine(i, lambda e: e.prompt_logprobs.remote(ids), self.spec["sync_timeout_s"])
+                                           for i in range(len(self.engines)))))
 
     async def reload(self, weights: list[Any], version: int, index: int) -> int:
         """Load weights on one engine only (tests: an engine left behind must be caught by the sync check)."""
