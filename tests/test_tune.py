@@ -13,7 +13,7 @@ import yaml
 
 from hone.config import load_job
 
-from tests.helpers import hone, start_hone, stop_group, wait_until
+from tests.helpers import hone, logged_step, start_hone, stop_group, wait_until
 
 # A sweep with ASHA stopping a bad trial, the winner registered with its lineage, the tables and the plots:
 # tests/pipeline/test_pipeline.py::test_tiny_quickstart_end_to_end_then_reruns (the tiny quickstart's first stage).
@@ -22,7 +22,8 @@ from tests.helpers import hone, start_hone, stop_group, wait_until
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(repo, home, tmp_path):
     """Two trials, one at a time, each on one worker (this is about the sweep, not the run): the sweep is killed once the
-    first trial has exported; ``hone tune --resume`` runs the second and leaves the first alone."""
+    first trial has ended (exported, then its last step recorded), whether or not Tune has recorded its end yet;
+    ``hone tune --resume`` runs the second and leaves the first alone."""
     job = yaml.safe_load((repo / "jobs" / "sweep-tiny.yaml").read_text())
     job["tune"].update(scheduler="fifo", search_space={"training.lr": {"grid": [1e-3, 3e-3]}}, max_concurrent_trials=1)
     job["training"].update(max_steps=6, eval_every=3, log_every=3)
@@ -33,7 +34,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(repo, home,
     storage = tmp_path / "runs"
     proc = start_hone("tune", str(path), "--storage-path", str(storage), env=env, log=tmp_path / "tune.log")
     try:
-        wait_until(lambda: list(storage.glob("*/runs/*/export/hone.json")), "the first trial's export", 600, proc, tmp_path / "tune.log")
+        wait_until(lambda: [run for run in storage.glob("*/runs/*") if (run / "export" / "hone.json").exists() and logged_step(run, 6)],
+                   "the first trial's end", 600, proc, tmp_path / "tune.log")
     finally:
         stop_group(proc)
     sweep_dir = next(storage.iterdir())

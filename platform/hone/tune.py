@@ -64,8 +64,7 @@ class SweepResult:
 def _domain(d: SearchDomain) -> Any:
     from ray import tune
 
-    kind = d.kind
-    value = getattr(d, kind)
+    kind, value = d.kind, getattr(d, d.kind)
     return {
         "choice": lambda: tune.choice(list(value)),
         "grid": lambda: tune.grid_search(list(value)),
@@ -113,13 +112,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
     start = tune.get_checkpoint() if pbt else None
     init = _continue_from(run_dir, start, config) if start is not None else None
     resume = str(run_dir) if init is None and (run_dir / JOB_FILE).exists() else None
-    if resume and _exported(run_dir, job):
-        # The run finished before the sweep stopped, but Tune had not recorded the trial's end yet: its
-        # records stand for it (training it again would replace a finished export).
-        record: dict[str, Any] = {}
-        for r in read_metrics(run_dir):
-            record.update(r)
-        tune.report(record)
+    if resume and (history := _finished(run_dir, job)):  # it ended before the sweep stopped, before Tune recorded that
+        tune.report({k: v for r in history for k, v in r.items()})
         return
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
@@ -148,10 +142,11 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_n
         raise failure[0]
 
 
-def _exported(run_dir: Path, job: JobConfig) -> bool:
-    """Whether a trial's run has published everything it exports (the export last but for a merged copy)."""
-    merged = job.method.is_peft and job.method.merge_adapter
-    return (run_dir / EXPORT_DIR / EXPORT_INFO).exists() and (not merged or (run_dir / MERGED_DIR / EXPORT_INFO).exists())
+def _finished(run_dir: Path, job: JobConfig) -> list[dict[str, Any]]:
+    """A trial's records if its run ended: its export (and merged copy) published, then its last step recorded."""
+    history, exports = read_metrics(run_dir), (EXPORT_DIR, *([MERGED_DIR] if job.method.is_peft and job.method.merge_adapter else []))
+    ended = bool(history) and history[-1]["step"] >= history[-1].get("total_steps", math.inf)
+    return history if ended and all((run_dir / d / EXPORT_INFO).exists() for d in exports) else []
 
 
 def _continue_from(run_dir: Path, checkpoint: Any, config: dict[str, Any]) -> str:
@@ -236,13 +231,12 @@ def _searcher(job: JobConfig, metric: str, mode: str, concurrency: int) -> Any:
     return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=job.training.seed), max_concurrent=concurrency)
 
 
+# The trial function only waits on its Train run: a token CPU share, so it never starves its workers. A trial's driver
+# builds its Ray datasets with 1-CPU metadata tasks that run outside the trial's placement group: if running trials
+# reserved every CPU, a new trial would wait on them forever. A local sweep session needs both beyond one trial's workers.
 TRIAL_DRIVER_CPU = 0.01
-"""The trial function only waits on its Train run: a token CPU share, so it never starves its workers."""
 DATA_TASK_CPU = 1.0
-"""A trial's driver builds its Ray datasets with 1-CPU metadata tasks that run outside the trial's
-placement group: if running trials reserved every CPU, a new trial would wait on them forever."""
 SWEEP_EXTRA_CPUS = TRIAL_DRIVER_CPU + DATA_TASK_CPU
-"""Logical CPUs a local sweep session needs beyond the workers of one trial."""
 
 
 def _concurrency(job: JobConfig) -> int:
@@ -339,9 +333,7 @@ def _write_outputs(rows: list[dict[str, Any]], job: JobConfig, sweep_dir: Path) 
         log = job.tune.search_space[path].kind == "loguniform"
         for (x, y), row in zip(points, [r for r in rows if r[metric] is not None]):
             ax.scatter([x], [y], marker="o" if row["status"] == "completed" else "x")
-        ax.set_xscale("log" if log else "linear")
-        ax.set_xlabel(path)
-        ax.set_ylabel(f"final {metric}")
+        ax.set(xscale="log" if log else "linear", xlabel=path, ylabel=f"final {metric}")
     fig.suptitle(f"{job.name}: searched parameters vs {metric} (x = stopped early)")
     fig.tight_layout()
     fig.savefig(sweep_dir / "params_vs_metric.png", dpi=110)

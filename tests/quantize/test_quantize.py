@@ -105,6 +105,7 @@ def test_artifacts_load_without_pickle_and_only_as_recorded(registered_export, h
     assert resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))["kind"] == "quantized"
 
 
+@pytest.mark.slow
 def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, home, tmp_path):
     env = {**os.environ, "HONE_HOME": str(home)}
     out = hone("quantize", "models:/tiny@winner", "--method", "int8-weight-only", "-n", "8", "--max-loss-increase", "-0.5", env=env)

@@ -210,8 +210,8 @@ def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env,
     computed, after every resize) matches an uninterrupted run of exactly that length. Each phase waits for its event in the
     run's records, however long Ray takes to notice the node and to grow back."""
     script = cluster["script"]
-    # the data of test_train's runs (tokenised once for the session)
-    data = {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128, "max_samples": 128,
+    # the data of test_train's runs and of jobs/tiny-smoke.yaml (tokenised once for the session)
+    data = {"source": "builtin:rotten-tomatoes", "format": "alpaca", "prompt_template": "chat", "max_length": 128, "max_samples": 256,
             "max_eval_samples": 32}
     raw = _job("elastic", data=data, distributed={"num_workers": [1, 2], "deepspeed": None, "max_failures": 5,
                                                   "resources_per_worker": {"CPU": 1, "hone_node": 1}},
