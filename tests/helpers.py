@@ -134,8 +134,13 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
 
 def losses(run_dir: Path) -> dict[int, list[float]]:
     """Every loss logged for each step, in order: a step computed again after a restart or a resume is logged again."""
+    return step_losses(records(run_dir))
+
+
+def step_losses(logged: list[dict[str, Any]]) -> dict[int, list[float]]:
+    """Records (as :func:`records` or ``parse_metrics`` return them) → every loss logged for each step, in order."""
     out: dict[int, list[float]] = {}
-    for m in records(run_dir):
+    for m in logged:
         out.setdefault(int(m["step"]), []).append(m["loss"])
     return out
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hone.artifacts import parse_metrics
 from hone.config import validate_job
 
 from tests.helpers import (
@@ -25,6 +26,7 @@ from tests.helpers import (
     run_dirs,
     start_hone,
     start_server,
+    step_losses,
     stop_group,
     stop_server,
     wait_until,
@@ -81,15 +83,6 @@ def _job(name: str, **over) -> dict:
     return raw
 
 
-def _losses(lines: str) -> dict[int, list[float]]:
-    out: dict[int, list[float]] = {}
-    for line in lines.splitlines():
-        if line.strip():
-            m = json.loads(line)
-            out.setdefault(int(m["step"]), []).append(m["loss"])
-    return out
-
-
 def _own_home(tmp: Path) -> Path:
     """A hone home of its own (nothing local is shared with the test's), with the shared built-in model cache."""
     home = tmp / "home"
@@ -124,7 +117,7 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
                 body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
             except client.exceptions.NoSuchKey:
                 return False
-            return max(_losses(body), default=0) >= step
+            return max(step_losses(parse_metrics(body)), default=0) >= step
 
         wait_until(lambda: logged(5), "step 5 in the store's metrics.jsonl", 600, proc, log, every=0.2)
     finally:
@@ -140,7 +133,7 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     out = hone("train", "--resume", f"{runs}/{run}", "--address", cluster["address"], env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed at step 4/8" in out.stdout and "data (cached" in out.stdout, out.stdout[-3000:]
-    history = _losses(client.get_object(Bucket=BUCKET, Key=f"runs/{run}/metrics.jsonl")["Body"].read().decode())
+    history = step_losses(parse_metrics(client.get_object(Bucket=BUCKET, Key=f"runs/{run}/metrics.jsonl")["Body"].read().decode()))
     assert sorted(history) == list(range(1, 9))
     assert abs(history[5][0] - history[5][-1]) < 1e-5, history[5]  # step 5 before the kill and after the resume
     objects = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{run}/export/")["Contents"]]
