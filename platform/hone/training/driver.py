@@ -167,7 +167,7 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
 
 
 def _rollout_pool(job: JobConfig, run_dir: Path, quiet: bool) -> tuple[Any, str]:
-    """Start a GRPO run's rollout engines on the cluster: (the pool's handle, its actor name)."""
+    """Start a GRPO run's rollout engines on the cluster without waiting for them: (the pool's handle, its actor name)."""
     import uuid
 
     from hone import assets
@@ -179,11 +179,9 @@ def _rollout_pool(job: JobConfig, run_dir: Path, quiet: bool) -> tuple[Any, str]
 
         model_dir = snapshot_download(model_dir)
     name = f"hone-rollout-{run_dir.name}-{uuid.uuid4().hex[:6]}"
-    started = time.time()
-    pool = start_pool(job, str(model_dir), name)
-    if not quiet:
-        print(f"[hone] {job.grpo.rollout_engines} rollout engine(s) (vLLM) ready in {time.time() - started:.1f} s ({name})", flush=True)
-    return pool, name
+    # The engines load while the training workers start (both take seconds); the workers' first rollout or sync waits
+    # for them, and a failed start fails the run with its cause.
+    return start_pool(job, str(model_dir), name, wait=False, quiet=quiet), name
 
 
 def starting_point(job: JobConfig) -> JobConfig:

@@ -117,6 +117,8 @@ class RolloutPool:
         self.version = -1
         self.replaced = 0
         self.generation = 0
+        self.started = asyncio.Event()  # set when start() has ended, well or not (start_error says which)
+        self.start_error: BaseException | None = None
 
     def _create(self, i: int) -> Any:
         import ray
@@ -130,10 +132,26 @@ class RolloutPool:
                                                                    self.spec["seed"] + i)
 
     async def start(self) -> list[str]:
-        """Start every engine and wait until each has loaded its model."""
-        self.engines = [self._create(i) for i in range(len(self.engines))]
-        await asyncio.gather(*(e.ready.remote() for e in self.engines))
+        """Start every engine and wait until each has loaded its model. Calls that need the engines (generate, sync,
+        check) wait for this, so the training workers may start beside it."""
+        began = time.perf_counter()
+        try:
+            self.engines = [self._create(i) for i in range(len(self.engines))]
+            await asyncio.gather(*(e.ready.remote() for e in self.engines))
+        except BaseException as e:
+            self.start_error = e
+            raise
+        finally:
+            self.started.set()
+        if not self.spec.get("quiet"):
+            print(f"[hone] {len(self.engines)} rollout engine(s) (vLLM) ready in {time.perf_counter() - began:.1f} s "
+                  f"({self.spec['name']})", flush=True)
         return [f"{self.spec['name']}-{i}" for i in range(len(self.engines))]
+
+    async def _started(self) -> None:
+        await self.started.wait()
+        if self.start_error is not None:
+            raise RuntimeError(f"the rollout engines did not start: {type(self.start_error).__name__}: {self.start_error}")
 
     async def _replace(self, i: int, dead: Any, why: str) -> None:
         import ray
@@ -170,6 +188,7 @@ class RolloutPool:
 
     async def generate(self, index: int, prompts: list[list[int]], params: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         """One rollout batch on engine ``index % engines``; an engine that dies or hangs is replaced and the batch retried."""
+        await self._started()
         i = index % len(self.engines)
         out = await self._on_engine(i, lambda e: e.generate.remote(prompts, params, seeds), self.spec["rollout_timeout_s"])
         out["engine"] = i
@@ -181,6 +200,7 @@ class RolloutPool:
         Raises :class:`SyncError` when an engine cannot take it after ``sync_retries`` retries."""
         from ray.exceptions import RayActorError
 
+        await self._started()
         start = time.perf_counter()
         self.weights, self.version = weights, version
         retries = self.spec["sync_retries"]
@@ -207,11 +227,13 @@ class RolloutPool:
     async def check(self, ids: list[int]) -> list[list[float]]:
         """Every engine's log-probs of ``ids`` (the sync check); an engine that died meanwhile is replaced (with the last
         synced weights) and asked again."""
+        await self._started()
         return list(await asyncio.gather(*(self._on_engine(i, lambda e: e.prompt_logprobs.remote(ids), self.spec["sync_timeout_s"])
                                            for i in range(len(self.engines)))))
 
     async def reload(self, weights: list[Any], version: int, index: int) -> int:
         """Load weights on one engine only (tests: an engine left behind must be caught by the sync check)."""
+        await self._started()
         return await self.engines[index].load.remote(weights[0], version)
 
     def handles(self) -> list[Any]:
@@ -221,8 +243,10 @@ class RolloutPool:
         return {"engines": len(self.engines), "replaced": self.replaced, "version": self.version}
 
 
-def start_pool(job: Any, model_dir: str, name: str) -> Any:
-    """Start a run's rollout engines (blocks until their models are loaded) and return the pool's actor handle."""
+def start_pool(job: Any, model_dir: str, name: str, *, wait: bool = True, quiet: bool = True) -> Any:
+    """Start a run's rollout engines and return the pool's actor handle: once their models are loaded, or at once
+    (``wait=False``: the pool's calls wait for the engines; a failed start fails them). ``quiet=False``: the pool says
+    when the engines are ready."""
     import ray
 
     from hone.runtime import vllm_python
@@ -240,9 +264,11 @@ def start_pool(job: Any, model_dir: str, name: str) -> Any:
         runtime_env["py_executable"] = python
     spec = {"name": name, "engines": g.rollout_engines, "resources": dict(g.rollout_resources), "runtime_env": runtime_env,
             "model_dir": model_dir, "engine_args": args, "seed": job.training.seed, "sync_timeout_s": g.sync_timeout_s,
-            "sync_retries": g.sync_retries, "rollout_timeout_s": g.rollout_timeout_s}
+            "sync_retries": g.sync_retries, "rollout_timeout_s": g.rollout_timeout_s, "quiet": quiet}
     pool = ray.remote(RolloutPool).options(num_cpus=0, max_concurrency=64, name=name).remote(spec)
-    ray.get(pool.start.remote())
+    started = pool.start.remote()
+    if wait:
+        ray.get(started)
     return pool
 
 
