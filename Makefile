@@ -66,8 +66,11 @@ $(VLLM_STAMP): pyproject.toml Makefile
 lint: setup
 	$(VENV)/bin/ruff check platform tests bench
 
+# Two lanes (pytest-xdist): one worker runs every test on the shared 3-node test cluster, the other every module that
+# starts a Ray, a server or a CLI of its own (tests/conftest.py). TEST_LANES= runs the suite in one process.
+TEST_LANES ?= -n 2 --dist loadscope --no-loadscope-reorder
 test: setup lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(TEST_LANES) $(PYTEST_ARGS)
 
 test-fast: setup lint
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)

@@ -6,7 +6,7 @@
 #   cluster/local.sh status           ray status
 #   cluster/local.sh stop-node I      kill worker node I (its raylet, SIGKILL): a node lost mid-run
 #   cluster/local.sh start-node I     start worker node I again (it rejoins the cluster)
-#   cluster/local.sh down             stop every node
+#   cluster/local.sh down             stop every node (of this cluster only: other Rays on the machine stay up)
 #
 # Each worker node has the resources {"hone_worker_I": 1, "hone_node": 1}: ask a training worker for
 # {"hone_node": 1} to place one per worker node.
@@ -71,7 +71,16 @@ case "$cmd" in
     $RAY status --address "$(cat "$DIR/address")"
     ;;
   down)
-    $RAY stop --force >/dev/null 2>&1 || true
+    # This cluster's processes only, not `ray stop` (which stops every Ray on the machine: a `hone serve` or another
+    # cluster beside this one): those whose command line names its state folder or its GCS address, and all they
+    # started (workers, agents, Ray Jobs' drivers). SIGKILL, as `ray stop --force`.
+    found=$(pgrep -f -- "$DIR/ray/|address=[0-9.]+:$PORT( |\$)" || true)
+    all=""
+    while [ -n "$found" ]; do
+      all="$all $found"
+      found=$(for pid in $found; do pgrep -P "$pid" || true; done)
+    done
+    [ -z "$all" ] || kill -9 $all 2>/dev/null || true
     rm -f "$DIR/address"
     echo "down"
     ;;

@@ -1,9 +1,10 @@
 """Shared test setup: offline, a repo-local hone cache, one tokenised-data cache for the session, the test cluster, and the
-order tests run in (everything that starts its own Ray first, then everything on the shared cluster, so no test runs
-beside an idle cluster). The helpers tests call live in tests/helpers.py."""
+two lanes the suite runs in (`make test`: one worker runs every test on the shared cluster, the other every module that
+starts a Ray, a server or a CLI of its own). The helpers tests call live in tests/helpers.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ if "HONE_DATA_CACHE" not in os.environ:
 def pytest_unconfigure(config):
     if _DATA_CACHE:
         shutil.rmtree(_DATA_CACHE, ignore_errors=True)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        Path(_LANES).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +85,6 @@ def cluster():
            "HONE_CLUSTER_DIR": tempfile.mkdtemp(prefix="hone-c", dir="/tmp"), "RAY_AUTH_MODE": "disabled",
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     script = str(REPO / "cluster" / "local.sh")
-    subprocess.run([script, "down"], env=env, capture_output=True)
     up = subprocess.run([script, "up", "2"], env=env, capture_output=True, text=True)
     assert up.returncode == 0, up.stdout + up.stderr
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -128,9 +130,18 @@ def slow_reports(cluster_env):
 # --------------------------------------------------------------------------- order and time
 
 
+# Two lanes (`make test`: -n 2 --dist loadscope --no-loadscope-reorder, pytest-xdist). Every test on the shared cluster
+# is one unit of work, so one worker runs them all, in their order, against the one cluster; every other module (each
+# starts a Ray, a server or a CLI of its own) is a unit of its own for the other worker. The training tests keep the
+# cores busy while the serving tests wait on their servers. The workers record each test's lane in this file (only they
+# see the tests' fixtures); the controller's scheduler reads it.
+_LANES = os.environ.setdefault("HONE_TEST_LANES", os.path.join(tempfile.gettempdir(), f"hone-test-lanes-{os.getpid()}.json"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """tests/gpu holds CUDA-only checks: skipped (not faked) on machines without a GPU. Tests on the shared cluster run
-    last (in their usual order), after every test that starts a Ray of its own."""
+    """tests/gpu holds CUDA-only checks: skipped (not faked) on machines without a GPU. The tests on the shared cluster run
+    first in two lanes (one worker takes them all at once), last in one process (after every test that starts a Ray of its
+    own, so no test runs beside an idle cluster)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -138,7 +149,31 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if f"{os.sep}gpu{os.sep}" in str(item.fspath):
                 item.add_marker(skip)
-    items.sort(key=lambda item: "cluster" in getattr(item, "fixturenames", ()))
+    lanes = {item.nodeid: "cluster" if "cluster" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+             for item in items}
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    items.sort(key=lambda item: (lanes[item.nodeid] == "cluster") != bool(worker))
+    if worker:
+        partial = f"{_LANES}.{worker}"
+        Path(partial).write_text(json.dumps(lanes))
+        os.replace(partial, _LANES)  # every worker collects the same tests: whichever lands last, the content is the same
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` by lane: a test's scope is its lane (above), not its module."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByLane(LoadScopeScheduling):
+        lanes: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:  # the scope hook LoadScopeScheduling documents
+            if self.lanes is None:  # first asked once every worker has collected
+                self.lanes = json.loads(Path(_LANES).read_text())
+            return self.lanes[nodeid]
+
+    return ByLane(config, log)
 
 
 _SPENT: dict[str, float] = {}

@@ -266,7 +266,7 @@ for line in sys.stdin:
             out = serve.status().applications[ask["app"]].deployments["ModelServer"].replica_states
         elif ask["op"] == "pids":
             prefix = f"SERVE_REPLICA::{ask['app']}#ModelServer#"
-            out = {a.name[len(prefix):]: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            out = {a.name[len(prefix):]: a.pid for a in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=1000)
                    if (a.name or "").startswith(prefix)}
         elif ask["op"] == "watch":
             threading.Thread(target=watch, args=(ask["app"],), daemon=True).start()
@@ -346,7 +346,8 @@ for line in sys.stdin:
 SUPPORTED = {"transformers": ("response_format",), "vllm": ("logprobs", "response_format", "n")}
 
 
-def malformed(model: str, engine: str = "transformers") -> list[tuple[str, dict | bytes, int, str | None]]:
+def malformed(model: str, engine: str = "transformers",
+              max_request_bytes: int = 1_048_576) -> list[tuple[str, dict | bytes, int, str | None]]:
     MODEL, m = model, model.encode()
     cases = [
         ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed"),
@@ -373,6 +374,6 @@ def malformed(model: str, engine: str = "transformers") -> list[tuple[str, dict 
                                   "response_format": {"type": "json_object"}}, 400, "response_format"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
         ("/v1/chat/completions", b"[" * 50_000 + b"]" * 50_000, 400, None),
-        ("/v1/completions", b'{"model": "' + m + b'", "prompt": "' + b"a" * 1_100_000 + b'"}', 413, None),
+        ("/v1/completions", b'{"model": "' + m + b'", "prompt": "' + b"a" * (max_request_bytes + 50_000) + b'"}', 413, None),
     ]
     return [case for case in cases if case[3] not in SUPPORTED[engine]]

@@ -33,10 +33,11 @@ def grpo_job(name: str, **overrides) -> dict:
 # --------------------------------------------------------------------------- the loop on Ray Train
 
 
-def _rollout_engines() -> list:
+def _rollout_engines(address: str) -> list:
     from ray.util.state import list_actors
 
-    return list(list_actors(filters=[("class_name", "=", "RolloutEngine"), ("state", "=", "ALIVE")]))
+    # the cluster's address, never found by looking: another Ray may run on this machine (the serving tests' lane)
+    return list(list_actors(address=address, filters=[("class_name", "=", "RolloutEngine"), ("state", "=", "ALIVE")]))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def tiny_run(cluster, cluster_env, connected, tmp_path_factory):
     killed = []
     try:
         wait_until(lambda: any(m["step"] >= 4 for m in records(run_dir)[len(before):]), "step 4 of the resumed run", proc=proc, log=log)
-        for a in _rollout_engines():
+        for a in _rollout_engines(cluster["address"]):
             ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=True)
             killed.append(a.name)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
