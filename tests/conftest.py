@@ -1,6 +1,8 @@
 """Shared test setup: offline, a repo-local hone cache, one tokenised-data cache for the session, the test cluster, and the
-two lanes the suite runs in (`make test`: one worker runs every test on the shared cluster, the other every module that
-starts a Ray, a server or a CLI of its own). The helpers tests call live in tests/helpers.py."""
+order tests run in: in one process (`make test`), everything that starts its own Ray first, then everything on the shared
+cluster, so no test runs beside an idle cluster; in two lanes (pytest-xdist), one worker runs every test on the shared
+cluster, the other every module that starts a Ray, a server or a CLI of its own. The helpers tests call live in
+tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def slow_reports(cluster_env):
 # --------------------------------------------------------------------------- order and time
 
 
-# Two lanes (`make test`: -n 2 --dist loadscope --no-loadscope-reorder, pytest-xdist). Every test on the shared cluster
+# Two lanes (`make test TEST_LANES="-n 2 --dist loadscope --no-loadscope-reorder"`, pytest-xdist). Every test on the shared cluster
 # is one unit of work, so one worker runs them all, in their order, against the one cluster; every other module (each
 # starts a Ray, a server or a CLI of its own) is a unit of its own for the other worker. The training tests keep the
 # cores busy while the serving tests wait on their servers. The workers record each test's lane in this file (only they
