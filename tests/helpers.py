@@ -347,7 +347,11 @@ SUPPORTED = {"transformers": ("response_format",), "vllm": ("logprobs", "respons
 
 
 def malformed(model: str, engine: str = "transformers",
-              max_request_bytes: int = 1_048_576) -> list[tuple[str, dict | bytes, int, str | None]]:
+              max_request_bytes: int | None = None) -> list[tuple[str, dict | bytes, int, str | None]]:
+    """Requests each server must refuse; the 413 case is just over ``max_request_bytes`` (the serve schema's default)."""
+    from hone.config import ServeConfig
+
+    limit = max_request_bytes or ServeConfig.model_fields["max_request_bytes"].default
     MODEL, m = model, model.encode()
     cases = [
         ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed"),
@@ -374,6 +378,6 @@ def malformed(model: str, engine: str = "transformers",
                                   "response_format": {"type": "json_object"}}, 400, "response_format"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
         ("/v1/chat/completions", b"[" * 50_000 + b"]" * 50_000, 400, None),
-        ("/v1/completions", b'{"model": "' + m + b'", "prompt": "' + b"a" * (max_request_bytes + 50_000) + b'"}', 413, None),
+        ("/v1/completions", b'{"model": "' + m + b'", "prompt": "' + b"a" * (limit + 50_000) + b'"}', 413, None),
     ]
     return [case for case in cases if case[3] not in SUPPORTED[engine]]

@@ -278,7 +278,7 @@ def test_a_huge_prompt_is_tokenised_without_stalling_other_streams(server, refer
 
     Tokenised on the replica's event loop (as it used to be), each of the huge prompts stalled every stream on the
     replica for the whole tokenisation: one gap of about that length per huge prompt. Off the loop, a stream only sees
-    scheduling hiccups, which on a busy 2-core machine (the other lane of `make test` trains beside it) last up to about
+    scheduling hiccups, which on a busy 2-core machine (two lanes: training beside it) last up to about
     a second: the prompt is made large enough that its tokenisation takes several times longer."""
     tok = reference["tokenizer"]
     huge = "word " * 1_400_000
