@@ -4,7 +4,7 @@
 #
 #   cluster/local.sh up [N_WORKERS]   start (default: 1 worker node)
 #   cluster/local.sh status           ray status
-#   cluster/local.sh stop-node I      kill worker node I (its raylet, SIGKILL): a node lost mid-run
+#   cluster/local.sh stop-node I      kill worker node I (its raylet and all it started, SIGKILL): a node lost mid-run
 #   cluster/local.sh start-node I     start worker node I again (it rejoins the cluster)
 #   cluster/local.sh down             stop every node (of this cluster only: other Rays on the machine stay up)
 #
@@ -33,6 +33,16 @@ start_node() {
     --disable-usage-stats >"$DIR/worker-$1.log" 2>&1 || { cat "$DIR/worker-$1.log"; exit 1; }
 }
 
+# The given processes and all their descendants (a snapshot taken before anything is killed).
+tree() {
+  local found="$*" all=""
+  while [ -n "$found" ]; do
+    all="$all $found"
+    found=$(for pid in $found; do pgrep -P "$pid" || true; done)
+  done
+  echo $all
+}
+
 cmd=${1:-status}
 case "$cmd" in
   up)
@@ -57,8 +67,13 @@ case "$cmd" in
     ;;
   stop-node)
     i=${2:?usage: $0 stop-node I}
-    pkill -9 -f -- "raylet.*--node_manager_port=$((PORT + 100 + i))( |$)" && echo "worker node $i stopped" \
-      || { echo "worker node $i is not running" >&2; exit 1; }
+    # The raylet and every process it started (workers, agents), as when the machine is lost: a worker does not rely on
+    # noticing its raylet's death, which it misses where nothing reaps the killed raylet (an init that does not reap
+    # orphans leaves it a zombie, and a zombie looks alive).
+    raylet=$(pgrep -f -- "raylet.*--node_manager_port=$((PORT + 100 + i))( |$)" || true)
+    [ -n "$raylet" ] || { echo "worker node $i is not running" >&2; exit 1; }
+    kill -9 $(tree $raylet) 2>/dev/null || true
+    echo "worker node $i stopped"
     ;;
   start-node)
     i=${2:?usage: $0 start-node I}
@@ -74,12 +89,7 @@ case "$cmd" in
     # This cluster's processes only, not `ray stop` (which stops every Ray on the machine: a `hone serve` or another
     # cluster beside this one): those whose command line names its state folder or its GCS address, and all they
     # started (workers, agents, Ray Jobs' drivers). SIGKILL, as `ray stop --force`.
-    found=$(pgrep -f -- "$DIR/ray/|address=[0-9.]+:$PORT( |\$)" || true)
-    all=""
-    while [ -n "$found" ]; do
-      all="$all $found"
-      found=$(for pid in $found; do pgrep -P "$pid" || true; done)
-    done
+    all=$(tree $(pgrep -f -- "$DIR/ray/|address=[0-9.]+:$PORT( |\$)" || true))
     [ -z "$all" ] || kill -9 $all 2>/dev/null || true
     rm -f "$DIR/address"
     echo "down"

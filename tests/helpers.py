@@ -24,9 +24,9 @@ import yaml
 from hone.artifacts import METRICS_FILE, parse_metrics, read_metrics
 from hone.runtime import free_port
 
-__all__ = ["HONE", "REPO", "ServeProbe", "free_port", "haproxy_configs", "hone", "killed_after_step", "logged_step", "losses",
+__all__ = ["HONE", "REPO", "ServeProbe", "free_port", "haproxy_configs", "hone", "kill_run", "killed_after_step", "logged_step", "losses",
            "make_job", "malformed", "metrics", "model_replica_pids", "only_run", "read_metrics", "records", "run_dirs", "start_hone",
-           "start_server", "stop_group", "stop_server", "wait_until"]
+           "start_server", "stop_group", "stop_server", "train_worker_pids", "wait_until"]
 
 REPO = Path(__file__).resolve().parents[1]
 HONE = str(Path(sys.executable).parent / "hone")
@@ -149,16 +149,41 @@ def logged_step(run_dir: Path, step: int) -> bool:
     return any(m["step"] >= step for m in read_metrics(run_dir))
 
 
+def train_worker_pids(address: str) -> list[int]:
+    """The processes of the Ray Train workers alive on the cluster at ``address`` (named: another Ray may train on this
+    machine meanwhile, the other lane of ``make test``). Every node of the test cluster is on this machine."""
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def kill_run(proc: subprocess.Popen, worker_pids: list[int]) -> None:
+    """A crash of a whole run: SIGKILL to ``hone train``'s process group and to its Ray Train workers at once. Killing the
+    driver alone is not enough to stop the run at a known step: Ray stops its workers only once it has noticed the
+    driver is gone, and meanwhile they may compute, log and checkpoint another step."""
+    stop_group(proc)
+    for pid in worker_pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def killed_after_step(step: int, address: str, job: Path, storage: Path, env: dict, *overrides: str) -> Path:
-    """Start ``hone train`` on the job and SIGKILL its whole process group once ``step`` is logged; returns the run."""
+    """Start ``hone train`` on the job on the cluster at ``address`` and, once ``step`` (> 1) is logged, kill it with its
+    workers (:func:`kill_run`): the run's last record is ``step``'s. Returns the run."""
+    assert step > 1, "the workers are found once step 1 is logged"
     storage.mkdir(parents=True, exist_ok=True)
     log = storage.parent / f"{storage.name}-killed.log"
     proc = start_hone("train", str(job), *overrides, "--address", address, "--storage-path", str(storage), env=env, log=log)
+    pids: list[int] = []
     try:
         run_dir = wait_until(lambda: next(iter(run_dirs(storage)), None), "the run directory", timeout=300, proc=proc, log=log)
+        wait_until(lambda: logged_step(run_dir, 1), "step 1", proc=proc, log=log)
+        pids = wait_until(lambda: train_worker_pids(address), "the run's Ray Train workers", proc=proc, log=log)
         wait_until(lambda: logged_step(run_dir, step), f"step {step}", proc=proc, log=log)
     finally:
-        stop_group(proc)
+        kill_run(proc, pids)
     return run_dir
 
 

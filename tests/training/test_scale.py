@@ -21,6 +21,7 @@ from tests.helpers import (
     REPO,
     free_port,
     hone,
+    kill_run,
     losses,
     records,
     run_dirs,
@@ -29,6 +30,7 @@ from tests.helpers import (
     step_losses,
     stop_group,
     stop_server,
+    train_worker_pids,
     wait_until,
 )
 
@@ -107,6 +109,7 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     log = tmp_path / "first.log"
     proc = start_hone("train", str(job), "--address", cluster["address"], "--storage-path", runs, env=env, log=log)
     mirror = home / "remote" / "s3" / BUCKET / "runs"
+    workers: list[int] = []
     try:
         run = wait_until(lambda: next((p.name for p in run_dirs(mirror) if p.name.startswith("s3run")), None), "the run's folder",
                          300, proc, log)
@@ -119,9 +122,11 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
                 return False
             return max(step_losses(parse_metrics(body)), default=0) >= step
 
+        wait_until(lambda: logged(1), "step 1 in the store's metrics.jsonl", 600, proc, log, every=0.2)
+        workers = wait_until(lambda: train_worker_pids(cluster["address"]), "the run's Ray Train workers", proc=proc, log=log)
         wait_until(lambda: logged(5), "step 5 in the store's metrics.jsonl", 600, proc, log, every=0.2)
     finally:
-        stop_group(proc)
+        kill_run(proc, workers)
     first = log.read_text()
     assert "tokenised on Ray Data" in first, first[-3000:]
     objects = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["Contents"]]
@@ -186,6 +191,17 @@ def test_object_store_paths_are_checked_before_any_ray_work(s3, tmp_path):
     assert out.returncode != 0 and "no-such-bucket" in out.stderr + out.stdout and "Traceback" not in out.stderr
 
 
+def _cluster_state(address: str) -> str:
+    """What holds the cluster's resources (for a failure's message): ``ray status``, live actors, placement groups."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "-v", "--address", address], capture_output=True,
+                            text=True, timeout=60)
+    actors = [(a.class_name, a.node_id[:8], a.pid, a.job_id) for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])]
+    groups = [(g.placement_group_id[:8], g.state, g.bundles) for g in list_placement_groups(address=address, detail=True)]
+    return f"{status.stdout}{status.stderr}\nalive actors: {actors}\nplacement groups: {groups}"
+
+
 @pytest.mark.slow
 def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env, tmp_path):
     """num_workers [1, 2], one worker per worker node, a constant learning rate (a step's loss does not depend on the run's
@@ -231,6 +247,8 @@ def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env,
         grown = wait_until(lambda: first(lambda r: r["workers"] == 2, shrunk), "steps on two workers again", 600, proc, log)
         regrown_at = records(run_dir)[grown]["step"]
         wait_until(lambda: first(lambda r: r["step"] >= regrown_at + 3, grown), "three steps after growing back", 600, proc, log)
+    except pytest.fail.Exception as e:
+        pytest.fail(f"{e}\n\nthe cluster then:\n{_cluster_state(cluster['address'])}")
     finally:
         stop_group(proc)
         if node_down:  # leave the cluster whole

@@ -19,14 +19,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ray.util.state import list_actors
 
 from hone.config import JobConfigError, validate_job
 from hone.data import load_tokenizer, prepare_data
 from hone.modeling import ModelError, build_model, evaluate, load_base_model
 from hone.training import Schedule, TrainError, schedule, total_steps, train
 
-from tests.helpers import hone, logged_step, losses, only_run, read_metrics, run_dirs, start_hone, stop_group, wait_until
+from tests.helpers import (
+    hone,
+    kill_run,
+    logged_step,
+    losses,
+    only_run,
+    read_metrics,
+    run_dirs,
+    start_hone,
+    train_worker_pids,
+    wait_until,
+)
 
 # The data of jobs/tiny-smoke.yaml and jobs/sweep-tiny.yaml: tokenised once for the whole session (HONE_DATA_CACHE).
 TINY = {
@@ -200,17 +210,18 @@ def test_a_worker_kill_restarts_and_a_driver_kill_resumes_past_a_damaged_checkpo
     job.write_text(yaml.safe_dump(raw))
     storage, log = tmp_path / "runs", tmp_path / "train.log"
     proc = start_hone("train", str(job), "--address", cluster["address"], "--storage-path", str(storage), env=slow_reports, log=log)
+    workers: list[int] = []
     try:
         run_dir = wait_until(lambda: next(iter(run_dirs(storage)), None), "the run directory", proc=proc, log=log)
         wait_until(lambda: logged_step(run_dir, 5), "step 5", proc=proc, log=log)
-        # this cluster's workers (another Ray may train on this machine meanwhile: the other lane of `make test`)
-        workers = list_actors(address=cluster["address"], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = train_worker_pids(cluster["address"])
         assert workers, "no Ray Train worker found"
-        os.kill(workers[-1].pid, signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
         wait_until(lambda: len(losses(run_dir).get(5, [])) == 2, "step 5 computed again after the restart", proc=proc, log=log)
+        workers = wait_until(lambda: train_worker_pids(cluster["address"]), "the restarted workers", proc=proc, log=log)
         wait_until(lambda: logged_step(run_dir, 9), "step 9", proc=proc, log=log)
     finally:
-        stop_group(proc)
+        kill_run(proc, workers)
     before = losses(run_dir)
     assert max(before) < 10, "the run finished before its driver could be killed"
     restarted = [s for s, values in before.items() if len(values) > 1]
