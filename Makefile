@@ -66,10 +66,9 @@ $(VLLM_STAMP): pyproject.toml Makefile
 lint: setup
 	$(VENV)/bin/ruff check platform tests bench
 
-# One process by default. TEST_LANES="-n 2 --dist loadscope --no-loadscope-reorder" runs two lanes (pytest-xdist): one
-# worker takes every test on the shared 3-node test cluster, the other every module that starts a Ray, a server or a CLI
-# of its own (tests/conftest.py). Not the default yet: see README "Testing".
-TEST_LANES ?=
+# Two lanes (pytest-xdist): one worker takes every test on the shared 3-node test cluster, the other every module that
+# starts a Ray, a server or a CLI of its own (tests/conftest.py); see README "Testing". TEST_LANES= runs one process.
+TEST_LANES ?= -n 2 --dist loadscope --no-loadscope-reorder
 test: setup lint
 	$(PY) -m pytest tests $(TEST_LANES) $(PYTEST_ARGS)
 

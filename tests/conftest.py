@@ -95,16 +95,19 @@ def cluster():
     finally:
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        # also when this process is no driver: a state API call (``list_actors(address=...)``) leaves Ray's internal-KV
+        # client pointing at the cluster, and Tune's exit hook (after an in-process sweep) would retry it for 60 s once
+        # the cluster is down, then end the process with exit code 1
+        ray.shutdown()
         subprocess.run([script, "down"], env=env, capture_output=True)
         shutil.rmtree(env["HONE_CLUSTER_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def connected(cluster, tmp_path_factory):
-    """This test process as a driver on the test cluster (joined once), with the (CPU) training workers' environment; a runs
-    folder for the module."""
+    """This test process as a driver on the test cluster, with the (CPU) training workers' environment; a runs folder for
+    the module. The driver leaves the cluster with the module: whatever its runs left (a finished run's Train controller,
+    a Tune trial's placement group) ends with its job, so the next module starts on an idle cluster."""
     import ray
 
     from hone.runtime import worker_env
@@ -114,7 +117,8 @@ def connected(cluster, tmp_path_factory):
     if not ray.is_initialized():
         ray.init(address=cluster["address"], runtime_env={"env_vars": worker_env(make_job())},
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
-    return tmp_path_factory.mktemp("runs")
+    yield tmp_path_factory.mktemp("runs")
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

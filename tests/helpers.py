@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -24,9 +25,10 @@ import yaml
 from hone.artifacts import METRICS_FILE, parse_metrics, read_metrics
 from hone.runtime import free_port
 
-__all__ = ["HONE", "REPO", "ServeProbe", "free_port", "haproxy_configs", "hone", "kill_run", "killed_after_step", "logged_step", "losses",
-           "make_job", "malformed", "metrics", "model_replica_pids", "only_run", "read_metrics", "records", "run_dirs", "start_hone",
-           "start_server", "stop_group", "stop_server", "train_worker_pids", "wait_until"]
+__all__ = ["HONE", "REPO", "ServeProbe", "cluster_cpus_in_use", "cluster_state", "free_port", "haproxy_configs", "hone", "kill_run",
+           "killed_after_step", "logged_step", "losses", "make_job", "malformed", "metrics", "model_replica_pids", "only_run",
+           "read_metrics", "records", "run_dirs", "start_hone", "start_server", "stop_group", "stop_server", "train_worker_pids",
+           "wait_cluster_idle", "wait_until"]
 
 REPO = Path(__file__).resolve().parents[1]
 HONE = str(Path(sys.executable).parent / "hone")
@@ -155,6 +157,37 @@ def train_worker_pids(address: str) -> list[int]:
     from ray.util.state import list_actors
 
     return [a.pid for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def cluster_state(address: str) -> str:
+    """What holds the cluster at ``address`` (for a failure's message): ``ray status -v``, live actors, placement groups."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "-v", "--address", address], capture_output=True,
+                            text=True, timeout=60)
+    actors = [(a.class_name, a.node_id[:8], a.pid, a.job_id) for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])]
+    groups = [(g.placement_group_id[:8], g.state, g.bundles) for g in list_placement_groups(address=address, detail=True)
+              if g.state != "REMOVED"]
+    return f"{status.stdout}{status.stderr}\nalive actors: {actors}\nplacement groups: {groups}"
+
+
+def cluster_cpus_in_use(address: str) -> float:
+    """The CPUs that something holds on the cluster at ``address`` (``ray status``'s usage)."""
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address], capture_output=True,
+                         text=True, timeout=60).stdout
+    used = re.search(r"^\s*([\d.]+)/([\d.]+) CPU\b", out, re.M)
+    assert used, out
+    return float(used.group(1))
+
+
+def wait_cluster_idle(address: str, timeout: float = 300) -> None:
+    """Wait until nothing holds a CPU on the cluster at ``address`` (a run that ended frees its workers' placement group
+    once Ray has noticed), or fail with what holds it."""
+    deadline = time.time() + timeout
+    while cluster_cpus_in_use(address) > 0:
+        if time.time() > deadline:
+            pytest.fail(f"the cluster is still busy after {timeout:.0f} s:\n{cluster_state(address)}")
+        time.sleep(1)
 
 
 def kill_run(proc: subprocess.Popen, worker_pids: list[int]) -> None:

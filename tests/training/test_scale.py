@@ -19,6 +19,7 @@ from hone.config import validate_job
 
 from tests.helpers import (
     REPO,
+    cluster_state,
     free_port,
     hone,
     kill_run,
@@ -31,6 +32,7 @@ from tests.helpers import (
     stop_group,
     stop_server,
     train_worker_pids,
+    wait_cluster_idle,
     wait_until,
 )
 
@@ -191,17 +193,6 @@ def test_object_store_paths_are_checked_before_any_ray_work(s3, tmp_path):
     assert out.returncode != 0 and "no-such-bucket" in out.stderr + out.stdout and "Traceback" not in out.stderr
 
 
-def _cluster_state(address: str) -> str:
-    """What holds the cluster's resources (for a failure's message): ``ray status``, live actors, placement groups."""
-    from ray.util.state import list_actors, list_placement_groups
-
-    status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "-v", "--address", address], capture_output=True,
-                            text=True, timeout=60)
-    actors = [(a.class_name, a.node_id[:8], a.pid, a.job_id) for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])]
-    groups = [(g.placement_group_id[:8], g.state, g.bundles) for g in list_placement_groups(address=address, detail=True)]
-    return f"{status.stdout}{status.stderr}\nalive actors: {actors}\nplacement groups: {groups}"
-
-
 @pytest.mark.slow
 def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env, tmp_path):
     """num_workers [1, 2], one worker per worker node, a constant learning rate (a step's loss does not depend on the run's
@@ -225,6 +216,7 @@ def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env,
     env = {**cluster_env, "HONE_ELASTIC_RESIZE_S": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
     storage, log = tmp_path / "elastic", tmp_path / "elastic.log"
+    wait_cluster_idle(cluster["address"])  # both worker nodes free: the run starts on two workers, and regrows onto node 2
     proc = start_hone("train", str(job), "--address", cluster["address"], "--storage-path", str(storage), env=env, log=log)
     node_env = cluster["env"]
     node_down = False
@@ -248,7 +240,7 @@ def test_elastic_run_loses_a_node_continues_and_grows_back(cluster, cluster_env,
         regrown_at = records(run_dir)[grown]["step"]
         wait_until(lambda: first(lambda r: r["step"] >= regrown_at + 3, grown), "three steps after growing back", 600, proc, log)
     except pytest.fail.Exception as e:
-        pytest.fail(f"{e}\n\nthe cluster then:\n{_cluster_state(cluster['address'])}")
+        pytest.fail(f"{e}\n\nthe cluster then:\n{cluster_state(cluster['address'])}")
     finally:
         stop_group(proc)
         if node_down:  # leave the cluster whole
