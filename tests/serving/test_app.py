@@ -352,23 +352,37 @@ def test_openapi_publishes_request_schemas_and_fuzzing_finds_no_5xx(server, refe
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == reference["base"][PROMPTS[0]]
 
 
-def _long_streams(server, n: int, max_tokens: int, model: str = "tiny-llama") -> tuple[cf.ThreadPoolExecutor, list[cf.Future]]:
+def _long_streams(server, n: int, max_tokens: int, model: str = "tiny-llama",
+                  stop: threading.Event | None = None) -> tuple[cf.ThreadPoolExecutor, list[cf.Future]]:
+    """``n`` greedy streams of ``max_tokens`` tokens; each returns the token events it read. With ``stop``, a stream's
+    client goes away at its first event after ``stop`` is set."""
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": model, "prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0, "stream": True}
 
     def one(_: int) -> int:
+        n = 0
         with httpx.stream("POST", server["url"] + "/v1/completions", json=body, headers=headers, timeout=300) as r:
-            return sum(1 for line in r.iter_lines() if line.startswith("data: {"))
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                assert '"error"' not in line, line
+                n += line.startswith("data: {")
+                if stop is not None and stop.is_set():
+                    break
+        return n
 
     pool = cf.ThreadPoolExecutor(n)
     return pool, [pool.submit(one, i) for i in range(n)]
 
 
 def test_a_client_that_disconnects_before_its_first_token_frees_its_place(server):
+    """The batch's streams run until the extra request's place is freed (up to the model's context, 2048 tokens, however
+    long the disconnect takes to reach the replica on a busy machine); then their clients go away too, which frees their
+    batch rows."""
     monitor = ServeProbe(server["ray_address"], server["name"])
+    stop = threading.Event()
     try:
         monitor.watch()
-        pool, streams = _long_streams(server, server["max_batch_size"], 600)  # a full batch, decoding for a few seconds
+        pool, streams = _long_streams(server, server["max_batch_size"], 2040, stop=stop)  # a full batch, decoding
         monitor.wait_for(lambda s: s["running"] == server["max_batch_size"], "a full batch")
         body = json.dumps({"model": "tiny-llama", "prompt": "x", "max_tokens": 50, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", server["port"])) as raw:
@@ -378,10 +392,13 @@ def test_a_client_that_disconnects_before_its_first_token_frees_its_place(server
             left = time.time()
         # the client went away before any token: its request leaves the replica while the batch is still decoding
         monitor.wait_for(lambda s: s["waiting"] == 0 and s["running"] == server["max_batch_size"], "its place to be freed", after=left)
-        assert all(f.result(timeout=300) == 601 for f in streams)
+        stop.set()
+        assert all(f.result(timeout=300) > 0 for f in streams)  # every stream of the batch went on undisturbed (no error)
         pool.shutdown()
+        # the batch's clients went away mid-stream: their rows are freed at the next decode step
         monitor.wait_for(lambda s: s["running"] == 0 and s["waiting"] == 0, "an idle replica", after=time.time())
     finally:
+        stop.set()
         monitor.close()
 
 
