@@ -25,13 +25,14 @@ import yaml
 from hone.artifacts import METRICS_FILE, parse_metrics, read_metrics
 from hone.runtime import free_port
 
-__all__ = ["HONE", "REPO", "ServeProbe", "cluster_cpus_in_use", "cluster_state", "free_port", "haproxy_configs", "hone", "kill_run",
+__all__ = ["HONE", "RAY", "REPO", "ServeProbe", "cluster_state", "free_port", "haproxy_configs", "hone", "kill_run",
            "killed_after_step", "logged_step", "losses", "make_job", "malformed", "metrics", "model_replica_pids", "only_run",
            "read_metrics", "records", "run_dirs", "start_hone", "start_server", "stop_group", "stop_server", "train_worker_pids",
            "wait_cluster_idle", "wait_until"]
 
 REPO = Path(__file__).resolve().parents[1]
 HONE = str(Path(sys.executable).parent / "hone")
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def make_job(**sections):
@@ -163,7 +164,7 @@ def cluster_state(address: str) -> str:
     """What holds the cluster at ``address`` (for a failure's message): ``ray status -v``, live actors, placement groups."""
     from ray.util.state import list_actors, list_placement_groups
 
-    status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "-v", "--address", address], capture_output=True,
+    status = subprocess.run([RAY, "status", "-v", "--address", address], capture_output=True,
                             text=True, timeout=60)
     actors = [(a.class_name, a.node_id[:8], a.pid, a.job_id) for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])]
     groups = [(g.placement_group_id[:8], g.state, g.bundles) for g in list_placement_groups(address=address, detail=True)
@@ -173,7 +174,7 @@ def cluster_state(address: str) -> str:
 
 def cluster_cpus_in_use(address: str) -> float:
     """The CPUs that something holds on the cluster at ``address`` (``ray status``'s usage)."""
-    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address], capture_output=True,
+    out = subprocess.run([RAY, "status", "--address", address], capture_output=True,
                          text=True, timeout=60).stdout
     used = re.search(r"^\s*([\d.]+)/([\d.]+) CPU\b", out, re.M)
     assert used, out

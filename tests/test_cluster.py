@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import hone, wait_until
+from tests.helpers import RAY, hone, wait_until
 
 IMAGE = "ghcr.io/hone-ml/hone:0.1.0"
 
@@ -158,8 +157,7 @@ def test_submit_runs_a_job_across_two_nodes(cluster, repo, tmp_path):
     assert "not sent with the job: HONE_API_KEYS, HF_TOKEN" in out.stdout
 
     # It is an ordinary Ray job: ray's own CLI sees it.
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    status = subprocess.run([ray_cli, "job", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
+    status = subprocess.run([RAY, "job", "status", sid, "--address", cluster["jobs_api"]], env=env, capture_output=True, text=True)
     assert "succeeded" in (status.stdout + status.stderr).lower()
     listed = hone("jobs", "list", "--address", cluster["jobs_api"], env=env, timeout=60)
     assert sid in listed.stdout and "train" in listed.stdout
