@@ -36,7 +36,8 @@ def main() -> None:
     from hone.config import validate_job
     from hone.data import load_tokenizer, prepare_data
     from hone.modeling import build_model, forward_loss
-    from hone.training.objectives import collate_preference, preference_loss, sequence_logps
+    from hone.training.objective import sequence_logps
+    from hone.training.preference import collate_preference, preference_loss
 
     job = validate_job({"name": "bench", "model": {"name": args.model},
                         "data": {"source": "builtin:rotten-tomatoes", "format": "preference", "prompt_template": "chat",

@@ -70,12 +70,6 @@ def test_unknown_names_versions_and_malformed_refs_are_clear(run):
         registry.show_model("nope")
 
 
-def test_dataset_fingerprint_follows_what_decides_the_data():
-    a = registry.dataset_fingerprint(make_job())
-    assert a == registry.dataset_fingerprint(make_job(training={"lr": 1e-3}))
-    assert a != registry.dataset_fingerprint(make_job(data={"max_length": 64}))
-
-
 def test_an_external_tracking_uri_with_a_fresh_hone_home(tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI names another SQLite store and HONE_HOME is new: the local lock's folder is made when needed."""
     monkeypatch.setenv("HONE_HOME", str(tmp_path / "fresh-home"))

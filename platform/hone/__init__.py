@@ -38,8 +38,7 @@ from hone.serving import ServeError, serve
 from hone.submit import Submission, SubmitError, submit
 from hone.training import TrainError, TrainResult, train
 from hone.tune import SweepResult, sweep
-
-__version__ = "0.1.0"
+from hone.version import __version__
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "EvalReport", "GateThresholds", "JobConfig", "JobConfigError", "ModelSpec", "Pipeline",

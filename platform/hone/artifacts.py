@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hone import assets, storage
+from hone.errors import ArtifactError
 
 if TYPE_CHECKING:
     from hone.config import JobConfig
@@ -44,10 +45,6 @@ METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
 QUANTIZED_INFO = "quantization.json"
 QUANTIZED_STATE = "quantized.pt"
-
-
-class ArtifactError(ValueError):
-    """A run, export or model reference cannot be found or is not what was asked for."""
 
 
 # --------------------------------------------------------------------------- runs

@@ -29,8 +29,9 @@ __all__ = [
     "PREFIX",
     "hone_home",
     "load_builtin_dataset",
+    "file_digest",
+    "hash_file",
     "resolve_model",
-    "source_digest",
 ]
 
 PREFIX = "builtin:"
@@ -71,43 +72,26 @@ def hone_home() -> Path:
 _FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def _file_digest(path: str) -> str:
-    """SHA-256 of a file, computed once per version of it in this process. The key includes the inode change time,
-    which every write updates and ``os.utime`` cannot set back: an edit that restores size and mtime is still new."""
+def hash_file(path: str | os.PathLike, digest: Any = None) -> Any:
+    """Feed a file's bytes, a megabyte at a time, into ``digest`` (a new SHA-256 when None) and return it: hone's one
+    way of hashing a file (data sources, quantised weights, checkpoint manifests)."""
     import hashlib
 
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file, computed once per version of it in this process. The key includes the inode change time,
+    which every write updates and ``os.utime`` cannot set back: an edit that restores size and mtime is still new."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_DIGESTS[key] = digest.hexdigest()
+        _FILE_DIGESTS[key] = hash_file(path).hexdigest()
     return _FILE_DIGESTS[key]
-
-
-def source_digest(source: str) -> str:
-    """What a data source holds, as a hash: a local file, glob or directory by the content of its files (an edit in
-    place changes it, whatever the timestamps say); a built-in by its name; a hub id or URI by the reference itself."""
-    import glob
-    import hashlib
-
-    if source.startswith(PREFIX):
-        return source
-    expanded = os.path.expanduser(source)
-    if glob.has_magic(expanded):
-        files = sorted(glob.glob(expanded))
-    elif os.path.isfile(expanded):
-        files = [expanded]
-    elif os.path.isdir(expanded):
-        files = sorted(str(p) for p in Path(expanded).rglob("*") if p.is_file())
-    else:
-        return source
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{os.path.relpath(f, os.path.dirname(expanded) or '.')}\0{_file_digest(f)}\0".encode())
-    return digest.hexdigest()
 
 
 def _unknown(name: str, known: dict[str, str], what: str) -> ValueError:

@@ -266,7 +266,15 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hone", description="Fine-tune, tune and serve LLMs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _inspect_commands(sub)
+    _training_commands(sub)
+    _serving_commands(sub)
+    _cluster_commands(sub)
+    return parser
 
+
+def _inspect_commands(sub: Any) -> None:
+    """The subcommands for the YAML and the data, before any Ray work."""
     p = sub.add_parser("validate", help="validate a job, serve or pipeline YAML (no Ray work)")
     p.add_argument("file", help="a hone YAML: a job, a serve config or a pipeline (its kind: key, or told by its keys)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override a field, e.g. training.lr=1e-4")
@@ -288,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--color", default="auto", choices=["auto", "always", "never"])
     q.set_defaults(fn=_cmd_data_preview)
 
+
+def _training_commands(sub: Any) -> None:
+    """The subcommands for training, sweeps, the registry and evaluation."""
     p = sub.add_parser("train", help="run a fine-tuning job on Ray Train + DeepSpeed")
     p.add_argument("job", nargs="?", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override a field, e.g. training.lr=1e-4")
@@ -325,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=0, help="print this many generations")
     p.set_defaults(fn=_cmd_eval)
 
+
+def _serving_commands(sub: Any) -> None:
+    """The subcommands for quantising, serving, and the pipelines that chain every stage."""
     p = sub.add_parser("quantize", help="quantise a model behind a quality gate (original vs quantised on held-out data)")
     p.add_argument("model", help="models:/NAME@ALIAS, an export or run, builtin:NAME, or a model path")
     p.add_argument("--method", choices=METHODS,
@@ -369,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_args(p)
     p.set_defaults(fn=_cmd_quickstart)
 
+
+def _cluster_commands(sub: Any) -> None:
+    """The subcommands for jobs on a Ray cluster, and what ships built in."""
     p = sub.add_parser("submit", help="validate a job here, then submit it to a Ray cluster through the Jobs API")
     p.add_argument("file", help="job YAML (train / --tune) or serve YAML (--serve)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -397,22 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("builtins", help="list the built-in offline models and datasets")
     p.set_defaults(fn=_cmd_builtins)
-    return parser
-
 
 def _known_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to do: printed without a traceback (``HONE_DEBUG=1`` shows it)."""
-    from hone.artifacts import ArtifactError
-    from hone.config import QuantizeError
-    from hone.data import DataError
-    from hone.modeling import ModelError
-    from hone.pipeline import PipelineError
-    from hone.registry import RegistryError
-    from hone.runtime import ClusterError
-    from hone.serving.spec import ServeError
-    from hone.storage import StorageError
-    from hone.submit import SubmitError
-    from hone.training import TrainError
+    from hone.errors import (
+        ArtifactError,
+        ClusterError,
+        DataError,
+        ModelError,
+        PipelineError,
+        QuantizeError,
+        RegistryError,
+        ServeError,
+        StorageError,
+        SubmitError,
+        TrainError,
+    )
 
     return (ArtifactError, ClusterError, DataError, FileNotFoundError, ModelError, PipelineError, QuantizeError, RegistryError,
             ServeError, StorageError, SubmitError, TrainError)

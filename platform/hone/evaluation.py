@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hone.artifacts import ArtifactError, resolve_ref
+from hone.artifacts import resolve_ref
 from hone.data import held_out_rows, tokenize_split
+from hone.errors import ArtifactError
 from hone.modeling import evaluate, generation_accuracy, load_base_model, load_model
 
 __all__ = ["EvalReport", "evaluate_model"]

@@ -15,6 +15,7 @@ from hone import assets
 from hone.artifacts import EXPORT_INFO, MERGED_DIR, ModelSpec, model_class, publish_dir, resolve_ref
 from hone.config import JobConfig
 from hone.data import IGNORE_INDEX, collate
+from hone.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -35,10 +36,6 @@ __all__ = [
     "torch_dtype",
     "unwrap",
 ]
-
-
-class ModelError(ValueError):
-    """The model does not fit the job (e.g. LoRA target modules it does not have)."""
 
 
 def torch_dtype(job: JobConfig) -> torch.dtype:
@@ -353,7 +350,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = Tr
     from transformers import AutoTokenizer
 
     if spec.kind == "quantized":
-        from hone.quantize.methods import load_quantized
+        from hone.quantized import load_quantized
 
         model, tokenizer, _ = load_quantized(spec.path, device=None if device == "auto" else device)
         return model, tokenizer

@@ -11,7 +11,6 @@ version was registered from (``resolve_model_ref``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -24,16 +23,14 @@ from typing import Any
 
 from hone import assets, storage
 from hone.config import JobConfig, metric_mode
+from hone.data import dataset_fingerprint
+from hone.errors import RegistryError
 from hone.runtime import quiet_libraries
 
-__all__ = ["SPLIT_RULE", "WINNER", "Registration", "RegistryError", "dataset_fingerprint", "describe", "list_models", "log_run", "promote",
+__all__ = ["WINNER", "Registration", "RegistryError", "describe", "list_models", "log_run", "promote",
            "register_winner", "resolve_model_ref", "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
-
-
-class RegistryError(RuntimeError):
-    """A registry lookup or update failed; the message names the model/version/alias."""
 
 
 def tracking_uri() -> str:
@@ -87,25 +84,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-SPLIT_RULE = "order-by-content-hash-v1"
-"""How hone orders and splits rows (``hone.data.order_keys``); changing it changes every dataset fingerprint."""
-
-
-def dataset_fingerprint(job: JobConfig) -> str:
-    """A short hash of what decides the training data: the content of its files (source, validation, test) and the
-    settings that format, split, sample and cut it. Lineage tags, pipeline re-runs and resume checks use it."""
-    d = job.data
-    sources = [d.source]
-    for spec in (d.validation, d.test):  # a fraction carves the split from the source; a path or list names more files
-        sources += [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
-    digests = [storage.digest(s) if storage.is_uri(s) else assets.source_digest(s) for s in sources]
-    # the split/order rule is part of what decides the rows: a run started under another rule resumes on other batches
-    blob = json.dumps([SPLIT_RULE, digests, d.format, d.columns.model_dump(), d.split, d.validation, d.test,
-                       d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs, d.packing, d.prompt_template],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -119,7 +97,7 @@ def log_run(job: JobConfig, run_dir: Path, export_dir: Path, history: list[dict[
     """Log a finished run (params, metrics over steps, lineage tags, export location); returns the MLflow run id."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from hone import __version__
+    from hone.version import __version__
 
     params: dict[str, str] = {}
     _flatten("", job.model_dump(mode="json", exclude={"tune"}), params)

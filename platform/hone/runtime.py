@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hone import assets, storage
+from hone.errors import ClusterError
 
 if TYPE_CHECKING:
     from hone.config import JobConfig
@@ -30,10 +31,6 @@ __all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "f
 
 # Loggers that print optional-kernel load failures, deprecation notes and per-request lines nobody acts on.
 _NOISY = ("torchao", "torch.utils._pytree", "transformers", "httpx")
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached or joined."""
 
 
 def quiet_libraries(*, console: bool = False) -> None:

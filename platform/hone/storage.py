@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hone import assets
+from hone.errors import StorageError
 
 __all__ = ["CREDENTIAL_ENV", "StorageError", "check", "digest", "download", "exists", "filesystem", "glob_files", "is_uri", "join",
            "list_files",
@@ -33,10 +34,6 @@ CREDENTIAL_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID"
                   "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY")
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _SCHEMES = {"s3": "S3", "gs": "GCS", "gcs": "GCS", "abfs": "Azure", "abfss": "Azure", "hdfs": "HDFS", "viewfs": "HDFS", "file": "local"}
-
-
-class StorageError(ValueError):
-    """An object-store path cannot be used; the message says what to set."""
 
 
 def is_uri(path: str | os.PathLike | None) -> bool:
@@ -67,10 +64,14 @@ def filesystem(uri: str) -> tuple[Any, str]:
         raise StorageError(f"{uri!r}: cannot open this storage ({e})") from e
 
 
+_CHECKED: set[tuple[str, bool]] = set()
+
+
 def check(uri: str, *, must_exist: bool = False) -> None:
     """Refuse a URI that cannot work, before any Ray work: unknown scheme, no credentials or endpoint that answer,
-    a missing bucket (or, with ``must_exist``, a missing file)."""
-    if not is_uri(uri):
+    a missing bucket (or, with ``must_exist``, a missing file). A URI that passed is not looked up again in this process
+    (config validation, the run's storage and the stages after it all ask)."""
+    if not is_uri(uri) or (uri, must_exist) in _CHECKED:
         return
     import pyarrow.fs as pafs
 
@@ -87,6 +88,7 @@ def check(uri: str, *, must_exist: bool = False) -> None:
         raise StorageError(f"{uri}: the bucket {bucket!r} does not exist (or these credentials cannot see it).{hint}")
     if target is not None and target.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri} does not exist")
+    _CHECKED.add((uri, must_exist))
 
 
 def exists(uri: str) -> bool:

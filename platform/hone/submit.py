@@ -24,6 +24,7 @@ import yaml
 
 from hone.config import ServeConfig, apply_overrides, load_serve_config, validate_job
 from hone.config.base import apply_overrides_to
+from hone.errors import SubmitError
 
 __all__ = ["SECRETS", "SubmitError", "Submission", "enter_stable_workdir", "follow_logs", "job_client", "job_env", "local_paths",
            "resolve_address", "submit"]
@@ -39,10 +40,6 @@ SECRETS = ("HONE_API_KEYS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKI
            "MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
 """Never sent with a job: a runtime_env is visible to anyone who can read the Jobs API or the dashboard. Jobs read
 them from the cluster's own environment (KubeRay: a Secret in the pod spec; ray start: the node's environment)."""
-
-
-class SubmitError(RuntimeError):
-    """The job cannot be submitted as given (unreachable cluster, local paths the cluster cannot see)."""
 
 
 @dataclass

@@ -38,17 +38,15 @@ from hone.artifacts import (
     MERGED_DIR,
     METRICS_FILE,
     append_metrics,
-    new_run_dir,
     read_metrics,
-    resolve_run_dir,
-    run_storage,
     sync_down,
     sync_up,
 )
 from hone.config import JobConfig, SearchDomain, load_job, validate_job
 from hone.config.base import set_path
+from hone.errors import TrainError
 from hone.runtime import ray_session
-from hone.training import TrainError, starting_point, train
+from hone.training import open_run, train
 
 __all__ = ["DATA_TASK_CPU", "SWEEP_EXTRA_CPUS", "TRIAL_DRIVER_CPU", "SweepResult", "choose_winner", "format_table", "sweep"]
 
@@ -380,17 +378,9 @@ def sweep(
 
     from hone import registry
 
-    if resume:
-        sweep_dir = resolve_run_dir(resume, storage_path, what="sweep")
-        job = load_job(sweep_dir / JOB_FILE, check_paths=False)
-    elif job is None:
-        raise TrainError("give a job or a sweep to resume")
-    else:
-        if job.tune is None or not job.tune.search_space:
-            raise TrainError(f"job {job.name!r} has no tune.search_space to search")
-        job = starting_point(job)  # a sweep from models:/… trains every trial from the same resolved weights
-        sweep_dir = new_run_dir(run_storage(storage_path, job), f"{job.name}-sweep")  # created: never shared
-        (sweep_dir / JOB_FILE).write_text(job.to_yaml())
+    if not resume and job is not None and (job.tune is None or not job.tune.search_space):
+        raise TrainError(f"job {job.name!r} has no tune.search_space to search")
+    job, sweep_dir = open_run(job, resume, storage_path, what="sweep")
     assert job.tune is not None
     metric, mode = job.tune.metric, job.tune.mode
     base = job.to_dict()

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from hone.data import IGNORE_INDEX, DataError, collate, load_splits, prepare_data, tokenize_split
+from hone.data import IGNORE_INDEX, DataError, collate, dataset_fingerprint, expand_source, load_splits, prepare_data, tokenize_split
+from hone.data.sources import source_digest, source_files
 
 from tests.helpers import make_job
 
@@ -52,7 +53,7 @@ def test_alpaca_masks_the_prompt(tmp_path, tiny_tokenizer):
 
 
 def test_batched_token_ids_equal_the_tokenizers_own(tiny_tokenizer):
-    from hone.data.tokenize import token_ids
+    from hone.data.sources import token_ids
 
     texts = ["Below is an instruction", "  spaced  out\n\nlines ", "émoji 🎬 and ünïcode", ""]
     for special in (True, False):
@@ -314,3 +315,17 @@ def test_ray_data_path_matches_the_in_process_path(repo):
 
     out = subprocess.run([sys.executable, "-c", _ON_RAY_DATA], cwd=repo, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "RAY DATA OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+
+
+def test_dataset_fingerprint_follows_what_decides_the_data(tmp_path):
+    a = dataset_fingerprint(make_job())
+    assert a == dataset_fingerprint(make_job(training={"lr": 1e-3}))
+    assert a != dataset_fingerprint(make_job(data={"max_length": 64}))
+    # the fingerprint hashes the files the reader reads: one expansion for both
+    for i in range(2):
+        (tmp_path / f"part{i}.jsonl").write_text(json.dumps({"text": f"row {i}"}) + "\n")
+    pattern = str(tmp_path / "part*.jsonl")
+    assert source_files(pattern)[0] == expand_source(pattern) == expand_source(str(tmp_path))
+    before = source_digest(pattern)
+    (tmp_path / "part1.jsonl").write_text(json.dumps({"text": "row 1, edited"}) + "\n")
+    assert source_digest(pattern) != before and source_digest("builtin:rotten-tomatoes") == "builtin:rotten-tomatoes"

@@ -55,7 +55,7 @@ def test_int8_gate_passes_and_is_recorded(registered_export, home):
     from hone.serving.spec import resolve
 
     spec = resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
-    assert spec["kind"] == "quantized" and spec["path"] == str(result.artifact)
+    assert spec.kind == "quantized" and spec.path == str(result.artifact)
 
 
 def test_artifacts_load_without_pickle_and_only_as_recorded(registered_export, home, tmp_path):
@@ -84,7 +84,7 @@ def test_artifacts_load_without_pickle_and_only_as_recorded(registered_export, h
     torch.save({"x": Payload()}, evil / "quantized.pt")
     with pytest.raises(QuantizeError, match="weights changed since they were quantised"):
         load_quantized(evil)
-    from hone.quantize.methods import artifact_digest
+    from hone.quantized import artifact_digest
 
     forged = {**info, "sha256": artifact_digest(evil)}  # a forged record does not make the pickle run either
     (evil / "quantization.json").write_text(json.dumps(forged))
@@ -102,7 +102,7 @@ def test_artifacts_load_without_pickle_and_only_as_recorded(registered_export, h
     with pytest.raises(ServeError, match="not the one the registry recorded"):
         resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))
     registry.tag_version("tiny", reg["version"], {"hone.quantized.int8-dynamic.sha256": info["sha256"]})
-    assert resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"}))["kind"] == "quantized"
+    assert resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-dynamic"})).kind == "quantized"
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_forced_gate_failure_is_marked_and_refused_by_serve(registered_export, h
     from hone.serving.spec import resolve
 
     spec = resolve(validate_serve_config({"model": "models:/tiny@winner", "quantization": "int8-weight-only", "allow_failed_gate": True}))
-    assert spec["gate"] is False
+    assert spec.gate is False
 
 
 def test_missing_artifact_and_gpu_methods_fail_clearly(registered_export, home, tmp_path):
@@ -167,7 +167,7 @@ def test_w8a8_artifact_is_vllms_format_and_loads_with_its_numerics(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hone import assets
-    from hone.quantize.methods import artifact_digest, default_modules, load_quantized, save_quantized
+    from hone.quantized import artifact_digest, default_modules, load_quantized, save_quantized
 
     path = assets.resolve_model("builtin:tiny-llama")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

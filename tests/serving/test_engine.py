@@ -8,14 +8,12 @@ import pytest
 
 @pytest.fixture(scope="module")
 def engine():
-    from hone import assets
-    from hone.artifacts import resolve_ref
+    from hone.config import validate_serve_config
     from hone.serving.engine import Engine
+    from hone.serving.spec import resolve
 
-    path = assets.resolve_model("builtin:tiny-llama")
-    return Engine({"served_name": "tiny", "device": "cpu", "adapters": {}, "max_loaded_adapters": 1, "source": path,
-                   "model": resolve_ref(path), "kind": "model", "path": path, "task": "causal_lm", "labels": None,
-                   "quantization": "none"})
+    return Engine(resolve(validate_serve_config({"model": "builtin:tiny-llama", "served_model_name": "tiny", "device": "cpu",
+                                                 "max_loaded_adapters": 1})))
 
 
 def _run(engine, reqs, admit=None, max_batch=None):

@@ -35,6 +35,10 @@ def test_engine_vllm_settings_are_validated_before_serving():
         validate_serve_config({"model": MODEL, "vllm_engine_args": {"max_model_len": 512}})
     with pytest.raises(ConfigError, match="set by hone"):
         validate_serve_config({"model": MODEL, "engine": "vllm", "vllm_engine_args": {"model": "other"}})
+    with pytest.raises(ConfigError, match="max_batch_size is vLLM's max_num_seqs"):
+        validate_serve_config({"model": MODEL, "engine": "vllm", "max_batch_size": 4, "vllm_engine_args": {"max_num_seqs": 8}})
+    with pytest.raises(ConfigError, match="batch_wait_timeout_s applies to engine: transformers"):
+        validate_serve_config({"model": MODEL, "engine": "vllm", "batch_wait_timeout_s": 0.05})
     from hone.serving.vllm import vllm_python
 
     with pytest.raises(ServeError, match="no such interpreter"):
@@ -42,13 +46,27 @@ def test_engine_vllm_settings_are_validated_before_serving():
 
 
 def test_a_classifier_or_a_quantised_artifact_is_refused_for_vllm():
+    import dataclasses
+
     from hone.serving.spec import resolve
     from hone.serving.vllm import engine_args
 
     cfg = validate_serve_config({"model": MODEL, "engine": "vllm"})
-    spec = {**resolve(validate_serve_config({"model": MODEL})), "task": "sequence_classification", "source": "a classifier"}
+    spec = dataclasses.replace(resolve(cfg), task="sequence_classification", source="a classifier")
     with pytest.raises(ServeError, match="causal LMs"):
         engine_args(cfg, spec)
+
+
+def test_max_batch_size_is_vllm_s_max_num_seqs():
+    """The one batch setting reaches either engine: vLLM gets it as max_num_seqs, or keeps its own default when unset."""
+    from hone.serving.spec import resolve
+    from hone.serving.vllm import engine_args
+
+    for given, expected in ((None, None), (4, 4)):
+        cfg = validate_serve_config({"model": MODEL, "engine": "vllm", **({"max_batch_size": given} if given else {})})
+        assert engine_args(cfg, resolve(cfg))["args"].get("max_num_seqs") == expected
+    cfg = validate_serve_config({"model": MODEL, "engine": "vllm", "vllm_engine_args": {"max_num_seqs": 16}})
+    assert engine_args(cfg, resolve(cfg))["args"]["max_num_seqs"] == 16
 
 
 def test_an_adapter_id_changes_with_its_content(tmp_path):
@@ -119,7 +137,7 @@ def server(tmp_path_factory, adapter_dir):
     tmp = tmp_path_factory.mktemp("serve-vllm")
     cfg = {"name": "v", "model": MODEL, "served_model_name": NAME, "engine": "vllm", "port": free_port(),
            "metrics_export_port": free_port(), "adapters": {"smollm2-lora": str(adapter_dir)}, "max_tokens_default": 16,
-           "num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 4, "retry_after_s": 3,
+           "num_replicas": 1, "max_ongoing_requests": 4, "max_batch_size": 4, "max_queued_requests": 4, "retry_after_s": 3,
            "vllm_engine_args": {"max_model_len": 1024}, "vllm_cpu_kv_cache_gib": 1, "ray_actor_options": {"num_cpus": 1}}
     proc, info = start_server(cfg, tmp, {"HONE_API_KEYS": KEY})
     yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log"}

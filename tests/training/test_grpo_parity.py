@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hone.training.grpo import grpo_loss
-from hone.training.objectives import token_logps
+from hone.training.objective import token_logps
 
 from tests.helpers import make_job
 

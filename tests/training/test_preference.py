@@ -18,7 +18,7 @@ import yaml
 
 from hone.config import JobConfigError, validate_job
 from hone.data import DataError, load_tokenizer, prepare_data, preview
-from hone.training import Objective, train
+from hone.training import WorkerContext, objective_class, train
 
 from tests.helpers import hone, killed_after_step, losses, read_metrics
 
@@ -50,7 +50,8 @@ def reload_metrics(export: Path, job) -> dict[str, float]:
         else AutoModelForCausalLM.from_pretrained(export)
     engine = SimpleNamespace(module=model, hf_module=model, device=torch.device("cpu"))
     one_process = validate_job({**job.to_dict(), "distributed": {"num_workers": 1, "deepspeed": None}})  # a plain frozen reference
-    return Objective(one_process, engine, tokenizer.pad_token_id, 1, lambda x: x).evaluate(rows, 4, 0)
+    ctx = WorkerContext(one_process, engine, tokenizer.pad_token_id, rank=0, world_size=1, all_reduce=lambda x: x)
+    return objective_class(one_process)(ctx).evaluate(rows, 4, 0)
 
 
 # --------------------------------------------------------------------------- every objective on Ray Train

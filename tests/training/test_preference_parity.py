@@ -1,7 +1,7 @@
 """hone's preference losses against TRL's trainers (the reference implementation), on the tiny model, in-process.
 
 The same batch of pairs goes through TRL's ``DPOTrainer.compute_loss`` (sigmoid DPO) and ``CPOTrainer`` (SimPO, the
-reference-free objective) and through :func:`hone.training.objectives.preference_loss`; loss, rewards and every
+reference-free objective) and through :func:`hone.training.preference.preference_loss`; loss, rewards and every
 parameter's gradient must agree to 1e-5 at the first step. ORPO's odds-ratio term is checked against TRL's too.
 """
 
@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 
-from hone.training.objectives import collate_preference, preference_loss, preference_metrics, sequence_logps
+from hone.training.objective import sequence_logps
+from hone.training.preference import collate_preference, preference_loss, preference_metrics
 
 from tests.helpers import make_job
 

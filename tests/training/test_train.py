@@ -255,8 +255,7 @@ def test_resume_refuses_changed_data(tmp_path):
     """The data file edited in place (same size, same timestamps) since the run started: resuming is refused before any
     Ray work, naming what changed."""
     from hone.artifacts import INPUTS_FILE, JOB_FILE
-    from hone.data import tokenizer_digest
-    from hone.registry import dataset_fingerprint
+    from hone.data import dataset_fingerprint, tokenizer_digest
 
     data = tmp_path / "reviews.jsonl"
     rows = [{"instruction": "Label it.", "input": f"review {i}", "output": "positive"} for i in range(64)]
@@ -312,7 +311,7 @@ _ENGINES = f"""
 import math, os, torch
 from hone.config import validate_job
 from hone.modeling import build_model
-from hone.training.engines import make_engine
+from hone.training.backends import make_backend
 import torch.distributed as dist
 dist.init_process_group("gloo", rank=0, world_size=1)
 raw = validate_job({json.dumps(tiny("engine", training={**TINY["training"], "on_nonfinite": "skip_step"}))})
@@ -321,7 +320,7 @@ for deepspeed in (False, True):  # DDP, then ZeRO-2 (this one process as the onl
     if not deepspeed:
         job = job.model_copy(update={{"distributed": job.distributed.model_copy(update={{"deepspeed": None}})}})
     torch.manual_seed(0)
-    engine = make_engine(job, build_model(job, total_steps=4), 1, 4)
+    engine = make_backend(job, build_model(job, total_steps=4), 1, 4)
     params = lambda: [p.detach().clone() for p in engine.hf_module.parameters() if p.requires_grad]
     batch = torch.randint(0, 100, (2, 8))
     def loss_of(scale):
@@ -356,14 +355,14 @@ os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
 dist.init_process_group("gloo", rank=rank, world_size=world)
 from hone.config import validate_job
 from hone.modeling import build_model
-from hone.training.engines import make_engine, universal_checkpoint
+from hone.training.backends import make_backend, universal_checkpoint
 g = torch.Generator().manual_seed(1)
 batches = [torch.randint(0, 100, (4, 12), generator=g) for _ in range(6)]
 for raw in json.loads(sys.argv[5]):  # ZeRO-2, then ZeRO-3, in the same processes
     job = validate_job(raw)
     stage, ckpt = job.distributed.deepspeed.stage, os.path.join(out, f"zero{job.distributed.deepspeed.stage}")
     torch.manual_seed(0)
-    engine = make_engine(job, build_model(job, total_steps=10), world, 10)
+    engine = make_backend(job, build_model(job, total_steps=10), world, 10)
     def step(i):  # 4 rows a step: 2 micro-batches of 2, shared by the workers
         total = 0.0
         for m in range(2 // world):
@@ -490,7 +489,7 @@ def test_other_peft_methods_build(method):
 
 
 def test_deepspeed_config_generation():
-    from hone.training.engines import deepspeed_config
+    from hone.training.backends import deepspeed_config
 
     job = validate_job(
         tiny(

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from hone.config.base import ConfigError, Problem, Section
-from hone.config.job import JobConfig, JobConfigError, SearchDomain, TuneConfig, apply_overrides, load_job, validate_job
+from hone.config.job import PBT_MUTABLE, JobConfig, JobConfigError, SearchDomain, TuneConfig, apply_overrides, load_job, validate_job
 from hone.config.pipeline import Pipeline, PipelineConfig, PipelineConfigError, load_pipeline
 from hone.config.preference import PREF_METRICS, PREFERENCE_LOSSES, PreferenceConfig
 from hone.config.quantization import METHODS, GateThresholds, QuantizeError
@@ -39,7 +39,7 @@ from hone.config.sections import (
 from hone.config.serve import ServeConfig, ServeConfigError, load_serve_config, validate_serve_config
 
 __all__ = [
-    "KINDS", "METHODS", "ConfigError", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig", "GateThresholds",
+    "KINDS", "METHODS", "PBT_MUTABLE", "ConfigError", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig", "GateThresholds",
     "JobConfig", "JobConfigError", "MethodConfig", "ModelConfig", "Pipeline", "PipelineConfig", "PipelineConfigError", "PREF_METRICS",
     "PREFERENCE_LOSSES", "PreferenceConfig", "Problem",
     "QuantizeError", "SearchDomain", "Section", "ServeConfig", "ServeConfigError", "TaskConfig", "TrainingConfig", "TuneConfig",

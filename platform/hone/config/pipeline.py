@@ -17,8 +17,9 @@ from pydantic import Field, ValidationError
 
 from hone.config.base import ConfigError, Problem, Section, problems_from_validation, read_mapping
 from hone.config.job import JobConfig, JobConfigError, load_job
-from hone.config.quantization import GateThresholds, QuantizeError, QuantMethod, check_method, default_method
+from hone.config.quantization import GateThresholds, QuantMethod, check_method, default_method
 from hone.config.serve import ServeConfig, ServeConfigError, validate_serve_config
+from hone.errors import QuantizeError
 
 __all__ = ["AlignStage", "Pipeline", "PipelineConfig", "PipelineConfigError", "QuantizeStage", "SmokeTestStage", "TrainStage",
            "load_pipeline", "registered_name"]

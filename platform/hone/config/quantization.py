@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from hone.errors import QuantizeError
+
 __all__ = ["CPU_DEFAULT", "GPU_DEFAULT", "GPU_ONLY", "METHODS", "VLLM_ONLY", "GateThresholds", "QuantizeError", "QuantMethod",
            "check_method", "default_method"]
 
@@ -22,10 +24,6 @@ VLLM_ONLY = frozenset({"w8a8-int8"})
 # dynamic int8 38-39, torchao int8 weight-only 73 (no faster int8 CPU kernel): dynamic int8 is the CPU default.
 CPU_DEFAULT = "int8-dynamic"
 GPU_DEFAULT = "int8-weight-only"
-
-
-class QuantizeError(RuntimeError):
-    """The model cannot be quantised (unknown method, GPU-only method on CPU, not a model)."""
 
 
 def default_method() -> str:

@@ -75,8 +75,9 @@ class ServeConfig(Section):
     route_prefix: str = "/"
     metrics_export_port: int = Field(default=8080, ge=1, le=65535)
     """Prometheus port of the local embedded Ray (a cluster's own setting applies with --address)."""
-    max_batch_size: int = Field(default=8, ge=1)
-    """Sequences decoded together in one forward pass."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Sequences decoded together in one forward pass: hone's engine (default 8) or vLLM's ``max_num_seqs`` (default:
+    vLLM's own)."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     """How long an idle replica waits for more requests before starting a batch (0: start at once; requests
     arriving while a batch decodes join it between steps)."""
@@ -142,6 +143,10 @@ class ServeConfig(Section):
             raise ValueError(f"{self.quantization} is vLLM's format: serve it with engine: vllm")
         if self.engine != "vllm" and (self.vllm_engine_args or self.vllm_python):
             raise ValueError("vllm_engine_args and vllm_python apply to engine: vllm only")
+        if self.engine == "vllm" and self.max_batch_size is not None and "max_num_seqs" in self.vllm_engine_args:
+            raise ValueError("max_batch_size is vLLM's max_num_seqs: set one of max_batch_size and vllm_engine_args.max_num_seqs")
+        if self.engine == "vllm" and self.batch_wait_timeout_s:
+            raise ValueError("batch_wait_timeout_s applies to engine: transformers (vLLM schedules every step itself): remove it")
         reserved = sorted(set(self.vllm_engine_args) & {"model", "served_model_name", "enable_lora", "max_loras", "tokenizer"})
         if reserved:
             raise ValueError(f"vllm_engine_args: {', '.join(reserved)} are set by hone (from model, adapters, max_loaded_adapters)")

@@ -17,14 +17,27 @@ tokenizer without a chat template) raise :class:`DataError` naming the config ke
 to change. Truncated and dropped rows are counted in a :class:`DataReport`.
 """
 
-from hone.data.cluster import CACHE_DIR, TokenizedData, cache_key, cache_root, prepare_cached
-from hone.data.formats import IGNORE_INDEX, prompt_and_answer, prompt_messages
+from hone.data.cache import CACHE_DIR, TokenizedData, cache_key, cache_root, prepare_cached
+from hone.data.formats import IGNORE_INDEX
 from hone.data.preview import preview
+from hone.data.prompts import prompt_and_answer, prompt_messages
 from hone.data.shards import CachedSplit, local_entry
-from hone.data.sources import DataError, held_out_rows, load_splits, load_tokenizer, order_keys, tokenizer_digest
+from hone.data.sources import (
+           SPLIT_RULE,
+           DataError,
+           dataset_fingerprint,
+           expand_source,
+           held_out_rows,
+           load_splits,
+           load_tokenizer,
+           order_keys,
+           tokenizer_digest,
+)
 from hone.data.tokenize import DataReport, PreparedData, SplitReport, check_sample, collate, prepare_data, to_ray_datasets, tokenize_split
 
-__all__ = ["CACHE_DIR", "IGNORE_INDEX", "CachedSplit", "DataError", "DataReport", "PreparedData", "SplitReport", "TokenizedData",
-           "cache_key", "cache_root", "check_sample", "collate", "held_out_rows", "load_splits", "load_tokenizer", "local_entry",
-           "order_keys", "prepare_cached", "prepare_data", "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets",
-           "tokenize_split", "tokenizer_digest"]
+__all__ = [
+    "CACHE_DIR", "IGNORE_INDEX", "SPLIT_RULE", "CachedSplit", "DataError", "DataReport", "PreparedData", "SplitReport",
+    "TokenizedData", "cache_key", "cache_root", "check_sample", "collate", "dataset_fingerprint", "expand_source",
+    "held_out_rows", "load_splits", "load_tokenizer", "local_entry", "order_keys", "prepare_cached", "prepare_data",
+    "preview", "prompt_and_answer", "prompt_messages", "to_ray_datasets", "tokenize_split", "tokenizer_digest",
+]

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from hone.config import DataConfig
-from hone.data.sources import DataError
+from hone.errors import DataError
 
-__all__ = ["ALPACA_PROMPT", "BAD_LABEL", "BAD_PAIR", "EMPTY", "IGNORE_INDEX", "NO_TARGET", "OK", "SHAREGPT_ROLES", "causal_example",
-           "causal_texts", "check_chat_template", "check_columns", "plain_template", "prompt_and_answer", "prompt_messages"]
+__all__ = [
+    "ALPACA_PROMPT", "BAD_LABEL", "BAD_PAIR", "EMPTY", "IGNORE_INDEX", "NO_TARGET", "OK", "SHAREGPT_ROLES",
+    "causal_example", "causal_texts", "check_chat_template", "check_columns", "plain_template", "row_messages",
+]
 
 IGNORE_INDEX = -100
 
@@ -77,7 +79,7 @@ def _alpaca_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str
     return [{"role": "user", "content": user}, {"role": "assistant", "content": str(row[c.output])}]
 
 
-def _row_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+def row_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
     c = cfg.columns
     if cfg.format == "alpaca":
         messages = _alpaca_messages(row, cfg)
@@ -95,41 +97,6 @@ def _row_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
     if system and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": str(system)}] + messages
     return messages
-
-
-def prompt_and_answer(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[str, str]:
-    """The generation prompt for a row (formatted exactly as in training) and the expected answer.
-
-    For chat formats the answer is the last assistant turn and the prompt everything before it.
-    """
-    c = cfg.columns
-    if cfg.format in ("preference", "unpaired", "prompts"):
-        from hone.data.pairs import preference_prompt
-
-        return preference_prompt(row, cfg, tokenizer)
-    if cfg.format == "alpaca" and cfg.prompt_template == "alpaca":
-        extra = str(row.get(c.input) or "").strip()
-        prompt = ALPACA_PROMPT.format(
-            context=", paired with an input that provides further context" if extra else "",
-            instruction=str(row[c.instruction]).strip(),
-            input_block=f"### Input:\n{extra}\n\n" if extra else "",
-        )
-        return prompt, str(row[c.output])
-    messages, answer = prompt_messages(row, cfg)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), answer
-
-
-def prompt_messages(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
-    """The chat messages a client sends for a row (every turn before the last assistant turn) and that turn's text."""
-    if cfg.format in ("preference", "unpaired", "prompts"):
-        from hone.data.pairs import preference_messages
-
-        return preference_messages(row, cfg)
-    if cfg.format not in ("alpaca", "messages", "sharegpt"):
-        raise DataError(f"data.format {cfg.format!r} has no prompt/answer to generate")
-    messages = _row_messages(row, cfg)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
 
 
 def _chat_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[bool]]:
@@ -196,7 +163,7 @@ def causal_example(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tupl
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         r = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
         return p + r, [False] * len(p) + [True] * len(r)
-    messages = _row_messages(row, cfg)
+    messages = row_messages(row, cfg)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return None
     return _chat_example(messages, tokenizer)

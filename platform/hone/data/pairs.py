@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from hone.config import DataConfig, JobConfig
 from hone.data.formats import BAD_LABEL, BAD_PAIR, EMPTY, IGNORE_INDEX, OK, SHAREGPT_ROLES
-from hone.data.sources import DataError
+from hone.data.sources import token_ids
+from hone.errors import DataError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -96,8 +97,6 @@ def _prompt_messages(row: dict[str, Any], cfg: DataConfig, names: dict[str, str]
 def _encode(row: dict[str, Any], job: JobConfig, tokenizer: Any, names: dict[str, str],
             responses: list[str]) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, [response ids]) of one row, before truncation."""
-    from hone.data.tokenize import token_ids
-
     if not _chat(row, job.data, names):
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         prompt = token_ids([str(row[names["prompt"]])], tokenizer, special=True)[0]

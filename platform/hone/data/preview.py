@@ -7,8 +7,9 @@ from typing import Any
 
 from hone.config import JobConfig
 from hone.data.formats import IGNORE_INDEX
-from hone.data.sources import DataError, load_splits, load_tokenizer
+from hone.data.sources import load_splits, load_tokenizer
 from hone.data.tokenize import tokenize_split
+from hone.errors import DataError
 
 __all__ = ["preview"]
 

@@ -18,7 +18,7 @@ from hone import assets, storage
 
 __all__ = ["CachedSplit", "local_entry"]
 
-_MANIFEST = "manifest.json"  # hone.data.cluster.MANIFEST (this module stays importable without Ray Data)
+_MANIFEST = "manifest.json"  # hone.data.cache.MANIFEST (this module stays importable without Ray Data)
 
 
 def local_entry(location: str, key: str) -> Path:

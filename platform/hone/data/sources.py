@@ -10,14 +10,13 @@ from typing import Any
 from hone import assets, storage
 from hone.config import DataConfig, JobConfig
 from hone.config.sections import DATA_FILE_TYPES
+from hone.errors import DataError
 
-__all__ = ["DataError", "head_rows", "held_out_rows", "load_source", "load_splits", "load_tokenizer", "order_keys", "pick_split",
-           "source_files", "split_plan", "tokenizer_digest"]
-
-
-class DataError(ValueError):
-    """The data does not fit the job; the message names the setting to change."""
-
+__all__ = [
+    "SPLIT_RULE", "DataError", "dataset_fingerprint", "expand_source", "head_rows", "held_out_rows", "load_source",
+    "load_splits", "load_tokenizer", "order_keys", "pick_split", "source_digest", "source_files", "split_plan",
+    "token_ids", "tokenizer_digest",
+]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -44,6 +43,17 @@ def tokenizer_digest(tokenizer: Any) -> str:
     blob = json.dumps([rules, tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None), tokenizer.pad_token],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def token_ids(texts: list[str], tokenizer: Any, *, special: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=special)["input_ids"]``, straight from the Rust tokenizer of a fast
+    tokenizer (transformers' per-encoding conversion costs as much as the tokenising)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
 
 
 # --------------------------------------------------------------------------- the split and order rule
@@ -81,29 +91,77 @@ def _seeded_order(ds: Any, seed: int) -> Any:
     return ds.select(np.argsort(np.asarray(keys, dtype=np.int64), kind="stable").tolist())
 
 
+SPLIT_RULE = "order-by-content-hash-v1"
+"""How hone orders and splits rows (:func:`order_keys`); changing it changes every dataset fingerprint."""
+
+
+def source_digest(source: str) -> str:
+    """What a data source holds, as a hash over :func:`expand_source`'s files: local files by their content (an edit in
+    place changes it, whatever the timestamps say), object-store files by name, size and modification time (no
+    download); a built-in or hub id by the reference itself."""
+    import hashlib
+
+    if storage.is_uri(source):
+        return storage.digest(source)
+    files = expand_source(source)
+    if files is None:
+        return source
+    base = os.path.dirname(os.path.expanduser(source)) or "."
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{os.path.relpath(f, base)}\0{assets.file_digest(f)}\0".encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(job: JobConfig) -> str:
+    """A short hash of what decides the training data: the content of its files (source, validation, test) and the
+    settings that format, split, sample and cut it. Lineage tags, pipeline re-runs and resume checks use it."""
+    import hashlib
+    import json
+
+    d = job.data
+    sources = [d.source]
+    for spec in (d.validation, d.test):  # a fraction carves the split from the source; a path or list names more files
+        sources += [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
+    # the split/order rule is part of what decides the rows: a run started under another rule resumes on other batches
+    blob = json.dumps([SPLIT_RULE, [source_digest(s) for s in sources], d.format, d.columns.model_dump(), d.split,
+                       d.validation, d.test, d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs,
+                       d.packing, d.prompt_template], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 # --------------------------------------------------------------------------- loading
+
+
+def expand_source(source: str) -> list[str] | None:
+    """The files a source names, the one expansion every reader and the fingerprint use: a file, a glob or a folder,
+    local or in an object store (``s3://…``), sorted. None for built-ins and hub ids (no files of hone's to list)."""
+    if source.startswith(assets.PREFIX):
+        return None
+    if storage.is_uri(source):
+        if glob.has_magic(source):
+            return storage.glob_files(source)
+        listed = storage.list_files(source)
+        return [source] if len(listed) == 1 and listed[0][0] == "" else [storage.join(source, rel) for rel, _, _ in listed]
+    expanded = os.path.expanduser(source)
+    if glob.has_magic(expanded):
+        return sorted(glob.glob(expanded))
+    if os.path.isfile(expanded):
+        return [expanded]
+    if os.path.isdir(expanded):
+        return sorted(str(p) for p in Path(expanded).rglob("*") if p.is_file())
+    return None
 
 
 def source_files(source: str) -> tuple[list[str], str] | None:
     """The files a file-like source names (a file or glob, local or ``s3://…``, or an object-store folder) and their
     ``datasets``/Ray Data reader kind; None for built-ins, local folders (``datasets`` reads them, split files and
     ``save_to_disk`` layouts included) and hub ids."""
-    if source.startswith(assets.PREFIX):
+    if not storage.is_uri(source) and os.path.isdir(os.path.expanduser(source)):
         return None
-    if storage.is_uri(source):
-        if glob.has_magic(source):
-            files = storage.glob_files(source)
-        else:
-            listed = storage.list_files(source)
-            files = [source] if len(listed) == 1 and listed[0][0] == "" else [storage.join(source, rel) for rel, _, _ in listed]
-    else:
-        expanded = os.path.expanduser(source)
-        if glob.has_magic(expanded):
-            files = sorted(glob.glob(expanded))
-        elif os.path.isfile(expanded):
-            files = [expanded]
-        else:
-            return None
+    files = expand_source(source)
+    if files is None:
+        return None
     if not files:
         raise DataError(f"data: no file matches {source!r}")
     kinds = {DATA_FILE_TYPES.get(Path(f).suffix.lower()) for f in files}

@@ -22,14 +22,17 @@ from hone.data.formats import (
     plain_template,
 )
 from hone.data.pairs import encode_preference, encode_prompts
-from hone.data.sources import DataError, head_rows, load_splits
+from hone.data.sources import head_rows, load_splits, token_ids
+from hone.errors import DataError
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-__all__ = ["DataReport", "PreparedData", "SplitBuilder", "SplitReport", "check_sample", "check_split", "collate", "encode_rows",
-           "prepare_data", "to_ray_datasets", "token_ids", "tokenize_split"]
+__all__ = [
+    "DataReport", "PreparedData", "SplitBuilder", "SplitReport", "check_sample", "check_split", "collate",
+    "encode_rows", "prepare_data", "to_ray_datasets", "tokenize_split",
+]
 
 
 @dataclass
@@ -148,17 +151,6 @@ def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, name
             continue
         put(ids, labels, OK, truncated)
     return _encoded_table(out, job)
-
-
-def token_ids(texts: list[str], tokenizer: Any, *, special: bool) -> list[list[int]]:
-    """``tokenizer(texts, add_special_tokens=special)["input_ids"]``, straight from the Rust tokenizer of a fast
-    tokenizer (transformers' per-encoding conversion costs as much as the tokenising)."""
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer(texts, add_special_tokens=special)["input_ids"]
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
 
 
 def _causal_examples(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any) -> list[tuple[list[int], list[bool]] | None]:

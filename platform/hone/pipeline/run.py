@@ -19,9 +19,10 @@ from pathlib import Path
 
 from hone.artifacts import run_storage, sync_up
 from hone.config import Pipeline, PipelineConfigError, Problem
+from hone.errors import PipelineError
 from hone.pipeline.smoke import smoke_stage
 from hone.pipeline.stages import align_stage, quantize_stage, serve_stage, train_stage
-from hone.pipeline.state import PipelineError, State, banner, say
+from hone.pipeline.state import State, banner, say
 from hone.pipeline.summary import PipelineResult
 from hone.runtime import dashboard_url, is_remote, stop_event
 from hone.serving.runner import cpus_needed, serving_session

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hone.config import Pipeline, ServeConfig
-from hone.pipeline.state import PipelineError, State, fingerprint, say
+from hone.errors import PipelineError
+from hone.pipeline.state import State, fingerprint, say
 from hone.pipeline.summary import pct
 
 __all__ = ["smoke_stage", "untuned_accuracy"]

@@ -15,7 +15,9 @@ from typing import Any
 from hone import registry, storage
 from hone.artifacts import QUANTIZED_INFO
 from hone.config import JobConfig, Pipeline, ServeConfig
-from hone.pipeline.state import PipelineError, State, fingerprint, say
+from hone.data import dataset_fingerprint
+from hone.errors import PipelineError
+from hone.pipeline.state import State, fingerprint, say
 
 __all__ = ["align_stage", "base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage", "worth_serving"]
 
@@ -25,7 +27,7 @@ def train_fingerprint(p: Pipeline) -> str:
     a sweep, and the content of its data (a file edited in place is new data)."""
     inputs = p.job.to_dict()
     inputs["training"]["storage_path"] = None
-    return fingerprint({"job": inputs, "sweep": p.sweep, "data": registry.dataset_fingerprint(p.job)})
+    return fingerprint({"job": inputs, "sweep": p.sweep, "data": dataset_fingerprint(p.job)})
 
 
 def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, rerun: bool) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def align_stage(p: Pipeline, state: State, trained: dict[str, Any], storage: Pat
     job = JobConfig.model_validate(raw, context={"check_paths": False})
     inputs = job.to_dict()
     inputs["training"]["storage_path"] = None
-    fp = fingerprint({"job": inputs, "from": trained["model"], "export": trained["export"], "data": registry.dataset_fingerprint(job)})
+    fp = fingerprint({"job": inputs, "from": trained["model"], "export": trained["export"], "data": dataset_fingerprint(job)})
 
     reused = None if rerun else state.reusable("align", fp, _registered)
     if reused is not None:

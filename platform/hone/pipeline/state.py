@@ -10,15 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hone.errors import PipelineError
+
 __all__ = ["PipelineError", "State", "banner", "fingerprint", "say"]
-
-
-class PipelineError(RuntimeError):
-    """A stage failed; the pipeline stopped there."""
-
-    def __init__(self, stage: str, reason: str):
-        self.stage = stage
-        super().__init__(f"pipeline stopped at stage {stage}: {reason}")
 
 
 def fingerprint(value: Any) -> str:

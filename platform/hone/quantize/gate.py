@@ -24,9 +24,10 @@ from typing import Any
 from hone import storage
 from hone.artifacts import QUANTIZED_INFO, ModelSpec, model_class, publish_dir, quantized_dir, resolve_ref
 from hone.config import JobConfig, validate_job
-from hone.config.quantization import VLLM_ONLY, GateThresholds, QuantizeError, check_method, default_method
+from hone.config.quantization import VLLM_ONLY, GateThresholds, check_method, default_method
+from hone.errors import QuantizeError
 from hone.modeling import load_model
-from hone.quantize.methods import apply_method, artifact_digest, default_modules, load_quantized, save_quantized
+from hone.quantized import apply_method, artifact_digest, default_modules, load_quantized, save_quantized
 from hone.runtime import quiet_libraries
 
 __all__ = ["QuantizeResult", "Source", "gate_verdict", "quantize", "resolve_source"]

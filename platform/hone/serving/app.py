@@ -43,7 +43,7 @@ from hone.serving.protocol import (
     require_task,
 )
 from hone.serving.replica import ModelServer
-from hone.serving.spec import api_key_hashes, check_auth, resolve
+from hone.serving.spec import IngressSettings, api_key_hashes, check_auth, ingress_settings, resolve
 
 __all__ = ["build_app"]
 
@@ -74,19 +74,18 @@ async def _api_error(_: Request, e: RequestError) -> JSONResponse:
 class OpenAIIngress:
     """OpenAI REST routes, API-key auth, validation, SSE framing and request metrics."""
 
-    def __init__(self, model: Any, settings: dict[str, Any]):
+    def __init__(self, model: Any, settings: IngressSettings):
         quiet_libraries()
         from ray.util import metrics
 
         self.model = model
-        self.name = settings["served_name"]
-        self.adapters = list(settings.get("adapters") or [])
-        self.task = settings["task"]
-        self.key_hashes = [bytes.fromhex(h) for h in settings.get("api_key_hashes") or []]
-        self.default_max_tokens = settings["max_tokens_default"]
-        self.retry_after = str(settings.get("retry_after_s", 1))
-        self.max_request_bytes = int(settings.get("max_request_bytes", 1_048_576))
-        self.engine = settings.get("engine", "transformers")
+        self.name = settings.served_name
+        self.adapters = list(settings.adapters)
+        self.task = settings.task
+        self.key_hashes = [bytes.fromhex(h) for h in settings.api_key_hashes]
+        self.retry_after = str(settings.retry_after_s)
+        self.max_request_bytes = settings.max_request_bytes
+        self.engine = settings.engine
         self.supports = ENGINE_FEATURES[self.engine]
         self.created = int(time.time())
         self._openapi: dict[str, Any] | None = None
@@ -199,8 +198,7 @@ class OpenAIIngress:
             require_model(req.model, self.name, self.adapters)
             require_task(self.task, "causal_lm")
             body: dict[str, Any] = {"model": req.model, "max_tokens": (getattr(req, "max_completion_tokens", None) or req.max_tokens),
-                                    "temperature": req.temperature, "top_p": req.top_p, "stop": req.stops(), "seed": req.seed,
-                                    "default_max_tokens": self.default_max_tokens}
+                                    "temperature": req.temperature, "top_p": req.top_p, "stop": req.stops(), "seed": req.seed}
             extras = {"logprobs": req.top_logprobs_asked(), "structured": req.constraint(),
                       "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
             body.update({k: v for k, v in extras.items() if v is not None})  # engine features (refused above if unsupported)
@@ -399,14 +397,16 @@ class OpenAIIngress:
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve application builder: ``args = {"config": <serve YAML mapping>}`` (or the mapping itself).
 
-    ``hone serve`` passes the spec it already resolved as ``args["spec"]`` (one resolution per start);
-    ``serve deploy`` and KubeRay resolve here, on the cluster.
+    ``hone serve`` passes the spec it already resolved as ``args["spec"]`` and the key digests it already read as
+    ``args["api_key_hashes"]`` (one resolution per start); ``serve deploy`` and KubeRay resolve here, on the cluster.
     """
     raw = args.get("config", args)
     cfg = validate_serve_config(raw)
-    spec = args.get("spec")
+    spec, hashes = args.get("spec"), args.get("api_key_hashes")
+    if hashes is None:
+        hashes = api_key_hashes(cfg)
     if spec is None:  # serve deploy / KubeRay: resolved on the cluster, whose HTTP proxy listens on every interface
-        check_auth(cfg, api_key_hashes(cfg), host="0.0.0.0")
+        check_auth(cfg, hashes, host="0.0.0.0")
         spec = resolve(cfg)
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
                                "ray_actor_options": dict(cfg.ray_actor_options)}
@@ -419,10 +419,8 @@ def build_app(args: dict[str, Any]) -> Any:
 
         model = VLLMServer.options(**replica_options(cfg, options)).bind(spec, engine_args(cfg, spec))
     else:
-        model = ModelServer.options(**options).bind(spec, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        model = ModelServer.options(**options).bind(spec)
     max_replicas = (cfg.autoscaling_config or {}).get("max_replicas", cfg.num_replicas or 1)
     capacity = max_replicas * (cfg.max_ongoing_requests + max(cfg.max_queued_requests, 0)) + 64
-    settings = {"served_name": spec["served_name"], "adapters": list(cfg.adapters), "task": spec["task"],
-                "api_key_hashes": api_key_hashes(cfg), "max_tokens_default": cfg.max_tokens_default, "retry_after_s": cfg.retry_after_s,
-                "max_request_bytes": cfg.max_request_bytes, "engine": cfg.engine}
-    return OpenAIIngress.options(max_ongoing_requests=capacity, ray_actor_options={"num_cpus": 0.1}).bind(model, settings)
+    return OpenAIIngress.options(max_ongoing_requests=capacity, ray_actor_options={"num_cpus": 0.1}).bind(
+        model, ingress_settings(cfg, spec, hashes))

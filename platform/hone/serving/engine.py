@@ -16,12 +16,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hone.serving.grammar import Constraints, Matcher
 from hone.serving.protocol import RequestError, require_task
 
-__all__ = ["GREEDY_BELOW", "Engine", "GenRequest", "check_length", "encode_prompt"]
+if TYPE_CHECKING:
+    from hone.serving.spec import ServeSpec
+
+__all__ = ["GREEDY_BELOW", "Engine", "GenRequest", "check_length", "encode_prompt", "max_tokens_for"]
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily."""
@@ -55,6 +58,14 @@ def check_length(prompt_ids: list[int], max_tokens: int, context_length: int) ->
             code="context_length_exceeded", param="max_tokens")
 
 
+def max_tokens_for(prompt_ids: list[int], requested: int | None, default: int, context_length: int) -> int:
+    """A request's ``max_tokens``, both engines' one rule: as asked, else the serve config's ``max_tokens_default``
+    capped by what the context window leaves after the prompt; 400 when the prompt and that many more do not fit."""
+    max_tokens = requested or min(default, max(1, context_length - len(prompt_ids)))
+    check_length(prompt_ids, max_tokens, context_length)
+    return max_tokens
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
@@ -72,18 +83,17 @@ class GenRequest:
 class Engine:
     """One replica's model: generation for causal LMs, scores for classifiers."""
 
-    def __init__(self, spec: dict[str, Any]):
-        """``spec``: a resolved serving spec (``hone.serving.spec.resolve``): ``model`` (a ModelSpec), ``task``,
-        ``labels``, ``device``, ``adapters``, ``max_loaded_adapters``."""
+    def __init__(self, spec: ServeSpec):
+        """``spec``: the resolved serving spec (:func:`hone.serving.spec.resolve`)."""
         import torch
 
         from hone.modeling import load_model
 
         self.spec = spec
-        device = spec.get("device", "auto")
+        device = spec.device
         self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.model, self.tokenizer = load_model(spec["model"], self.device)
-        self.task = spec["task"]
+        self.model, self.tokenizer = load_model(spec.model, self.device)
+        self.task = spec.task
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config = self.model.config
@@ -95,10 +105,10 @@ class Engine:
             elif source:
                 eos.update(source)
         self.eos_ids = eos
-        self.labels = spec.get("labels") or [config.id2label[i] for i in range(len(getattr(config, "id2label", {}) or {}))]
+        self.labels = spec.labels or [config.id2label[i] for i in range(len(getattr(config, "id2label", {}) or {}))]
         self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name → path (LRU order)
-        self._adapter_paths: dict[str, str] = dict(spec.get("adapters") or {})
-        self._max_adapters = int(spec.get("max_loaded_adapters", 4))
+        self._adapter_paths: dict[str, str] = dict(spec.adapters)
+        self._max_adapters = spec.max_loaded_adapters
         self._lock = threading.Lock()  # one batch at a time on the model
         # Prompts are encoded off the replica's event loop while the engine thread decodes: a tokenizer of their own
         # (a Rust tokenizer used from two threads at once can fail with "Already borrowed").
@@ -119,8 +129,9 @@ class Engine:
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(ids) for ids in self._encoder(texts)["input_ids"])
 
-    def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
-        check_length(prompt_ids, max_tokens, self.context_length)
+    def max_tokens(self, prompt_ids: list[int], requested: int | None) -> int:
+        """:func:`max_tokens_for` this model's context window and the serve config's default."""
+        return max_tokens_for(prompt_ids, requested, self.spec.max_tokens_default, self.context_length)
 
     # ------------------------------------------------------------------ adapters
 

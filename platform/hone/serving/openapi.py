@@ -24,7 +24,7 @@ def openapi_schema(routes: list[Any], models: list[str]) -> dict[str, Any]:
     server answers to; an unsupported OpenAI parameter is declared with the "off" values it accepts."""
     from fastapi.openapi.utils import get_openapi
 
-    from hone import __version__
+    from hone.version import __version__
 
     doc = get_openapi(title="hone", version=__version__, routes=routes,
                       description="OpenAI-compatible API of a hone serve application.")

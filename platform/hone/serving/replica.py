@@ -17,6 +17,7 @@ from ray import serve
 from hone.runtime import quiet_libraries
 from hone.serving.engine import Engine, GenRequest
 from hone.serving.protocol import RequestError, collect, require_model, require_task
+from hone.serving.spec import DEFAULT_BATCH_SIZE, ServeSpec
 
 __all__ = ["ModelServer", "QueueGauges", "replica_id"]
 
@@ -53,16 +54,16 @@ class QueueGauges:
 class ModelServer:
     """One replica: the engine plus a scheduler that batches waiting requests into shared forward passes."""
 
-    def __init__(self, spec: dict[str, Any], max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, spec: ServeSpec):
         quiet_libraries()
         from ray.util import metrics
 
         self.engine = Engine(spec)
         self.replica = replica_id()
         self._encoding = ThreadPoolExecutor(1, thread_name_prefix="hone-encode")  # the engine's encoder is used by one thread
-        self.name = spec["served_name"]
-        self.max_batch_size = max_batch_size
-        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.name = spec.served_name
+        self.max_batch_size = spec.max_batch_size or DEFAULT_BATCH_SIZE
+        self.batch_wait_timeout_s = spec.batch_wait_timeout_s
         self._waiting: list[tuple[GenRequest, asyncio.Queue]] = []
         self._waiting_lock = threading.Lock()  # the engine thread admits waiting requests into a running batch
         self._wake = asyncio.Event()
@@ -155,8 +156,7 @@ class ModelServer:
             # tokenising a long prompt takes a while: off the event loop, so other streams keep flowing meanwhile
             ids = await asyncio.get_running_loop().run_in_executor(self._encoding, self.engine.encode_prompt, body.get("prompt"),
                                                                    body.get("messages"))
-            max_tokens = body.get("max_tokens") or min(body["default_max_tokens"], max(1, self.engine.context_length - len(ids)))
-            self.engine.check_length(ids, max_tokens)
+            max_tokens = self.engine.max_tokens(ids, body.get("max_tokens"))
             grammar = None
             if body.get("structured"):
                 grammar = await asyncio.get_running_loop().run_in_executor(self._encoding, self.engine.compile_constraint,

@@ -189,15 +189,15 @@ def serve(
 
         logging_config = None if access_log else {"log_level": "WARNING", "enable_access_log": False}
         ray_serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
-        app = build_app({"config": cfg.to_dict(), "spec": spec})
+        app = build_app({"config": cfg.to_dict(), "spec": spec, "api_key_hashes": keys})
         ray_serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False, logging_config=logging_config)
         _wait_ready(cfg.name, 600)
         base = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-        what = f"{spec['source']} ({spec['kind']}, {spec['task']}, quantisation {spec['quantization']})"
-        print(f"[hone] serving {spec['served_name']} = {what}", flush=True)
+        what = f"{spec.source} ({spec.kind}, {spec.task}, quantisation {spec.quantization})"
+        print(f"[hone] serving {spec.served_name} = {what}", flush=True)
         print(
             f"[hone] endpoint   {base}/v1  (OpenAI API: /v1/models, /v1/completions, /v1/chat/completions"
-            f"{', /v1/classify' if spec['task'] == 'sequence_classification' else ''})",
+            f"{', /v1/classify' if spec.task == 'sequence_classification' else ''})",
             flush=True,
         )
         if not is_remote(address):
@@ -214,7 +214,7 @@ def serve(
             print("[hone] WARNING: no API keys configured (HONE_API_KEYS or api_keys_file): authentication is OFF", flush=True)
         if ready_file:
             Path(ready_file).write_text(
-                yaml.safe_dump({"url": base, "served_name": spec["served_name"], "ray_address": ray.get_runtime_context().gcs_address})
+                yaml.safe_dump({"url": base, "served_name": spec.served_name, "ray_address": ray.get_runtime_context().gcs_address})
             )
         if stop is None:
             return

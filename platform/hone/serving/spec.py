@@ -1,29 +1,84 @@
 """What a serve config serves: the model reference resolved once on the driver, the gate rule, the API keys.
 
-:func:`resolve` turns ``cfg.model`` (and ``cfg.quantization``) into the replica's load spec: a
-:class:`hone.artifacts.ModelSpec` plus the serving settings, so replicas never consult the registry.
-A quantised artifact whose quality gate did not pass is refused here, before any Ray work.
+:func:`resolve` turns a validated serve config into :class:`ServeSpec`, the one typed record both replica kinds
+(hone's engine and vLLM's) are built from: the model reference resolved to a :class:`hone.artifacts.ModelSpec` (so
+replicas never consult the registry) plus every setting a replica applies. :func:`ingress_settings` is the
+ingress's share. A quantised artifact whose quality gate did not pass is refused here, before any Ray work.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from hone.artifacts import QUANTIZED_INFO, quantized_dir, resolve_ref
+from hone.artifacts import QUANTIZED_INFO, ModelSpec, quantized_dir, resolve_ref
 from hone.config import ServeConfig
+from hone.errors import ServeError
 
-__all__ = ["ServeError", "api_key_hashes", "check_auth", "resolve"]
+__all__ = ["DEFAULT_BATCH_SIZE", "IngressSettings", "ServeError", "ServeSpec", "api_key_hashes", "check_auth", "ingress_settings",
+           "resolve"]
+
+DEFAULT_BATCH_SIZE = 8
+"""hone's engine: sequences decoded together when the serve config leaves ``max_batch_size`` unset (vLLM then keeps its
+own ``max_num_seqs``)."""
 
 
-class ServeError(RuntimeError):
-    """The serve config names something that cannot be served (missing artifact, failed gate)."""
+@dataclass(frozen=True)
+class ServeSpec:
+    """What a model replica serves and how: resolved once (on the driver for ``hone serve``, on the cluster for
+    ``serve deploy``) and handed to every replica."""
+
+    served_name: str
+    source: str
+    """The model reference as the config gave it."""
+    model: ModelSpec
+    task: str
+    labels: list[str] | None
+    quantization: str
+    """The artifact's method, or ``none``."""
+    gate: bool | None
+    """A quantised artifact's quality-gate verdict (None: not quantised)."""
+    engine: str
+    device: str
+    max_tokens_default: int
+    """``max_tokens`` of a request that gives none, capped by the context window (:func:`hone.serving.engine.max_tokens_for`)."""
+    max_batch_size: int | None
+    """hone's engine: sequences per forward pass (None: :data:`DEFAULT_BATCH_SIZE`); vLLM: its ``max_num_seqs``."""
+    batch_wait_timeout_s: float
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_loaded_adapters: int = 4
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def path(self) -> str:
+        return self.model.path
 
 
-def resolve(cfg: ServeConfig) -> dict[str, Any]:
-    """The replica's load spec: the resolved model (``model``), its task and labels, and the engine settings."""
+@dataclass(frozen=True)
+class IngressSettings:
+    """What the HTTP ingress needs: the names it routes, the task, the accepted key digests and its limits."""
+
+    served_name: str
+    adapters: list[str]
+    task: str
+    engine: str
+    api_key_hashes: list[str]
+    retry_after_s: float
+    max_request_bytes: int
+
+
+def ingress_settings(cfg: ServeConfig, spec: ServeSpec, key_hashes: list[str]) -> IngressSettings:
+    return IngressSettings(served_name=spec.served_name, adapters=list(spec.adapters), task=spec.task, engine=spec.engine,
+                           api_key_hashes=list(key_hashes), retry_after_s=cfg.retry_after_s, max_request_bytes=cfg.max_request_bytes)
+
+
+def resolve(cfg: ServeConfig) -> ServeSpec:
+    """The :class:`ServeSpec` of a validated serve config."""
     ref = cfg.model
     model = resolve_ref(ref)
     if model.kind != "quantized" and cfg.quantization != "none":
@@ -35,18 +90,21 @@ def resolve(cfg: ServeConfig) -> dict[str, Any]:
         if tag:
             _check_registered_artifact(ref, candidate, tags.get(f"hone.quantized.{cfg.quantization}.sha256"))
         model = resolve_ref(str(candidate))
-    spec: dict[str, Any] = {"served_name": cfg.served_name(), "device": cfg.device, "adapters": dict(cfg.adapters),
-                            "max_loaded_adapters": cfg.max_loaded_adapters, "source": ref, "model": model, "kind": model.kind,
-                            "path": model.path, "task": model.task}
+    gate = None
     if model.kind == "quantized":
-        gate = model.info.get("gate") or {}
-        if gate.get("passed") is not True and not cfg.allow_failed_gate:
-            raise ServeError(f"{model.path} failed its quality gate ({gate.get('rule', 'not measured')}): "
+        verdict = model.info.get("gate") or {}
+        if verdict.get("passed") is not True and not cfg.allow_failed_gate:
+            raise ServeError(f"{model.path} failed its quality gate ({verdict.get('rule', 'not measured')}): "
                              "serve the unquantised model, or set allow_failed_gate: true / pass --allow-failed-gate")
-        return {**spec, "labels": model.labels, "quantization": model.info["method"], "gate": gate.get("passed")}
-    job = model.job
-    labels = list(job.task.labels or []) or None if job is not None else None
-    return {**spec, "labels": labels, "quantization": "none"}
+        labels, quantization, gate = model.labels, model.info["method"], verdict.get("passed")
+    else:
+        labels = (list(model.job.task.labels or []) or None) if model.job is not None else None
+        quantization = "none"
+    return ServeSpec(served_name=cfg.served_name(), source=ref, model=model, task=model.task, labels=labels,
+                     quantization=quantization, gate=gate, engine=cfg.engine, device=cfg.device,
+                     max_tokens_default=cfg.max_tokens_default, max_batch_size=cfg.max_batch_size,
+                     batch_wait_timeout_s=cfg.batch_wait_timeout_s, adapters=dict(cfg.adapters),
+                     max_loaded_adapters=cfg.max_loaded_adapters)
 
 
 def _check_registered_artifact(ref: str, folder: Path, recorded: str | None) -> None:

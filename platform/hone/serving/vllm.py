@@ -27,9 +27,10 @@ from ray import serve
 from hone.config import ServeConfig
 from hone.config.quantization import VLLM_ONLY
 from hone.runtime import quiet_libraries
-from hone.serving.engine import check_length, encode_prompt
+from hone.serving.engine import encode_prompt, max_tokens_for
 from hone.serving.protocol import RequestError, collect, require_model
 from hone.serving.replica import QueueGauges, replica_id
+from hone.serving.spec import ServeSpec
 
 __all__ = ["VLLMServer", "engine_args", "merged_copy", "replica_options", "vllm_python"]
 
@@ -40,8 +41,8 @@ _MIN_LOGPROB = -9999.0  # -inf is not JSON: vLLM's own server clamps the same wa
 
 def vllm_python(cfg: ServeConfig) -> str | None:
     """The interpreter of the environment with vLLM for this service, or None for this one (:func:`hone.runtime.vllm_python`)."""
+    from hone.errors import ServeError
     from hone.runtime import vllm_python as find
-    from hone.serving.spec import ServeError
 
     try:
         return find(cfg.vllm_python)
@@ -105,29 +106,31 @@ def merged_copy(model: Any) -> Path:
     return target
 
 
-def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
+def engine_args(cfg: ServeConfig, spec: ServeSpec) -> dict[str, Any]:
     """vLLM's ``AsyncEngineArgs`` (as keywords) and the LoRA adapters for a resolved serving spec."""
     from hone import assets
-    from hone.serving.spec import ServeError
+    from hone.errors import ServeError
 
-    if spec["task"] != "causal_lm":
-        raise ServeError(f"engine: vllm serves causal LMs; {spec['source']} is a {spec['task']} model: use engine: transformers")
-    if spec["kind"] == "quantized" and spec["quantization"] not in VLLM_ONLY:
-        raise ServeError(f"engine: vllm does not load hone's torch-quantised artifact {spec['path']} ({spec['quantization']}): "
+    if spec.task != "causal_lm":
+        raise ServeError(f"engine: vllm serves causal LMs; {spec.source} is a {spec.task} model: use engine: transformers")
+    if spec.kind == "quantized" and spec.quantization not in VLLM_ONLY:
+        raise ServeError(f"engine: vllm does not load hone's torch-quantised artifact {spec.path} ({spec.quantization}): "
                          "quantise with --method w8a8-int8, serve the unquantised model, or use engine: transformers")
-    model = spec["model"]
-    adapters = dict(spec.get("adapters") or {})
+    model = spec.model
+    adapters = dict(spec.adapters)
     if model.adapter and cfg.merge_adapter:
         path = merged_copy(model)
     elif model.adapter:  # its base, with the adapter under the served name
         path = assets.resolve_model(model.job.model.name)
-        adapters[spec["served_name"]] = model.path
+        adapters[spec.served_name] = model.path
     else:
-        path = spec["path"] if spec["kind"] in ("export", "quantized") else assets.resolve_model(spec["path"])
-    args: dict[str, Any] = {"model": str(path), "served_model_name": spec["served_name"], "disable_log_stats": False}
+        path = spec.path if spec.kind in ("export", "quantized") else assets.resolve_model(spec.path)
+    args: dict[str, Any] = {"model": str(path), "served_model_name": spec.served_name, "disable_log_stats": False}
+    if spec.max_batch_size is not None:  # the config refuses it beside vllm_engine_args.max_num_seqs
+        args["max_num_seqs"] = spec.max_batch_size
     if not _on_gpu(cfg):
         # fp32 on CPU (the numerics of training and of the transformers engine); vLLM's int8 kernels take bf16 activations
-        args.update(dtype="bfloat16" if spec["kind"] == "quantized" else "float32", enforce_eager=True, max_model_len=2048)
+        args.update(dtype="bfloat16" if spec.kind == "quantized" else "float32", enforce_eager=True, max_model_len=2048)
     loras = {}
     for name, folder in adapters.items():
         config = Path(folder) / "adapter_config.json"
@@ -147,7 +150,7 @@ def engine_args(cfg: ServeConfig, spec: dict[str, Any]) -> dict[str, Any]:
 class VLLMServer:
     """One replica: vLLM's async engine, streaming the same events as hone's transformers replica."""
 
-    async def __init__(self, spec: dict[str, Any], engine: dict[str, Any]):
+    async def __init__(self, spec: ServeSpec, engine: dict[str, Any]):
         quiet_libraries()
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
@@ -155,7 +158,8 @@ class VLLMServer:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        self.name = spec["served_name"]
+        self.name = spec.served_name
+        self.max_tokens_default = spec.max_tokens_default
         self.replica = replica_id()
         self._running = self._waiting = self._inflight = 0
         self._gauges = QueueGauges(self.name)
@@ -195,8 +199,7 @@ class VLLMServer:
             lora = self.loras.get(body["model"])
             ids = await asyncio.get_running_loop().run_in_executor(self._encoding, encode_prompt, self.tokenizer, body.get("prompt"),
                                                                    body.get("messages"))
-            max_tokens = body.get("max_tokens") or min(body["default_max_tokens"], max(1, self.context_length - len(ids)))
-            check_length(ids, max_tokens, self.context_length)
+            max_tokens = max_tokens_for(ids, body.get("max_tokens"), self.max_tokens_default, self.context_length)
             try:
                 params = self._sampling(body, max_tokens)
             except (ValueError, TypeError) as e:

@@ -8,22 +8,19 @@ manifest; if any rank finds the latest checkpoint incomplete or corrupt, all of 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from hone import assets
+
 __all__ = ["candidates", "intact", "write_checkpoint"]
 
 
 def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return assets.hash_file(path).hexdigest()
 
 
 def _manifest_name(rank: int) -> str:

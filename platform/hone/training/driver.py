@@ -17,25 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from hone import storage
-from hone.artifacts import (
-    EXPORT_DIR,
-    INPUTS_FILE,
-    JOB_FILE,
-    MERGED_DIR,
-    TOKENIZER_DIR,
-    new_run_dir,
-    read_metrics,
-    resolve_run_dir,
-    run_storage,
-    sync_up,
-)
-from hone.config import JobConfig, load_job, metric_mode
+from hone.artifacts import EXPORT_DIR, INPUTS_FILE, JOB_FILE, MERGED_DIR, TOKENIZER_DIR, read_metrics, sync_up
+from hone.config import JobConfig, metric_mode
+from hone.errors import TrainError
 from hone.runtime import ray_log_level, ray_session
 from hone.training.loop import train_loop
-from hone.training.plan import TrainError, total_steps
+from hone.training.objective import objective_class
+from hone.training.plan import total_steps
 from hone.training.progress import ProgressPrinter, progress_callback
+from hone.training.runs import check_inputs, open_run
 
-__all__ = ["TrainResult", "check_inputs", "starting_point", "train"]
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass
@@ -60,37 +52,13 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
     ``HONE_MLFLOW=0`` turns it off); ``init_checkpoint`` starts the run from another run's
     checkpoint directory with this job's learning rate and weight decay (population-based training).
     """
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from hone.data import cache_root, prepare_cached
 
-    from hone.data import cache_root, check_sample, load_tokenizer, prepare_cached, tokenizer_digest
-    from hone.registry import dataset_fingerprint
-
+    job, run_dir = open_run(job, resume, storage_path, run_dir=run_dir)
     if resume:
-        run_dir = resolve_run_dir(resume, storage_path)
-        job = load_job(run_dir / JOB_FILE, check_paths=False)
         print(f"[hone] resuming run {run_dir.name} from {run_dir}", flush=True)
-    elif job is None:
-        raise TrainError("give a job or a run to resume")
-    else:
-        job = starting_point(job)
-        run_dir = Path(run_dir or new_run_dir(run_storage(storage_path, job), job.run_name)).resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / JOB_FILE).write_text(job.to_yaml())
-
-    tokenizer = load_tokenizer(job)
-    if job.preference is not None or job.grpo is not None:  # bad pairs, labels, reward columns refused before any Ray work
-        check_sample(job, tokenizer)
-    digest = tokenizer_digest(tokenizer)
-    inputs = {"data": dataset_fingerprint(job), "tokenizer": digest}
-    if resume:
-        check_inputs(run_dir, inputs)
-    else:
-        (run_dir / INPUTS_FILE).write_text(json.dumps(inputs))
-    if not (run_dir / TOKENIZER_DIR).exists():
-        tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)
-    sync_up(run_dir, JOB_FILE, INPUTS_FILE, TOKENIZER_DIR)
+    recipe = objective_class(job)
+    tokenizer, digest = _record_inputs(job, run_dir, recipe, resume=bool(resume))
     remote = storage.uri_of(run_dir)
     root = storage.uri_of(run_dir.parent) or str(run_dir.parent)  # runs (and a sweep's trials) share the data cache
 
@@ -101,54 +69,85 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
             how = "cached" if data.hit else f"tokenised on Ray Data in {time.time() - started:.1f} s"
             print(f"[hone] data ({how}, {data.location}):\n{data.report}", flush=True)
         steps = total_steps(job, data.rows["train"])
-        has_val = data.rows.get("validation", 0) > 0
-        metric = job.training.eval_metric if has_val else "loss"
         if not quiet:
             d = job.distributed
             print(f"[hone] run {run_dir.name}: {steps} steps, {d.workers_text()} worker(s), "
                   f"{'ZeRO-' + str(d.deepspeed.stage) if d.deepspeed else 'DDP'}, {job.precision}; run dir {remote or run_dir}", flush=True)
-        d = job.distributed
-        fs = storage.filesystem(root)[0] if remote else None
-        pool = _rollout_pool(job, run_dir, quiet) if job.grpo is not None else None
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "run_uri": remote, "pad_id": tokenizer.pad_token_id,
-                               "total_steps": steps, "has_validation": has_val, "init_checkpoint": init_checkpoint,
-                               "rollout_pool": pool[1] if pool else None,
-                               "data": {"location": data.location, "key": data.key, "rows": data.rows}},
-            scaling_config=ScalingConfig(num_workers=d.num_workers if d.elastic else d.max_workers, use_gpu=d.use_gpu,
-                                         resources_per_worker=dict(d.resources_per_worker), placement_strategy=d.placement_strategy,
-                                         **({"elastic_resize_monitor_interval_s": _resize_interval()} if d.elastic else {})),
-            run_config=RunConfig(
-                name=run_dir.name,
-                storage_path=storage.filesystem(storage.uri_of(run_dir.parent))[1] if remote else str(run_dir.parent),
-                storage_filesystem=fs,
-                failure_config=FailureConfig(max_failures=d.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints, checkpoint_score_attribute=metric,
-                                                   checkpoint_score_order=metric_mode(metric)),
-                callbacks=[progress_callback(run_dir), *(callbacks or [])],
-                logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
-            ),
-        )
-        with ProgressPrinter(run_dir, steps, quiet):
+        loop_config = {"job": job.to_dict(), "run_dir": str(run_dir), "run_uri": remote, "pad_id": tokenizer.pad_token_id,
+                       "total_steps": steps, "has_validation": data.rows.get("validation", 0) > 0,
+                       "init_checkpoint": init_checkpoint, "data": {"location": data.location, "key": data.key, "rows": data.rows}}
+        with recipe.resources(job, run_dir, quiet) as extras, ProgressPrinter(run_dir, steps, quiet):
+            trainer = _trainer(job, run_dir, {**loop_config, "objective_extras": extras}, callbacks)
             started = time.time()
             try:
                 result = trainer.fit()
             except Exception as e:  # Ray wraps worker errors; keep the cause visible
                 raise TrainError(f"training run {run_dir.name} failed: {e}\n"
                                  f"resume it with: hone train --resume {remote or run_dir}") from e
-            finally:
-                if pool is not None:
-                    from hone.training.rollout import stop_pool
-
-                    stop_pool(pool[0])
             fit_seconds = time.time() - started
+    return _finish(job, run_dir, result, fit_seconds, track=track, experiment=experiment, extra_tags=extra_tags)
+
+
+def _record_inputs(job: JobConfig, run_dir: Path, recipe: Any, *, resume: bool) -> tuple[Any, str]:
+    """(the job's tokenizer, its digest), with the data and tokenizer fingerprints recorded in a new run (a resumed one
+    must find them unchanged) and the tokenizer saved beside them; the objective checks the data first."""
+    from hone.data import dataset_fingerprint, load_tokenizer, tokenizer_digest
+
+    tokenizer = load_tokenizer(job)
+    recipe.check(job, tokenizer)  # bad pairs, labels, reward columns refused before any Ray work
+    digest = tokenizer_digest(tokenizer)
+    inputs = {"data": dataset_fingerprint(job), "tokenizer": digest}
+    if resume:
+        check_inputs(run_dir, inputs)
+    else:
+        (run_dir / INPUTS_FILE).write_text(json.dumps(inputs))
+    if not (run_dir / TOKENIZER_DIR).exists():
+        tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)
+    sync_up(run_dir, JOB_FILE, INPUTS_FILE, TOKENIZER_DIR)
+    return tokenizer, digest
+
+
+def _trainer(job: JobConfig, run_dir: Path, loop_config: dict[str, Any], callbacks: list[Any] | None) -> Any:
+    """The run's ``TorchTrainer``: its workers, where Ray Train keeps its state (the run's storage), its failure and
+    checkpoint policies."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    d = job.distributed
+    remote = loop_config["run_uri"]
+    parent = storage.uri_of(run_dir.parent)
+    metric = job.training.eval_metric if loop_config["has_validation"] else "loss"
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=d.num_workers if d.elastic else d.max_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker=dict(d.resources_per_worker), placement_strategy=d.placement_strategy,
+                                     **({"elastic_resize_monitor_interval_s": _resize_interval()} if d.elastic else {})),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=storage.filesystem(parent)[1] if remote else str(run_dir.parent),
+            storage_filesystem=storage.filesystem(parent)[0] if remote else None,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints, checkpoint_score_attribute=metric,
+                                               checkpoint_score_order=metric_mode(metric)),
+            callbacks=[progress_callback(run_dir), *(callbacks or [])],
+            logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
+        ),
+    )
+
+
+def _finish(job: JobConfig, run_dir: Path, result: Any, fit_seconds: float, *, track: bool | None, experiment: str | None,
+            extra_tags: dict[str, str] | None) -> TrainResult:
+    """After the fit: refuse a diverged run, bring an object-store run's export here, log the run to MLflow and
+    record how it went (``hone-run.json``)."""
     history = read_metrics(run_dir)
     if history and history[-1].get("diverged"):  # (Ray Train's result carries the last checkpoint's metrics)
         raise TrainError(_diverged_message(run_dir, history[-1], history))
     metrics = dict(result.metrics or {})
     export = run_dir / EXPORT_DIR
     merged = run_dir / MERGED_DIR
+    remote = storage.uri_of(run_dir)
     if remote:  # the workers wrote the export to the store: keep a local copy for the stages that follow
         for name, local in ((EXPORT_DIR, export), (MERGED_DIR, merged)):
             if storage.exists(storage.join(remote, name, "hone.json")):
@@ -166,56 +165,9 @@ def train(job: JobConfig | None = None, *, resume: str | None = None, address: s
                        metrics, result.checkpoint.path if result.checkpoint else None, history, mlflow_run_id)
 
 
-def _rollout_pool(job: JobConfig, run_dir: Path, quiet: bool) -> tuple[Any, str]:
-    """Start a GRPO run's rollout engines on the cluster without waiting for them: (the pool's handle, its actor name)."""
-    import uuid
-
-    from hone import assets
-    from hone.training.rollout import start_pool
-
-    model_dir = assets.resolve_model(job.model.name)
-    if not Path(model_dir).is_dir():  # a hub id: the engines read the same snapshot the trainer does
-        from huggingface_hub import snapshot_download
-
-        model_dir = snapshot_download(model_dir)
-    name = f"hone-rollout-{run_dir.name}-{uuid.uuid4().hex[:6]}"
-    # The engines load while the training workers start (both take seconds); the workers' first rollout or sync waits
-    # for them, and a failed start fails the run with its cause.
-    return start_pool(job, str(model_dir), name, wait=False, quiet=quiet), name
-
-
-def starting_point(job: JobConfig) -> JobConfig:
-    """A job that starts from a hone model (``model.name: models:/sft@winner``, an export or a run) gets the local folder
-    of its full weights instead (the run's ``job.yaml`` records that folder, so a resume trains on the same start
-    even if the alias has moved since)."""
-    from hone.modeling import is_hone_model, starting_weights
-
-    if not is_hone_model(job.model.name):
-        return job
-    path = starting_weights(job.model.name)
-    print(f"[hone] starting from {job.model.name} ({path})", flush=True)
-    raw = job.to_dict()
-    raw["model"]["name"] = path
-    return JobConfig.model_validate(raw, context={"check_paths": False})
-
-
 def _resize_interval() -> float:
     """How often an elastic run looks for room to grow (``HONE_ELASTIC_RESIZE_S``, default Ray's 60 s)."""
     return float(os.environ.get("HONE_ELASTIC_RESIZE_S", "60"))
-
-
-def check_inputs(run_dir: Path, now: dict[str, str]) -> None:
-    """Refuse to resume a run whose data or tokenizer changed since it started: the resumed steps would train on other
-    batches (or other token ids) than the checkpoint's, and the result would match neither."""
-    path = run_dir / INPUTS_FILE
-    if not path.exists():
-        return  # a run from before hone recorded its inputs
-    then = json.loads(path.read_text())
-    changed = [what for what in ("data", "tokenizer") if then.get(what) != now[what]]
-    if changed:
-        raise TrainError(f"cannot resume {run_dir.name}: its {' and '.join(changed)} changed since the run started "
-                         f"(fingerprint {', '.join(f'{w} {then.get(w)} → {now[w]}' for w in changed)}); restore them, or start a "
-                         "new run (hone train JOB.yaml)")
 
 
 def _diverged_message(run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:

@@ -17,16 +17,18 @@ sync that does not take is retried, then fails the run (:class:`~hone.training.r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hone.config import JobConfig
 from hone.config.grpo import reward_names
-from hone.training.objectives import reference_model, token_logps
+from hone.training.objective import Objective, WorkerContext, reference_model, token_logps
 from hone.training.rewards import score, total_reward
 from hone.training.rollout import SyncError
 
@@ -145,18 +147,48 @@ def _prompt(row: dict[str, Any]) -> list[int]:
     return list(row["input_ids"])[: int(row["prompt_len"])]
 
 
-class GRPOObjective:
-    """GRPO on one worker, with the interface of :class:`~hone.training.objectives.Objective`."""
+class GRPOObjective(Objective):
+    """GRPO on one worker: rollouts on the run's vLLM engines (started by :meth:`resources`), the clipped
+    policy-ratio loss, and the weight syncs."""
 
-    def __init__(self, job: JobConfig, engine: Any, pad_id: int, world_size: int, all_reduce: Callable[[torch.Tensor], torch.Tensor],
-                 rank: int, pool_name: str):
+    name = "grpo"
+
+    @classmethod
+    def check(cls, job: JobConfig, tokenizer: Any) -> None:
+        from hone.data import check_sample
+
+        check_sample(job, tokenizer)  # reward columns, prompts, before any Ray work
+
+    @classmethod
+    @contextlib.contextmanager
+    def resources(cls, job: JobConfig, run_dir: Path, quiet: bool) -> Iterator[dict[str, Any]]:
+        """The run's rollout engines on the cluster, started without waiting for them (they load while the training
+        workers start; a worker's first rollout or sync waits, and a failed start fails the run with its cause)."""
+        import uuid
+
+        from hone import assets
+        from hone.training.rollout import start_pool, stop_pool
+
+        model_dir = assets.resolve_model(job.model.name)
+        if not Path(model_dir).is_dir():  # a hub id: the engines read the same snapshot the trainer does
+            from huggingface_hub import snapshot_download
+
+            model_dir = snapshot_download(model_dir)
+        name = f"hone-rollout-{run_dir.name}-{uuid.uuid4().hex[:6]}"
+        pool = start_pool(job, str(model_dir), name, wait=False, quiet=quiet)
+        try:
+            yield {"rollout_pool": name}
+        finally:
+            stop_pool(pool)
+
+    def __init__(self, ctx: WorkerContext):
         import ray
 
-        self.job, self.engine, self.pad_id, self.world_size, self.all_reduce, self.rank = job, engine, pad_id, world_size, all_reduce, rank
-        self.g = job.grpo
+        super().__init__(ctx)
+        self.g = ctx.job.grpo
         self.names = reward_names(self.g.rewards)
-        self.pool = ray.get_actor(pool_name)
-        self.reference = reference_model(job, engine, world_size) if self.g.beta > 0 else None
+        self.pool = ray.get_actor(ctx.extras["rollout_pool"])
+        self.reference = reference_model(ctx.job, ctx.engine, ctx.world_size) if self.g.beta > 0 else None
         self.step = 0  # optimiser steps applied to the trainer's weights
         self.synced = -1  # the version the engines hold
         self.calls = 0
@@ -164,7 +196,7 @@ class GRPOObjective:
         self.probe: list[int] = []
         self._pending = self._zeros()
         self._step_started = time.perf_counter()
-        self.constraint = _Constraint(job, int(engine.hf_module.config.vocab_size)) if self.g.structured_outputs else None
+        self.constraint = _Constraint(ctx.job, int(ctx.engine.hf_module.config.vocab_size)) if self.g.structured_outputs else None
 
     @property
     def n_stats(self) -> int:

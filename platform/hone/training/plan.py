@@ -14,12 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hone.config import JobConfig
+from hone.errors import TrainError
 
 __all__ = ["Schedule", "TrainError", "rng_state", "schedule", "seed_all", "set_rng_state", "total_steps"]
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or failed; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""Training engines: DeepSpeed ZeRO (generated config) or plain DDP, behind one small interface.
+"""Training backends: DeepSpeed ZeRO (generated config) or plain DDP, behind one small interface.
 
-``make_engine`` returns an object with ``module``, ``train_micro(batch_loss)``, ``lr``, ``grad_norm``,
+``make_backend`` returns an object with ``module``, ``train_micro(batch_loss)``, ``lr``, ``grad_norm``,
 ``step_applied`` (False when the last optimizer step was discarded for non-finite gradients),
-``save(dir)``, ``load(dir)``, ``retarget(lr, weight_decay)`` and ``full_state_dict()`` (the
-consolidated weights on rank 0, also under ZeRO-3).
+``save(dir)``, ``load(dir)``, ``retarget(job)`` (population-based training's new hyperparameters) and
+``full_state_dict()`` (the consolidated weights on rank 0, also under ZeRO-3).
 
-Neither engine applies an update whose gradient norm is not finite: ZeRO stages 1-3 discard it
+The optimizer is declared once (:func:`optimizer_spec`): DeepSpeed gets it in its JSON config, DDP builds the same torch
+optimizer from it, and ``retarget`` applies the fields ``hone.config.PBT_MUTABLE`` names, whatever they are.
+
+Neither backend applies an update whose gradient norm is not finite: ZeRO stages 1-3 discard it
 themselves (their overflow check, asked for explicitly under bf16), DDP checks before stepping.
 ZeRO stage 0 applies it, which is why ``training.on_nonfinite: skip_step`` refuses stage 0.
 """
@@ -17,12 +20,12 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from hone.config import JobConfig
+from hone.config import PBT_MUTABLE, JobConfig
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["UNIVERSAL_TAG", "deepspeed_config", "make_engine", "per_worker_accum", "universal_checkpoint"]
+__all__ = ["UNIVERSAL_TAG", "deepspeed_config", "make_backend", "optimizer_spec", "per_worker_accum", "universal_checkpoint"]
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +75,16 @@ def per_worker_accum(job: JobConfig, world_size: int) -> int:
     return job.training.grad_accum * job.distributed.max_workers // world_size
 
 
+def optimizer_spec(job: JobConfig) -> dict[str, Any]:
+    """The job's optimizer as ``{"type": torch.optim class name, "params": its keyword arguments}``: the one
+    declaration DeepSpeed's config and DDP's optimizer are both made from. Every field :data:`PBT_MUTABLE` names is
+    one of the params, under the same name (``training.lr`` → ``lr``)."""
+    t = job.training
+    if t.optimizer == "adamw":
+        return {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
+    return {"type": "SGD", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
+
+
 def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for a job (``distributed.deepspeed.extra`` merged last)."""
     ds = job.distributed.deepspeed
@@ -88,14 +101,10 @@ def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
         zero["overlap_comm"] = ds.overlap_comm
     if ds.reduce_bucket_size is not None:
         zero["reduce_bucket_size"] = ds.reduce_bucket_size
-    if t.optimizer == "adamw":
+    optimizer = optimizer_spec(job)
+    if optimizer["type"] == "AdamW" and not job.distributed.use_gpu:
         # On CPU, torch's AdamW needs no compiled op (DeepSpeed's FusedAdam/CPUAdam compile on first use).
-        params = {"lr": t.lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}
-        if not job.distributed.use_gpu:
-            params["torch_adam"] = True
-        optimizer = {"type": "AdamW", "params": params}
-    else:
-        optimizer = {"type": "SGD", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
+        optimizer = {"type": "AdamW", "params": {**optimizer["params"], "torch_adam": True}}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": per_worker_accum(job, world_size),
@@ -123,18 +132,21 @@ def _scheduler_fn(job: JobConfig, total_steps: int) -> Any:
     return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _retarget(scheduler: Any, lr: float, weight_decay: float) -> None:
-    """Point a restored optimizer and its LR schedule at new base hyperparameters.
+def _retarget(scheduler: Any, job: JobConfig) -> None:
+    """Point a restored optimizer and its LR schedule at the job's population-based-training fields.
 
     A checkpoint restores the optimizer's groups and the schedule's ``base_lrs`` as they were
     saved; population-based training continues another trial's state with perturbed values, so
     the schedule is rebased (same step, same warm-up/decay shape, new peak) and the groups follow.
     """
+    params = optimizer_spec(job)["params"]
+    values = {path.split(".", 1)[1]: params[path.split(".", 1)[1]] for path in PBT_MUTABLE}
     groups = scheduler.optimizer.param_groups
+    lr = values.pop("lr")
     scheduler.base_lrs = [lr] * len(groups)
     for group, factor in zip(groups, scheduler.lr_lambdas):
         group["initial_lr"] = lr
-        group["weight_decay"] = weight_decay
+        group.update(values)
         group["lr"] = lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]  # noqa: SLF001 - what get_last_lr() reports
 
@@ -197,8 +209,8 @@ class _DeepSpeed:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory}")
 
-    def retarget(self, lr: float, weight_decay: float) -> None:
-        _retarget(self.scheduler, lr, weight_decay)
+    def retarget(self, job: JobConfig) -> None:
+        _retarget(self.scheduler, job)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Consolidated weights on rank 0 (None elsewhere); every rank must call this."""
@@ -227,10 +239,8 @@ class _DDP:
         self.hf_module = model
         self.module = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if t.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.adam_betas, eps=1e-8, weight_decay=t.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        spec = optimizer_spec(job)
+        self.optimizer = getattr(torch.optim, spec["type"])(trainable, **spec["params"])
         self.scheduler = _scheduler_fn(job, total_steps)(self.optimizer)
         self.grad_accum = per_worker_accum(job, world_size)
         self.max_grad_norm = t.max_grad_norm
@@ -291,8 +301,8 @@ class _DDP:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def retarget(self, lr: float, weight_decay: float) -> None:
-        _retarget(self.scheduler, lr, weight_decay)
+    def retarget(self, job: JobConfig) -> None:
+        _retarget(self.scheduler, job)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import torch.distributed as dist
@@ -300,7 +310,7 @@ class _DDP:
         return {k: v.detach().cpu() for k, v in self.hf_module.state_dict().items()} if dist.get_rank() == 0 else None
 
 
-def make_engine(job: JobConfig, model: Any, world_size: int, total_steps: int) -> _DeepSpeed | _DDP:
+def make_backend(job: JobConfig, model: Any, world_size: int, total_steps: int) -> _DeepSpeed | _DDP:
     if job.distributed.deepspeed is None:
         return _DDP(job, model, world_size, total_steps)
     return _DeepSpeed(job, model, world_size, total_steps)

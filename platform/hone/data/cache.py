@@ -28,8 +28,9 @@ from typing import Any
 
 from hone import storage
 from hone.config import JobConfig
-from hone.data.sources import DataError, load_source, order_keys, pick_split, source_files, split_plan
+from hone.data.sources import dataset_fingerprint, load_source, order_keys, pick_split, source_files, split_plan
 from hone.data.tokenize import DataReport, SplitBuilder, SplitReport, check_split, encode_rows
+from hone.errors import DataError
 
 __all__ = ["CACHE_DIR", "MANIFEST", "TokenizedData", "cache_key", "cache_root", "prepare_cached"]
 
@@ -62,8 +63,6 @@ def cache_root(storage_root: str) -> str:
 
 def cache_key(job: JobConfig, tokenizer_digest: str) -> str:
     """What decides the tokenised rows: the data's content and settings, the task, the tokenizer, the encoding."""
-    from hone.registry import dataset_fingerprint
-
     d, t = job.data, job.task
     blob = json.dumps([_VERSION, dataset_fingerprint(job), tokenizer_digest, d.truncation_side, d.system_prompt, t.type,
                        t.num_labels, t.labels] + ([job.preference.max_prompt_length] if job.preference else [])

@@ -1,4 +1,5 @@
-"""Quantisation methods: applying a method to a model, saving the artifact, loading it back exactly.
+"""Quantised weights, below the model loader and the quantise stage: applying a method to a model, saving the artifact,
+loading it back exactly.
 
 The artifact records the module list it quantised, so it reloads with the recipe it was made with
 (``load_quantized``), the way the server loads it.
@@ -10,8 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hone import assets
 from hone.artifacts import QUANTIZED_INFO, QUANTIZED_STATE, model_class
-from hone.config.quantization import GPU_ONLY, QuantizeError
+from hone.config.quantization import GPU_ONLY
+from hone.errors import QuantizeError
 
 __all__ = ["apply_method", "artifact_digest", "default_modules", "load_quantized", "quantized_linears", "save_quantized"]
 
@@ -84,9 +87,7 @@ def artifact_digest(folder: str | Path) -> str:
         raise QuantizeError(f"{folder} holds no weights ({QUANTIZED_STATE} or *.safetensors)")
     for path in files:
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        assets.hash_file(path, digest)
     return digest.hexdigest()
 
 

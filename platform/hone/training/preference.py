@@ -1,4 +1,4 @@
-"""What a training step optimises: supervised fine-tuning's token cross-entropy, or a preference objective.
+"""The preference objectives (DPO, IPO, SimPO, ORPO, KTO): ``preference:`` in the job.
 
 The preference losses follow TRL's definitions (checked against TRL's trainers in ``tests/training/test_preference.py``):
 sequence log-probs are sums over response tokens (averages per token for SimPO and ORPO; IPO divides the log-ratios by
@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hone.config import JobConfig
+from hone.training.objective import Objective, WorkerContext, reference_model, sequence_logps
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PREFERENCE_STATS", "Objective", "collate_preference", "preference_loss", "preference_metrics", "reference_model",
-           "sequence_logps", "token_logps"]
+__all__ = ["PREFERENCE_STATS", "PreferenceObjective", "collate_preference", "preference_loss", "preference_metrics"]
 
 # Sums kept per window: pairs (or completions), chosen/rejected reward sums, correctly ordered, chosen/rejected
 # log-prob sums, chosen/rejected counts, KL estimate sum and count (KTO).
@@ -55,31 +55,6 @@ def collate_preference(rows: Sequence[dict[str, Any]], pad_id: int, paired: bool
     batch = collate(seqs, pad_id)
     batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
     return batch
-
-
-def token_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each label token's log-prob, 0 elsewhere; the label mask), both ``[batch, length − 1]``, at ``temperature``; with
-    ``batch["bitmask"]`` (xgrammar's packed allowed-token mask, one row per position) of the constrained distribution."""
-    import torch
-
-    labels = batch["labels"][:, 1:]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if batch.get("bitmask") is not None:
-        import xgrammar
-
-        flat = logits.reshape(-1, logits.shape[-1]).contiguous()
-        xgrammar.apply_token_bitmask_inplace(flat, batch["bitmask"].to(flat.device))
-        logits = flat.view_as(logits)
-    mask = labels != -100
-    return torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask
-
-
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of the label tokens' log-probs, number of label tokens, summed token NLL) per sequence."""
-    token, mask = token_logps(model, batch)
-    return token.sum(-1), mask.sum(-1), -token.sum(-1)
 
 
 def preference_loss(job: JobConfig, batch: dict[str, torch.Tensor], policy: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -158,61 +133,47 @@ def preference_metrics(stats: torch.Tensor, prefix: str = "") -> dict[str, float
     return {prefix + k: v for k, v in out.items()}
 
 
-class Objective:
-    """One training objective on one worker: batches, the loss of a micro-batch (with its statistics), and the
-    evaluation of held-out rows: supervised fine-tuning, or the job's preference loss (building the reference model
-    where one is needed)."""
+class PreferenceObjective(Objective):
+    """The job's preference loss on pairs (or KTO's unpaired completions), with the reference model where the loss
+    needs one; evaluation: ``eval_loss`` and ``eval_reward_accuracy`` and the rest over the held-out pairs."""
 
-    def __init__(self, job: JobConfig, engine: Any, pad_id: int, world_size: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]):
-        self.job, self.engine, self.pad_id, self.world_size, self.all_reduce = job, engine, pad_id, world_size, all_reduce
-        self.task = job.task.type
-        self.pref = job.preference
-        self.reference = reference_model(job, engine, world_size) if self.pref is not None and self.pref.uses_reference else None
+    name = "preference"
+
+    @classmethod
+    def label(cls, job: JobConfig) -> str:
+        return job.preference.loss
+
+    @classmethod
+    def check(cls, job: JobConfig, tokenizer: Any) -> None:
+        from hone.data import check_sample
+
+        check_sample(job, tokenizer)  # identical pairs, missing columns, before any Ray work
+
+    def __init__(self, ctx: WorkerContext):
+        super().__init__(ctx)
+        self.pref = ctx.job.preference
+        self.reference = reference_model(ctx.job, ctx.engine, ctx.world_size) if self.pref.uses_reference else None
 
     @property
     def n_stats(self) -> int:
-        return len(PREFERENCE_STATS) if self.pref is not None else 0
+        return len(PREFERENCE_STATS)
 
     def batch(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from hone.data import collate
-
-        if self.pref is None:
-            batch = collate(rows, self.pad_id, self.task)
-        else:
-            batch = collate_preference(rows, self.pad_id, self.pref.paired, self.job.data.max_length)
+        batch = collate_preference(rows, self.pad_id, self.pref.paired, self.job.data.max_length)
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.pref is None:
-            from hone.modeling import forward_loss
-
-            return forward_loss(self.engine.module, batch, self.task)[0], None
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         policy = sequence_logps(self.engine.module, batch)
         reference = self.reference(lambda model: sequence_logps(model, batch)[0]) if self.reference else None
         return preference_loss(self.job, batch, policy, reference, self.all_reduce)
 
     def metrics(self, stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
-        return preference_metrics(stats, prefix) if self.pref is not None else {}
-
-    def start(self, step: int, rows: Any) -> None:
-        """Called once the run's state is loaded (online objectives sync their rollout engines here)."""
-
-    def after_step(self, step: int) -> torch.Tensor:
-        """Called after each optimiser step; returns statistics to add to the step's."""
-        import torch
-
-        return torch.zeros(self.n_stats, dtype=torch.float64)
+        return preference_metrics(stats, prefix)
 
     def evaluate(self, rows: Sequence[dict[str, Any]], batch_size: int, rank: int) -> dict[str, float]:
-        """Held-out metrics (``eval_loss`` and, for preferences, ``eval_reward_accuracy`` and the rest); every rank
-        runs the same number of forward passes (ZeRO-3 gathers collectively), short shards padding with weight 0."""
+        """``eval_loss`` (per pair) and the preference metrics over every held-out pair; short shards pad with weight 0."""
         import torch
 
-        if self.pref is None:
-            from hone.modeling import evaluate
-
-            return evaluate(self.engine.module, rows, self.job, self.pad_id, batch_size=batch_size, rank=rank,
-                            world_size=self.world_size, all_reduce=self.all_reduce)
         from hone.modeling import rank_batches
 
         sums = torch.zeros(len(PREFERENCE_STATS) + 2, dtype=torch.float64)  # + loss × pairs, pairs
@@ -227,38 +188,3 @@ class Objective:
         module.train(was_training)
         sums = self.all_reduce(sums)
         return {"eval_loss": float(sums[-2] / max(float(sums[-1]), 1.0)), **preference_metrics(sums[:-2], "eval_")}
-
-
-def reference_model(job: JobConfig, engine: Any, world_size: int) -> Callable[[Callable[[Any], torch.Tensor]], torch.Tensor]:
-    """The reference model, as a function that runs ``fn(model)`` on it without gradients: with adapters the policy
-    with its adapter disabled, else a frozen copy of the starting weights (sharded by ZeRO-3 under stage 3)."""
-    import torch
-
-    if job.method.is_peft:
-        def disabled(fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-            with torch.no_grad(), engine.hf_module.disable_adapter():
-                return fn(engine.module)
-
-        return disabled
-    from hone.modeling import load_base_model
-
-    ref = load_base_model(job)
-    ref.requires_grad_(False)
-    ref.eval()
-    ds = job.distributed.deepspeed
-    if ds is not None and ds.stage == 3:
-        import deepspeed
-
-        ref, *_ = deepspeed.initialize(model=ref, config={
-            "train_micro_batch_size_per_gpu": job.training.batch_size, "gradient_accumulation_steps": 1,
-            "train_batch_size": job.training.batch_size * world_size, "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": job.precision == "bf16"}, "fp16": {"enabled": job.precision == "fp16"}})
-        ref.eval()
-    else:
-        ref.to(engine.device)
-
-    def frozen(fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return fn(ref)
-
-    return frozen
