@@ -3,6 +3,7 @@
 #   make setup-vllm  only .venv-vllm (vLLM's CPU build, for serve YAMLs with engine: vllm)
 #   make test        setup, lint, then the whole test suite
 #   make lint        ruff over the library, tests and benchmarks (config in pyproject.toml)
+#   make docs        regenerate docs/reference.md from the schemas; make docs-site: build the guides into site/
 #   make quickstart  setup, then the main job end to end on a local Ray cluster
 PYTHON ?= python3.11
 VENV   := .venv
@@ -30,7 +31,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 # Where `engine: vllm` replicas find vLLM (hone.serving.vllm.vllm_python).
 export HONE_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_PY)
 
-.PHONY: setup setup-vllm lint test test-fast quickstart clean docs
+.PHONY: setup setup-vllm lint docs-check test test-fast quickstart clean docs docs-site
 
 # The two environments install side by side (pip mostly waits on downloads and unpacking): ~2 min instead of ~4.
 setup:
@@ -67,12 +68,16 @@ lint: setup
 	$(VENV)/bin/ruff check platform tests bench
 
 # Two lanes (pytest-xdist): one worker takes every test on the shared 3-node test cluster, the other every module that
-# starts a Ray, a server or a CLI of its own (tests/conftest.py); see README "Testing". TEST_LANES= runs one process.
+# starts a Ray, a server or a CLI of its own (tests/conftest.py); see docs/testing.md. TEST_LANES= runs one process.
 TEST_LANES ?= -n 2 --dist loadscope --no-loadscope-reorder
-test: setup lint
+# The guides' strict build (a broken link or anchor, or a page left out of the nav, fails it): seconds.
+docs-check: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $(VENV)/docs-site
+
+test: setup lint docs-check
 	$(PY) -m pytest tests $(TEST_LANES) $(PYTEST_ARGS)
 
-test-fast: setup lint
+test-fast: setup lint docs-check
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # The whole platform end to end on a local embedded Ray: sweep → registry → quantise + gate →
@@ -85,6 +90,9 @@ quickstart: setup
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info platform/*.egg-info .pytest_cache
 
-# Regenerate the job YAML reference in README.md from the schema.
+# Regenerate the YAML reference (docs/reference.md) from the schemas; build the guides into site/.
 docs: setup
-	$(PY) -c "import re,pathlib; from hone.config import reference_markdown as r; p=pathlib.Path('README.md'); b='<!-- BEGIN job-reference (generated: hone schema --markdown) -->'; e='<!-- END job-reference -->'; t=p.read_text(); p.write_text(t.split(b)[0]+b+'\n\n'+r()+'\n'+e+t.split(e)[1])"
+	$(PY) -c "from hone.config.reference import reference_page; open('docs/reference.md', 'w').write(reference_page())"
+
+docs-site: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

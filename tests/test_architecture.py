@@ -24,6 +24,8 @@ LAYERS = [
     ["artifacts"],
     ["quantized"],
     ["modeling"],
+    ["grammar"],
+    ["generation"],
     ["training"],
     ["tune", "evaluation", "quantize"],
     ["serving"],

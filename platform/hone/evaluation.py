@@ -12,7 +12,8 @@ from typing import Any
 from hone.artifacts import resolve_ref
 from hone.data import held_out_rows, tokenize_split
 from hone.errors import ArtifactError
-from hone.modeling import evaluate, generation_accuracy, load_base_model, load_model
+from hone.generation import TransformersGenerator, answer_accuracy
+from hone.modeling import evaluate, load_base_model, load_model
 
 __all__ = ["EvalReport", "evaluate_model"]
 
@@ -48,5 +49,6 @@ def evaluate_model(ref: str, *, split: str = "test", n: int = 200, base: bool = 
     metrics = evaluate(model, list(tokenized), job, tokenizer.pad_token_id)
     examples: list[dict[str, Any]] = []
     if job.task.type == "causal_lm" and job.data.format != "text":
-        metrics["accuracy"], examples = generation_accuracy(model, tokenizer, list(rows), job, max_new_tokens=max_new_tokens)
+        metrics["accuracy"], examples = answer_accuracy(TransformersGenerator(model, tokenizer), list(rows), job, tokenizer,
+                                                     max_tokens=max_new_tokens)
     return EvalReport(what, split, len(rows), metrics, examples)

@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelError",
-    "answer_matches",
     "build_model",
     "evaluate",
     "forward_loss",
-    "generation_accuracy",
     "is_hone_model",
     "load_base_model",
     "load_model",
@@ -377,53 +375,3 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = Tr
     if device == "cuda":
         model = model.to("cuda")
     return model.eval(), tokenizer
-
-
-def _normalise(text: str) -> str:
-    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
-
-
-def answer_matches(generated: Sequence[str], expected: Sequence[str]) -> list[bool]:
-    """Which generated answers are right.
-
-    When the expected answers form a small label set (classification-style instruction data), the
-    prediction is the first label the text mentions, which gives an untuned chatty model a fair
-    chance; otherwise an answer counts when it starts with the expected text.
-    """
-    labels = sorted({_normalise(a) for a in expected})
-    out = []
-    for text, answer in zip(generated, expected):
-        said = _normalise(text)
-        if len(labels) <= 20:
-            hits = [(said.find(label), label) for label in labels if f" {label} " in f" {said} "]
-            out.append((min(hits)[1] if hits else "") == _normalise(answer))
-        else:
-            out.append(said.startswith(_normalise(answer)))
-    return out
-
-
-def generation_accuracy(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], job: JobConfig, *, max_new_tokens: int = 12, batch_size: int = 16
-) -> tuple[float, list[dict[str, Any]]]:
-    """Accuracy of greedy answers to held-out prompts (scored by :func:`answer_matches`)."""
-    import torch
-
-    from hone.data import prompt_and_answer
-
-    pairs = [prompt_and_answer(r, job.data, tokenizer) for r in rows]
-    device = model_device(model)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    texts = []
-    try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            texts += [tokenizer.decode(ids, skip_special_tokens=True) for ids in out[:, enc["input_ids"].shape[1] :]]
-    finally:
-        tokenizer.padding_side = side
-    expected = [a for _, a in pairs]
-    results = [{"expected": a, "generated": t, "correct": c} for a, t, c in zip(expected, texts, answer_matches(texts, expected))]
-    return sum(r["correct"] for r in results) / max(len(results), 1), results

@@ -13,7 +13,9 @@ from hone.config.job import JobConfig
 from hone.config.pipeline import PipelineConfig
 from hone.config.serve import ServeConfig
 
-__all__ = ["ROOTS", "json_schema", "reference_markdown"]
+__all__ = [
+    "ROOTS", "json_schema", "reference_markdown", "reference_page",
+]
 
 ROOTS: dict[str, type[BaseModel]] = {"job": JobConfig, "serve": ServeConfig, "pipeline": PipelineConfig}
 """The schema at the top of each kind of hone YAML."""
@@ -79,3 +81,22 @@ def reference_markdown(kind: str = "job") -> str:
             out.append(f"| `{name}` | {_type_name(field.annotation)} | {default_text} | {doc} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+_PAGE_INTRO = {
+    "job": "A job YAML (``hone train``, ``hone tune``, ``hone submit``; ``jobs/*.yaml``).",
+    "serve": "A serve YAML (``hone serve``; ``serving/*.yaml``).",
+    "pipeline": "A pipeline YAML (``hone pipeline``; ``jobs/pipelines/*.yaml``): the job it trains plus its ``serve`` "
+                "section, which takes the serve YAML's keys.",
+}
+
+
+def reference_page() -> str:
+    """``docs/reference.md``: the reference of every YAML kind, generated (``make docs``; a test checks it is current)."""
+    out = ["# YAML reference", "",
+           "Generated from the schemas by `make docs` (`hone schema --kind KIND --markdown` prints one kind); a test fails "
+           "when this page is stale. `hone schema --kind KIND` prints the JSON schema for editors.", ""]
+    for kind in ("job", "serve", "pipeline"):
+        out += [f"## {kind.capitalize()} YAML", "", " ".join(_PAGE_INTRO[kind].split()).replace("``", "`"), "",
+                reference_markdown(kind).rstrip(), ""]
+    return "\n".join(out)

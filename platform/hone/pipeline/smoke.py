@@ -21,7 +21,8 @@ __all__ = ["smoke_stage", "untuned_accuracy"]
 def untuned_accuracy(p: Pipeline, state: State, rows: list[dict[str, Any]], rerun: bool) -> float:
     """The base model's greedy answers to the same rows, in this process (cached in the state)."""
     from hone.data import load_tokenizer
-    from hone.modeling import generation_accuracy, load_base_model
+    from hone.generation import TransformersGenerator, answer_accuracy
+    from hone.modeling import load_base_model
 
     sm = p.config.smoke_test
     assert sm is not None
@@ -33,7 +34,7 @@ def untuned_accuracy(p: Pipeline, state: State, rows: list[dict[str, Any]], reru
     say(f"smoke test: answering the {len(rows)} rows with the untuned {p.job.model.name} for comparison")
     tokenizer = load_tokenizer(p.job)
     model = load_base_model(p.job).eval()
-    accuracy, _ = generation_accuracy(model, tokenizer, rows, p.job, max_new_tokens=sm.max_tokens)
+    accuracy, _ = answer_accuracy(TransformersGenerator(model, tokenizer), rows, p.job, tokenizer, max_tokens=sm.max_tokens)
     del model
     state.record("untuned", fp, {"accuracy": accuracy})
     return accuracy
@@ -78,7 +79,7 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
     import openai
 
     from hone.data import held_out_rows, load_tokenizer, prompt_and_answer, prompt_messages
-    from hone.modeling import answer_matches
+    from hone.generation import answer_matches
 
     sm = p.config.smoke_test
     assert sm is not None

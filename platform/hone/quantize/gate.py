@@ -138,7 +138,8 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
         import torch
 
-        from hone.modeling import evaluate, generation_accuracy, model_device
+        from hone.generation import TransformersGenerator, answer_accuracy, decode_ms_per_token
+        from hone.modeling import evaluate
 
         torch.manual_seed(0)
         source: Source = spec["source"]
@@ -147,20 +148,13 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
         else:
             on_gpu = torch.cuda.is_available() and spec.get("method") != "int8-dynamic"  # the GPU methods run on the GPU
             model, tokenizer = _load_original(source, "cuda" if on_gpu else "cpu")
-        device = model_device(model)
         raw, rows = _eval_rows(source.job, tokenizer, spec["n"])
         metrics = evaluate(model, rows, source.job, tokenizer.pad_token_id)
         out = {k: v for k, v in metrics.items() if k != "eval_tokens"}
         if _answers_gated(source.job):
-            out["answer_accuracy"], _ = generation_accuracy(model, tokenizer, raw, source.job, max_new_tokens=12)
+            out["answer_accuracy"], _ = answer_accuracy(TransformersGenerator(model, tokenizer), raw, source.job, tokenizer)
         if source.job.task.type == "causal_lm":
-            prompt = tokenizer("The movie was", return_tensors="pt").to(device)
-            new = 32
-            with torch.no_grad():
-                model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                started = time.perf_counter()
-                model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            out["decode_ms_per_token"] = (time.perf_counter() - started) * 1000 / new
+            out["decode_ms_per_token"] = decode_ms_per_token(TransformersGenerator(model, tokenizer))
         out["peak_rss_mb"] = _peak_rss_mb(resource)
         queue.put(("ok", out))
     except BaseException as e:  # noqa: BLE001 - reported to the parent

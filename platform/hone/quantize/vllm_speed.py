@@ -11,28 +11,20 @@ from __future__ import annotations
 import gc
 import json
 import sys
-import time
 
-__all__ = ["decode_ms_per_token", "main"]
-
-PROMPT = "The movie was"
-NEW_TOKENS = 32
+__all__ = ["folder_decode_ms", "main"]
 
 
-def decode_ms_per_token(folder: str, dtype: str) -> float:
-    """The median of three greedy decodes of NEW_TOKENS tokens after a warm-up, in ms per token."""
-    from vllm import LLM, SamplingParams
+def folder_decode_ms(folder: str, dtype: str) -> float:
+    """The median of three greedy decodes of 32 tokens after a warm-up, in ms per token
+    (:func:`hone.generation.decode_ms_per_token`)."""
+    from vllm import LLM
+
+    from hone.generation import VLLMGenerator, decode_ms_per_token
 
     llm = LLM(model=folder, dtype=dtype, max_model_len=512, enforce_eager=True, disable_log_stats=True)
     try:
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        llm.generate([PROMPT], params, use_tqdm=False)  # warm-up
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            llm.generate([PROMPT], params, use_tqdm=False)
-            times.append((time.perf_counter() - started) * 1000 / NEW_TOKENS)
-        return sorted(times)[1]
+        return decode_ms_per_token(VLLMGenerator(llm), repeats=3)
     finally:
         del llm
         gc.collect()
@@ -42,7 +34,7 @@ def main() -> None:
     args = sys.argv[1:]
     if not args or len(args) % 2:
         raise SystemExit("usage: python -m hone.quantize.vllm_speed FOLDER DTYPE [FOLDER DTYPE ...]")
-    out = [{"decode_ms_per_token": decode_ms_per_token(folder, dtype)} for folder, dtype in zip(args[::2], args[1::2])]
+    out = [{"decode_ms_per_token": folder_decode_ms(folder, dtype)} for folder, dtype in zip(args[::2], args[1::2])]
     print(json.dumps(out), flush=True)
 
 

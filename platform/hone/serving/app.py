@@ -12,10 +12,6 @@ running/queued gauges), which carries the serve YAML's autoscaling and queue bou
 """
 
 import asyncio
-import contextlib
-import hashlib
-import hmac
-import json
 import logging
 import time
 import uuid
@@ -30,6 +26,7 @@ from ray import serve
 from hone.config import validate_serve_config
 from hone.runtime import quiet_libraries
 from hone.serving.failover import RETRY_DELAYS_S, is_back_pressure, replica_lost, resumable
+from hone.serving.metrics import IngressMetrics, check_key
 from hone.serving.openapi import openapi_schema
 from hone.serving.protocol import (
     ENGINE_FEATURES,
@@ -37,19 +34,17 @@ from hone.serving.protocol import (
     ClassifyRequest,
     CompletionRequest,
     RequestError,
-    format_logprobs,
     parse_body,
     require_model,
     require_task,
 )
 from hone.serving.replica import ModelServer
 from hone.serving.spec import IngressSettings, api_key_hashes, check_auth, ingress_settings, resolve
+from hone.serving.wire import StreamTally, completion_json, replica_body, sse
 
 __all__ = ["build_app"]
 
 logger = logging.getLogger("hone.serve")
-_LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80]
-_TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
 
 
 # --------------------------------------------------------------------------- the HTTP ingress
@@ -76,8 +71,6 @@ class OpenAIIngress:
 
     def __init__(self, model: Any, settings: IngressSettings):
         quiet_libraries()
-        from ray.util import metrics
-
         self.model = model
         self.name = settings.served_name
         self.adapters = list(settings.adapters)
@@ -91,39 +84,17 @@ class OpenAIIngress:
         self._openapi: dict[str, Any] | None = None
         self._inflight = 0
         self._draining = False
-        tags = ("model", "route", "status")
-        self.m_requests = metrics.Counter("hone_requests_total", "HTTP requests by model, route and status.", tag_keys=tags)
-        self.m_e2e = metrics.Histogram("hone_e2e_request_latency_seconds", "Request latency, arrival to last byte.",
-                                       boundaries=_LATENCY_BUCKETS, tag_keys=("model", "route"))
-        self.m_ttft = metrics.Histogram("hone_time_to_first_token_seconds", "Arrival to the first generated token.",
-                                        boundaries=_LATENCY_BUCKETS, tag_keys=("model",))
-        self.m_tpot = metrics.Histogram("hone_time_per_output_token_seconds", "Mean time per generated token after the first.",
-                                        boundaries=_TOKEN_BUCKETS, tag_keys=("model",))
-        self.m_prompt = metrics.Counter("hone_prompt_tokens_total", "Prompt tokens processed.", tag_keys=("model",))
-        self.m_generated = metrics.Counter("hone_generation_tokens_total", "Tokens generated.", tag_keys=("model",))
-        self.m_recovered = metrics.Counter("hone_replica_failovers_total",
-                                           "Requests whose model replica died, sent again (resend) or resumed mid-stream (resume).",
-                                           tag_keys=("kind",))
+        self.metrics = IngressMetrics()
         if not self.key_hashes:
             logger.warning("hone serve: no API keys configured: authentication is OFF")
 
     # ------------------------------------------------------------------ helpers
 
     def _auth(self, request: Request) -> None:
-        if not self.key_hashes:
-            return
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise RequestError("missing API key: send 'Authorization: Bearer <key>'", 401, code="invalid_api_key")
-        scheme, _, key = header.partition(" ")
-        digest = hashlib.sha256(key.strip().encode()).digest()
-        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(digest, h) for h in self.key_hashes)
-        if not ok:
-            raise RequestError("incorrect API key provided", 401, code="invalid_api_key")
+        check_key(request.headers, self.key_hashes)
 
     def _record(self, model: str, route: str, status: int, started: float) -> None:
-        self.m_requests.inc(tags={"model": model, "route": route, "status": str(status)})
-        self.m_e2e.observe(time.perf_counter() - started, tags={"model": model, "route": route})
+        self.metrics.request(model, route, status, started)
 
     async def _parse(self, request: Request, cls: type[BaseModel]) -> Any:
         """The validated request: 413 past ``max_request_bytes`` (checked before reading), 400 for anything else amiss."""
@@ -166,7 +137,7 @@ class OpenAIIngress:
                 if delay is None:
                     raise self._unavailable(e) from None
                 logger.warning("model replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 2, len(RETRY_DELAYS_S) + 1)
-                self.m_recovered.inc(tags={"kind": "resend"})
+                self.metrics.recovered.inc(tags={"kind": "resend"})
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -197,17 +168,7 @@ class OpenAIIngress:
             model = req.model if (req.model == self.name or req.model in self.adapters) else "unknown"
             require_model(req.model, self.name, self.adapters)
             require_task(self.task, "causal_lm")
-            body: dict[str, Any] = {"model": req.model, "max_tokens": (getattr(req, "max_completion_tokens", None) or req.max_tokens),
-                                    "temperature": req.temperature, "top_p": req.top_p, "stop": req.stops(), "seed": req.seed}
-            extras = {"logprobs": req.top_logprobs_asked(), "structured": req.constraint(),
-                      "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
-            body.update({k: v for k, v in extras.items() if v is not None})  # engine features (refused above if unsupported)
-            if req.n > 1:
-                body["n"] = req.n
-            if chat:
-                body["messages"] = [m.plain() for m in req.messages]
-            else:
-                body["prompt"] = req.text()
+            body = replica_body(req, chat)
             sent = time.perf_counter()
             first, events = await self._start(body, req.stream)
         except RequestError as e:
@@ -223,81 +184,29 @@ class OpenAIIngress:
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             events = resumable(first, events, body, restart=lambda: self._start(body, True), lost=lambda e: self._unavailable(e).event(),
-                               on_resume=lambda: self.m_recovered.inc(tags={"kind": "resume"}))
-            return StreamingResponse(self._sse(events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
+                               on_resume=lambda: self.metrics.recovered.inc(tags={"kind": "resume"}))
+            return StreamingResponse(self._stream(events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **_replica_header(first)})
         n = first["completion_tokens"]
         first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
-        self._token_metrics(req.model, started, first_at, n, prompt_tokens)
+        self.metrics.tokens(req.model, started, first_at, n, prompt_tokens)
         self._record(model, route, 200, started)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        choices = []
-        for c in first["choices"]:
-            logprobs = format_logprobs(c.get("logprobs"), chat) if "logprobs" in body else None
-            if chat:
-                choices.append({"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": logprobs,
-                                "finish_reason": c["finish_reason"]})
-            else:
-                choices.append({"index": c["index"], "text": c["text"], "logprobs": logprobs, "finish_reason": c["finish_reason"]})
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                             "model": req.model, "choices": choices, "usage": usage}, headers=_replica_header(first))
+        return JSONResponse(completion_json(first, body, req.model, chat, rid, created), headers=_replica_header(first))
 
-    def _token_metrics(self, model: str, started: float, first_at: float | None, n: int, prompt_tokens: int) -> None:
-        tags = {"model": model}
-        now = time.perf_counter()
-        if first_at is not None:
-            self.m_ttft.observe(first_at - started, tags=tags)
-            if n > 1:
-                self.m_tpot.observe((now - first_at) / (n - 1), tags=tags)
-        self.m_prompt.inc(prompt_tokens, tags=tags)
-        if n:
-            self.m_generated.inc(n, tags=tags)
+    def _stream(self, events: AsyncIterator[dict[str, Any]], rid: str, created: int, model: str, chat: bool, prompt_tokens: int,
+                include_usage: bool, route: str, started: float) -> AsyncIterator[bytes]:
+        """The SSE body (:func:`hone.serving.wire.sse`); when it ends, the request leaves the in-flight count and its
+        metrics are recorded."""
+        tally = StreamTally()
 
-    async def _sse(self, events: AsyncIterator[dict[str, Any]], rid: str, created: int, model: str, chat: bool, prompt_tokens: int,
-                   include_usage: bool, route: str, started: float) -> AsyncIterator[bytes]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None, choices: bool = True) -> bytes:
-            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice] if choices else []}
-            if include_usage:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n".encode()
-
-        status, n, first_at = 200, 0, None
-        opened: set[int] = set()
-        try:
-            async for event in events:
-                if "error" in event:  # an SSE error event, then [DONE]: the client sees why its stream ended
-                    status = int(event.get("status", 500))
-                    error = {"message": event["error"], "type": "server_error", "code": event.get("code")}
-                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
-                    break
-                n = event["completion_tokens"]
-                finish, index = event.get("finish_reason"), event.get("index", 0)
-                if chat and index not in opened:  # each choice's first chunk carries the role (OpenAI does this per choice)
-                    opened.add(index)
-                    yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-                if event["text"]:
-                    first_at = first_at or time.perf_counter()
-                    piece = {"delta": {"content": event["text"]}} if chat else {"text": event["text"]}
-                    logprobs = format_logprobs(event.get("logprobs"), chat) if "logprobs" in event else None
-                    yield chunk({"index": index, **piece, "logprobs": logprobs, "finish_reason": None})
-                if finish:
-                    piece = {"delta": {}} if chat else {"text": ""}
-                    yield chunk({"index": index, **piece, "logprobs": None, "finish_reason": finish})
-            if include_usage and status == 200:
-                yield chunk({}, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}, choices=False)
-            yield b"data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            status = 499  # the client went away: closing the event generator cancels the replica's, which frees its batch row
-            raise
-        finally:
+        def end() -> None:
             self._inflight -= 1
-            with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
-            self._token_metrics(model, started, first_at, n, prompt_tokens)
-            self._record(model, route, status, started)
+            self.metrics.tokens(model, started, tally.first_at, tally.tokens, prompt_tokens)
+            self._record(model, route, tally.status, started)
+
+        return sse(events, tally, rid=rid, created=created, model=model, chat=chat, prompt_tokens=prompt_tokens,
+                   include_usage=include_usage, on_end=end)
 
     # ------------------------------------------------------------------ routes
 
@@ -385,7 +294,7 @@ class OpenAIIngress:
             logger.exception("request failed")
             self._record(model, route, 500, started)
             return RequestError(f"the request failed on the server: {type(e).__name__}", 500, code="internal_error").response()
-        self.m_prompt.inc(out["prompt_tokens"], tags={"model": model})
+        self.metrics.prompt.inc(out["prompt_tokens"], tags={"model": model})
         self._record(model, route, 200, started)
         return {"object": "list", "model": model, "data": out["data"],
                 "usage": {"prompt_tokens": out["prompt_tokens"], "total_tokens": out["prompt_tokens"]}}

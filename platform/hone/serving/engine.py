@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hone.serving.grammar import Constraints, Matcher
+from hone.grammar import ConstraintError, Constraints, Matcher
 from hone.serving.protocol import RequestError, require_task
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class GenRequest:
     seed: int | None = None
     adapter: str | None = None
     grammar: Any = None
-    """A compiled structured-output constraint (:mod:`hone.serving.grammar`), or None."""
+    """A compiled structured-output constraint (:mod:`hone.grammar`), or None."""
     cancelled: bool = False
 
 
@@ -124,7 +124,11 @@ class Engine:
 
     def compile_constraint(self, constraint: dict[str, Any]) -> Any:
         """A structured-output constraint compiled for this tokenizer (the replica's encoding thread); 400 if it cannot be."""
-        return self._constraints.compile(constraint)
+        try:
+            return self._constraints.compile(constraint)
+        except ConstraintError as e:
+            param = "response_format" if e.kind in ("json", "json_object") else "structured_outputs"
+            raise RequestError(str(e), code="invalid_value" if e.kind else None, param=param) from None
 
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(ids) for ids in self._encoder(texts)["input_ids"])

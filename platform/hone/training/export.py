@@ -17,17 +17,17 @@ from hone.config import JobConfig
 __all__ = ["write_export"]
 
 
-def write_export(engine: Any, job: JobConfig, objective: str, run_dir: Path, run_uri: str | None, rank: int,
+def write_export(backend: Any, job: JobConfig, objective: str, run_dir: Path, run_uri: str | None, rank: int,
                  metrics: dict[str, Any], workers: list[dict[str, Any]]) -> None:
     """Write the Hugging Face export (every rank calls: ZeRO-3 gathers collectively) into the run, or, for a run in
     object storage, upload it there (``hone.json`` last: a folder without it is not an export)."""
-    state = engine.full_state_dict()
+    state = backend.full_state_dict()
     if rank != 0:
         return
     from hone.artifacts import resolve_ref
     from hone.modeling import load_model
 
-    hf = engine.hf_module
+    hf = backend.hf_module
     staging = Path(tempfile.mkdtemp(prefix="hone-export-"))
     try:
         tokenizer_dir = run_dir / TOKENIZER_DIR

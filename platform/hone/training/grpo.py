@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from hone.config import JobConfig
 from hone.config.grpo import reward_names
+from hone.generation import Generation, Sampling
+from hone.grammar import Constraints, token_bitmask
 from hone.training.objective import Objective, WorkerContext, reference_model, token_logps
 from hone.training.rewards import score, total_reward
 from hone.training.rollout import SyncError
@@ -84,10 +86,10 @@ def grpo_loss(job: JobConfig, logps: torch.Tensor, old: torch.Tensor, adv: torch
     return loss, out
 
 
-def engine_weights(engine: Any, job: JobConfig) -> dict[str, Any] | None:
+def engine_weights(backend: Any, job: JobConfig) -> dict[str, Any] | None:
     """What the rollout engines load, on rank 0 (None elsewhere; every rank must call: ZeRO-3 gathers collectively):
     ``{"lora": {base weight name: (A, B, scaling)}}`` for an adapter, ``{"full": {name: tensor}}`` otherwise."""
-    state = engine.full_state_dict()
+    state = backend.full_state_dict()
     if state is None:
         return None
 
@@ -103,43 +105,23 @@ def engine_weights(engine: Any, job: JobConfig) -> dict[str, Any] | None:
             continue
         path, adapter = found.groups()
         b = state[key.replace(f".lora_A.{adapter}.", f".lora_B.{adapter}.")]
-        layer = engine.hf_module.get_submodule("base_model.model." + path if key.startswith("base_model.model.") else path)
+        layer = backend.hf_module.get_submodule("base_model.model." + path if key.startswith("base_model.model.") else path)
         lora[path + ".weight"] = (own(a), own(b), float(layer.scaling[adapter]))
     return {"lora": lora}
 
 
 class _Constraint:
     """The rollouts' structured-output grammar, to compute the trainer's log-probs of the same constrained distribution
-    the engines sampled from (xgrammar, the library vLLM's default backend uses, compiled the same way)."""
+    the engines sampled from (xgrammar, the library vLLM's default backend uses, compiled as vLLM does)."""
 
     def __init__(self, job: JobConfig, vocab_size: int):
-        import xgrammar as xgr
-
         from hone.data import load_tokenizer
 
-        self.xgr, self.vocab_size = xgr, vocab_size
-        compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(load_tokenizer(job), vocab_size=vocab_size))
-        kind, value = next(iter(job.grpo.structured_outputs.items()))
-        if kind == "choice":
-            self.grammar = compiler.compile_grammar("root ::= " + " | ".join(json.dumps(str(c)) for c in value))
-        elif kind == "regex":
-            self.grammar = compiler.compile_regex(value)
-        elif kind == "json":
-            self.grammar = compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value))
-        else:
-            self.grammar = compiler.compile_grammar(value)
+        self.vocab_size = vocab_size
+        self.grammar = Constraints(load_tokenizer(job), vocab_size).compile(job.grpo.structured_outputs, any_whitespace=True)
 
     def bitmask(self, spans: list[tuple[int, list[int]]], rows: int, length: int) -> torch.Tensor:
-        """Allowed tokens at each position of ``rows`` sequences of ``length`` − 1 predictions: every token where nothing
-        is constrained; at completion ``(prompt_len, tokens)`` positions, what the grammar allows after the tokens before."""
-        bitmask = self.xgr.allocate_token_bitmask(rows * length, self.vocab_size)
-        for b, (p, tokens) in enumerate(spans):
-            matcher = self.xgr.GrammarMatcher(self.grammar)
-            for j, token in enumerate(tokens):
-                matcher.fill_next_token_bitmask(bitmask, b * length + p - 1 + j)
-                if not matcher.accept_token(token):
-                    break
-        return bitmask
+        return token_bitmask(self.grammar, spans, rows, length, self.vocab_size)
 
 
 def _prompt(row: dict[str, Any]) -> list[int]:
@@ -188,7 +170,7 @@ class GRPOObjective(Objective):
         self.g = ctx.job.grpo
         self.names = reward_names(self.g.rewards)
         self.pool = ray.get_actor(ctx.extras["rollout_pool"])
-        self.reference = reference_model(ctx.job, ctx.engine, ctx.world_size) if self.g.beta > 0 else None
+        self.reference = reference_model(ctx.job, ctx.backend, ctx.world_size) if self.g.beta > 0 else None
         self.step = 0  # optimiser steps applied to the trainer's weights
         self.synced = -1  # the version the engines hold
         self.calls = 0
@@ -196,7 +178,7 @@ class GRPOObjective(Objective):
         self.probe: list[int] = []
         self._pending = self._zeros()
         self._step_started = time.perf_counter()
-        self.constraint = _Constraint(ctx.job, int(ctx.engine.hf_module.config.vocab_size)) if self.g.structured_outputs else None
+        self.constraint = _Constraint(ctx.job, int(ctx.backend.hf_module.config.vocab_size)) if self.g.structured_outputs else None
 
     @property
     def n_stats(self) -> int:
@@ -212,18 +194,17 @@ class GRPOObjective(Objective):
             stats[GRPO_STATS.index(k)] += v
 
     # ------------------------------------------------------------------ rollouts
-    def _rollouts(self, rows: Sequence[dict[str, Any]], greedy: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict]]:
+    def _rollouts(self, rows: Sequence[dict[str, Any]], greedy: bool = False) -> tuple[list[list[Generation]], dict[str, Any], list[dict]]:
         import ray
         import torch
 
         k = 1 if greedy else self.g.k
-        params = {"n": k, "max_tokens": self.g.max_new_tokens, "temperature": 0.0 if greedy else self.g.temperature,
-                  "top_p": 1.0 if greedy else self.g.top_p, "stop": self.g.stop or None,
-                  "structured_outputs": self.g.structured_outputs}
+        sampling = Sampling(n=k, max_tokens=self.g.max_new_tokens, temperature=0.0 if greedy else self.g.temperature,
+                            top_p=1.0 if greedy else self.g.top_p, stop=tuple(self.g.stop or ()), structured=self.g.structured_outputs)
         seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (len(rows),))]
         index = self.rank + self.world_size * self.calls
         self.calls += 1
-        out = ray.get(self.pool.generate.remote(index, [_prompt(r) for r in rows], params, seeds))
+        out = ray.get(self.pool.generate.remote(index, [_prompt(r) for r in rows], sampling, seeds))
         data = [json.loads(r["row"]) for r in rows]
         return out["groups"], out, data
 
@@ -238,16 +219,16 @@ class GRPOObjective(Objective):
         rollout_s = time.perf_counter() - start
         prompt_col = self.job.data.columns.prompt
         flat = [(i, o) for i, group in enumerate(groups) for o in group]
-        terms = score(self.job, [str(data[i].get(prompt_col)) for i, _ in flat], [o["text"] for _, o in flat], [data[i] for i, _ in flat])
+        terms = score(self.job, [str(data[i].get(prompt_col)) for i, _ in flat], [o.text for _, o in flat], [data[i] for i, _ in flat])
         rewards = torch.tensor([total_reward(self.job, t) for t in terms], dtype=torch.float64)
         adv = advantages(rewards, self.g.k, self.g.scale_rewards)
         seqs, old = [], []
         limit = self.job.data.max_length
         for (i, o) in flat:
             prompt = _prompt(rows[i])
-            completion = list(o["token_ids"])[: limit - len(prompt)]
+            completion = list(o.token_ids)[: limit - len(prompt)]
             seqs.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
-            old.append((len(prompt), o["logprobs"][: len(completion)]))
+            old.append((len(prompt), (o.logprobs or [])[: len(completion)]))
         batch = collate(seqs, self.pad_id)
         if self.constraint is not None:
             spans = [(p, seq["input_ids"][p:]) for (p, _), seq in zip(old, seqs)]
@@ -260,7 +241,7 @@ class GRPOObjective(Objective):
         table = torch.tensor(terms, dtype=torch.float64)
         failed = torch.isnan(table)
         grouped = rewards.view(-1, self.g.k)
-        n_tokens = sum(len(o["token_ids"]) for _, o in flat)
+        n_tokens = sum(len(o.token_ids) for _, o in flat)
         self._put(stats, n=len(flat), reward=float(rewards.sum()), reward_sq=float((rewards**2).sum()),
                   errors=float(failed.any(1).sum()), tokens=n_tokens, rollout_s=rollout_s, groups=len(groups),
                   ties=float((grouped.max(1).values == grouped.min(1).values).sum()))
@@ -270,13 +251,13 @@ class GRPOObjective(Objective):
         r = len(self.names)
         stats[len(GRPO_STATS):len(GRPO_STATS) + r] = torch.nan_to_num(table, nan=0.0).sum(0)
         stats[len(GRPO_STATS) + r:] = (~failed).sum(0).double()
-        device = self.engine.device
+        device = self.backend.device
         return {**{k: v.to(device) for k, v in batch.items()}, "advantages": adv.float().to(device), "old_logps": old_logps.to(device),
                 "on_policy": out["version"] == self.step, "stats": stats}
 
     # ------------------------------------------------------------------ loss
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, mask = token_logps(self.engine.module, batch, self.g.temperature)
+        logps, mask = token_logps(self.backend.module, batch, self.g.temperature)
         stats = batch["stats"].clone()
         engine_logps = batch["old_logps"]
         old = logps.detach() if batch["on_policy"] else engine_logps
@@ -333,7 +314,7 @@ class GRPOObjective(Objective):
                 continue
             groups, _, data = self._rollouts(chunk, greedy=True)
             prompt_col = self.job.data.columns.prompt
-            terms = score(self.job, [str(d.get(prompt_col)) for d in data], [g[0]["text"] for g in groups], data)
+            terms = score(self.job, [str(d.get(prompt_col)) for d in data], [g[0].text for g in groups], data)
             table = torch.tensor(terms, dtype=torch.float64)
             r = len(self.names)
             self._put(stats, n=len(terms), reward=sum(total_reward(self.job, t) for t in terms))
@@ -362,10 +343,10 @@ class GRPOObjective(Objective):
     def _probe_logps(self) -> list[float]:
         import torch
 
-        module = self.engine.module
+        module = self.backend.module
         was_training = module.training
         module.eval()
-        ids = torch.tensor([self.probe], device=self.engine.device)
+        ids = torch.tensor([self.probe], device=self.backend.device)
         with torch.no_grad():
             logits = module(input_ids=ids, use_cache=False).logits[0, :-1].float()
         module.train(was_training)
@@ -377,7 +358,7 @@ class GRPOObjective(Objective):
         import torch
 
         start = time.perf_counter()
-        weights = engine_weights(self.engine, self.job)
+        weights = engine_weights(self.backend, self.job)
         trainer = self._probe_logps()
         stats = self._zeros()
         if self.rank == 0:

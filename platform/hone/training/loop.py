@@ -137,12 +137,12 @@ class _Run:
         self.total = config["total_steps"]
 
         seed_all(t.seed)  # identical new weights (adapters, heads) on every rank
-        self.engine = make_backend(job, build_model(job, total_steps=self.total), world, self.total)
+        self.backend = make_backend(job, build_model(job, total_steps=self.total), world, self.total)
         seed_all(t.seed + 1000 * (rank + 1))  # per-rank dropout streams
-        self.device = self.engine.device
+        self.device = self.backend.device
         recipe = objective_class(job)
         self.objective_name = recipe.label(job)
-        self.objective = recipe(WorkerContext(job, self.engine, config["pad_id"], rank, world, self.all_reduce,
+        self.objective = recipe(WorkerContext(job, self.backend, config["pad_id"], rank, world, self.all_reduce,
                                               config.get("objective_extras") or {}))
         self.workers: list[Any] = [None] * world
         dist.all_gather_object(self.workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
@@ -190,12 +190,12 @@ class _Run:
                 if self.ctx.get_local_rank() == 0:  # one conversion per node (per filesystem), the node's ranks wait
                     universal_checkpoint(d)
                 dist.barrier()
-            self.engine.load(d, resized=resized)
+            self.backend.load(d, resized=resized)
             self.state = _State(**{**saved, "world_size": self.world})
             if (Path(d) / f"rng_rank{self.rank}.pt").exists():
                 set_rng_state(torch.load(Path(d) / f"rng_rank{self.rank}.pt", weights_only=False))
         if self.cloned:
-            self.engine.retarget(self.job)
+            self.backend.retarget(self.job)
         self.say(f"{'continued' if self.cloned else 'resumed'} at step {self.state.step}/{self.total} from {d}"
                  + (f" on {self.world} worker(s) (was {saved['world_size']}), {self.sched.grad_accum} micro-batch(es) each"
                     if resized else ""))
@@ -209,7 +209,7 @@ class _Run:
         import ray.train
 
         final = {"step": self.state.step, "total_steps": self.total, "epoch": self.state.step / self.sched.steps_per_epoch,
-                 "lr": self.engine.lr, **(self.evaluate() if self.val_rows else {}), "done": True,
+                 "lr": self.backend.lr, **(self.evaluate() if self.val_rows else {}), "done": True,
                  "stopped_early": self.state.stopped_early}
         if self.state.best is not None:
             final["best_" + self.metric] = self.state.best
@@ -217,7 +217,7 @@ class _Run:
         ray.train.report(final)
 
     def export(self, metrics: dict[str, Any]) -> None:
-        write_export(self.engine, self.job, self.objective_name, self.run_dir, self.config.get("run_uri"), self.rank,
+        write_export(self.backend, self.job, self.objective_name, self.run_dir, self.config.get("run_uri"), self.rank,
                      {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}, self.workers)
 
     # ------------------------------------------------------------------ training
@@ -231,7 +231,7 @@ class _Run:
         self.window_time = 0.0
         self.last_loss = float("nan")
         skipped = 0  # consecutive steps discarded for a non-finite loss or gradient norm
-        self.engine.module.train()
+        self.backend.module.train()
         initial: dict[str, Any] = {}
         if t.eval_on_start and self.val_rows and state.step == 0:
             initial = {"initial_" + k: v for k, v in self.evaluate().items()}
@@ -241,7 +241,7 @@ class _Run:
             step_sums, step_stats = self.step()
             self.window_time += time.perf_counter() - start
             state.step += 1
-            bad = nonfinite_step(float(step_sums[0]), self.engine.grad_norm, self.engine.step_applied, self.all_reduce)
+            bad = nonfinite_step(float(step_sums[0]), self.backend.grad_norm, self.backend.step_applied, self.all_reduce)
             if bad is not None:
                 skipped += 1
                 if t.on_nonfinite == "stop" or skipped > t.max_skipped_steps or bad["applied"]:
@@ -271,7 +271,7 @@ class _Run:
         """One optimiser step over this worker's micro-batches: (loss, steps, tokens, samples sums; objective stats)."""
         import torch
 
-        sched, autocast = self.sched, getattr(self.engine, "autocast", None)
+        sched, autocast = self.sched, getattr(self.backend, "autocast", None)
         step_sums = torch.zeros(4, dtype=torch.float64)
         step_stats = torch.zeros(self.objective.n_stats, dtype=torch.float64)
         for micro in range(sched.grad_accum):
@@ -280,7 +280,7 @@ class _Run:
             batch = self.objective.batch(rows)
             with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                 loss, stats = self.objective.loss(batch)
-            self.engine.train_micro(loss)
+            self.backend.train_micro(loss)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             step_sums += torch.tensor([float(loss.detach()) / sched.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
             if stats is not None:
@@ -298,7 +298,7 @@ class _Run:
         wt = self.window_time
         metrics: dict[str, Any] = {
             "step": self.state.step, "total_steps": self.total, "epoch": self.state.step / self.sched.steps_per_epoch,
-            "loss": self.last_loss, "lr": self.engine.lr, "grad_norm": self.engine.grad_norm,
+            "loss": self.last_loss, "lr": self.backend.lr, "grad_norm": self.backend.grad_norm,
             "tokens_per_s": float(summed[2]) / wt, "samples_per_s": float(summed[3]) / wt, "step_time_s": wt / max(steps, 1.0),
             "peak_memory_mb": _peak_memory_mb(), "workers": self.world,
         }
@@ -308,7 +308,7 @@ class _Run:
             metrics["skipped_steps"] = self.state.skipped_steps
         peak_flops = _peak_flops()
         if peak_flops:
-            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.hf_module.parameters())
+            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.backend.hf_module.parameters())
             metrics["mfu"] = 6 * n_params * float(summed[2]) / wt / (peak_flops * self.world)
         self.window.zero_()
         self.stats_window.zero_()
@@ -345,7 +345,7 @@ class _Run:
         tmp = None
         if checkpoint:
             def write(folder: Path) -> None:
-                self.engine.save(str(folder))
+                self.backend.save(str(folder))
                 torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
                 if self.rank == 0:
                     (folder / "trainer_state.json").write_text(json.dumps(asdict(self.state)))

@@ -37,12 +37,12 @@ DEFAULT_RECIPE = "hone.training.sft:SFTObjective"
 
 @dataclass
 class WorkerContext:
-    """What an objective gets on its worker: the job, the training backend (DeepSpeed or DDP, ``module`` the model
-    to call), the pad id, this worker's rank among ``world_size``, a summing all-reduce, and what the objective's
-    :meth:`Objective.resources` handed the workers (e.g. the rollout pool's name)."""
+    """What an objective gets on its worker: the job, the training backend (:mod:`hone.training.backends`: DeepSpeed
+    or DDP, ``module`` the model to call), the pad id, this worker's rank among ``world_size``, a summing all-reduce,
+    and what the objective's :meth:`Objective.resources` handed the workers (e.g. the rollout pool's name)."""
 
     job: JobConfig
-    engine: Any
+    backend: Any
     pad_id: int
     rank: int
     world_size: int
@@ -74,7 +74,7 @@ class Objective:
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
-        self.job, self.engine, self.pad_id = ctx.job, ctx.engine, ctx.pad_id
+        self.job, self.backend, self.pad_id = ctx.job, ctx.backend, ctx.pad_id
         self.rank, self.world_size, self.all_reduce = ctx.rank, ctx.world_size, ctx.all_reduce
 
     @property
@@ -140,15 +140,15 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return token.sum(-1), mask.sum(-1), -token.sum(-1)
 
 
-def reference_model(job: JobConfig, engine: Any, world_size: int) -> Callable[[Callable[[Any], torch.Tensor]], torch.Tensor]:
+def reference_model(job: JobConfig, backend: Any, world_size: int) -> Callable[[Callable[[Any], torch.Tensor]], torch.Tensor]:
     """The reference model, as a function that runs ``fn(model)`` on it without gradients: with adapters the policy
     with its adapter disabled, else a frozen copy of the starting weights (sharded by ZeRO-3 under stage 3)."""
     import torch
 
     if job.method.is_peft:
         def disabled(fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-            with torch.no_grad(), engine.hf_module.disable_adapter():
-                return fn(engine.module)
+            with torch.no_grad(), backend.hf_module.disable_adapter():
+                return fn(backend.module)
 
         return disabled
     from hone.modeling import load_base_model
@@ -166,7 +166,7 @@ def reference_model(job: JobConfig, engine: Any, world_size: int) -> Callable[[C
             "bf16": {"enabled": job.precision == "bf16"}, "fp16": {"enabled": job.precision == "fp16"}})
         ref.eval()
     else:
-        ref.to(engine.device)
+        ref.to(backend.device)
 
     def frozen(fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

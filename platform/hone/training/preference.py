@@ -152,7 +152,7 @@ class PreferenceObjective(Objective):
     def __init__(self, ctx: WorkerContext):
         super().__init__(ctx)
         self.pref = ctx.job.preference
-        self.reference = reference_model(ctx.job, ctx.engine, ctx.world_size) if self.pref.uses_reference else None
+        self.reference = reference_model(ctx.job, ctx.backend, ctx.world_size) if self.pref.uses_reference else None
 
     @property
     def n_stats(self) -> int:
@@ -160,10 +160,10 @@ class PreferenceObjective(Objective):
 
     def batch(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate_preference(rows, self.pad_id, self.pref.paired, self.job.data.max_length)
-        return {k: v.to(self.engine.device) for k, v in batch.items()}
+        return {k: v.to(self.backend.device) for k, v in batch.items()}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        policy = sequence_logps(self.engine.module, batch)
+        policy = sequence_logps(self.backend.module, batch)
         reference = self.reference(lambda model: sequence_logps(model, batch)[0]) if self.reference else None
         return preference_loss(self.job, batch, policy, reference, self.all_reduce)
 
@@ -177,7 +177,7 @@ class PreferenceObjective(Objective):
         from hone.modeling import rank_batches
 
         sums = torch.zeros(len(PREFERENCE_STATS) + 2, dtype=torch.float64)  # + loss × pairs, pairs
-        module = self.engine.module
+        module = self.backend.module
         was_training = module.training
         module.eval()
         with torch.no_grad():

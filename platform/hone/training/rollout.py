@@ -17,7 +17,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hone.generation import Sampling
 
 __all__ = ["RolloutEngine", "RolloutPool", "SyncError", "start_pool", "stop_pool"]
 
@@ -43,22 +47,13 @@ class RolloutEngine:
     def pid(self) -> int:
         return os.getpid()
 
-    def generate(self, prompts: list[list[int]], params: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
-        """``params['n']`` completions of each prompt: token ids, their log-probs, text, finish reason."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
+    def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> dict[str, Any]:
+        """``sampling.n`` completions of each prompt (:class:`hone.generation.Generation`: token ids, the sampled
+        tokens' log-probs, text, finish reason), with the engine's weight version."""
+        from hone.generation import VLLMGenerator
 
         start = time.perf_counter()
-        params = dict(params)
-        if params.get("structured_outputs"):
-            params["structured_outputs"] = StructuredOutputsParams(**params["structured_outputs"])
-        sampling = [SamplingParams(**params, logprobs=0, seed=s) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
-        groups = []
-        for out in outs:
-            groups.append([{"token_ids": list(o.token_ids), "text": o.text, "finish_reason": o.finish_reason,
-                            "logprobs": [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs or [])]} for o in out.outputs])
+        groups = VLLMGenerator(self.llm).generate(prompts, replace(sampling, logprobs=0), seeds)
         return {"groups": groups, "version": self.version, "seconds": time.perf_counter() - start}
 
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
@@ -186,11 +181,11 @@ class RolloutPool:
                 await self._replace(i, engine, "died" if isinstance(e, RayActorError) else f"did not answer within {timeout:g} s")
         raise AssertionError("unreachable")
 
-    async def generate(self, index: int, prompts: list[list[int]], params: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    async def generate(self, index: int, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> dict[str, Any]:
         """One rollout batch on engine ``index % engines``; an engine that dies or hangs is replaced and the batch retried."""
         await self._started()
         i = index % len(self.engines)
-        out = await self._on_engine(i, lambda e: e.generate.remote(prompts, params, seeds), self.spec["rollout_timeout_s"])
+        out = await self._on_engine(i, lambda e: e.generate.remote(prompts, sampling, seeds), self.spec["rollout_timeout_s"])
         out["engine"] = i
         out["replaced"] = self.replaced
         return out

@@ -22,15 +22,15 @@ class SFTObjective(Objective):
     def batch(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from hone.data import collate
 
-        return {k: v.to(self.engine.device) for k, v in collate(rows, self.pad_id, self.job.task.type).items()}
+        return {k: v.to(self.backend.device) for k, v in collate(rows, self.pad_id, self.job.task.type).items()}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
         from hone.modeling import forward_loss
 
-        return forward_loss(self.engine.module, batch, self.job.task.type)[0], None
+        return forward_loss(self.backend.module, batch, self.job.task.type)[0], None
 
     def evaluate(self, rows: Sequence[dict[str, Any]], batch_size: int, rank: int) -> dict[str, float]:
         from hone.modeling import evaluate
 
-        return evaluate(self.engine.module, rows, self.job, self.pad_id, batch_size=batch_size, rank=rank,
+        return evaluate(self.backend.module, rows, self.job, self.pad_id, batch_size=batch_size, rank=rank,
                         world_size=self.world_size, all_reduce=self.all_reduce)

@@ -1,0 +1,104 @@
+"""The OpenAI wire format of the ingress, apart from the routes: a validated request turned into the replica's request
+body, a replica's answer turned into the OpenAI response, and a replica's event stream framed as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hone.serving.protocol import format_logprobs
+
+__all__ = ["StreamTally", "completion_json", "replica_body", "sse"]
+
+
+def replica_body(req: Any, chat: bool) -> dict[str, Any]:
+    """What a model replica's ``generate``/``complete`` takes for a validated completion or chat request (engine features
+    only when asked: the request model refused them already when this engine has none)."""
+    body: dict[str, Any] = {"model": req.model, "max_tokens": (getattr(req, "max_completion_tokens", None) or req.max_tokens),
+                            "temperature": req.temperature, "top_p": req.top_p, "stop": req.stops(), "seed": req.seed}
+    extras = {"logprobs": req.top_logprobs_asked(), "structured": req.constraint(),
+              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+    body.update({k: v for k, v in extras.items() if v is not None})
+    if req.n > 1:
+        body["n"] = req.n
+    if chat:
+        body["messages"] = [m.plain() for m in req.messages]
+    else:
+        body["prompt"] = req.text()
+    return body
+
+
+def completion_json(first: dict[str, Any], body: dict[str, Any], model: str, chat: bool, rid: str, created: int) -> dict[str, Any]:
+    """The (non-streamed) OpenAI response of a replica's whole answer."""
+    prompt_tokens, n = first["prompt_tokens"], first["completion_tokens"]
+    choices = []
+    for c in first["choices"]:
+        logprobs = format_logprobs(c.get("logprobs"), chat) if "logprobs" in body else None
+        if chat:
+            choices.append({"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": logprobs,
+                            "finish_reason": c["finish_reason"]})
+        else:
+            choices.append({"index": c["index"], "text": c["text"], "logprobs": logprobs, "finish_reason": c["finish_reason"]})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}}
+
+
+@dataclass
+class StreamTally:
+    """What a stream did, for its metrics once it ends: the HTTP-level status, tokens sent, when the first one went."""
+
+    status: int = 200
+    tokens: int = 0
+    first_at: float | None = None
+
+
+async def sse(events: AsyncIterator[dict[str, Any]], tally: StreamTally, *, rid: str, created: int, model: str, chat: bool,
+              prompt_tokens: int, include_usage: bool, on_end: Callable[[], None]) -> AsyncIterator[bytes]:
+    """A replica's events as OpenAI server-sent events: per-choice chunks (the chat role first), an error event when the
+    stream breaks, the usage chunk when asked, then ``[DONE]``. ``on_end`` runs however the stream ends (a client that
+    went away included: closing this generator cancels the replica's, which frees its batch row)."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None, choices: bool = True) -> bytes:
+        payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice] if choices else []}
+        if include_usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    opened: set[int] = set()
+    try:
+        async for event in events:
+            if "error" in event:  # an SSE error event, then [DONE]: the client sees why its stream ended
+                tally.status = int(event.get("status", 500))
+                error = {"message": event["error"], "type": "server_error", "code": event.get("code")}
+                yield f"data: {json.dumps({'error': error})}\n\n".encode()
+                break
+            tally.tokens = event["completion_tokens"]
+            finish, index = event.get("finish_reason"), event.get("index", 0)
+            if chat and index not in opened:  # each choice's first chunk carries the role (OpenAI does this per choice)
+                opened.add(index)
+                yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            if event["text"]:
+                tally.first_at = tally.first_at or time.perf_counter()
+                piece = {"delta": {"content": event["text"]}} if chat else {"text": event["text"]}
+                logprobs = format_logprobs(event.get("logprobs"), chat) if "logprobs" in event else None
+                yield chunk({"index": index, **piece, "logprobs": logprobs, "finish_reason": None})
+            if finish:
+                piece = {"delta": {}} if chat else {"text": ""}
+                yield chunk({"index": index, **piece, "logprobs": None, "finish_reason": finish})
+        if include_usage and tally.status == 200:
+            n = tally.tokens
+            yield chunk({}, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}, choices=False)
+        yield b"data: [DONE]\n\n"
+    except asyncio.CancelledError:
+        tally.status = 499  # the client went away: closing the replica's event generator frees its batch row
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+        on_end()
