@@ -90,9 +90,11 @@ quickstart: setup
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info platform/*.egg-info .pytest_cache
 
-# Regenerate the YAML reference (docs/reference.md) from the schemas; build the guides into site/.
+# Regenerate the YAML reference (docs/reference.md) from the schemas and the site's home page (docs/index.md) from the
+# README; build the guides into site/.
 docs: setup
 	$(PY) -c "from hone.config.reference import reference_page; open('docs/reference.md', 'w').write(reference_page())"
+	$(PY) -c "import pathlib; pathlib.Path('docs/index.md').write_text(pathlib.Path('README.md').read_text().replace('](docs/', ']('))"
 
 docs-site: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

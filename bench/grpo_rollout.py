@@ -64,10 +64,11 @@ def _hone(job, rows, model_dir, args) -> float:
 
     import ray
 
+    from hone.generation import Sampling
     from hone.runtime import ray_session
     from hone.training.rollout import start_pool, stop_pool
 
-    params = {"n": args.k, "max_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "stop": None}
+    params = Sampling(n=args.k, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
     with ray_session(job, None):
         pool = start_pool(job, str(model_dir), "bench-rollout")
         try:
@@ -79,7 +80,7 @@ def _hone(job, rows, model_dir, args) -> float:
                 start = time.perf_counter()
                 out = ray.get(pool.generate.remote(s, prompts, params, list(range(len(prompts)))))
                 seconds.append(time.perf_counter() - start)
-                tokens += sum(len(o["token_ids"]) for g in out["groups"] for o in g)
+                tokens += sum(len(o.token_ids) for g in out["groups"] for o in g)
         finally:
             stop_pool(pool)
     print(f"hone: {tokens} tokens in {sum(seconds):.2f} s (median step {statistics.median(seconds):.3f} s); "

@@ -323,17 +323,19 @@ PACE_S = 0.01  # one engine call per 10 ms: requests that reach a replica one at
 
 def _engine_p50(model: str, reps: int, pace_s: float = 0.0) -> float:
     """p50 of a 1-token request on the engine in-process: back to back, or one call every ``pace_s`` (idle between)."""
-    from hone.artifacts import resolve_ref
+    from hone.config import validate_serve_config
+    from hone.generation import Sampling
     from hone.serving.engine import Engine, GenRequest
+    from hone.serving.spec import resolve
 
-    engine = Engine({"model": resolve_ref(model), "kind": "model", "path": model, "task": "causal_lm", "device": "cpu"})
+    engine = Engine(resolve(validate_serve_config({"model": model, "device": "cpu"})))
     ids = engine.encode_prompt(PROMPTS[0], None)
     times = []
     for _ in range(reps + 2):
         if pace_s:
             time.sleep(pace_s)
         started = time.perf_counter()
-        engine.generate_batch([GenRequest(ids, 1, temperature=0)], lambda *a: None)
+        engine.generate_batch([GenRequest(ids, Sampling(max_tokens=1, temperature=0))], lambda *a: None)
         times.append(time.perf_counter() - started)
     return statistics.median(times[2:])
 

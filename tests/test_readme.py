@@ -19,6 +19,11 @@ def test_the_reference_page_matches_the_schemas(repo):
     assert (repo / "docs" / "reference.md").read_text() == reference_page(), "docs/reference.md is stale: run `make docs`"
 
 
+def test_the_site_home_is_the_readme(repo):
+    expected = (repo / "README.md").read_text().replace("](docs/", "](")
+    assert (repo / "docs" / "index.md").read_text() == expected, "docs/index.md is stale: run `make docs`"
+
+
 def test_readme_shows_the_two_commands_and_its_links_land(repo):
     text = (repo / "README.md").read_text()
     assert "make quickstart" in text and "make test" in text

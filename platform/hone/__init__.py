@@ -13,7 +13,7 @@ Importing ``hone`` is cheap; each stage imports its heavy libraries when it runs
     hone.submit("jobs/tiny-smoke.yaml", address="http://head:8265")
 """
 
-from hone.artifacts import ArtifactError, ModelSpec, resolve_ref
+from hone.artifacts import ModelSpec, resolve_ref
 from hone.config import (
                          ConfigError,
                          JobConfig,
@@ -29,14 +29,23 @@ from hone.config import (
                          load_serve_config,
                          validate_job,
 )
-from hone.config.quantization import GateThresholds, QuantizeError
-from hone.data import DataError, prepare_data
+from hone.config.quantization import GateThresholds
+from hone.data import prepare_data
+from hone.errors import (
+                         ArtifactError,
+                         DataError,
+                         PipelineError,
+                         QuantizeError,
+                         ServeError,
+                         SubmitError,
+                         TrainError,
+)
 from hone.evaluation import EvalReport, evaluate_model
-from hone.pipeline import PipelineError, PipelineResult, run_pipeline
+from hone.pipeline import PipelineResult, run_pipeline
 from hone.quantize import QuantizeResult, quantize
-from hone.serving import ServeError, serve
-from hone.submit import Submission, SubmitError, submit
-from hone.training import TrainError, TrainResult, train
+from hone.serving import serve
+from hone.submit import Submission, submit
+from hone.training import TrainResult, train
 from hone.tune import SweepResult, sweep
 from hone.version import __version__
 

@@ -32,9 +32,10 @@ def _run(engine, reqs, admit=None, max_batch=None):
 
 
 def _req(engine, prompt, n):
+    from hone.generation import Sampling
     from hone.serving.engine import GenRequest
 
-    return GenRequest(engine.encode_prompt(prompt, None), n, temperature=0.0)
+    return GenRequest(engine.encode_prompt(prompt, None), Sampling(max_tokens=n, temperature=0.0))
 
 
 PROMPTS = ["The movie was", "A slow, dull film about", "Brilliant acting and a sharp script make this", "Not"]
@@ -69,6 +70,7 @@ def test_constrained_requests_only_produce_their_grammar(engine):
     one batch with an unconstrained request, which still gets its solo greedy text."""
     import json
 
+    from hone.generation import Sampling
     from hone.serving.engine import GenRequest
     from hone.serving.protocol import RequestError
 
@@ -76,7 +78,7 @@ def test_constrained_requests_only_produce_their_grammar(engine):
     ids = engine.encode_prompt(PROMPTS[1], None)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
     constraints = [{"choice": ["positive", "negative", "mixed \"ok\""]}, {"regex": "[0-9]{3}"}, {"json": schema}, {"choice": ["yes", "no"]}]
-    reqs = [GenRequest(ids, 40, temperature=t, seed=s, grammar=engine.compile_constraint(c))
+    reqs = [GenRequest(ids, Sampling(max_tokens=40, temperature=t, seed=s), grammar=engine.compile_constraint(c))
             for c in constraints for t, s in ((0.0, None), (1.0, 1), (1.0, 2))]
     texts, finished = _run(engine, [_req(engine, PROMPTS[0], 12), *reqs])
     assert texts[0] == free

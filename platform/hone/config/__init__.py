@@ -5,7 +5,7 @@
 - :mod:`hone.config.serve`: the serve YAML (``hone serve``)
 - :mod:`hone.config.pipeline`: the pipeline YAML (``hone pipeline``, ``hone quickstart``)
 - :mod:`hone.config.quantization`: the quantisation methods and gate thresholds
-- :mod:`hone.config.reference`: JSON schema and the README reference
+- :mod:`hone.config.reference`: JSON schema and the YAML reference (docs/reference.md)
 
 :func:`load_file` reads any of them, telling the kind by its ``kind:`` key or by its keys.
 """

@@ -1,4 +1,4 @@
-"""Generated documentation of the schemas: JSON schema for editors, Markdown tables for the README."""
+"""Generated documentation of the schemas: JSON schema for editors, Markdown tables for docs/reference.md."""
 
 from __future__ import annotations
 

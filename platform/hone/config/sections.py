@@ -1,7 +1,7 @@
 """The sections of a job YAML: model, task, data, method, distributed and training.
 
 Each section is a typed model and the only place its fields are declared; docstrings under the
-fields are the documentation ``hone schema`` and the README's reference print.
+fields are the documentation ``hone schema`` and docs/reference.md print.
 """
 
 from __future__ import annotations

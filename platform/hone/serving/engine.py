@@ -15,9 +15,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hone.generation import Sampling
 from hone.grammar import ConstraintError, Constraints, Matcher
 from hone.serving.protocol import RequestError, require_task
 
@@ -68,12 +69,11 @@ def max_tokens_for(prompt_ids: list[int], requested: int | None, default: int, c
 
 @dataclass
 class GenRequest:
+    """One request in a decoding batch: its prompt, how to decode it (the :class:`hone.generation.Sampling` vLLM's
+    replica and the offline generators take too; ``n``, ``logprobs`` and the penalties are vLLM's only), its adapter."""
+
     prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    sampling: Sampling
     adapter: str | None = None
     grammar: Any = None
     """A compiled structured-output constraint (:mod:`hone.grammar`), or None."""
@@ -184,15 +184,16 @@ class Engine:
         for i, req in enumerate(reqs):
             matcher = matchers[i]
             row = matcher.mask(logits[i]) if matcher is not None else logits[i].float()
-            if req.temperature < GREEDY_BELOW:  # logits / 1e-30 overflow to inf and softmax to NaN: vLLM decodes greedily too
+            s = req.sampling
+            if s.temperature < GREEDY_BELOW:  # logits / 1e-30 overflow to inf and softmax to NaN: vLLM decodes greedily too
                 tok: int | None = greedy[i] if matcher is None else int(row.argmax())
             else:
                 try:
-                    row = row / req.temperature
-                    if req.top_p < 1.0:
+                    row = row / s.temperature
+                    if s.top_p < 1.0:
                         sorted_logits, order = torch.sort(row, descending=True)
                         probs = torch.softmax(sorted_logits, -1)
-                        cut = probs.cumsum(-1) - probs > req.top_p
+                        cut = probs.cumsum(-1) - probs > s.top_p
                         sorted_logits[cut] = float("-inf")
                         row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
                     probs = torch.softmax(row, -1)
@@ -277,7 +278,8 @@ class Engine:
             def start(new: list[GenRequest]) -> None:
                 for r in new:
                     g = torch.Generator(device=self.device)
-                    g.manual_seed(r.seed % 2**64 if r.seed is not None else int(time.time_ns() % 2**63))
+                    seed = r.sampling.seed
+                    g.manual_seed(seed % 2**64 if seed is not None else int(time.time_ns() % 2**63))
                     generators.append(g)
                     matchers.append(Matcher(r.grammar, self.vocab_size) if r.grammar is not None else None)
                     tokens.append([])
@@ -299,14 +301,14 @@ class Engine:
                     if matchers[i] is not None and matchers[i].done:  # the constrained text is complete
                         finish = "stop"
                 text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                if finish is None and req.stop:
-                    hits = [text.find(s, max(0, sent[i] - len(s))) for s in req.stop]
+                if finish is None and req.sampling.stop:
+                    hits = [text.find(s, max(0, sent[i] - len(s))) for s in req.sampling.stop]
                     hits = [h for h in hits if h >= 0]
                     if hits:
                         text, finish = text[: min(hits)], "stop"
-                if finish is None and len(tokens[i]) >= req.max_tokens:
+                if finish is None and len(tokens[i]) >= req.sampling.max_tokens:
                     finish = "length"
-                end = len(text) if finish else len(text) - self._held_back(text, req.stop)
+                end = len(text) if finish else len(text) - self._held_back(text, req.sampling.stop)
                 if end > sent[i] or finish:
                     emit(i, text[sent[i]:end] if end > sent[i] else "", finish, len(tokens[i]))
                     sent[i] = max(sent[i], end)

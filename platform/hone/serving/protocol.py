@@ -7,9 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ENGINE_FEATURES", "UNSUPPORTED", "ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest", "ContentPart",
-           "GenerationRequest", "RequestError", "ResponseFormat", "StructuredOutputs", "collect", "format_logprobs", "parse_body",
-           "require_model", "require_task", "validation_message"]
+from hone.generation import Sampling
+
+__all__ = [
+    "ENGINE_FEATURES", "UNSUPPORTED", "ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest",
+    "ContentPart", "GenerationRequest", "RequestError", "ResponseFormat", "StructuredOutputs", "body_sampling",
+    "collect", "format_logprobs", "parse_body", "require_model", "require_task", "validation_message",
+]
 
 
 class RequestError(ValueError):
@@ -403,3 +407,12 @@ def format_logprobs(entries: list[dict[str, Any]] | None, chat: bool) -> dict[st
         at += len(e["token"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+
+
+def body_sampling(body: dict[str, Any], max_tokens: int) -> Sampling:
+    """How a replica decodes a request body (the ingress's :func:`hone.serving.wire.replica_body`): the same
+    :class:`~hone.generation.Sampling` for hone's engine and vLLM's, with ``max_tokens`` already resolved."""
+    return Sampling(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
+                    n=body.get("n", 1), stop=tuple(body.get("stop") or ()), seed=body.get("seed"), logprobs=body.get("logprobs"),
+                    presence_penalty=body.get("presence_penalty") or 0.0, frequency_penalty=body.get("frequency_penalty") or 0.0,
+                    structured=body.get("structured"))

@@ -16,7 +16,7 @@ from ray import serve
 
 from hone.runtime import quiet_libraries
 from hone.serving.engine import Engine, GenRequest
-from hone.serving.protocol import RequestError, collect, require_model, require_task
+from hone.serving.protocol import RequestError, body_sampling, collect, require_model, require_task
 from hone.serving.spec import DEFAULT_BATCH_SIZE, ServeSpec
 
 __all__ = ["ModelServer", "QueueGauges", "replica_id"]
@@ -164,8 +164,7 @@ class ModelServer:
         except RequestError as e:
             yield e.event()
             return
-        req = GenRequest(ids, max_tokens, body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("stop") or [],
-                         body.get("seed"), adapter, grammar)
+        req = GenRequest(ids, body_sampling(body, max_tokens), adapter, grammar)
         queue: asyncio.Queue = asyncio.Queue()
         with self._waiting_lock:
             self._waiting.append((req, queue))

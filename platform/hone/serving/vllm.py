@@ -26,10 +26,10 @@ from ray import serve
 
 from hone.config import ServeConfig
 from hone.config.quantization import VLLM_ONLY
-from hone.generation import Sampling, vllm_sampling
+from hone.generation import vllm_sampling
 from hone.runtime import quiet_libraries
 from hone.serving.engine import encode_prompt, max_tokens_for
-from hone.serving.protocol import RequestError, collect, require_model
+from hone.serving.protocol import RequestError, body_sampling, collect, require_model
 from hone.serving.replica import QueueGauges, replica_id
 from hone.serving.spec import ServeSpec
 
@@ -181,11 +181,7 @@ class VLLMServer:
     def _sampling(self, body: dict[str, Any], max_tokens: int) -> Any:
         from vllm.sampling_params import RequestOutputKind
 
-        sampling = Sampling(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
-                            n=body.get("n", 1), stop=tuple(body.get("stop") or ()), seed=body.get("seed"), logprobs=body.get("logprobs"),
-                            presence_penalty=body.get("presence_penalty") or 0.0,
-                            frequency_penalty=body.get("frequency_penalty") or 0.0, structured=body.get("structured"))
-        return vllm_sampling(sampling, output_kind=RequestOutputKind.DELTA)
+        return vllm_sampling(body_sampling(body, max_tokens), output_kind=RequestOutputKind.DELTA)
 
     async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Events of one request (see :mod:`hone.serving.protocol`), or one error event."""
