@@ -308,10 +308,10 @@ def test_skip_step_discards_updates_up_to_its_bound(connected):
 
 
 _ENGINES = f"""
-import math, os, torch
+import math, os, pytest, torch
 from hone.config import validate_job
 from hone.modeling import build_model
-from hone.training.backends import make_backend
+from hone.training.backends import make_backend, optimizer_spec
 import torch.distributed as dist
 dist.init_process_group("gloo", rank=0, world_size=1)
 raw = validate_job({json.dumps(tiny("engine", training={**TINY["training"], "on_nonfinite": "skip_step"}))})
@@ -332,13 +332,25 @@ for deepspeed in (False, True):  # DDP, then ZeRO-2 (this one process as the onl
     engine.train_micro(loss_of(1.0))
     assert engine.step_applied and math.isfinite(engine.grad_norm), deepspeed
     assert any(not torch.equal(a, b) for a, b in zip(before, params())), f"the next healthy step was not applied ({{deepspeed=}})"
+    # one optimizer declaration for both backends, and population-based training's fields applied to either
+    spec = optimizer_spec(job)
+    if deepspeed:
+        assert {{k: v for k, v in engine.config["optimizer"]["params"].items() if k != "torch_adam"}} == spec["params"]
+    else:
+        assert type(engine.optimizer).__name__ == spec["type"]
+    new = job.model_copy(update={{"training": job.training.model_copy(update={{"lr": job.training.lr * 2, "weight_decay": 0.05}})}})
+    engine.retarget(new)
+    groups = engine.scheduler.optimizer.param_groups
+    assert all(g["initial_lr"] == new.training.lr and g["weight_decay"] == 0.05 for g in groups), (deepspeed, groups)
+    assert engine.lr == pytest.approx(groups[0]["lr"]) and engine.scheduler.base_lrs[0] == new.training.lr
     print("ok", deepspeed)
 """
 
 
 @pytest.mark.slow
-def test_engines_discard_a_non_finite_step_and_apply_the_next(tmp_path):
-    """DDP and ZeRO-2, one after the other in one process."""
+def test_backends_discard_a_non_finite_step_apply_the_next_and_take_new_hyperparameters(tmp_path):
+    """DDP and ZeRO-2, one after the other in one process: a non-finite step is discarded, the next applied; both
+    optimizers come from one declaration and take population-based training's new values (``retarget``)."""
     from hone.runtime import free_port
 
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

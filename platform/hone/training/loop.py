@@ -286,7 +286,7 @@ class _Run:
             if stats is not None:
                 step_stats += stats
         step_sums[1] = 1
-        step_stats += self.objective.after_step(self.state.step + 1)  # GRPO: the weight sync, timed with the step
+        step_stats += self.objective.after_step(self.state.step + 1)  # an online objective syncs its engines here, timed with the step
         return step_sums, step_stats
 
     def window_metrics(self) -> dict[str, Any]:
