@@ -194,9 +194,18 @@ def download(uri: str, local: str | Path) -> Path:
 
 
 def mirror(uri: str) -> Path:
-    """The local folder standing for ``uri`` on this machine: ``$HONE_HOME/remote/<scheme>/<bucket>/<path>``."""
+    """The local folder standing for ``uri`` on this machine: ``$HONE_HOME/remote/<scheme>/<bucket>/<path>``. A URI whose
+    path has empty, ``.`` or ``..`` segments is refused: its mirror could land outside the mirror root (and
+    :func:`download` replaces what is there)."""
     m = _URI.match(uri)
-    return assets.hone_home() / "remote" / m.group(1).lower() / uri[m.end():].strip("/")
+    rest = uri[m.end():].strip("/")
+    if any(part in ("", ".", "..") for part in rest.split("/")):
+        raise StorageError(f"{uri}: a path with empty, '.' or '..' segments cannot be mirrored here; write the path without them")
+    root = assets.hone_home() / "remote"
+    local = root / m.group(1).lower() / rest
+    if not local.resolve().is_relative_to(root.resolve()):
+        raise StorageError(f"{uri}: its local mirror {local.resolve()} would lie outside {root}")
+    return local
 
 
 def uri_of(path: str | Path) -> str | None:

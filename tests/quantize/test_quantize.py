@@ -140,6 +140,13 @@ def test_missing_artifact_and_gpu_methods_fail_clearly(registered_export, home, 
             quantize("builtin:tiny-llama", "int4-weight-only")
     with pytest.raises(QuantizeError, match="unknown quantisation method"):
         quantize("builtin:tiny-llama", "int3")
+    # --out never replaces a folder hone did not make (it used to be renamed aside and deleted)
+    mine = tmp_path / "my-models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(QuantizeError, match="is not a hone quantised artifact"):
+        quantize("builtin:tiny-llama", "int8-dynamic", out=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_gate_fails_on_non_finite_measures_and_refuses_no_rows():

@@ -181,6 +181,20 @@ def test_a_weight_sync_reaches_the_engine_and_is_what_the_trainer_computes(conne
 # --------------------------------------------------------------------------- refused before any Ray work
 
 
+def test_validating_a_function_reward_runs_none_of_its_module(tmp_path, monkeypatch):
+    """The reward module is found and read, not imported: its top-level code runs only where rewards are scored."""
+    pkg = tmp_path / "team_rewards"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"open({str(tmp_path / 'package-ran')!r}, 'w').close()\n")
+    (pkg / "scores.py").write_text(f"open({str(tmp_path / 'module-ran')!r}, 'w').close()\n\n"
+                                   "def brevity(prompts, completions, rows):\n    return [-len(c) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    validate_job(grpo_job("g", grpo={"rewards": [{"type": "function", "function": "team_rewards.scores:brevity"}]}))
+    with pytest.raises(JobConfigError, match="has no function 'length'"):
+        validate_job(grpo_job("g", grpo={"rewards": [{"type": "function", "function": "team_rewards.scores:length"}]}))
+    assert not (tmp_path / "package-ran").exists() and not (tmp_path / "module-ran").exists()
+
+
 def test_bad_grpo_configs_are_refused_at_validation():
     cases = [
         (grpo_job("g", grpo={"k": 1}), "grpo.k"),

@@ -584,3 +584,39 @@ def test_runs_started_in_the_same_second_never_share_a_directory(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         dirs = list(pool.map(lambda _: new_run_dir(tmp_path, "same"), range(16)))
     assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)
+
+
+def test_random_state_round_trips_as_data_and_a_pickle_in_its_place_is_refused(tmp_path):
+    """A checkpoint's RNG file holds tensors and plain containers: it restores every generator exactly, and a file a
+    writer of the shared volume swapped for a pickle that runs code is refused, not executed."""
+    import random
+
+    import numpy as np
+
+    from hone.training.plan import TrainError, load_rng_state, save_rng_state, seed_all
+
+    seed_all(3)
+    random.random(), np.random.normal(), torch.rand(1)  # a cached gaussian in NumPy's state, too
+    save_rng_state(tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.normal()), float(torch.rand(1)))
+    seed_all(99)
+    load_rng_state(tmp_path / "rng.pt")
+    assert (random.random(), float(np.random.normal()), float(torch.rand(1))) == expected
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"python": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(TrainError, match="it is not unpickled"):
+        load_rng_state(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_no_checkpoint_is_unpickled():
+    library = Path(__file__).resolve().parents[2] / "platform"
+    loads = [f"{p}:{i}" for p in library.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+             if "weights_only=False" in line]
+    assert not loads, f"torch.load with weights_only=False runs whatever a checkpoint file holds: {loads}"

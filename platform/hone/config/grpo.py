@@ -9,6 +9,7 @@ same Ray Train + DeepSpeed loop, checkpoints, sweeps, registry, gate and serving
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -210,14 +211,44 @@ def grpo_problems(grpo: GRPOConfig | None, pref: Any, task: Any, data: Any, meth
 
 
 def _importable(path: str) -> str | None:
-    """Why ``module.path:name`` cannot be imported here, or None."""
-    import importlib
+    """Why ``module.path:name`` cannot be found here, or None. Nothing of the module runs: it is located on ``sys.path``
+    without importing it (or its parent packages) and its source is read for ``name``; the reward is imported only where
+    it runs (the Ray tasks that score samples)."""
+    import ast
+    import importlib.machinery
+    import importlib.util
+    import sys
 
     module, _, name = path.partition(":")
+    if module in sys.modules:  # imported already (the standard library's os.path, say): nothing more runs
+        return None if callable(getattr(sys.modules[module], name, None)) else f"{module!r} has no function {name!r}"
+    parts = module.split(".")
+    spec, search = None, None
+    for i in range(len(parts)):
+        try:  # the top level through every finder (editable installs too), submodules in their package's folders
+            spec = importlib.util.find_spec(parts[0]) if i == 0 else importlib.machinery.PathFinder.find_spec(parts[i], search)
+        except (ImportError, ValueError) as e:
+            return f"cannot find {module!r} ({type(e).__name__}: {e})"
+        if spec is None:
+            return f"cannot import {module!r}: no module {'.'.join(parts[: i + 1])!r} on this Python's path"
+        search = spec.submodule_search_locations
+    if not (spec.origin and spec.origin.endswith(".py")):
+        return None  # a compiled or namespace module: checked where the reward runs
     try:
-        found = importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        return f"cannot import {module!r} ({type(e).__name__}: {e})"
-    if not callable(getattr(found, name, None)):
+        tree = ast.parse(Path(spec.origin).read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError) as e:
+        return f"cannot read {module!r} ({type(e).__name__}: {e})"
+    defined: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" for a in node.names):
+                return None  # names it re-exports: checked where the reward runs
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+    if name not in defined:
         return f"{module!r} has no function {name!r}"
     return None

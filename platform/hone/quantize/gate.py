@@ -257,6 +257,16 @@ def gate_verdict(task: str, original: dict[str, float], quantized: dict[str, flo
     return {"passed": not failed, "rule": rule, "failed": failed, "changes": {metric: change for metric, change, _, _ in checks}}
 
 
+def _check_destination(folder: Path) -> None:
+    """hone replaces only what it made: an existing destination must be a quantised artifact (or an empty folder)."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_dir() and not folder.is_symlink() and ((folder / QUANTIZED_INFO).is_file() or not any(folder.iterdir())):
+        return
+    raise QuantizeError(f"{folder} exists and is not a hone quantised artifact (no {QUANTIZED_INFO}): hone replaces only its own "
+                        "artifacts; give --out a new folder")
+
+
 def quantize(
     ref: str,
     method: str | None = None,
@@ -281,6 +291,7 @@ def quantize(
     if remote:
         storage.check(remote)
     folder = storage.mirror(remote) if remote else Path(out) if out else quantized_dir(source.spec, method)
+    _check_destination(folder)
     say = (lambda *_: None) if quiet else (lambda msg: print(f"[hone] {msg}", flush=True))
 
     say(f"quantising {ref} with {method}")

@@ -296,7 +296,8 @@ class _DDP:
     def load(self, directory: str, *, resized: bool = False) -> None:
         import torch
 
-        state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device, weights_only=False)
+        # tensors and plain containers only: a checkpoint on a shared volume or bucket is data, never code
+        state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device, weights_only=True)
         self.hf_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -26,7 +26,7 @@ from hone.runtime import worker_setup_hook
 from hone.training.backends import universal_checkpoint
 from hone.training.checkpoints import candidates, intact, write_checkpoint
 from hone.training.export import write_export
-from hone.training.plan import rng_state, schedule, seed_all, set_rng_state
+from hone.training.plan import load_rng_state, save_rng_state, schedule, seed_all
 
 __all__ = ["nonfinite_step", "train_loop"]
 
@@ -167,7 +167,6 @@ class _Run:
         """Load the run's newest intact checkpoint; a run with none that population-based training continues from
         another run's state (``init_checkpoint``) takes that one with this trial's hyperparameters."""
         import ray.train
-        import torch
         import torch.distributed as dist
 
         checkpoint = ray.train.get_checkpoint()
@@ -193,7 +192,7 @@ class _Run:
             self.backend.load(d, resized=resized)
             self.state = _State(**{**saved, "world_size": self.world})
             if (Path(d) / f"rng_rank{self.rank}.pt").exists():
-                set_rng_state(torch.load(Path(d) / f"rng_rank{self.rank}.pt", weights_only=False))
+                load_rng_state(Path(d) / f"rng_rank{self.rank}.pt")
         if self.cloned:
             self.backend.retarget(self.job)
         self.say(f"{'continued' if self.cloned else 'resumed'} at step {self.state.step}/{self.total} from {d}"
@@ -336,7 +335,6 @@ class _Run:
         """Report the metrics to Ray Train, with a checkpoint when asked (written whole or not at all); the final report
         follows the export."""
         import ray.train
-        import torch
 
         metrics["done"] = final
         if final:
@@ -346,7 +344,7 @@ class _Run:
         if checkpoint:
             def write(folder: Path) -> None:
                 self.backend.save(str(folder))
-                torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+                save_rng_state(folder / f"rng_rank{self.rank}.pt")
                 if self.rank == 0:
                     (folder / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
 

@@ -11,12 +11,14 @@ the same batches and the same losses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hone.config import JobConfig
 from hone.errors import TrainError
 
-__all__ = ["Schedule", "TrainError", "rng_state", "schedule", "seed_all", "set_rng_state", "total_steps"]
+__all__ = ["Schedule", "TrainError", "load_rng_state", "rng_state", "save_rng_state", "schedule", "seed_all", "set_rng_state",
+           "total_steps"]
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,18 @@ def total_steps(job: JobConfig, n_rows: int) -> int:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random state (Python, NumPy, torch, CUDA) as tensors and plain containers only: what a
+    checkpoint stores, loadable with ``torch.load(weights_only=True)`` (nothing in a checkpoint is unpickled)."""
     import random
 
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -100,11 +108,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng_state(path: Path) -> None:
+    import torch
+
+    torch.save(rng_state(), path)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore the random state :func:`save_rng_state` wrote; a file holding anything but tensors and plain containers
+    is refused (``weights_only=True``), never executed."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TrainError(f"{path} holds more than tensors and plain data (written before hone stored random state as data, "
+                         f"or replaced by someone): it is not unpickled; resume from another checkpoint or start the run "
+                         f"again ({str(e).splitlines()[0]})") from None
+    set_rng_state(state)
 
 
 def seed_all(seed: int) -> None:
