@@ -131,6 +131,14 @@ def test_every_problem_is_reported_at_once():
     assert "problems in the job" in text and "training.lrr" in text and "distributed.deepspeed.stage" in text
 
 
+def test_names_that_become_folders_are_one_folder_name():
+    """A job's name and its output name name folders under the storage path: one segment, never ``..`` or ``/``."""
+    for bad in ("../escape", "runs/x", ".hidden"):
+        assert "name" in problems(with_(name=bad))
+        assert "training.output_name" in problems(with_(training={"output_name": bad}))
+    assert validate_job(with_(training={"output_name": "sft-v2.1"})).run_name == "sft-v2.1"
+
+
 def test_job_must_be_a_mapping():
     with pytest.raises(JobConfigError, match="mapping"):
         validate_job(["not", "a", "job"])

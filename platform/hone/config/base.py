@@ -22,8 +22,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "Problem", "Section", "apply_overrides_to", "dict_value_model", "fields_at", "is_dict", "model_of",
-           "parse_overrides", "path_problem", "problems_from_validation", "read_mapping", "set_path", "unwrap_annotation"]
+__all__ = [
+    "NAME_PATTERN", "ConfigError", "Problem", "Section", "apply_overrides_to", "dict_value_model", "fields_at",
+    "is_dict", "model_of", "parse_overrides", "path_problem", "problems_from_validation", "read_mapping", "set_path",
+    "unwrap_annotation",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""What a name that becomes a folder may look like (a job, a run's output, a pipeline): one path segment, no ``/``,
+no leading dot (so never ``..``)."""
 
 
 class Section(BaseModel):

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from hone import assets
 from hone.config.base import (
+    NAME_PATTERN,
     ConfigError,
     Problem,
     Section,
@@ -140,7 +141,7 @@ class TuneConfig(Section):
 class JobConfig(Section):
     """A hone job: one YAML file."""
 
-    name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(default="job", pattern=NAME_PATTERN)
     """Job name; runs and exports are named after it. Defaults to the YAML file's stem."""
     kind: Literal["job"] = Field(default="job", exclude=True)
     """What this YAML is (``hone validate`` also tells a job by its ``data`` section)."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from hone.config.base import ConfigError, Problem, Section, problems_from_validation, read_mapping
+from hone.config.base import NAME_PATTERN, ConfigError, Problem, Section, problems_from_validation, read_mapping
 from hone.config.job import JobConfig, JobConfigError, load_job
 from hone.config.quantization import GateThresholds, QuantMethod, check_method, default_method
 from hone.config.serve import ServeConfig, ServeConfigError, validate_serve_config
@@ -92,8 +92,9 @@ class SmokeTestStage(Section):
 class PipelineConfig(Section):
     """A pipeline: train → quantise → serve → smoke test, each stage feeding the next through the registry."""
 
-    name: str
-    """Pipeline name (its directory under the storage path; the Ray Serve application name by default)."""
+    name: str = Field(pattern=NAME_PATTERN)
+    """Pipeline name (its directory under the storage path, so one folder name: letters, digits, ``_.-``; the Ray Serve
+    application name by default)."""
     kind: Literal["pipeline"] = Field(default="pipeline", exclude=True)
     """What this YAML is (``hone validate`` also tells a pipeline by its ``train`` stage)."""
     train: TrainStage

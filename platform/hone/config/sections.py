@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hone import assets, storage
-from hone.config.base import Section
+from hone.config.base import NAME_PATTERN, Section
 
 __all__ = ["CLS_METRICS", "DATA_FILE_TYPES", "LM_METRICS", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig",
            "MethodConfig", "ModelConfig", "TaskConfig", "TrainingConfig", "metric_mode"]
@@ -480,8 +480,8 @@ class TrainingConfig(Section):
     """Metric that picks the best checkpoint and drives early stopping."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
     """Stop after this many evaluations without improvement of ``eval_metric``."""
-    output_name: str | None = None
-    """Run/export name; defaults to the job's ``name``."""
+    output_name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    """Run/export name (one folder name: letters, digits, ``_.-``); defaults to the job's ``name``."""
     storage_path: str | None = None
     """Where runs, checkpoints, exports and the tokenised-data cache go: a folder, or object storage (``s3://bucket/runs``)
     that every node reaches; default ``$HONE_HOME/runs``."""
