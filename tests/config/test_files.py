@@ -60,7 +60,8 @@ def test_a_broken_pipeline_reports_every_problem(tmp_path):
     bad.write_text("name: ../escape\ntrain: {job: job.yaml}\nquantize: {method: int7, eval_rows: 0}\nsmoke_test: {requets: 4}\n")
     out = hone("validate", str(bad))
     assert out.returncode == 2, out.stdout + out.stderr
-    for text in ("problems in the pipeline", "- name:", "quantize.method", "quantize.eval_rows", "smoke_test.requets", "did you mean 'requests'?",
+    for text in ("problems in the pipeline", "- name:", "quantize.method", "quantize.eval_rows", "smoke_test.requets",
+                 "did you mean 'requests'?",
                  "train.job", "training.lrr"):
         assert text in out.stderr, (text, out.stderr)
     out = hone("validate", str(bad), "serve.prot=1", "serve.max_batch_size=0")

@@ -49,14 +49,19 @@ def test_require_auth_refuses_a_public_port_without_keys_before_ray(repo, tmp_pa
     from hone.config import validate_serve_config
     from hone.serving.spec import ServeError, check_auth
 
-    public = validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0", "require_auth": True})
-    with pytest.raises(ServeError, match="no API keys are configured"):
-        check_auth(public, [])
-    check_auth(public, ["0" * 64])  # with a key
+    public = validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0"})  # fail closed: keys by default
+    for cfg_ in (public, validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0", "require_auth": True})):
+        with pytest.raises(ServeError, match="no API keys are configured: set HONE_API_KEYS .* or set require_auth: false"):
+            check_auth(cfg_, [])
+        check_auth(cfg_, ["0" * 64])  # with a key
+    local = validate_serve_config({"model": "builtin:tiny-llama", "host": "127.0.0.1"})
+    check_auth(local, [])
+    with pytest.raises(ServeError, match="no API keys"):  # serve deploy / KubeRay: the proxy listens on every interface
+        check_auth(local, [], host="0.0.0.0")
     check_auth(validate_serve_config({"model": "builtin:tiny-llama", "host": "127.0.0.1", "require_auth": True}), [])
-    check_auth(validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0"}), [])  # not asked for
+    check_auth(validate_serve_config({"model": "builtin:tiny-llama", "host": "0.0.0.0", "require_auth": False}), [])  # on purpose
     cfg = tmp_path / "public.yaml"
-    cfg.write_text("model: builtin:tiny-llama\nhost: 0.0.0.0\nrequire_auth: true\n")
+    cfg.write_text("model: builtin:tiny-llama\nhost: 0.0.0.0\n")
     env = {k: v for k, v in os.environ.items() if k not in ("HONE_API_KEYS", "RAY_ADDRESS")}
     started = time.time()
     out = hone("serve", str(cfg), env=env, timeout=120)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -122,6 +124,28 @@ def test_a_killed_rollout_engine_is_replaced_and_training_continues(tiny_run):
 
 
 @pytest.mark.slow
+def test_a_reward_past_its_timeout_is_cancelled_not_left_running(connected, tmp_path):
+    """A hung function reward marks its samples and its task is ended: hung tasks do not pile up, one per step."""
+    from hone.training.rewards import score
+
+    job = validate_job(grpo_job("hang", grpo={"reward_timeout_s": 2, "rewards": [
+        {"type": "exact_match"}, {"type": "function", "function": "tests.training.grpo_rewards:hang"}]}))
+    pidfile = tmp_path / "reward.pid"
+    table = score(job, ["p"], ["a"], [{"answer": "a", "pidfile": str(pidfile)}])
+    assert table[0][0] == 1.0 and math.isnan(table[0][1])  # the hung term is marked, the other scored
+    wait_until(pidfile.exists, "the reward task to start", timeout=60)
+    pid = int(pidfile.read_text())
+    wait_until(lambda: not _alive(pid), f"the timed-out reward task (pid {pid}) to be ended", timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
 def test_a_weight_sync_reaches_the_engine_and_is_what_the_trainer_computes(connected):
     """The proof the issue asks for, on a real vLLM engine: after a sync (an adapter, then full weights) the engine's
     log-probs of a fixed prompt equal the trainer's to 1e-4, and differ from before the sync."""

@@ -100,8 +100,9 @@ class ServeConfig(Section):
     """``Retry-After`` sent with 503 back-pressure answers."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM/Ctrl-C: new requests get 503 while those already running get this long to finish."""
-    require_auth: bool = False
-    """Refuse to start without API keys when ``host`` is not a loopback address (a public port without keys)."""
+    require_auth: bool | None = None
+    """API keys on a ``host`` other machines can reach (and always under ``serve deploy``/KubeRay): required unless this
+    says ``false`` (an open API on purpose, started with a warning). A loopback host needs none."""
     max_request_bytes: int = Field(default=1_048_576, ge=1024)
     """Request bodies larger than this get 413 before they are read."""
 

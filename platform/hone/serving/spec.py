@@ -138,7 +138,8 @@ def api_key_hashes(cfg: ServeConfig) -> list[str]:
 
 
 def check_auth(cfg: ServeConfig, hashes: list[str], *, host: str | None = None) -> None:
-    """``require_auth``: refuse to serve without API keys on an address other machines can reach."""
+    """Fail closed: no API keys on an address other machines can reach (``serve deploy``/KubeRay: always) is refused
+    unless the config says ``require_auth: false``, and then served with a loud warning."""
     import ipaddress
 
     host = cfg.host if host is None else host
@@ -146,6 +147,16 @@ def check_auth(cfg: ServeConfig, hashes: list[str], *, host: str | None = None) 
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if cfg.require_auth and not hashes and not loopback:
-        raise ServeError(f"require_auth is set and {host} is reachable from other machines, but no API keys are configured: "
-                         "set HONE_API_KEYS (comma-separated) or api_keys_file, or bind host: 127.0.0.1")
+    if hashes or loopback:
+        return
+    if cfg.require_auth is False:
+        import logging
+
+        logging.getLogger("hone.serve").warning(
+            "hone serve: %s is reachable from other machines and no API keys are configured (require_auth: false): "
+            "anyone who can reach it can use the model", host)
+        print(f"[hone] WARNING: serving on {host} without API keys (require_auth: false): an open API", flush=True)
+        return
+    raise ServeError(f"{host} is reachable from other machines, but no API keys are configured: set HONE_API_KEYS "
+                     "(comma-separated) or api_keys_file, bind host: 127.0.0.1, or set require_auth: false to serve an "
+                     "open API on purpose")

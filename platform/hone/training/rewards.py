@@ -111,6 +111,8 @@ def score(job: JobConfig, prompts: Sequence[str], completions: Sequence[str], ro
         try:
             values = ray.get(ref, timeout=job.grpo.reward_timeout_s)
         except Exception as e:  # noqa: BLE001 - the task itself failed (its node died, …): every sample marked
+            if isinstance(e, ray.exceptions.GetTimeoutError):  # a hung reward would otherwise run on, one more per step
+                ray.cancel(ref, force=True)
             print(f"[hone] reward {rewards[j].label} failed: {type(e).__name__}: {e}", flush=True)
             values = [math.nan] * len(completions)
         for i, v in enumerate(values):
