@@ -66,3 +66,29 @@ def test_secrets_never_travel_in_the_runtime_env():
     assert set(withheld) == {"HF_TOKEN", "HONE_API_KEYS", "AWS_SECRET_ACCESS_KEY"} and not set(env) & set(SECRETS)
     with pytest.raises(SubmitError, match="carries credentials"):
         job_env({"MLFLOW_TRACKING_URI": "https://alice:hunter2@mlflow.example.com"})
+
+
+def test_upload_keeps_every_shard_of_a_glob_and_shared_paths_compare_as_paths(tmp_path, monkeypatch):
+    """``data/*/train.jsonl`` uploads each shard at its own path (they used to overwrite one another: the job trained
+    on one); an absolute glob works too; ``/x/data2`` is not under a shared ``/x/data``."""
+    import glob
+
+    from hone.submit import stage_uploads
+
+    for shard in ("a", "b"):
+        (tmp_path / "data" / shard).mkdir(parents=True)
+        (tmp_path / "data" / shard / "train.jsonl").write_text(f'{{"text": "{shard}"}}\n')
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("data/*/train.jsonl", str(tmp_path / "data" / "*" / "train.jsonl")):
+        work = tmp_path / f"work-{len(pattern)}"
+        raw = {"data": {"source": pattern}}
+        stage_uploads([("data.source", pattern)], raw, work)
+        copies = sorted(glob.glob(str(work / raw["data"]["source"])))
+        assert [open(c).read() for c in copies] == ['{"text": "a"}\n', '{"text": "b"}\n'], (raw, copies)
+        assert raw["data"]["source"] == "files/data_source/*/train.jsonl"
+    (tmp_path / "data2").mkdir()
+    (tmp_path / "data2" / "train.jsonl").write_text('{"text": "c"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{name: builtin:tiny-llama}}\ndata: {{source: {tmp_path / 'data2' / 'train.jsonl'}, format: text}}\n")
+    with pytest.raises(SubmitError, match="--shared-path"):  # not under the shared folder: refused before the network
+        submit(str(job), address=NOWHERE, shared_paths=[str(tmp_path / "data")])

@@ -9,6 +9,7 @@ logs/status/stop`` work on it unchanged.
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import shutil
@@ -27,7 +28,7 @@ from hone.config.base import apply_overrides_to
 from hone.errors import SubmitError
 
 __all__ = ["SECRETS", "SubmitError", "Submission", "enter_stable_workdir", "follow_logs", "job_client", "job_env", "local_paths",
-           "resolve_address", "submit"]
+           "resolve_address", "stage_uploads", "submit"]
 
 # Ray's Jobs API refuses working directories above 500 MiB; leave room for the job file.
 _UPLOAD_LIMIT = 100 * 2**20
@@ -111,21 +112,33 @@ def local_paths(raw: dict[str, Any], kind: str) -> list[tuple[str, str]]:
     return found
 
 
+def _glob_base(value: str) -> tuple[Path, str]:
+    """(the folder a glob's matches lie under, the pattern below it): ``data/*/train.jsonl`` → (``data``, ``*/train.jsonl``)."""
+    parts = Path(os.path.expanduser(value)).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return (Path(*parts[:first]) if first else Path(".")), str(Path(*parts[first:]))
+
+
 def _shared(value: str, shared: Sequence[str]) -> bool:
-    path = str(Path(value).expanduser().resolve()) if not any(ch in value for ch in "*?") else value
-    return any(path.startswith(str(Path(p).resolve())) for p in shared if p)
+    """Whether ``value`` lies under one of the ``shared`` folders (paths compared, not strings: /mnt/data2 is not under
+    /mnt/data)."""
+    target = (_glob_base(value)[0] if glob.has_magic(value) else Path(value).expanduser()).resolve()
+    return any(target.is_relative_to(Path(p).expanduser().resolve()) for p in shared if p)
 
 
-def _upload(paths: list[tuple[str, str]], raw: dict[str, Any], workdir: Path) -> None:
-    """Copy local files into the working directory and point the job at the copies."""
+def stage_uploads(paths: list[tuple[str, str]], raw: dict[str, Any], workdir: Path) -> None:
+    """Copy local files into the job's working directory and point the job at the copies; a glob's matches keep their
+    folders below the pattern's base (``data/*/train.jsonl`` uploads every shard, each at its own path)."""
     total = 0
     for key, value in paths:
-        matches = sorted(Path().glob(value)) if any(ch in value for ch in "*?") else [Path(value).expanduser()]
+        magic = glob.has_magic(value)
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(value))) if magic else [Path(value).expanduser()]
         if not matches or not all(m.exists() for m in matches):
             raise SubmitError(f"{key}: {value} does not exist here, so it cannot be uploaded")
         dest_root = workdir / "files" / key.replace(".", "_")
+        base, pattern = _glob_base(value) if magic else (None, Path(value).name)
         for m in matches:
-            dest = dest_root / m.name
+            dest = dest_root / (m.name if base is None else m if base == Path(".") else m.relative_to(base))
             if m.is_dir():
                 shutil.copytree(m, dest)
                 total += sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
@@ -137,7 +150,7 @@ def _upload(paths: list[tuple[str, str]], raw: dict[str, Any], workdir: Path) ->
             raise SubmitError(f"--upload carries at most {_UPLOAD_LIMIT // 2**20} MiB through the Jobs API; {key} brings it to "
                               f"{total / 2**20:.0f} MiB: put the data on shared storage (NFS, an object store URI) instead")
         rel = dest_root.relative_to(workdir)
-        new = str(rel / Path(value).name)  # a glob keeps its pattern, now matching the copies
+        new = str(rel / pattern)  # a glob keeps its pattern below its base, now matching the copies
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -179,7 +192,7 @@ def submit(path: str, overrides: Sequence[str] = (), *, address: str | None = No
     with tempfile.TemporaryDirectory(prefix="hone-submit-") as tmp:
         workdir = Path(tmp)
         if local:
-            _upload(local, raw, workdir)
+            stage_uploads(local, raw, workdir)
         name = Path(path).name
         (workdir / name).write_text(yaml.safe_dump(raw, sort_keys=False))
         args = ["hone", command, name]
