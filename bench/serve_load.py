@@ -379,7 +379,7 @@ def _floor_p50(model: str, reps: int, tmp: Path, proxy: str) -> float:
     finally:
         _stop(floor)
         if "RAY_SERVE_HAPROXY_STATS_PORT" in flags:
-            reap_haproxy(flags["RAY_SERVE_HAPROXY_STATS_PORT"])
+            reap_haproxy(flags)
 
 
 def _overhead(model: str, reps: int, tmp: Path) -> dict[str, float]:

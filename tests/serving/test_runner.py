@@ -4,6 +4,7 @@ dashboard and Prometheus alerts over the series the deployments define (the serv
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tests.helpers import hone
 
@@ -67,3 +68,29 @@ def test_require_auth_refuses_a_public_port_without_keys_before_ray(repo, tmp_pa
     out = hone("serve", str(cfg), env=env, timeout=120)
     assert out.returncode != 0 and "no API keys are configured" in out.stderr + out.stdout, out.stderr[-2000:]
     assert "Started a local Ray instance" not in out.stderr + out.stdout and time.time() - started < 60
+
+
+def test_each_haproxy_server_keeps_its_files_in_a_folder_of_its_own():
+    """Config, admin socket and state of one server's HAProxy live in its own folder (Ray's default is one shared
+    /tmp/haproxy-serve), and stopping it deletes that folder only (the reaper used to delete whatever folder held a
+    config mentioning its port)."""
+    import shutil
+
+    from hone.config import validate_serve_config
+    from hone.serving.runner import haproxy_folder, reap_haproxy, session_env
+
+    cfg = validate_serve_config({"model": "builtin:tiny-llama", "proxy": "haproxy"})
+    a, b = session_env(cfg), session_env(cfg)
+    folders = [haproxy_folder(env["RAY_SERVE_HAPROXY_STATS_PORT"]) for env in (a, b)]
+    assert folders[0] != folders[1]
+    for env, folder in zip((a, b), folders):
+        for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
+            assert Path(env[key]).parent == folder and len(env[key].encode()) <= 107, (key, env[key])
+        folder.mkdir()
+        (folder / "haproxy.cfg").write_text(f"bind *:{env['RAY_SERVE_HAPROXY_STATS_PORT']}\n")
+    try:
+        reap_haproxy(a, wait_s=0)
+        assert not folders[0].exists() and (folders[1] / "haproxy.cfg").exists()
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)

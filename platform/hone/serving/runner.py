@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +18,7 @@ import yaml
 from hone.config import ServeConfig
 from hone.runtime import dashboard_url, free_port, is_remote, ray_session, stop_event
 
-__all__ = ["cpus_needed", "reap_haproxy", "serve", "serve_config_document", "session_env", "serving_session"]
+__all__ = ["cpus_needed", "haproxy_folder", "reap_haproxy", "serve", "serve_config_document", "session_env", "serving_session"]
 
 
 def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
@@ -53,27 +53,31 @@ def serving_session(cfg: ServeConfig, job: Any, address: str | None, extra_cpus:
             yield
     finally:
         if "RAY_SERVE_HAPROXY_STATS_PORT" in env and local:
-            reap_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+            reap_haproxy(env)
 
 
-def reap_haproxy(stats_port: str, wait_s: float = 10.0) -> None:
-    """Stop the HAProxy processes whose config binds ``stats_port`` (this session's, see session_env) and wait for them."""
+def haproxy_folder(stats_port: str) -> Path:
+    """The folder of one server's HAProxy config, admin socket and state (``/tmp``: a socket path has at most 107 bytes;
+    per user and per stats port, so two servers never share it). hone made it, so hone deletes it."""
+    return Path(tempfile.gettempdir()) / f"hone-haproxy-{os.getuid()}-{stats_port}"
+
+
+def reap_haproxy(env: dict[str, str], wait_s: float = 10.0) -> None:
+    """Stop the HAProxy processes of the session ``env`` describes (:func:`session_env`: their config lies in its own
+    folder), wait for them, and delete that folder: only what hone created."""
+    folder = haproxy_folder(env["RAY_SERVE_HAPROXY_STATS_PORT"])
     proc = Path("/proc")
-    if not proc.is_dir():
-        return
     pids = []
-    for entry in proc.iterdir():
+    for entry in proc.iterdir() if proc.is_dir() else ():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             if not argv[0].endswith(b"haproxy") or b"-f" not in argv:
                 continue
-            config = Path(argv[argv.index(b"-f") + 1].decode())
-            if re.search(rf":{stats_port}\b", config.read_text()):
+            if Path(argv[argv.index(b"-f") + 1].decode()).parent == folder:
                 os.kill(int(entry.name), signal.SIGTERM)
                 pids.append(int(entry.name))
-                shutil.rmtree(config.parent, ignore_errors=True)
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile, or not ours to read
     deadline = time.time() + wait_s
@@ -84,6 +88,7 @@ def reap_haproxy(stats_port: str, wait_s: float = 10.0) -> None:
                     os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.1)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:
@@ -99,7 +104,9 @@ def session_env(cfg: ServeConfig) -> dict[str, str]:
 
     ``proxy: haproxy`` turns on Ray Serve's HAProxy ingress and its throughput-optimised settings (direct
     ingress to replicas, gRPC between deployments, user code on the replica's event loop). HAProxy's own
-    metrics and stats listeners get free ports, so two servers on one machine do not collide.
+    metrics and stats listeners get free ports, and its config, admin socket and state a folder of this server's own
+    (:func:`haproxy_folder`; Ray's default is one shared ``/tmp/haproxy-serve``), so two servers on one machine collide
+    in nothing and stopping one deletes only its files.
     """
     env = {"OMP_NUM_THREADS": str(max(1, int(cfg.ray_actor_options.get("num_cpus", 1))))}
     if cfg.proxy == "haproxy":
@@ -111,6 +118,11 @@ def session_env(cfg: ServeConfig) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         }
+        folder = haproxy_folder(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+        env |= {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
     return env
 
 
