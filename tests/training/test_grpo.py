@@ -219,6 +219,18 @@ def test_validating_a_function_reward_runs_none_of_its_module(tmp_path, monkeypa
     assert not (tmp_path / "package-ran").exists() and not (tmp_path / "module-ran").exists()
 
 
+def test_rollout_engines_load_the_trainer_s_revision_of_a_hub_model(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from hone.training.grpo import rollout_model_dir
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append((repo, kw)) or str(tmp_path))
+    job = validate_job(grpo_job("g", model={"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "abc123"}))
+    assert rollout_model_dir(job) == str(tmp_path) and asked == [("HuggingFaceTB/SmolLM2-135M-Instruct", {"revision": "abc123"})]
+    assert rollout_model_dir(validate_job(grpo_job("g"))) != str(tmp_path)  # a built-in: its local folder, nothing fetched
+
+
 def test_bad_grpo_configs_are_refused_at_validation():
     cases = [
         (grpo_job("g", grpo={"k": 1}), "grpo.k"),

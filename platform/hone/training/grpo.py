@@ -37,7 +37,7 @@ from hone.training.rollout import SyncError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GRPO_STATS", "GRPOObjective", "advantages", "engine_weights", "grpo_loss"]
+__all__ = ["GRPO_STATS", "GRPOObjective", "advantages", "engine_weights", "grpo_loss", "rollout_model_dir"]
 
 # Sums kept per window (then one sum and one count per reward term): completions, reward and its square, samples a
 # reward could not score, completion tokens, KL and its tokens, clipped tokens, rollout seconds, groups, groups whose
@@ -124,6 +124,19 @@ class _Constraint:
         return token_bitmask(self.grammar, spans, rows, length, self.vocab_size)
 
 
+def rollout_model_dir(job: JobConfig) -> str:
+    """The folder the rollout engines load: the trainer's own model; a hub id at the job's ``model.revision``, the same
+    snapshot the trainer reads."""
+    from hone import assets
+
+    model_dir = assets.resolve_model(job.model.name)
+    if not Path(model_dir).is_dir():
+        from huggingface_hub import snapshot_download
+
+        model_dir = snapshot_download(model_dir, revision=job.model.revision)
+    return str(model_dir)
+
+
 def _prompt(row: dict[str, Any]) -> list[int]:
     """The prompt's ids of a cached prompt row (its reference answer follows them)."""
     return list(row["input_ids"])[: int(row["prompt_len"])]
@@ -148,16 +161,10 @@ class GRPOObjective(Objective):
         workers start; a worker's first rollout or sync waits, and a failed start fails the run with its cause)."""
         import uuid
 
-        from hone import assets
         from hone.training.rollout import start_pool, stop_pool
 
-        model_dir = assets.resolve_model(job.model.name)
-        if not Path(model_dir).is_dir():  # a hub id: the engines read the same snapshot the trainer does
-            from huggingface_hub import snapshot_download
-
-            model_dir = snapshot_download(model_dir)
         name = f"hone-rollout-{run_dir.name}-{uuid.uuid4().hex[:6]}"
-        pool = start_pool(job, str(model_dir), name, wait=False, quiet=quiet)
+        pool = start_pool(job, rollout_model_dir(job), name, wait=False, quiet=quiet)
         try:
             yield {"rollout_pool": name}
         finally:
