@@ -41,8 +41,21 @@ def _containers(template: dict) -> list[dict]:
     return template["template"]["spec"]["containers"]
 
 
+def _check_pod(template: dict) -> None:
+    """Every container runs as a non-root user that cannot escalate; an in-memory /dev/shm has a size limit."""
+    for container in _containers(template):
+        sc = container.get("securityContext") or {}
+        assert sc.get("runAsNonRoot") is True and sc.get("allowPrivilegeEscalation") is False, container["name"]
+        assert "ALL" in (sc.get("capabilities") or {}).get("drop", []), container["name"]
+    for volume in template["template"]["spec"].get("volumes", []):
+        if (volume.get("emptyDir") or {}).get("medium") == "Memory":
+            assert volume["emptyDir"].get("sizeLimit"), volume["name"]
+
+
 def _check_cluster_spec(spec: dict) -> None:
     assert spec["authOptions"] == {"mode": "token"}, "Ray's token auth must guard the dashboard and the Jobs API"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        _check_pod(group)
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     (container,) = _containers(head)
