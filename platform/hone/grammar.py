@@ -13,7 +13,12 @@ import json
 import threading
 from typing import Any
 
-__all__ = ["ConstraintError", "Constraints", "Matcher", "token_bitmask"]
+__all__ = ["CACHE_LIMIT_BYTES", "MAX_CONSTRAINT_BYTES", "ConstraintError", "Constraints", "Matcher", "token_bitmask"]
+
+MAX_CONSTRAINT_BYTES = 16_384
+"""The largest constraint (as JSON) a server compiles: a schema, regex or grammar past it is refused before compiling."""
+CACHE_LIMIT_BYTES = 64 * 2**20
+"""xgrammar's compiled-grammar cache per tokenizer: a stream of distinct schemas evicts, it does not grow to an OOM."""
 
 
 class ConstraintError(ValueError):
@@ -38,7 +43,7 @@ class Constraints:
                 import xgrammar as xgr
 
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
-                self._compiler = xgr.GrammarCompiler(info)
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
             return self._compiler
 
     def compile(self, constraint: dict[str, Any], *, any_whitespace: bool = False) -> Any:

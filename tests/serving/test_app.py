@@ -187,6 +187,13 @@ def test_structured_outputs_on_hones_engine(client):
     assert json.loads(chat.choices[0].message.content) in ({"ok": True}, {"ok": False})
     with pytest.raises(openai.BadRequestError, match="could not be compiled"):
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=4, extra_body={"structured_outputs": {"regex": "([a-z"}})
+    # a 100 kB regex is refused before anything compiles it, while a neighbour's request is answered
+    with cf.ThreadPoolExecutor(1) as pool:
+        neighbour = pool.submit(client.completions.create, model="tiny-llama", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+        with pytest.raises(openai.BadRequestError, match="compiles constraints of at most 16384 bytes"):
+            client.completions.create(model="tiny-llama", prompt="x", max_tokens=4,
+                                      extra_body={"structured_outputs": {"regex": "(a|b)" * 20_000}})
+        assert neighbour.result(timeout=120).choices[0].text is not None
 
 
 def test_auth(server):

@@ -114,7 +114,8 @@ class Engine:
         # (a Rust tokenizer used from two threads at once can fail with "Already borrowed").
         self._encoder = copy.deepcopy(self.tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0]) if self.task == "causal_lm" else 0
-        self._constraints = Constraints(self._encoder, self.vocab_size)
+        # its own tokenizer copy: constraints compile on a thread of their own, beside the encoding thread
+        self._constraints = Constraints(copy.deepcopy(self.tokenizer), self.vocab_size)
 
     # ------------------------------------------------------------------ prompts
 

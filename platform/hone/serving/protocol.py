@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hone.generation import Sampling
+from hone.grammar import MAX_CONSTRAINT_BYTES
 
 __all__ = [
     "ENGINE_FEATURES", "UNSUPPORTED", "ChatMessage", "ChatRequest", "ClassifyRequest", "CompletionRequest",
@@ -191,8 +193,15 @@ class GenerationRequest(_Strict):
         if self.response_format is not None and self.structured_outputs is not None and self.response_format.type != "text":
             raise RequestError("give response_format or structured_outputs, not both", param="structured_outputs")
         if self.structured_outputs is not None:
-            return self.structured_outputs.constraint()
-        return self.response_format.constraint() if self.response_format is not None else None
+            constraint = self.structured_outputs.constraint()
+        else:
+            constraint = self.response_format.constraint() if self.response_format is not None else None
+        if constraint is not None and len(json.dumps(constraint)) > MAX_CONSTRAINT_BYTES:
+            kind = next(iter(constraint))
+            raise RequestError(f"the {kind} constraint is {len(json.dumps(constraint))} bytes; this server compiles constraints of "
+                               f"at most {MAX_CONSTRAINT_BYTES} bytes: simplify it", code="invalid_value",
+                               param="response_format" if self.structured_outputs is None else "structured_outputs")
+        return constraint
 
     def top_logprobs_asked(self) -> int | None:
         """How many alternatives per token to return with logprobs (None: no logprobs)."""

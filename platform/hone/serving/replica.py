@@ -19,7 +19,10 @@ from hone.serving.engine import Engine, GenRequest
 from hone.serving.protocol import RequestError, body_sampling, collect, require_model, require_task
 from hone.serving.spec import DEFAULT_BATCH_SIZE, ServeSpec
 
-__all__ = ["ModelServer", "QueueGauges", "replica_id"]
+__all__ = ["COMPILE_TIMEOUT_S", "ModelServer", "QueueGauges", "replica_id"]
+
+COMPILE_TIMEOUT_S = 5.0
+"""How long a structured-output grammar may take to compile before its request gets 400."""
 
 logger = logging.getLogger("hone.serve")
 
@@ -61,6 +64,8 @@ class ModelServer:
         self.engine = Engine(spec)
         self.replica = replica_id()
         self._encoding = ThreadPoolExecutor(1, thread_name_prefix="hone-encode")  # the engine's encoder is used by one thread
+        # structured-output grammars compile apart from prompt encoding: a slow compile never stalls other requests
+        self._compiling = ThreadPoolExecutor(2, thread_name_prefix="hone-grammar")
         self.name = spec.served_name
         self.max_batch_size = spec.max_batch_size or DEFAULT_BATCH_SIZE
         self.batch_wait_timeout_s = spec.batch_wait_timeout_s
@@ -146,6 +151,17 @@ class ModelServer:
         self._report_gauges()
         self._m_batch.observe(self._running, tags={"model": self.name})
 
+    async def _compile(self, constraint: dict[str, Any]) -> Any:
+        """The compiled grammar, or 400 when compiling takes longer than :data:`COMPILE_TIMEOUT_S` (the compile itself
+        finishes in its thread; a pool of two bounds how many such threads there are)."""
+        compiling = asyncio.get_running_loop().run_in_executor(self._compiling, self.engine.compile_constraint, constraint)
+        try:
+            return await asyncio.wait_for(compiling, COMPILE_TIMEOUT_S)
+        except (asyncio.TimeoutError, TimeoutError):
+            kind = next(iter(constraint))
+            raise RequestError(f"the {kind} constraint did not compile within {COMPILE_TIMEOUT_S:g} s: simplify it",
+                               code="invalid_value", param="structured_outputs") from None
+
     async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream events for one request: text pieces, the last with a finish reason; the first also carries
         ``prompt_tokens``. A request that cannot run gets one event instead, ``{"error", "status", ...}``."""
@@ -159,8 +175,7 @@ class ModelServer:
             max_tokens = self.engine.max_tokens(ids, body.get("max_tokens"))
             grammar = None
             if body.get("structured"):
-                grammar = await asyncio.get_running_loop().run_in_executor(self._encoding, self.engine.compile_constraint,
-                                                                           body["structured"])
+                grammar = await self._compile(body["structured"])
         except RequestError as e:
             yield e.event()
             return
