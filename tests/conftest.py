@@ -85,7 +85,9 @@ def cluster():
            "HONE_CLUSTER_PORT": "6391", "HONE_CLUSTER_METRICS_PORT": "8181", "HONE_CLUSTER_DASHBOARD": "1",
            "HONE_CLUSTER_DASHBOARD_PORT": "8275",
            "HONE_CLUSTER_DIR": tempfile.mkdtemp(prefix="hone-c", dir="/tmp"), "RAY_AUTH_MODE": "disabled",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           # the nodes' own object-store keys (moto's server takes any): drivers never send theirs (hone.runtime)
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     script = str(REPO / "cluster" / "local.sh")
     up = subprocess.run([script, "up", "2"], env=env, capture_output=True, text=True)
     assert up.returncode == 0, up.stdout + up.stderr

@@ -80,10 +80,15 @@ def base_worker_env() -> dict[str, str]:
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI",
-                *storage.CREDENTIAL_ENV):
+    # settings only: a runtime_env is readable by anyone who can read the dashboard or the Jobs API, so secrets (HF_TOKEN,
+    # the object store's keys, a tracking URI with a password in it) stay in this process. A local Ray's workers inherit
+    # them from it; a cluster's nodes read them from their own environment (KubeRay: a Secret; an instance role).
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR", *storage.STORAGE_SETTINGS):
         if os.environ.get(key):
             env[key] = os.environ[key]
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and "@" not in uri.split("://", 1)[-1].split("/", 1)[0]:
+        env["MLFLOW_TRACKING_URI"] = uri
     return env
 
 

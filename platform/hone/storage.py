@@ -24,14 +24,17 @@ from typing import Any
 from hone import assets
 from hone.errors import StorageError
 
-__all__ = ["CREDENTIAL_ENV", "StorageError", "check", "digest", "download", "exists", "filesystem", "glob_files", "is_uri", "join",
-           "list_files",
-           "mirror", "read_text", "upload", "uri_of", "write_text"]
+__all__ = [
+    "STORAGE_SECRETS", "STORAGE_SETTINGS", "StorageError", "check", "digest", "download", "exists", "filesystem",
+    "glob_files", "is_uri", "join", "list_files", "mirror", "read_text", "upload", "uri_of", "write_text",
+]
 
-# Environment variables that reach object storage: forwarded to every Ray worker (hone.runtime).
-CREDENTIAL_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                  "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-                  "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY")
+STORAGE_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME")
+"""Where the object store is and where its credentials live (paths, names): forwarded to every Ray worker (hone.runtime)."""
+STORAGE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY")
+"""The keys themselves: never forwarded (a runtime_env is readable through the dashboard and the Jobs API); workers of a
+local Ray inherit them from its driver, a cluster's nodes read them from their own environment or an instance role."""
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _SCHEMES = {"s3": "S3", "gs": "GCS", "gcs": "GCS", "abfs": "Azure", "abfss": "Azure", "hdfs": "HDFS", "viewfs": "HDFS", "file": "local"}
 

@@ -105,8 +105,10 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
                                        training={"max_steps": 8, "checkpoint_every": 4})))
     home = _own_home(tmp_path)
     # the session's shared data cache is local: this run keeps its own in the bucket, beside its runs
+    # the driver's own secrets (moto takes any keys): none of them may reach the cluster's view of the job
+    secrets = {"AWS_SECRET_ACCESS_KEY": "driver-only-s3-secret", "HF_TOKEN": "hf_driver_only_token"}
     env = {**{k: v for k, v in cluster["env"].items() if k != "HONE_DATA_CACHE"}, "HONE_HOME": str(home),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", **s3["env"]}
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", **s3["env"], **secrets}
     runs = f"s3://{BUCKET}/runs"
     log = tmp_path / "first.log"
     proc = start_hone("train", str(job), "--address", cluster["address"], "--storage-path", runs, env=env, log=log)
@@ -126,6 +128,12 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
 
         wait_until(lambda: logged(1), "step 1 in the store's metrics.jsonl", 600, proc, log, every=0.2)
         workers = wait_until(lambda: train_worker_pids(cluster["address"]), "the run's Ray Train workers", proc=proc, log=log)
+        # what anyone with the dashboard or the Jobs API reads about the running job: no secret of its driver
+        from ray.util.state import list_jobs
+
+        seen = json.dumps([j.__dict__ for j in list_jobs(address=cluster["address"], detail=True)], default=str)
+        assert "s3run" in seen or "hone" in seen, seen[:2000]
+        assert not [v for v in secrets.values() if v in seen], "a driver's secret is readable in the cluster's job list"
         wait_until(lambda: logged(5), "step 5 in the store's metrics.jsonl", 600, proc, log, every=0.2)
     finally:
         kill_run(proc, workers)
