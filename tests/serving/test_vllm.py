@@ -216,11 +216,18 @@ def test_structured_outputs(client):
 
 @pytest.mark.slow
 def test_n_and_logprobs(client):
+    import openai
+
     one = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=1, presence_penalty=1.0)
     logprobs = one.choices[0].logprobs  # logprobs=1 and a penalty of 1.0 reach the engine (not taken for "off")
     assert len(logprobs.tokens) == one.usage.completion_tokens and all(len(top) == 1 for top in logprobs.top_logprobs)
     out = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=6, n=3, temperature=1.0, seed=1, logprobs=2)
     assert [c.index for c in out.choices] == [0, 1, 2]
+    # one request, one place in the queue: n and n × max_tokens are capped (serve YAML max_n, max_request_tokens)
+    with pytest.raises(openai.BadRequestError, match="at most 8 completions per request"):
+        client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=4, n=9)
+    with pytest.raises(openai.BadRequestError, match="generates at most 16384"):
+        client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=2100, n=8)
     assert out.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in out.choices)
     for c in out.choices:
         assert "".join(c.logprobs.tokens) == c.text

@@ -81,6 +81,10 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     """How long an idle replica waits for more requests before starting a batch (0: start at once; requests
     arriving while a batch decodes join it between steps)."""
+    max_n: int = Field(default=8, ge=1)
+    """The most completions one request may ask for (``n``, vLLM's engine): one request is one place in Serve's queue."""
+    max_request_tokens: int = Field(default=16_384, ge=1)
+    """The most tokens one request may ask to generate in all: ``n`` × ``max_tokens`` (its default when not given)."""
     max_tokens_default: int = Field(default=128, ge=1)
     """``max_tokens`` when a request gives none (always capped by the context window)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

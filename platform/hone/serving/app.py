@@ -40,7 +40,7 @@ from hone.serving.protocol import (
 )
 from hone.serving.replica import ModelServer
 from hone.serving.spec import IngressSettings, api_key_hashes, check_auth, ingress_settings, resolve
-from hone.serving.wire import StreamTally, completion_json, replica_body, sse
+from hone.serving.wire import StreamTally, check_size, completion_json, replica_body, sse
 
 __all__ = ["build_app"]
 
@@ -72,6 +72,7 @@ class OpenAIIngress:
     def __init__(self, model: Any, settings: IngressSettings):
         quiet_libraries()
         self.model = model
+        self.settings = settings
         self.name = settings.served_name
         self.adapters = list(settings.adapters)
         self.task = settings.task
@@ -169,6 +170,7 @@ class OpenAIIngress:
             require_model(req.model, self.name, self.adapters)
             require_task(self.task, "causal_lm")
             body = replica_body(req, chat)
+            check_size(body, self.settings.max_n, self.settings.max_request_tokens, self.settings.max_tokens_default)
             sent = time.perf_counter()
             first, events = await self._start(body, req.stream)
         except RequestError as e:

@@ -70,11 +70,15 @@ class IngressSettings:
     api_key_hashes: list[str]
     retry_after_s: float
     max_request_bytes: int
+    max_n: int
+    max_request_tokens: int
+    max_tokens_default: int
 
 
 def ingress_settings(cfg: ServeConfig, spec: ServeSpec, key_hashes: list[str]) -> IngressSettings:
     return IngressSettings(served_name=spec.served_name, adapters=list(spec.adapters), task=spec.task, engine=spec.engine,
-                           api_key_hashes=list(key_hashes), retry_after_s=cfg.retry_after_s, max_request_bytes=cfg.max_request_bytes)
+                           api_key_hashes=list(key_hashes), retry_after_s=cfg.retry_after_s, max_request_bytes=cfg.max_request_bytes,
+                           max_n=cfg.max_n, max_request_tokens=cfg.max_request_tokens, max_tokens_default=spec.max_tokens_default)
 
 
 def resolve(cfg: ServeConfig) -> ServeSpec:

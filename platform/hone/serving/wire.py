@@ -13,7 +13,7 @@ from typing import Any
 
 from hone.serving.protocol import format_logprobs
 
-__all__ = ["StreamTally", "completion_json", "replica_body", "sse"]
+__all__ = ["StreamTally", "check_size", "completion_json", "replica_body", "sse"]
 
 
 def replica_body(req: Any, chat: bool) -> dict[str, Any]:
@@ -31,6 +31,21 @@ def replica_body(req: Any, chat: bool) -> dict[str, Any]:
     else:
         body["prompt"] = req.text()
     return body
+
+
+def check_size(body: dict[str, Any], max_n: int, max_request_tokens: int, max_tokens_default: int) -> None:
+    """400 for a request that asks for more completions (``n``) or more tokens in all (``n`` × ``max_tokens``) than the
+    serve config allows: one request holds one place in Serve's queue, whatever it asks the engine for."""
+    from hone.serving.protocol import RequestError
+
+    n = int(body.get("n", 1))
+    if n > max_n:
+        raise RequestError(f"n is {n}; this server answers at most {max_n} completions per request (serve YAML max_n)",
+                           code="invalid_value", param="n")
+    total = n * int(body.get("max_tokens") or max_tokens_default)
+    if total > max_request_tokens:
+        raise RequestError(f"n × max_tokens asks for {total} tokens; this server generates at most {max_request_tokens} per "
+                           "request (serve YAML max_request_tokens): lower n or max_tokens", code="invalid_value", param="max_tokens")
 
 
 def completion_json(first: dict[str, Any], body: dict[str, Any], model: str, chat: bool, rid: str, created: int) -> dict[str, Any]:
