@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from hone.serving.failover import MAX_DEATHS
+
 from tests.helpers import ServeProbe, free_port, metrics, model_replica_pids, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -22,6 +24,7 @@ PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "O
 
 
 LONG = 1000  # tokens of the long greedy stream whose replica is killed after its first few
+CRASH = "this prompt ends the replica that runs it"  # HONE_TEST_CRASH_PROMPT: the replica's fault hook
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,7 @@ def reference():
 def server(tmp_path_factory):
     """Two fixed replicas; the first model replica process to appear is SIGKILLed while the application starts."""
     tmp = tmp_path_factory.mktemp("faults")
+    crashes = tmp / "crashes.log"
     cfg = {"name": APP, "model": "builtin:tiny-llama", "port": free_port(), "metrics_export_port": free_port(), "num_replicas": 2,
            "max_batch_size": 8, "max_ongoing_requests": 16, "max_queued_requests": 64, "max_tokens_default": 16,
            "ray_actor_options": {"num_cpus": 0.5}, "retry_after_s": 1}
@@ -66,10 +70,10 @@ def server(tmp_path_factory):
 
     watcher = threading.Thread(target=kill_first_replica, daemon=True)
     watcher.start()
-    proc, info = start_server(cfg, tmp)
+    proc, info = start_server(cfg, tmp, {"HONE_TEST_CRASH_PROMPT": CRASH, "HONE_TEST_CRASH_LOG": str(crashes)})
     watcher.join(timeout=5)
     probe = ServeProbe(info["ray_address"], APP)
-    yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log", "killed_at_start": killed, "probe": probe}
+    yield {**info, **cfg, "proc": proc, "log": tmp / "serve.log", "killed_at_start": killed, "probe": probe, "crashes": crashes}
     probe.close()
     stop_server(proc)
 
@@ -225,6 +229,21 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done(server):
 
     assert counted(metrics(server["metrics_export_port"], counted))
     probe.wait_running(2)
+
+
+def test_a_request_that_kills_its_replica_is_sent_once_more_then_refused(server):
+    """A request whose replica dies while running it is sent again once; when that replica dies too, it gets 503 and is
+    not sent a third time (it may be what kills them), and the service goes on answering others."""
+    probe = server["probe"]
+    probe.wait_running(2)
+    r = httpx.post(server["url"] + "/v1/completions", json={"model": "tiny-llama", "prompt": CRASH, "max_tokens": 4}, timeout=300)
+    assert r.status_code == 503 and "it is not sent again" in r.json()["error"]["message"], r.text
+    assert len(server["crashes"].read_text().split()) == MAX_DEATHS, server["crashes"].read_text()
+    probe.wait_running(2)  # Serve replaced them
+    ok = httpx.post(server["url"] + "/v1/completions", json={"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 4,
+                                                           "temperature": 0}, timeout=300)
+    assert ok.status_code == 200, ok.text
+    assert len(server["crashes"].read_text().split()) == MAX_DEATHS  # nothing sent it again meanwhile
 
 
 def test_sigterm_during_a_long_stream_lets_it_finish(server):

@@ -25,7 +25,7 @@ from ray import serve
 
 from hone.config import validate_serve_config
 from hone.runtime import quiet_libraries
-from hone.serving.failover import RETRY_DELAYS_S, is_back_pressure, replica_lost, resumable
+from hone.serving.failover import MAX_DEATHS, RETRY_DELAYS_S, is_back_pressure, replica_died, replica_lost, resumable
 from hone.serving.metrics import IngressMetrics, check_key
 from hone.serving.openapi import openapi_schema
 from hone.serving.protocol import (
@@ -119,6 +119,7 @@ class OpenAIIngress:
         Nothing has reached the client yet, so a call whose replica died is sent again (Serve routes it to a live
         replica) a few times before the client gets 503 + Retry-After.
         """
+        deaths = 0
         for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
             events = None
             try:
@@ -135,8 +136,9 @@ class OpenAIIngress:
                     raise self._overloaded() from None
                 if not replica_lost(e):
                     raise
-                if delay is None:
-                    raise self._unavailable(e) from None
+                deaths += replica_died(e)
+                if delay is None or deaths >= MAX_DEATHS:
+                    raise self._unavailable(e, deaths) from None
                 logger.warning("model replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 2, len(RETRY_DELAYS_S) + 1)
                 self.metrics.recovered.inc(tags={"kind": "resend"})
                 await asyncio.sleep(delay)
@@ -152,9 +154,11 @@ class OpenAIIngress:
             raise RequestError(first["error"], first.get("status", 400), code=first.get("code"), param=first.get("param"))
         return first, events
 
-    def _unavailable(self, e: BaseException) -> RequestError:
-        return RequestError(f"the model replica serving this request stopped ({type(e).__name__}); retry after a moment", 503,
-                            code="replica_unavailable", headers={"Retry-After": self.retry_after}, kind="server_error")
+    def _unavailable(self, e: BaseException, deaths: int = 0) -> RequestError:
+        why = (f"the model replicas running this request stopped {deaths} times ({type(e).__name__}); it is not sent again, as it "
+               "may be what stops them" if deaths >= MAX_DEATHS else
+               f"the model replica serving this request stopped ({type(e).__name__}); retry after a moment")
+        return RequestError(why, 503, code="replica_unavailable", headers={"Retry-After": self.retry_after}, kind="server_error")
 
     def _overloaded(self) -> RequestError:
         return RequestError("the server is at capacity: retry after a moment", 503, code="server_overloaded",

@@ -11,7 +11,8 @@ from typing import Any
 from hone.serving.engine import GREEDY_BELOW
 from hone.serving.protocol import RequestError
 
-__all__ = ["RETRY_DELAYS_S", "after", "is_back_pressure", "last", "repeatable", "replica_lost", "resumable"]
+__all__ = ["MAX_DEATHS", "RETRY_DELAYS_S", "after", "is_back_pressure", "last", "repeatable", "replica_died", "replica_lost",
+           "resumable"]
 
 logger = logging.getLogger("hone.serve")
 
@@ -30,8 +31,18 @@ async def after(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, Any
 
 
 REPLICA_LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError")
+REPLICA_DIED = ("RayActorError", "ActorDiedError")
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
-"""Waits before each new attempt of a request whose model replica died (Serve replaces it meanwhile)."""
+"""Waits before each new attempt of a request whose model replica died or could not be reached (Serve replaces it
+meanwhile)."""
+MAX_DEATHS = 2
+"""A request whose replica died while running it is sent once more; if that replica dies too, the request is answered
+503 and never sent a third time: it may be what ends them, and one request must not take down the service."""
+
+
+def replica_died(e: BaseException) -> bool:
+    """The replica was running the call when it died (not merely unreachable before the call reached it)."""
+    return any(cls.__name__ in REPLICA_DIED for cls in type(e).__mro__)
 
 
 def replica_lost(e: BaseException) -> bool:
@@ -93,7 +104,7 @@ async def resumable(first: dict[str, Any], stream: Any, body: dict[str, Any], re
                     finished = True
                     yield {"error": f"generation failed: {type(e).__name__}", "status": 500}
                     return
-                if not repeatable(body) or resumes >= len(RETRY_DELAYS_S):
+                if not repeatable(body) or resumes + 1 >= MAX_DEATHS:  # this replica died: the stream's second death ends it
                     finished = True
                     yield lost(e)
                     return

@@ -7,6 +7,7 @@ waiting counts are exported as gauges; a failed batch fails its own requests, ne
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ __all__ = ["COMPILE_TIMEOUT_S", "ModelServer", "QueueGauges", "replica_id"]
 
 COMPILE_TIMEOUT_S = 5.0
 """How long a structured-output grammar may take to compile before its request gets 400."""
+_CRASH_ON = os.environ.get("HONE_TEST_CRASH_PROMPT")
+"""Fault injection for the failover tests only: a completion whose prompt is this ends its replica's process."""
 
 logger = logging.getLogger("hone.serve")
 
@@ -163,6 +166,14 @@ class ModelServer:
                                code="invalid_value", param="structured_outputs") from None
 
     async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if _CRASH_ON and body.get("prompt") == _CRASH_ON:  # tests only: a request that ends the replica running it
+            with open(os.environ.get("HONE_TEST_CRASH_LOG", os.devnull), "a") as log:
+                log.write(f"{os.getpid()}\n")
+            os._exit(1)
+        async for event in self._generate(body):
+            yield event
+
+    async def _generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream events for one request: text pieces, the last with a finish reason; the first also carries
         ``prompt_tokens``. A request that cannot run gets one event instead, ``{"error", "status", ...}``."""
         try:
