@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from hone.config import JobConfig
 
 __all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "free_port", "is_remote", "quiet_libraries", "ray_log_level",
-           "ray_session", "stop_event", "worker_env", "worker_setup_hook"]
+           "port_in_use", "ray_session", "stop_event", "worker_env", "worker_setup_hook"]
 
 # Loggers that print optional-kernel load failures, deprecation notes and per-request lines nobody acts on.
 _NOISY = ("torchao", "torch.utils._pytree", "transformers", "httpx")
@@ -176,6 +176,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """None when ``port`` can be bound on ``host`` (as the servers bind it: a port in TIME_WAIT is free); else who holds
+    it, ``pid N (command)`` when this machine's ``/proc`` tells, for the error a user reads before anything starts."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port))
+            return None
+        except OSError:
+            pass
+    return _listener(port) or "another process"
+
+
+def _listener(port: int) -> str | None:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                    inodes.add(fields[9])
+    for proc in Path("/proc").iterdir() if inodes else ():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {proc.name} ({command[:100]})"
+    return None
 
 
 def stop_event() -> threading.Event:

@@ -94,3 +94,26 @@ def test_each_haproxy_server_keeps_its_files_in_a_folder_of_its_own():
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_busy_port_is_named_with_its_holder_before_ray_starts(tmp_path):
+    """The serve port and the metrics port are checked before any Ray work, and the message names who holds them (a
+    killed server's leftovers used to surface as Ray's start-up timeout, or as a refusal after minutes)."""
+    import os
+    import socket
+
+    from hone.runtime import free_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        for key in ("port", "metrics_export_port"):
+            cfg = tmp_path / f"{key}.yaml"
+            other = "metrics_export_port" if key == "port" else "port"
+            cfg.write_text(f"model: builtin:tiny-llama\n{key}: {busy}\n{other}: {free_port()}\n")
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            out = hone("serve", str(cfg), env=env, timeout=120)
+            text = out.stderr + out.stdout
+            assert out.returncode != 0 and f"{key} {busy} on 127.0.0.1 is already in use by pid {os.getpid()}" in text, text[-2000:]
+            assert "Started a local Ray instance" not in text

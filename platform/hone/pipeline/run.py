@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from hone.pipeline.smoke import smoke_stage
 from hone.pipeline.stages import align_stage, quantize_stage, serve_stage, train_stage
 from hone.pipeline.state import State, banner, say
 from hone.pipeline.summary import PipelineResult
-from hone.runtime import dashboard_url, is_remote, stop_event
+from hone.runtime import dashboard_url, is_remote, port_in_use, stop_event
 from hone.serving.runner import cpus_needed, serving_session
 from hone.storage import uri_of as storage_uri
 from hone.tune import SWEEP_EXTRA_CPUS
@@ -39,16 +38,6 @@ def _cpus(p: Pipeline) -> float:
     return max(tune_extra, cpus_needed(p.serve) - workers, 0.0)
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is not "in use"
-        try:
-            sock.bind(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port))
-        except OSError:
-            return False
-    return True
-
-
 def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str | None = None, keep_serving: bool = False,
                  rerun: bool = False, on_ready: Callable[[PipelineResult], None] | None = None) -> PipelineResult:
     """Run the stages in order on one Ray session (local embedded unless ``address``/``RAY_ADDRESS``).
@@ -61,8 +50,9 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
     if not remote:  # a busy port would only show after the sweep: check now
         for key in ("port", "metrics_export_port"):
             port = getattr(p.serve, key)
-            if not _port_free(p.serve.host, port):
-                raise PipelineConfigError([Problem(f"serve.{key}", f"port {port} on {p.serve.host} is already in use",
+            holder = port_in_use(p.serve.host, port)
+            if holder:
+                raise PipelineConfigError([Problem(f"serve.{key}", f"port {port} on {p.serve.host} is already in use by {holder}",
                                                    f"pass serve.{key}=N with a free port")], p.source)
     storage = run_storage(storage_path, p.job)
     folder = storage / f"{cfg.name}-pipeline"

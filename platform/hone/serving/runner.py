@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from hone.config import ServeConfig
-from hone.runtime import dashboard_url, free_port, is_remote, ray_session, stop_event
+from hone.runtime import dashboard_url, free_port, is_remote, port_in_use, ray_session, stop_event
 
 __all__ = ["cpus_needed", "haproxy_folder", "reap_haproxy", "serve", "serve_config_document", "session_env", "serving_session"]
 
@@ -185,20 +185,25 @@ def serve(
     ``block=False`` returns once the application runs (inside a Ray session the caller holds);
     ``access_log=False`` keeps per-request lines and Serve's INFO chatter off the console.
     """
+    import ray
     from ray import serve as ray_serve
 
     from hone.serving.app import build_app
-    from hone.serving.spec import api_key_hashes, check_auth, resolve
+    from hone.serving.spec import ServeError, api_key_hashes, check_auth, resolve
 
-    spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate, a public port without keys
+    spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate, a public port without keys, a busy port
+    if not is_remote(address) and not ray.is_initialized():  # the Ray this starts will need both ports (a pipeline's has them)
+        for key in ("port", "metrics_export_port"):
+            holder = port_in_use(cfg.host, getattr(cfg, key))
+            if holder:
+                raise ServeError(f"{key} {getattr(cfg, key)} on {cfg.host} is already in use by {holder}: stop it, or pass "
+                                 f"{key}=N with a free port")
     keys = api_key_hashes(cfg)
     check_auth(cfg, keys)
     need = cpus_needed(cfg)
     with serving_session(cfg, None, address, need):
         # After ray.init: it installs a SIGTERM handler of its own that ends the process on the spot.
         stop = stop_event() if block else None  # non-blocking callers keep their own Ctrl-C handling
-        import ray
-
         logging_config = None if access_log else {"log_level": "WARNING", "enable_access_log": False}
         ray_serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
         app = build_app({"config": cfg.to_dict(), "spec": spec, "api_key_hashes": keys})
