@@ -84,7 +84,8 @@ class ServeConfig(Section):
     max_n: int = Field(default=8, ge=1)
     """The most completions one request may ask for (``n``, vLLM's engine): one request is one place in Serve's queue."""
     max_request_tokens: int = Field(default=16_384, ge=1)
-    """The most tokens one request may ask to generate in all: ``n`` × ``max_tokens`` (its default when not given)."""
+    """The most tokens a request with ``n`` > 1 may ask to generate in all: ``n`` × ``max_tokens`` (its default when not
+    given); one completion is bounded by the context window."""
     max_tokens_default: int = Field(default=128, ge=1)
     """``max_tokens`` when a request gives none (always capped by the context window)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
