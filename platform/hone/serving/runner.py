@@ -192,14 +192,14 @@ def serve(
     from hone.serving.spec import ServeError, api_key_hashes, check_auth, resolve
 
     spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate, a public port without keys, a busy port
+    keys = api_key_hashes(cfg)
+    check_auth(cfg, keys)
     if not is_remote(address) and not ray.is_initialized():  # the Ray this starts will need both ports (a pipeline's has them)
         for key in ("port", "metrics_export_port"):
             holder = port_in_use(cfg.host, getattr(cfg, key))
             if holder:
                 raise ServeError(f"{key} {getattr(cfg, key)} on {cfg.host} is already in use by {holder}: stop it, or pass "
                                  f"{key}=N with a free port")
-    keys = api_key_hashes(cfg)
-    check_auth(cfg, keys)
     need = cpus_needed(cfg)
     with serving_session(cfg, None, address, need):
         # After ray.init: it installs a SIGTERM handler of its own that ends the process on the spot.
