@@ -15,10 +15,16 @@ from tests.helpers import make_job
 
 def test_worker_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HONE_HOME", str(tmp_path))
+    # settings travel in the runtime_env; secrets never do (anyone with the dashboard or the Jobs API reads it)
     monkeypatch.setenv("HF_TOKEN", "secret-for-the-hub")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-for-the-store")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://store:9000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:hunter2@mlflow.example.com")
     env = runtime.worker_env(make_job(distributed={"num_workers": 2, "resources_per_worker": {"CPU": 3}}))
-    assert env["HONE_HOME"] == str(tmp_path) and env["HF_TOKEN"] == "secret-for-the-hub" and "MLFLOW_TRACKING_URI" not in env
+    assert env["HONE_HOME"] == str(tmp_path) and env["AWS_ENDPOINT_URL"] == "http://store:9000"
+    assert not {"HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"} & set(env), env
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert runtime.worker_env(make_job())["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["OMP_NUM_THREADS"] == "3" and env["DS_ACCELERATOR"] == "cpu" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert "DS_ACCELERATOR" not in runtime.base_worker_env()
 
