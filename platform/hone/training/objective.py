@@ -14,6 +14,7 @@ model (:func:`reference_model`).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +51,7 @@ class WorkerContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class Objective:
+class Objective(abc.ABC):
     """The recipe interface. ``n_stats`` sums per window (all-reduced over workers, then turned into metrics by
     :meth:`metrics`) beside the loop's own loss, throughput and memory."""
 
@@ -81,13 +82,13 @@ class Objective:
     def n_stats(self) -> int:
         return 0
 
+    @abc.abstractmethod
     def batch(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """A micro-batch of cached rows as the tensors :meth:`loss` takes, on the worker's device."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the micro-batch's loss, its statistics as ``n_stats`` sums or None)."""
-        raise NotImplementedError
 
     def metrics(self, stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
         """Window metrics from all-reduced statistics."""
@@ -102,10 +103,10 @@ class Objective:
 
         return torch.zeros(self.n_stats, dtype=torch.float64)
 
+    @abc.abstractmethod
     def evaluate(self, rows: Sequence[dict[str, Any]], batch_size: int, rank: int) -> dict[str, float]:
         """Held-out metrics (``eval_…``); every rank runs the same number of forward passes (ZeRO-3 gathers
         collectively)."""
-        raise NotImplementedError
 
 
 def objective_class(job: JobConfig) -> type[Objective]:
