@@ -79,6 +79,7 @@ class TransformersGenerator:
     tokenizer: Any
     batch_size: int = 16
     _eos: set[int] = field(default_factory=set, init=False)
+    _constraints: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None) or self.tokenizer.eos_token_id
@@ -129,9 +130,8 @@ class TransformersGenerator:
     def _grammar(self, constraint: dict[str, Any]) -> Any:
         from hone.grammar import Constraints
 
-        vocab = int(self.model.get_output_embeddings().weight.shape[0])
-        if getattr(self, "_constraints", None) is None:
-            self._constraints = Constraints(self.tokenizer, vocab)
+        if self._constraints is None:
+            self._constraints = Constraints(self.tokenizer, int(self.model.get_output_embeddings().weight.shape[0]))
         return self._constraints.compile(constraint)
 
     def _one(self, ids: list[int], logps: Any, s: Sampling) -> Generation:
@@ -152,14 +152,14 @@ class _GrammarMask:
     alone once its text is complete)."""
 
     def __init__(self, grammar: Any, rows: int, eos: set[int]):
-        from hone.grammar import Matcher
-
         self.matchers: list[Any] = []
-        self.grammar, self.rows, self.eos, self._matcher = grammar, rows, sorted(eos), Matcher
+        self.grammar, self.rows, self.eos = grammar, rows, sorted(eos)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if not self.matchers:
-            self.matchers = [self._matcher(self.grammar, scores.shape[-1]) for _ in range(self.rows)]
+        if not self.matchers:  # the vocabulary's size is the logits' (it can exceed the tokenizer's)
+            from hone.grammar import Matcher
+
+            self.matchers = [Matcher(self.grammar, scores.shape[-1]) for _ in range(self.rows)]
         else:
             for b, m in enumerate(self.matchers):
                 if not m.done:

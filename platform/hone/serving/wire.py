@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hone.serving.protocol import format_logprobs
+from hone.serving.protocol import RequestError, format_logprobs
 
 __all__ = ["StreamTally", "check_size", "completion_json", "replica_body", "sse"]
 
@@ -36,8 +36,6 @@ def replica_body(req: Any, chat: bool) -> dict[str, Any]:
 def check_size(body: dict[str, Any], max_n: int, max_request_tokens: int, max_tokens_default: int) -> None:
     """400 for a request that asks for more completions (``n``) or more tokens in all (``n`` × ``max_tokens``) than the
     serve config allows: one request holds one place in Serve's queue, whatever it asks the engine for."""
-    from hone.serving.protocol import RequestError
-
     n = int(body.get("n", 1))
     if n > max_n:
         raise RequestError(f"n is {n}; this server answers at most {max_n} completions per request (serve YAML max_n)",
