@@ -64,6 +64,7 @@ def home(tmp_path, monkeypatch):
         (registry_home / "models" / built.name).symlink_to(built)
     monkeypatch.setenv("HONE_HOME", str(registry_home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HONE_MODEL_ROOTS", str(tmp_path))  # the test's exports live beside its home: the operator lists them
     return registry_home
 
 

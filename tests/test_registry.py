@@ -101,3 +101,50 @@ def test_the_winner_alias_moves_only_to_a_better_version(run):
                          env={**os.environ}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert registry.resolve_model_ref("models:/better@winner")["version"] == 2
+
+
+def test_a_registered_version_loads_only_from_the_model_roots_and_only_as_registered(run, tmp_path, tmp_path_factory):
+    """Whoever can write to the registry can point a version anywhere: hone loads it only inside the operator's roots
+    (``$HONE_HOME/runs`` and ``HONE_MODEL_ROOTS``) and only with the content recorded at registration."""
+    from tests.helpers import hone
+
+    _, _, export, run_id = run
+    registry.register_winner("regtest", run_id, export, "eval_loss", 1.7)
+    assert artifacts.resolve_ref("models:/regtest/1").kind == "export"
+
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "export"  # outside every root
+    elsewhere.mkdir()
+    (elsewhere / artifacts.EXPORT_INFO).write_text((export / artifacts.EXPORT_INFO).read_text())
+    registry.register_winner("regtest", run_id, elsewhere, "eval_loss", 1.0)  # better: @winner moves to it
+    with pytest.raises(artifacts.ArtifactError, match="outside the roots hone loads registered models from .*HONE_MODEL_ROOTS"):
+        artifacts.resolve_ref("models:/regtest@winner")
+    link = tmp_path / "link"  # a symbolic link inside a root leads nowhere else
+    link.symlink_to(elsewhere)
+    registry.register_winner("regtest", run_id, link, "eval_loss", 0.9)
+    with pytest.raises(artifacts.ArtifactError, match="outside the roots"):
+        artifacts.resolve_ref("models:/regtest/3")
+    for uri in ("s3://other-bucket/runs/export", "s3://bucket/runs/../../x"):  # buckets the operator did not list
+        with pytest.raises((artifacts.ArtifactError, artifacts.storage.StorageError)):
+            artifacts.check_model_source("models:/x/1", uri)
+    os.environ["HONE_MODEL_ROOTS"] += ",s3://bucket/runs"  # the fixture's monkeypatch restores it
+    artifacts.check_model_source("models:/x/1", "s3://bucket/runs/r1/export")
+    with pytest.raises(artifacts.ArtifactError):
+        artifacts.check_model_source("models:/x/1", "s3://bucket/runs-other/export")  # a prefix of a name is not a folder
+
+    # hone serve refuses it before any Ray work, naming the setting
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text("model: models:/regtest@winner\n")
+    out = hone("serve", str(serve_yaml), env={**os.environ, "HONE_MODEL_ROOTS": str(tmp_path / "regtest-run")}, timeout=120)
+    assert out.returncode != 0 and "HONE_MODEL_ROOTS" in out.stderr + out.stdout and "Traceback" not in out.stderr
+
+    # content changed after registration: refused until the operator records it again
+    (export / artifacts.EXPORT_INFO).write_text((export / artifacts.EXPORT_INFO).read_text() + " ")
+    with pytest.raises(artifacts.ArtifactError, match="no longer holds what was registered"):
+        artifacts.resolve_ref("models:/regtest/1")
+    with registry._client() as client:  # a version registered before hone recorded content
+        client.delete_model_version_tag("regtest", "1", registry.CONTENT_TAG)
+    with pytest.raises(artifacts.ArtifactError, match="hone models trust regtest 1"):
+        artifacts.resolve_ref("models:/regtest/1")
+    trusted = hone("models", "trust", "regtest", "1", env=dict(os.environ), timeout=120)
+    assert trusted.returncode == 0, trusted.stderr
+    assert artifacts.resolve_ref("models:/regtest/1").path == str(export)

@@ -14,12 +14,14 @@ This module is cheap to import (no torch): the registry is consulted only for ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,11 +32,11 @@ from hone.errors import ArtifactError
 if TYPE_CHECKING:
     from hone.config import JobConfig
 
-__all__ = ["EXPORT_DIR", "EXPORT_INFO", "INPUTS_FILE", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "QUANTIZED_INFO", "QUANTIZED_STATE",
-           "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "default_storage", "fetch_model",
-           "model_class",
-           "new_run_dir", "parse_metrics", "publish_dir", "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir",
-           "run_storage", "sync_down", "sync_up"]
+__all__ = ["EXPORT_DIR", "EXPORT_INFO", "INPUTS_FILE", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "MODEL_ROOTS_ENV", "QUANTIZED_INFO",
+           "QUANTIZED_STATE", "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "check_model_source",
+           "default_storage", "fetch_model", "model_class", "model_roots", "new_run_dir", "parse_metrics", "publish_dir",
+           "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir", "run_storage", "sync_down", "sync_up",
+           "trusted_roots"]
 
 EXPORT_DIR = "export"
 MERGED_DIR = "export-merged"
@@ -45,6 +47,8 @@ METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
 QUANTIZED_INFO = "quantization.json"
 QUANTIZED_STATE = "quantized.pt"
+MODEL_ROOTS_ENV = "HONE_MODEL_ROOTS"
+"""Folders and bucket prefixes (comma-separated) that registry versions may load from, besides ``$HONE_HOME/runs``."""
 
 
 # --------------------------------------------------------------------------- runs
@@ -185,11 +189,15 @@ class ModelSpec:
 
     @property
     def job(self) -> JobConfig | None:
-        """The job that made this model (exports and artifacts carry it)."""
+        """The job that made this model (exports and artifacts carry it), with ``model.trust_remote_code`` off: that flag
+        comes from the operator's serve or job YAML, never from an artifact whoever can write it could have edited."""
         from hone.config import JobConfig
 
         raw = self.info.get("job")
-        return JobConfig.model_validate(raw, context={"check_paths": False}) if raw else None
+        if not raw:
+            return None
+        raw = {**raw, "model": {**(raw.get("model") or {}), "trust_remote_code": False}}
+        return JobConfig.model_validate(raw, context={"check_paths": False})
 
     @property
     def labels(self) -> list[str] | None:
@@ -236,9 +244,72 @@ def _task_of(info: dict[str, Any]) -> str:
     return str(info.get("task") or ((info.get("job") or {}).get("task") or {}).get("type") or "causal_lm")
 
 
+# --------------------------------------------------------------------------- where registry versions may point
+
+
+def model_roots() -> list[str]:
+    """Where a registry version's source may lie: hone's default storage (``$HONE_HOME/runs``) and each folder or bucket
+    prefix listed in ``$HONE_MODEL_ROOTS``. Whoever can write to the registry can point a version anywhere; hone loads
+    only what lies inside these roots (and only the content recorded at registration)."""
+    roots = [str(default_storage().resolve())]
+    for entry in os.environ.get(MODEL_ROOTS_ENV, "").split(","):
+        entry = entry.strip()
+        if entry:
+            roots.append(entry.rstrip("/") if storage.is_uri(entry) else str(Path(entry).expanduser().resolve()))
+    return roots
+
+
+@contextlib.contextmanager
+def trusted_roots(*roots: str | Path) -> Iterator[None]:
+    """Add the storage roots this command was given (a job's ``storage_path``, ``--storage-path``) to
+    ``$HONE_MODEL_ROOTS`` while it runs: the versions it registers there load again in its later stages, its Ray workers
+    and the processes it starts."""
+    before = os.environ.get(MODEL_ROOTS_ENV)
+    os.environ[MODEL_ROOTS_ENV] = ",".join([*(before.split(",") if before else []), *(str(r) for r in roots)])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MODEL_ROOTS_ENV, None)
+        else:
+            os.environ[MODEL_ROOTS_ENV] = before
+
+
+def check_model_source(ref: str, source: str) -> None:
+    """Refuse a registry version whose source lies outside :func:`model_roots` (paths are compared resolved, so ``..``
+    and symbolic links do not lead out)."""
+    roots = model_roots()
+    if storage.is_uri(source):
+        storage.mirror(source)  # refuses empty, '.' and '..' segments
+        inside = any(storage.is_uri(r) and (source.rstrip("/") == r or source.startswith(r + "/")) for r in roots)
+    else:
+        resolved = Path(source).expanduser().resolve()
+        inside = any(not storage.is_uri(r) and resolved.is_relative_to(r) for r in roots)
+    if not inside:
+        raise ArtifactError(f"{ref} points at {source}, outside the roots hone loads registered models from ({', '.join(roots)}); "
+                            f"refusing it. If that location is yours, add it to {MODEL_ROOTS_ENV} (comma-separated folders and "
+                            "bucket prefixes) in the environment of the command (and of the cluster's nodes)")
+
+
+def _check_content(ref: str, registration: dict[str, Any], folder: Path) -> None:
+    from hone.registry import CONTENT_TAG
+
+    recorded = registration["tags"].get(CONTENT_TAG)
+    if not recorded:
+        raise ArtifactError(f"{ref} was registered without a content hash, so hone cannot tell whether {registration['source']} "
+                            f"still holds what was registered; check it, then record its hash with: hone models trust "
+                            f"{registration['name']} {registration['version']}")
+    actual = storage.content_sha256(folder)
+    if actual != recorded:
+        raise ArtifactError(f"{ref}: {registration['source']} no longer holds what was registered (content hash {actual[:12]}... "
+                            f"vs {recorded[:12]}... recorded); its files were changed after registration. Register it again, or "
+                            f"if the change is yours: hone models trust {registration['name']} {registration['version']}")
+
+
 def resolve_ref(ref: str) -> ModelSpec:
     """Any model reference → :class:`ModelSpec`. Raises :class:`ArtifactError` (or the registry's error) when
-    a reference that must name a hone export does not."""
+    a reference that must name a hone export does not, or when a registry version points outside :func:`model_roots`
+    or at content other than what was registered."""
     registry = None
     path = ref
     if ref.startswith("models:/"):
@@ -246,8 +317,11 @@ def resolve_ref(ref: str) -> ModelSpec:
 
         registry = resolve_model_ref(ref)
         path = registry["source"]
+        check_model_source(ref, path)
     if storage.is_uri(path):
         path = str(fetch_model(path))
+    if registry:
+        _check_content(ref, registry, Path(path))
     folder = Path(path).expanduser()
     if (folder / QUANTIZED_INFO).exists():
         info = _read_info(folder, QUANTIZED_INFO)

@@ -105,6 +105,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"v{v['version']} {aliases}\n  source: {v['source']}\n  metrics: {metrics}")
             for k, val in sorted(v["lineage"].items()):
                 print(f"  {k}: {val}")
+    elif args.models_command == "trust":
+        from hone.artifacts import check_model_source
+
+        ref = f"models:/{args.name}/{args.version}"
+        check_model_source(ref, registry.resolve_model_ref(ref)["source"])
+        digest = registry.record_content(args.name, args.version)
+        print(f"{ref}: recorded its content (sha256 {digest[:12]}...); it loads while its files stay exactly these")
     else:
         registry.promote(args.name, args.version, args.alias)
         print(f"models:/{args.name}@{args.alias} → version {args.version}")
@@ -325,6 +332,11 @@ def _training_commands(sub: Any) -> None:
     q.add_argument("name")
     q.add_argument("version", type=int)
     q.add_argument("--alias", default="winner", help="the alias to move (default: winner), whatever the versions' metrics say")
+    q.set_defaults(fn=_cmd_models)
+    q = models_sub.add_parser("trust", help="record what a version's source holds now as its registered content "
+                                            "(a version registered without one, or a source you changed on purpose)")
+    q.add_argument("name")
+    q.add_argument("version", type=int)
     q.set_defaults(fn=_cmd_models)
 
     p = sub.add_parser("eval", help="evaluate an export on a held-out split (loss; accuracy of generated answers)")

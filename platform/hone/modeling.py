@@ -93,7 +93,7 @@ def is_hone_model(name: str) -> bool:
     return name.startswith("models:/") or (Path(name).expanduser() / EXPORT_INFO).exists()
 
 
-def starting_weights(ref: str) -> str:
+def starting_weights(ref: str, trust_remote_code: bool = False) -> str:
     """A local Hugging Face folder holding the full weights of a hone model reference, for a job that starts from it
     (``model.name: models:/sft@winner``: preference tuning after supervised fine-tuning). A full export is used as it
     is; an adapter export is its run's merged model when there is one, else it is merged once into
@@ -115,7 +115,7 @@ def starting_weights(ref: str) -> str:
     stamp = f"{Path(spec.path).resolve()}:{weights.stat().st_mtime_ns if weights.exists() else 0}"
     target = assets.hone_home() / "cache" / "merged" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
     if not (target / EXPORT_INFO).exists():
-        model, tokenizer = load_model(spec, merge_adapter=True)
+        model, tokenizer = load_model(spec, merge_adapter=True, trust_remote_code=trust_remote_code)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial, safe_serialization=True)
@@ -337,12 +337,15 @@ def _classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------- exports and generation
 
 
-def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = True, num_labels: int | None = None) -> tuple[Any, Any]:
+def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = True, num_labels: int | None = None,
+               trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any resolved model reference: the one loader every stage uses
     (``hone eval``, quantisation and its gate, serving, the merged export).
 
     An adapter export is loaded onto its base (``merge_adapter``: merged into it); a quantised artifact exactly
     as its recipe made it; a plain model in fp32 (bf16 on a GPU). ``device``: ``cpu``, ``cuda`` or ``auto``.
+    ``trust_remote_code`` is the caller's (the operator's serve or job YAML): the flag an export's own ``hone.json``
+    carries is never used, since whoever can write the export could then run code here.
     """
     import torch
     from transformers import AutoTokenizer
@@ -357,7 +360,8 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = Tr
     if spec.kind == "export":
         job = spec.job
         assert job is not None, f"{spec.path}: an export carries its job"
-        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        job = job.model_copy(update={"model": job.model.model_copy(update={"trust_remote_code": trust_remote_code})})
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
         if spec.adapter:
             import peft
 
@@ -365,13 +369,14 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, merge_adapter: bool = Tr
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
-            model = model_class(job.task.type).from_pretrained(spec.path, dtype=torch_dtype(job))
+            model = model_class(job.task.type).from_pretrained(spec.path, dtype=torch_dtype(job), trust_remote_code=trust_remote_code)
     else:
         folder = assets.resolve_model(spec.path)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         labels = num_labels or (len(spec.labels) if spec.labels else None)
         kwargs = {"num_labels": labels} if spec.task == "sequence_classification" and labels else {}
-        model = model_class(spec.task).from_pretrained(folder, dtype=torch.bfloat16 if device == "cuda" else torch.float32, **kwargs)
+        model = model_class(spec.task).from_pretrained(folder, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                                       trust_remote_code=trust_remote_code, **kwargs)
     if device == "cuda":
         model = model.to("cuda")
     return model.eval(), tokenizer

@@ -27,10 +27,13 @@ from hone.data import dataset_fingerprint
 from hone.errors import RegistryError
 from hone.runtime import quiet_libraries
 
-__all__ = ["WINNER", "Registration", "RegistryError", "describe", "list_models", "log_run", "promote",
-           "register_winner", "resolve_model_ref", "show_model", "tag_version", "tracking_uri"]
+__all__ = ["CONTENT_TAG", "WINNER", "Registration", "RegistryError", "describe", "list_models", "log_run", "promote",
+           "record_content", "register_winner", "resolve_model_ref", "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
+CONTENT_TAG = "hone.content_sha256"
+"""The version tag holding the SHA-256 of its source's files at registration (``hone.storage.content_sha256``): a version
+loads only while its source still holds exactly that."""
 
 
 def tracking_uri() -> str:
@@ -181,7 +184,8 @@ def register_winner(name: str, run_id: str, export_dir: Path, metric: str, value
         except Exception:  # noqa: BLE001 - no version carries the alias yet
             pass
         source = storage.uri_of(export_dir) or str(export_dir)  # a run in object storage: the version points there
-        tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": source}
+        tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": source,
+                CONTENT_TAG: storage.content_sha256(source)}
         if sweep:
             tags["hone.sweep"] = sweep
         version = int(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
@@ -210,6 +214,15 @@ def promote(name: str, version: int, alias: str) -> None:
         except Exception as e:
             raise RegistryError(f"no version {version} of registered model {name!r}") from e
         client.set_registered_model_alias(name, alias, str(version))
+
+
+def record_content(name: str, version: int) -> str:
+    """Record what a version's source holds now as the content it must keep (a version registered before hone recorded
+    one, or a source its owner changed on purpose); returns the hash."""
+    found = resolve_model_ref(f"models:/{name}/{version}")
+    digest = storage.content_sha256(found["source"])
+    tag_version(name, version, {CONTENT_TAG: digest})
+    return digest
 
 
 def tag_version(name: str, version: int, tags: dict[str, str]) -> None:

@@ -25,7 +25,7 @@ from hone import assets
 from hone.errors import StorageError
 
 __all__ = [
-    "STORAGE_SECRETS", "STORAGE_SETTINGS", "StorageError", "check", "digest", "download", "exists", "filesystem",
+    "STORAGE_SECRETS", "STORAGE_SETTINGS", "StorageError", "check", "content_sha256", "digest", "download", "exists", "filesystem",
     "glob_files", "is_uri", "join", "list_files", "mirror", "read_text", "upload", "uri_of", "write_text",
 ]
 
@@ -135,6 +135,23 @@ def digest(uri: str) -> str:
     files = [(u, *list_files(u)[0][1:]) for u in glob_files(uri)] if glob.has_magic(uri) else list_files(uri)
     for rel, size, mtime in files:
         h.update(f"{rel}\0{size}\0{mtime}\0".encode())
+    return h.hexdigest()
+
+
+def content_sha256(location: str | Path) -> str:
+    """What a folder (local, or a URI) holds, as one SHA-256 over its files' relative paths and bytes: the content a
+    registry version records at registration and is checked against when it is loaded (:func:`digest` looks at names,
+    sizes and times only)."""
+    import hashlib
+
+    fs, path = filesystem(str(location))
+    h = hashlib.sha256()
+    for rel, _, _ in list_files(str(location)):
+        with fs.open_input_stream(f"{path}/{rel}" if rel else path) as fh:
+            inner = hashlib.sha256()
+            while chunk := fh.read(1 << 22):
+                inner.update(chunk)
+        h.update(f"{rel}\0{inner.hexdigest()}\0".encode())
     return h.hexdigest()
 
 

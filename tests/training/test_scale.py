@@ -165,8 +165,13 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     assert registry.resolve_model_ref("models:/s3-tiny@winner")["source"] == f"{runs}/{run}/export"
     shutil.rmtree(home / "remote")
     quantized = f"s3://{BUCKET}/quantized/s3-tiny"
-    q = hone("quantize", "models:/s3-tiny@winner", "--method", "int8-dynamic", "--out", quantized, "-n", "8", "--max-loss-increase", "0.5",
-             "--max-accuracy-drop", "none", env=env)
+    args = ("quantize", "models:/s3-tiny@winner", "--method", "int8-dynamic", "--out", quantized, "-n", "8", "--max-loss-increase",
+            "0.5", "--max-accuracy-drop", "none")
+    refused = hone(*args, env=env, timeout=300)  # a bucket the operator has not listed: nothing is fetched from it
+    assert refused.returncode != 0 and "HONE_MODEL_ROOTS" in refused.stderr, refused.stderr[-3000:]
+    assert not (home / "remote").exists()
+    env["HONE_MODEL_ROOTS"] = runs
+    q = hone(*args, env=env)
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     assert registry.resolve_model_ref("models:/s3-tiny@winner")["tags"]["hone.quantized.int8-dynamic"] == quantized
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="quantized/s3-tiny/")["Contents"]]

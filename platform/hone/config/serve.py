@@ -42,6 +42,9 @@ class ServeConfig(Section):
     """Serve the artifact ``hone quantize MODEL --method M`` wrote for this model (its quality gate must have passed)."""
     allow_failed_gate: bool = False
     """Serve a quantised artifact even though its quality gate failed."""
+    trust_remote_code: bool = False
+    """Run the model's own Python code (Hugging Face ``trust_remote_code``) when loading it. Set here by the operator only:
+    the flag an export records is never used."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """The model replicas' engine, behind the same ingress (API keys, validation, back-pressure, metrics):
     ``transformers`` (hone's continuous batching; classifiers, torch-quantised artifacts) or ``vllm`` (vLLM's async

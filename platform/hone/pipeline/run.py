@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hone.artifacts import run_storage, sync_up
+from hone.artifacts import run_storage, sync_up, trusted_roots
 from hone.config import Pipeline, PipelineConfigError, Problem
 from hone.errors import PipelineError
 from hone.pipeline.smoke import smoke_stage
@@ -63,7 +63,8 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
               + (["smoke_test"] if cfg.smoke_test else []))
     n = len(stages)
     started = time.time()
-    with serving_session(p.serve, p.job, address, _cpus(p)):
+    # the versions this pipeline registers in its storage load again in its later stages
+    with trusted_roots(storage_uri(storage) or storage), serving_session(p.serve, p.job, address, _cpus(p)):
         from ray import serve as ray_serve
 
         deployed = False

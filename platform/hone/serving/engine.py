@@ -92,7 +92,7 @@ class Engine:
         self.spec = spec
         device = spec.device
         self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.model, self.tokenizer = load_model(spec.model, self.device)
+        self.model, self.tokenizer = load_model(spec.model, self.device, trust_remote_code=spec.trust_remote_code)
         self.task = spec.task
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

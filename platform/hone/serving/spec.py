@@ -49,6 +49,8 @@ class ServeSpec:
     batch_wait_timeout_s: float
     adapters: dict[str, str] = field(default_factory=dict)
     max_loaded_adapters: int = 4
+    trust_remote_code: bool = False
+    """The serve config's flag (never the artifact's)."""
 
     @property
     def kind(self) -> str:
@@ -108,7 +110,7 @@ def resolve(cfg: ServeConfig) -> ServeSpec:
                      quantization=quantization, gate=gate, engine=cfg.engine, device=cfg.device,
                      max_tokens_default=cfg.max_tokens_default, max_batch_size=cfg.max_batch_size,
                      batch_wait_timeout_s=cfg.batch_wait_timeout_s, adapters=dict(cfg.adapters),
-                     max_loaded_adapters=cfg.max_loaded_adapters)
+                     max_loaded_adapters=cfg.max_loaded_adapters, trust_remote_code=cfg.trust_remote_code)
 
 
 def _check_registered_artifact(ref: str, folder: Path, recorded: str | None) -> None:

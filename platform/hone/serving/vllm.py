@@ -78,7 +78,7 @@ def _adapter_id(name: str, path: str) -> int:
     return int(digest.hexdigest()[:7], 16) + 1
 
 
-def merged_copy(model: Any) -> Path:
+def merged_copy(model: Any, trust_remote_code: bool = False) -> Path:
     """A plain model directory of an adapter export merged into its base: the run's ``export-merged`` when training
     wrote one, else a copy written once under ``$HONE_HOME/merged/`` (staged, then renamed: never half-written)."""
     import shutil
@@ -96,7 +96,7 @@ def merged_copy(model: Any) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("merging %s into its base for vLLM: %s", model.path, target)
-    merged, tokenizer = load_model(model, "cpu", merge_adapter=True)
+    merged, tokenizer = load_model(model, "cpu", merge_adapter=True, trust_remote_code=trust_remote_code)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
@@ -120,13 +120,14 @@ def engine_args(cfg: ServeConfig, spec: ServeSpec) -> dict[str, Any]:
     model = spec.model
     adapters = dict(spec.adapters)
     if model.adapter and cfg.merge_adapter:
-        path = merged_copy(model)
+        path = merged_copy(model, spec.trust_remote_code)
     elif model.adapter:  # its base, with the adapter under the served name
         path = assets.resolve_model(model.job.model.name)
         adapters[spec.served_name] = model.path
     else:
         path = spec.path if spec.kind in ("export", "quantized") else assets.resolve_model(spec.path)
-    args: dict[str, Any] = {"model": str(path), "served_model_name": spec.served_name, "disable_log_stats": False}
+    args: dict[str, Any] = {"model": str(path), "served_model_name": spec.served_name, "disable_log_stats": False,
+                            "trust_remote_code": spec.trust_remote_code}
     if spec.max_batch_size is not None:  # the config refuses it beside vllm_engine_args.max_num_seqs
         args["max_num_seqs"] = spec.max_batch_size
     if not _on_gpu(cfg):
@@ -168,7 +169,8 @@ class VLLMServer:
         args = engine["args"]
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args),
                                                 stat_loggers=[RayPrometheusStatLogger, _scheduler_counts(self._counts)])
-        self.tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"])
+        self.tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"],
+                                                       trust_remote_code=bool(args.get("trust_remote_code")))
         self.context_length = int(self.engine.model_config.max_model_len)
         self.loras = {name: LoRARequest(name, v["id"], v["path"]) for name, v in engine["loras"].items()}
         self.adapters = [a for a in self.loras if a != self.name]

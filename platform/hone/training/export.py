@@ -52,7 +52,7 @@ def write_export(backend: Any, job: JobConfig, objective: str, run_dir: Path, ru
         (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
         dirs = [EXPORT_DIR]
         if job.method.is_peft and job.method.merge_adapter:
-            merged, _ = load_model(resolve_ref(str(out)), merge_adapter=True)
+            merged, _ = load_model(resolve_ref(str(out)), merge_adapter=True, trust_remote_code=job.model.trust_remote_code)
             merged.save_pretrained(staging / MERGED_DIR, safe_serialization=True)
             for f in tokenizer_dir.iterdir():
                 shutil.copy2(f, staging / MERGED_DIR / f.name)

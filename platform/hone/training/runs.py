@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hone.artifacts import INPUTS_FILE, JOB_FILE, new_run_dir, resolve_run_dir, run_storage
+from hone import storage
+from hone.artifacts import INPUTS_FILE, JOB_FILE, new_run_dir, resolve_run_dir, run_storage, trusted_roots
 from hone.config import JobConfig, load_job
 from hone.errors import TrainError
 
@@ -23,9 +24,11 @@ def open_run(job: JobConfig | None, resume: str | None, storage_path: str | None
         return load_job(folder / JOB_FILE, check_paths=False), folder
     if job is None:
         raise TrainError(f"give a job or a {what} to resume")
-    job = starting_point(job)  # a sweep from models:/… trains every trial from the same resolved weights
+    root = run_storage(storage_path, job)
+    with trusted_roots(storage.uri_of(root) or root):  # a version registered in this storage may be the start
+        job = starting_point(job)  # a sweep from models:/… trains every trial from the same resolved weights
     name = job.run_name if what == "run" else f"{job.name}-{what}"
-    folder = Path(run_dir or new_run_dir(run_storage(storage_path, job), name)).resolve()  # created: never shared
+    folder = Path(run_dir or new_run_dir(root, name)).resolve()  # created: never shared
     folder.mkdir(parents=True, exist_ok=True)
     (folder / JOB_FILE).write_text(job.to_yaml())
     return job, folder
@@ -39,7 +42,7 @@ def starting_point(job: JobConfig) -> JobConfig:
 
     if not is_hone_model(job.model.name):
         return job
-    path = starting_weights(job.model.name)
+    path = starting_weights(job.model.name, job.model.trust_remote_code)
     print(f"[hone] starting from {job.model.name} ({path})", flush=True)
     raw = job.to_dict()
     raw["model"]["name"] = path
