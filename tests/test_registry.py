@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,10 +104,102 @@ def test_the_winner_alias_moves_only_to_a_better_version(run):
     assert registry.resolve_model_ref("models:/better@winner")["version"] == 2
 
 
+CONTENDER = """
+import sys, time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from hone import registry
+
+name, export, value = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+decided, go, run_id = Path(sys.argv[4]), Path(sys.argv[5]), sys.argv[7]
+if sys.argv[6] == "stall":  # decides, then stalls before its first alias write: another sweep registers meanwhile
+    original = MlflowClient.set_registered_model_alias
+    calls = []
+
+    def stalled(self, *args, **kwargs):
+        if not calls:
+            calls.append(1)
+            decided.touch()
+            time.sleep(3)
+        return original(self, *args, **kwargs)
+
+    MlflowClient.set_registered_model_alias = stalled
+else:
+    while not go.exists():
+        time.sleep(0.02)
+reg = registry.register_winner(name, run_id, export, "eval_loss", value)
+print(reg.version, reg.alias_version)
+"""
+
+
+@pytest.fixture()
+def mlflow_server(home, tmp_path, monkeypatch):
+    """A real ``mlflow server`` (the team-server case: no file lock can serialise its writers) on a free port."""
+    import httpx
+
+    from tests.helpers import free_port, stop_group, wait_until
+
+    port = free_port()
+    log = tmp_path / "mlflow-server.log"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root",
+                             str(tmp_path / "server-artifacts"), "--workers", "2"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, "mlflow server to answer", 120, proc, log, every=0.2)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc, signal.SIGTERM)
+
+
+def test_two_sweeps_racing_on_an_mlflow_server_leave_winner_on_the_better_model(run, mlflow_server, tmp_path):
+    """Two processes register at once against a real MLflow server: the one with the worse model read the alias and
+    decided to move it, then stalled; the better one registered and moved it meanwhile. Without a re-check after the
+    write, the stalled write lands last and @winner ends on the worse model."""
+    job, run_dir, export, _ = run
+    run_id = registry.log_run(job, run_dir, export, [], {"step": 1, "eval_loss": 1.0})
+    with pytest.raises(registry.RegistryError, match="only with the run that made it"):
+        registry.register_winner("race", None, export, "eval_loss", 1.0)
+    first = registry.register_winner("race", run_id, export, "eval_loss", 1.0)
+    assert first.alias_moved and first.version == 1
+    # the server keeps a local export as its run's (runs:/RUN/export); hone reads the path from the version's tag
+    assert registry.resolve_model_ref("models:/race/1")["source"] == str(export)
+    assert artifacts.resolve_ref("models:/race@winner").path == str(export)
+    decided, go = tmp_path / "decided", tmp_path / "go"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    worse = subprocess.Popen([sys.executable, "-c", CONTENDER, "race", str(export), "0.8", str(decided), str(go), "stall", run_id], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    better = subprocess.Popen([sys.executable, "-c", CONTENDER, "race", str(export), "0.5", str(decided), str(go), "wait", run_id], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from tests.helpers import wait_until
+
+    wait_until(decided.exists, "the worse model's process to decide", 120, worse)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in (worse, better)]
+    assert worse.returncode == better.returncode == 0, outs
+    (w_version, w_alias), (b_version, b_alias) = [tuple(int(x) for x in out.split()) for out, _ in outs]
+    assert w_version == 2 and b_version == 3  # the worse one registered first, then stalled before writing the alias
+    final = registry.resolve_model_ref("models:/race@winner")
+    assert final["version"] == b_version and final["tags"]["hone.metric_value"] == "0.5"
+    assert w_alias == b_alias == b_version  # both report where the alias ended
+
+
 def test_a_registered_version_loads_only_from_the_model_roots_and_only_as_registered(run, tmp_path, tmp_path_factory):
     """Whoever can write to the registry can point a version anywhere: hone loads it only inside the operator's roots
     (``$HONE_HOME/runs`` and ``HONE_MODEL_ROOTS``) and only with the content recorded at registration."""
-    from tests.helpers import hone
+    from hone.storage import StorageError
+
+    from tests.helpers import free_port, hone
 
     _, _, export, run_id = run
     registry.register_winner("regtest", run_id, export, "eval_loss", 1.7)
@@ -124,7 +217,7 @@ def test_a_registered_version_loads_only_from_the_model_roots_and_only_as_regist
     with pytest.raises(artifacts.ArtifactError, match="outside the roots"):
         artifacts.resolve_ref("models:/regtest/3")
     for uri in ("s3://other-bucket/runs/export", "s3://bucket/runs/../../x"):  # buckets the operator did not list
-        with pytest.raises((artifacts.ArtifactError, artifacts.storage.StorageError)):
+        with pytest.raises((artifacts.ArtifactError, StorageError)):
             artifacts.check_model_source("models:/x/1", uri)
     os.environ["HONE_MODEL_ROOTS"] += ",s3://bucket/runs"  # the fixture's monkeypatch restores it
     artifacts.check_model_source("models:/x/1", "s3://bucket/runs/r1/export")
@@ -133,7 +226,7 @@ def test_a_registered_version_loads_only_from_the_model_roots_and_only_as_regist
 
     # hone serve refuses it before any Ray work, naming the setting
     serve_yaml = tmp_path / "serve.yaml"
-    serve_yaml.write_text("model: models:/regtest@winner\n")
+    serve_yaml.write_text(f"model: models:/regtest@winner\nport: {free_port()}\nmetrics_export_port: {free_port()}\n")
     out = hone("serve", str(serve_yaml), env={**os.environ, "HONE_MODEL_ROOTS": str(tmp_path / "regtest-run")}, timeout=120)
     assert out.returncode != 0 and "HONE_MODEL_ROOTS" in out.stderr + out.stdout and "Traceback" not in out.stderr
 

@@ -31,6 +31,10 @@ __all__ = ["CONTENT_TAG", "WINNER", "Registration", "RegistryError", "describe",
            "record_content", "register_winner", "resolve_model_ref", "show_model", "tag_version", "tracking_uri"]
 
 WINNER = "winner"
+EXPORT_TAG = "hone.export_dir"
+"""The version tag holding where its export lies (a path or URI): the version's source, also where MLflow's own
+``source`` must be ``runs:/RUN/export`` (a server, a local export)."""
+_RUN_EXPORT = "export"  # the artifact path a runs:/ source names
 CONTENT_TAG = "hone.content_sha256"
 """The version tag holding the SHA-256 of its source's files at registration (``hone.storage.content_sha256``): a version
 loads only while its source still holds exactly that."""
@@ -165,34 +169,74 @@ def _better(value: float, than: dict[str, Any] | None, metric: str) -> bool:
     return value < old if metric_mode(metric) == "min" else value > old
 
 
-def register_winner(name: str, run_id: str, export_dir: Path, metric: str, value: float, *, alias: str = WINNER,
+def register_winner(name: str, run_id: str | None, export_dir: Path, metric: str, value: float, *, alias: str = WINNER,
                     sweep: str | None = None) -> Registration:
     """Register an export as a new version of ``name``; ``alias`` moves to it only if it beats the version the alias
-    points at on ``metric`` (``promote`` moves an alias unconditionally). A non-finite value is refused."""
+    points at on ``metric`` (``promote`` moves an alias unconditionally). A non-finite value is refused.
+
+    Concurrent sweeps cannot leave the alias on the worse model: on a local SQLite store a file lock serialises them; on
+    an MLflow server (no locks, no compare-and-set) each registration is followed by a check that converges: the alias
+    must end on the best of the version it held and every version registered since this one began (:func:`_settle`)."""
     if not math.isfinite(value):
         raise RegistryError(f"{metric} = {value} is not finite: a diverged model is never registered")
-    with _client() as client:  # one lock around read-compare-set: concurrent sweeps cannot both move the alias
+    source = storage.uri_of(export_dir) or str(export_dir)  # a run in object storage: the version points there
+    tags = {"hone.metric": metric, "hone.metric_value": repr(value), EXPORT_TAG: source, CONTENT_TAG: storage.content_sha256(source)}
+    if sweep:
+        tags["hone.sweep"] = sweep
+    registered = source
+    if not storage.is_uri(source) and tracking_uri().startswith(("http://", "https://")):
+        # An MLflow server accepts a local path as a version's source only inside its run's MLflow artifacts: the version
+        # names its run's export (runs:/RUN/export) and the path it lies at on the shared volume is its hone.export_dir tag.
+        if not run_id:
+            raise RegistryError(f"an MLflow server registers the local export {source} only with the run that made it "
+                                "(HONE_MLFLOW=0 logged none); keep runs in object storage (training.storage_path: s3://...) "
+                                "or turn tracking on")
+        registered = f"runs:/{run_id}/{_RUN_EXPORT}"
+    with _client() as client:  # SQLite: one lock around read-compare-set
         try:
             client.get_registered_model(name)
         except Exception:  # noqa: BLE001 - MlflowException(RESOURCE_DOES_NOT_EXIST)
-            client.create_registered_model(name, tags={"hone": "true"})
-        previous = None
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-            previous = {"version": int(current.version), "metric": current.tags.get("hone.metric"),
-                        "value": current.tags.get("hone.metric_value")}
-        except Exception:  # noqa: BLE001 - no version carries the alias yet
-            pass
-        source = storage.uri_of(export_dir) or str(export_dir)  # a run in object storage: the version points there
-        tags = {"hone.metric": metric, "hone.metric_value": repr(value), "hone.export_dir": source,
-                CONTENT_TAG: storage.content_sha256(source)}
-        if sweep:
-            tags["hone.sweep"] = sweep
-        version = int(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
-        moved = _better(value, previous, metric)
-        if moved:
-            client.set_registered_model_alias(name, alias, str(version))
-    return Registration(name, version, alias, version if moved else previous["version"], previous)
+            with contextlib.suppress(Exception):  # another process created it meanwhile
+                client.create_registered_model(name, tags={"hone": "true"})
+        previous = _alias_target(client, name, alias)
+        floor = max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=0)
+        version = int(client.create_model_version(name, source=registered, run_id=run_id, tags=tags).version)
+        final = _settle(client, name, alias, metric, floor)
+    return Registration(name, version, alias, final, previous)
+
+
+def _alias_target(client: Any, name: str, alias: str) -> dict[str, Any] | None:
+    """{version, metric, value} of the version ``alias`` points at (None: no version carries it)."""
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - no version carries the alias yet
+        return None
+    return {"version": int(current.version), "metric": current.tags.get("hone.metric"), "value": current.tags.get("hone.metric_value")}
+
+
+def _settle(client: Any, name: str, alias: str, metric: str, floor: int, rounds: int = 20) -> int:
+    """Move ``alias`` to the best of its current version and every version above ``floor`` registered on ``metric``, then
+    read both again until they agree (a concurrent registration may have set the alias from an older reading); returns
+    where the alias ends. Every contender folds the same versions in version order, so they all converge on one."""
+    for _ in range(rounds):
+        current = _alias_target(client, name, alias)
+        best = current
+        contenders = sorted((v for v in client.search_model_versions(f"name='{name}'")
+                             if int(v.version) > floor and v.tags.get("hone.metric") == metric), key=lambda v: int(v.version))
+        for v in contenders:
+            try:
+                candidate = float(v.tags.get("hone.metric_value", "nan"))
+            except ValueError:
+                continue
+            if math.isfinite(candidate) and (best is None or (best["version"] != int(v.version) and _better(candidate, best, metric))):
+                best = {"version": int(v.version), "metric": metric, "value": repr(candidate)}
+        if best is None:
+            return 0
+        if current is not None and current["version"] == best["version"]:
+            return best["version"]
+        client.set_registered_model_alias(name, alias, str(best["version"]))
+    raise RegistryError(f"@{alias} of {name!r} did not settle after {rounds} rounds: other registrations keep moving it; "
+                        f"check it with hone models show {name}")
 
 
 def describe(reg: Registration, metric: str, value: float) -> str:
@@ -252,8 +296,18 @@ def resolve_model_ref(ref: str) -> dict[str, Any]:
         except Exception as e:
             raise RegistryError(f"{ref!r} does not resolve: no registered model {name!r} with "
                                 f"{'alias ' + alias if alias else 'version ' + str(version)}") from e
-        return {"name": name, "version": int(mv.version), "source": mv.source, "tags": dict(mv.tags), "aliases": list(mv.aliases),
+        return {"name": name, "version": int(mv.version), "source": _source(mv), "tags": dict(mv.tags), "aliases": list(mv.aliases),
                 "run_id": mv.run_id}
+
+
+def _source(mv: Any) -> str:
+    """Where a version's export lies: its source, or for ``runs:/RUN/export`` (a local export on an MLflow server) the path
+    its hone.export_dir tag records."""
+    if str(mv.source).startswith("runs:/"):
+        if not mv.tags.get(EXPORT_TAG):
+            raise RegistryError(f"version {mv.version} of {mv.name!r} ({mv.source}) is not a hone export: it has no {EXPORT_TAG} tag")
+        return str(mv.tags[EXPORT_TAG])
+    return str(mv.source)
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -284,7 +338,7 @@ def show_model(name: str) -> list[dict[str, Any]]:
                 {
                     "version": int(v.version),
                     "aliases": list(v.aliases),
-                    "source": v.source,
+                    "source": _source(v),
                     "tags": dict(v.tags),
                     "metrics": dict(run.data.metrics) if run else {},
                     "lineage": {
