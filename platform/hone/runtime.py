@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from hone.config import JobConfig
 
 __all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "free_port", "is_remote", "quiet_libraries", "ray_log_level",
-           "port_in_use", "ray_session", "stop_event", "worker_env", "worker_setup_hook"]
+           "port_in_use", "ray_session", "stop_event", "watch_session", "worker_env", "worker_setup_hook"]
 
 # Loggers that print optional-kernel load failures, deprecation notes and per-request lines nobody acts on.
 _NOISY = ("torchao", "torch.utils._pytree", "transformers", "httpx")
@@ -144,6 +144,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         except Exception as e:  # re-raised with the address named
             raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from e
     else:
+        before = _children(os.getpid())
         need = 0.0
         if job is not None:
             need = job.distributed.max_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
@@ -165,10 +166,95 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
             else:
                 os.environ["RAY_GCS_SERVER_PORT"] = previous
+        watchdog = _Watchdog({p: t for p, t in _children(os.getpid()).items() if p not in before})
     try:
         yield
     finally:
         ray.shutdown()
+        if not address:
+            watchdog.close()
+
+
+class _Watchdog:
+    """A process of its own that outlives this one: once this process ends (exits, or is killed with SIGKILL by the OOM
+    killer) or the session closes, it ends whatever is left of the local Ray session this process started: the head
+    processes Ray started here and everything below them (agents, workers, Serve's HAProxy), which would otherwise hold
+    their ports (metrics, serve, dashboard agent) for a minute or more and block the next start."""
+
+    def __init__(self, roots: dict[int, str]):
+        import subprocess
+        import sys
+
+        read, self._write = os.pipe()
+        argv = [sys.executable, "-c", "import sys; from hone.runtime import watch_session; watch_session(int(sys.argv[1]), sys.argv[2:])",
+                str(read), *(f"{p}:{t}" for p, t in roots.items())]
+        self._proc = subprocess.Popen(argv, pass_fds=(read,), start_new_session=True, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(read)
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """The session closed: what is still running of it is ended now (waited for, so its ports are free on return)."""
+        import subprocess
+
+        os.close(self._write)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=wait_s)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, start time) of every process this machine's ``/proc`` lists."""
+    table = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _children(pid: int) -> dict[int, str]:
+    return {p: start for p, (parent, start) in _proc_table().items() if parent == pid}
+
+
+def watch_session(fd: int, roots: list[str], every_s: float = 0.5) -> None:
+    """The watchdog's loop (:class:`_Watchdog`): remember the session's processes (``roots`` as ``pid:start`` and all their
+    descendants, however deep, reparented or not) until ``fd`` reads end-of-file, then SIGTERM those still running (the
+    same pid with the same start time: never a reused pid), and SIGKILL them a second later."""
+    import select
+    import time
+
+    seen = {int(p): t for p, t in (r.split(":") for r in roots)}
+    while True:
+        table = _proc_table()
+        seen = {p: t for p, t in seen.items() if p in table and table[p][1] == t}
+        grown = True
+        while grown:
+            grown = False
+            for p, (parent, start) in table.items():
+                if parent in seen and p not in seen and p != os.getpid():
+                    seen[p], grown = start, True
+        ready, _, _ = select.select([fd], [], [], every_s)
+        if ready and not os.read(fd, 1):
+            break
+    for sig, pause in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 0.0)):
+        table = _proc_table()
+        alive = [p for p, t in seen.items() if p in table and table[p][1] == t]
+        for p in alive:
+            with contextlib.suppress(OSError):
+                os.kill(p, sig)
+        deadline = time.time() + pause
+        while alive and time.time() < deadline:
+            time.sleep(0.1)
+            table = _proc_table()
+            alive = [p for p in alive if p in table and table[p][1] == seen[p] and not _zombie(p)]
+        if not alive:
+            return
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
 
 
 def free_port() -> int:

@@ -520,3 +520,26 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
     assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived hone serve"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+    # The same config starts again at once. Then that server is killed as the OOM killer would (SIGKILL to hone serve
+    # alone): its watchdog ends the Ray session's agents, workers and HAProxy within seconds (Ray's dashboard agent held
+    # the metrics port for about a minute before), and a third start with the same ports answers.
+    from hone.runtime import port_in_use
+
+    for attempt in ("killed", "next"):
+        folder = tmp_path / attempt
+        folder.mkdir()
+        proc, info = start_server(cfg, folder)
+        try:
+            r = httpx.post(url, json={**body, "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200, r.text
+        finally:
+            if attempt == "killed":
+                proc.kill()
+                proc.wait()
+            else:
+                stop_server(proc)
+        if attempt == "killed":
+            wait_until(lambda: not port_in_use("127.0.0.1", port) and not port_in_use("127.0.0.1", cfg["metrics_export_port"]),
+                       "the killed server's ports to be free", timeout=20)
+            assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived a SIGKILLed hone serve"

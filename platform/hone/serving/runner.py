@@ -75,7 +75,7 @@ def reap_haproxy(env: dict[str, str], wait_s: float = 10.0) -> None:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             if not argv[0].endswith(b"haproxy") or b"-f" not in argv:
                 continue
-            if Path(argv[argv.index(b"-f") + 1].decode()).parent == folder:
+            if Path(argv[argv.index(b"-f") + 1].decode()).is_relative_to(folder):
                 os.kill(int(entry.name), signal.SIGTERM)
                 pids.append(int(entry.name))
         except (OSError, IndexError, ValueError):
