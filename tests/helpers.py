@@ -274,6 +274,19 @@ def metrics(port: int, ready: Any, timeout: float = 60.0) -> dict[str, list]:
         time.sleep(0.25)
 
 
+def listen_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at ``port`` on this machine (``/proc/net/tcp``)."""
+    import ipaddress
+
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, hex_port = fields[1].split(":")
+        if int(hex_port, 16) == port and fields[3] == "0A":  # LISTEN
+            found.add(str(ipaddress.IPv4Address(bytes.fromhex(address)[::-1])))
+    return found
+
+
 def haproxy_configs() -> list[str]:
     """Config files of the HAProxy processes running on this machine."""
     found = []
@@ -337,7 +350,8 @@ for line in sys.stdin:
 
     def __init__(self, ray_address: str, app: str):
         # hone serve's embedded Ray uses Ray's default token auth (token in ~/.ray/auth_token)
-        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # its node address is 127.0.0.1, like the server's (metrics_host)
         self.app = app
         self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, ray_address], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)

@@ -112,7 +112,7 @@ def is_remote(address: str | None) -> bool:
 
 @contextlib.contextmanager
 def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 0.0, *, env: dict[str, str] | None = None,
-                metrics_export_port: int | None = None) -> Iterator[None]:
+                metrics_export_port: int | None = None, loopback: bool = False) -> Iterator[None]:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local embedded Ray shut down afterwards.
 
     A local session gets at least the CPUs the job's workers reserve (plus ``extra_cpus``), so a
@@ -159,8 +159,9 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         previous = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True,
-                     logging_config=logging_config, **extra)
+            with _node_address_loopback(loopback):
+                ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True,
+                         logging_config=logging_config, **extra)
         finally:
             if previous is None:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -173,6 +174,23 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         ray.shutdown()
         if not address:
             watchdog.close()
+
+
+@contextlib.contextmanager
+def _node_address_loopback(on: bool) -> Iterator[None]:
+    """While ``on``: the node address a local Ray starts with is 127.0.0.1. Ray turns an explicit ``_node_ip_address`` of
+    127.0.0.1 into the machine's routable address, and its dashboard agent binds the metrics export on every interface
+    unless the node address is loopback; the single-machine mode Ray uses on macOS and Windows
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when Ray is imported) picks 127.0.0.1, so it is chosen here for
+    this one ``ray.init``."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = before and not on
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 class _Watchdog:

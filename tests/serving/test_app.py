@@ -15,7 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServeProbe, free_port, haproxy_configs, malformed, metrics, start_server, stop_server, wait_until
+from tests.helpers import (
+    ServeProbe,
+    free_port,
+    haproxy_configs,
+    listen_addresses,
+    malformed,
+    metrics,
+    start_server,
+    stop_server,
+    wait_until,
+)
 
 KEY = "sk-hone-test-key"
 PROMPTS = ["The movie was", "I think that the acting", "A review: this film", "Overall the plot", "The director", "Fans of"]
@@ -459,7 +469,8 @@ def test_metrics_on_the_ray_export_port(server, client):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray Serve's HAProxy binary ships for Linux")
 def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
     """The serve YAML's queue bound and autoscaling, behind ``proxy: haproxy`` (the default proxy serves the module's
-    server): answers pass through HAProxy unchanged, and stopping hone serve stops its HAProxy."""
+    server): answers pass through HAProxy unchanged, a hone serve killed with SIGKILL leaves nothing holding its ports,
+    and stopping hone serve stops its HAProxy."""
     port = free_port()
     cfg = {"name": "scale", "model": "builtin:tiny-llama", "port": port, "metrics_export_port": free_port(), "proxy": "haproxy",
            "max_batch_size": 2, "batch_wait_timeout_s": 0.0, "max_tokens_default": 16,
@@ -473,6 +484,7 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
     try:
         probe = ServeProbe(info["ray_address"], "scale")
         assert any(f":{port}" in text for text in haproxy_configs()), "no HAProxy in front of the service"
+        assert listen_addresses(cfg["metrics_export_port"]) == {"127.0.0.1"}, "Ray's metrics export listens beyond this machine"
         import openai
 
         client = openai.OpenAI(base_url=info["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -513,33 +525,26 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
     finally:
         if probe is not None:
             probe.close()
+        proc.kill()  # as the OOM killer ends it: SIGKILL to hone serve alone, nothing of it shuts down
+        proc.wait()
+    # Its watchdog ends the Ray session's agents, workers and HAProxy: the serve and metrics ports are free within seconds
+    # (Ray's dashboard agent held the metrics port for about a minute), and the same config starts again and answers.
+    from hone.runtime import port_in_use
+
+    wait_until(lambda: not port_in_use("127.0.0.1", port) and not port_in_use("127.0.0.1", cfg["metrics_export_port"]),
+               "the killed server's ports to be free", timeout=20)
+    assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived a SIGKILLed hone serve"
+    again = tmp_path / "again"
+    again.mkdir()
+    proc, info = start_server(cfg, again)
+    try:
+        r = httpx.post(url, json={**body, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
         stop_server(proc)
     # SIGTERM reached hone's own handler (Ray installs one that would end the process on the spot), Serve shut down,
     # and the service's HAProxy went with it: nothing holds the port.
-    assert "[hone] shutting down" in (tmp_path / "serve.log").read_text()
+    assert "[hone] shutting down" in (again / "serve.log").read_text()
     assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived hone serve"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
-
-    # The same config starts again at once. Then that server is killed as the OOM killer would (SIGKILL to hone serve
-    # alone): its watchdog ends the Ray session's agents, workers and HAProxy within seconds (Ray's dashboard agent held
-    # the metrics port for about a minute before), and a third start with the same ports answers.
-    from hone.runtime import port_in_use
-
-    for attempt in ("killed", "next"):
-        folder = tmp_path / attempt
-        folder.mkdir()
-        proc, info = start_server(cfg, folder)
-        try:
-            r = httpx.post(url, json={**body, "max_tokens": 4}, timeout=60)
-            assert r.status_code == 200, r.text
-        finally:
-            if attempt == "killed":
-                proc.kill()
-                proc.wait()
-            else:
-                stop_server(proc)
-        if attempt == "killed":
-            wait_until(lambda: not port_in_use("127.0.0.1", port) and not port_in_use("127.0.0.1", cfg["metrics_export_port"]),
-                       "the killed server's ports to be free", timeout=20)
-            assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived a SIGKILLed hone serve"

@@ -78,6 +78,9 @@ class ServeConfig(Section):
     route_prefix: str = "/"
     metrics_export_port: int = Field(default=8080, ge=1, le=65535)
     """Prometheus port of the local embedded Ray (a cluster's own setting applies with --address)."""
+    metrics_host: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
+    """Where the local embedded Ray's Prometheus port listens: this machine only, or every interface (``0.0.0.0``) for a
+    Prometheus on another machine (the endpoint has no auth)."""
     max_batch_size: int | None = Field(default=None, ge=1)
     """Sequences decoded together in one forward pass: hone's engine (default 8) or vLLM's ``max_num_seqs`` (default:
     vLLM's own)."""

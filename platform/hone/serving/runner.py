@@ -49,7 +49,8 @@ def serving_session(cfg: ServeConfig, job: Any, address: str | None, extra_cpus:
               "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in its environment", flush=True)
     env = session_env(cfg)
     try:
-        with ray_session(job, address, extra_cpus=extra_cpus, env=env, metrics_export_port=cfg.metrics_export_port):
+        with ray_session(job, address, extra_cpus=extra_cpus, env=env, metrics_export_port=cfg.metrics_export_port,
+                         loopback=cfg.metrics_host == "127.0.0.1"):
             yield
     finally:
         if "RAY_SERVE_HAPROXY_STATS_PORT" in env and local:
@@ -196,7 +197,7 @@ def serve(
     check_auth(cfg, keys)
     if not is_remote(address) and not ray.is_initialized():  # the Ray this starts will need both ports (a pipeline's has them)
         for key in ("port", "metrics_export_port"):
-            holder = port_in_use(cfg.host, getattr(cfg, key))
+            holder = port_in_use(cfg.metrics_host if key == "metrics_export_port" else cfg.host, getattr(cfg, key))
             if holder:
                 raise ServeError(f"{key} {getattr(cfg, key)} on {cfg.host} is already in use by {holder}: stop it, or pass "
                                  f"{key}=N with a free port")
