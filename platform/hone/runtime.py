@@ -234,7 +234,7 @@ def _children(pid: int) -> dict[int, str]:
     return {p: start for p, (parent, start) in _proc_table().items() if parent == pid}
 
 
-def watch_session(fd: int, roots: list[str], every_s: float = 0.5) -> None:
+def watch_session(fd: int, roots: list[str], every_s: float = 1.0) -> None:
     """The watchdog's loop (:class:`_Watchdog`): remember the session's processes (``roots`` as ``pid:start`` and all their
     descendants, however deep, reparented or not) until ``fd`` reads end-of-file, then SIGTERM those still running (the
     same pid with the same start time: never a reused pid), and SIGKILL them a second later."""
