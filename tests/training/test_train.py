@@ -313,7 +313,7 @@ from hone.config import validate_job
 from hone.modeling import build_model
 from hone.training.backends import make_backend, optimizer_spec
 import torch.distributed as dist
-dist.init_process_group("gloo", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://" + os.environ["RENDEZVOUS_FILE"], rank=0, world_size=1)  # no port to race for
 raw = validate_job({json.dumps(tiny("engine", training={**TINY["training"], "on_nonfinite": "skip_step"}))})
 for deepspeed in (False, True):  # DDP, then ZeRO-2 (this one process as the only worker)
     job = raw.model_copy(update={{"distributed": raw.distributed.model_copy(update={{"num_workers": 1}})}})
@@ -351,10 +351,8 @@ for deepspeed in (False, True):  # DDP, then ZeRO-2 (this one process as the onl
 def test_backends_discard_a_non_finite_step_apply_the_next_and_take_new_hyperparameters(tmp_path):
     """DDP and ZeRO-2, one after the other in one process: a non-finite step is discarded, the next applied; both
     optimizers come from one declaration and take population-based training's new values (``retarget``)."""
-    from hone.runtime import free_port
-
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "RENDEZVOUS_FILE": str(tmp_path / "rendezvous"),
+           "DS_ACCELERATOR": "cpu"}
     out = subprocess.run([sys.executable, "-c", _ENGINES], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok False" in out.stdout and "ok True" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -364,7 +362,8 @@ import json, os, sys, torch
 import torch.distributed as dist
 mode, rank, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-dist.init_process_group("gloo", rank=rank, world_size=world)
+# a rendezvous file, not a port: a port picked free by the test could be taken by another process before rank 0 binds it
+dist.init_process_group("gloo", init_method="file://" + sys.argv[6], rank=rank, world_size=world)
 from hone.config import validate_job
 from hone.modeling import build_model
 from hone.training.backends import make_backend, universal_checkpoint
@@ -403,18 +402,27 @@ for raw in json.loads(sys.argv[5]):  # ZeRO-2, then ZeRO-3, in the same processe
 def test_a_zero_checkpoint_reloads_on_another_number_of_workers(tmp_path):
     """Elastic ZeRO (stages 2 and 3, one after the other in the same processes): a LoRA checkpoint two workers wrote
     continues on one worker (DeepSpeed's universal checkpoint) with the losses the two workers go on to compute."""
-    from hone.runtime import free_port
-
     jobs = [tiny("resize", distributed={"num_workers": [1, 2], "deepspeed": {"stage": stage}, "max_failures": 1},
                  training={**TINY["training"], "grad_accum": 1}) for stage in (2, 3)]
 
     def run(mode: str, world: int) -> dict[str, list[float]]:
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
-        procs = [subprocess.Popen([sys.executable, "-c", _RESIZE, mode, str(r), str(world), str(tmp_path / "ckpt"), json.dumps(jobs)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-        outs = [p.communicate(timeout=300) for p in procs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(o[0][-2000:] + o[1][-3000:] for o in outs)
-        lines = [line.split(" ", 2) for line in outs[0][0].splitlines() if line.startswith("LOSSES")]
+        env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+        rendezvous = tmp_path / f"rendezvous-{mode}"
+        logs = [tmp_path / f"{mode}-rank{r}.log" for r in range(world)]
+        procs = [subprocess.Popen([sys.executable, "-c", _RESIZE, mode, str(r), str(world), str(tmp_path / "ckpt"), json.dumps(jobs),
+                                   str(rendezvous)], env=env, stdout=open(logs[r], "w"), stderr=subprocess.STDOUT, text=True)
+                 for r in range(world)]
+        # a rank that fails ends the others at once (they would wait for it in a collective until the bound)
+        try:
+            wait_until(lambda: all(p.poll() is not None for p in procs) or any(p.poll() not in (None, 0) for p in procs),
+                       f"the {mode} ranks to finish", timeout=300)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        assert all(p.returncode == 0 for p in procs), "\n".join(log.read_text()[-3000:] for log in logs)
+        lines = [line.split(" ", 2) for line in logs[0].read_text().splitlines() if line.startswith("LOSSES")]
         return {stage: json.loads(values) for _, stage, values in lines}
 
     two = run("save", 2)
