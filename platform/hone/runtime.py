@@ -138,6 +138,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
     if ray.is_initialized():
         yield
         return
+    watchdog = None  # a local session's (joining a cluster starts none)
     if address:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_config=logging_config)
@@ -172,7 +173,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
         yield
     finally:
         ray.shutdown()
-        if not address:
+        if watchdog is not None:
             watchdog.close()
 
 
@@ -220,13 +221,15 @@ class _Watchdog:
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid → (parent pid, start time) of every process this machine's ``/proc`` lists."""
+    """pid → (parent pid, start time) of every live process this machine's ``/proc`` lists (zombies, ended but not yet
+    reaped by a parent, are left out)."""
     table = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                table[int(entry.name)] = (int(fields[1]), fields[19])
+                if fields[0] != "Z":
+                    table[int(entry.name)] = (int(fields[1]), fields[19])
     return table
 
 
@@ -264,15 +267,9 @@ def watch_session(fd: int, roots: list[str], every_s: float = 1.0) -> None:
         while alive and time.time() < deadline:
             time.sleep(0.1)
             table = _proc_table()
-            alive = [p for p in alive if p in table and table[p][1] == seen[p] and not _zombie(p)]
+            alive = [p for p in alive if p in table and table[p][1] == seen[p]]
         if not alive:
             return
-
-
-def _zombie(pid: int) -> bool:
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    return True
 
 
 def free_port() -> int:

@@ -196,10 +196,10 @@ def serve(
     keys = api_key_hashes(cfg)
     check_auth(cfg, keys)
     if not is_remote(address) and not ray.is_initialized():  # the Ray this starts will need both ports (a pipeline's has them)
-        for key in ("port", "metrics_export_port"):
-            holder = port_in_use(cfg.metrics_host if key == "metrics_export_port" else cfg.host, getattr(cfg, key))
+        for key, host in (("port", cfg.host), ("metrics_export_port", cfg.metrics_host)):
+            holder = port_in_use(host, getattr(cfg, key))
             if holder:
-                raise ServeError(f"{key} {getattr(cfg, key)} on {cfg.host} is already in use by {holder}: stop it, or pass "
+                raise ServeError(f"{key} {getattr(cfg, key)} on {host} is already in use by {holder}: stop it, or pass "
                                  f"{key}=N with a free port")
     need = cpus_needed(cfg)
     with serving_session(cfg, None, address, need):
