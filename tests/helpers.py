@@ -224,18 +224,20 @@ def killed_after_step(step: int, address: str, job: Path, storage: Path, env: di
 # --------------------------------------------------------------------------- hone serve
 
 
-def start_server(cfg: dict, tmp: Path, env_extra: dict[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.Popen, dict]:
+def start_server(cfg: dict, tmp: Path, env_extra: dict[str, str] | None = None, timeout: float = 300,
+                 args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, dict]:
     """``hone serve`` on a serve YAML written from ``cfg``, in the background; returns it and its ready file's contents.
 
-    Ray exports metrics every second (its floor) in these servers, so a test waits about a second for a counter."""
+    Ray exports metrics every second (its floor) in these servers, so a test waits about a second for a counter.
+    Without an ``engine`` the server runs hone's engine (the tests of vLLM's replicas say ``engine: vllm``)."""
     path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump({"engine": "transformers", **cfg}))
     ready = tmp / "ready.yaml"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_metrics_report_interval_ms"] = "1000"
     env.update(env_extra or {})
     log = tmp / "serve.log"
-    proc = start_hone("serve", str(path), "--ready-file", str(ready), env=env, log=log)
+    proc = start_hone("serve", str(path), "--ready-file", str(ready), *args, env=env, log=log)
     try:
         wait_until(ready.exists, "hone serve to come up", timeout=timeout, proc=proc, log=log, every=0.2)
     except BaseException:

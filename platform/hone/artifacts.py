@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,11 +32,13 @@ from hone.errors import ArtifactError
 if TYPE_CHECKING:
     from hone.config import JobConfig
 
-__all__ = ["EXPORT_DIR", "EXPORT_INFO", "INPUTS_FILE", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "MODEL_ROOTS_ENV", "QUANTIZED_INFO",
-           "QUANTIZED_STATE", "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec", "append_metrics", "check_model_source",
-           "default_storage", "fetch_model", "model_class", "model_roots", "new_run_dir", "parse_metrics", "publish_dir",
-           "quantized_dir", "read_metrics", "resolve_ref", "resolve_run_dir", "run_storage", "sync_down", "sync_up",
-           "trusted_roots"]
+__all__ = [
+    "EXPORT_DIR", "EXPORT_INFO", "INPUTS_FILE", "JOB_FILE", "MERGED_DIR", "METRICS_FILE", "MODEL_ROOTS_ENV",
+    "QUANTIZED_INFO", "QUANTIZED_STATE", "TOKENIZER_DIR", "ArtifactError", "MetricsFollower", "ModelSpec",
+    "append_metrics", "check_model_source", "default_storage", "fetch_model", "localize", "model_class", "model_roots",
+    "model_uri", "new_run_dir", "parse_metrics", "publish_dir", "quantized_dir", "read_metrics", "resolve_ref",
+    "resolve_run_dir", "run_storage", "sync_down", "sync_up", "trusted_roots",
+]
 
 EXPORT_DIR = "export"
 MERGED_DIR = "export-merged"
@@ -186,6 +188,9 @@ class ModelSpec:
     """``hone.json`` of an export, ``quantization.json`` of an artifact; empty for a plain model."""
     registry: dict[str, Any] | None = field(default=None, compare=False)
     """The registry version a ``models:/`` reference resolved to (name, version, source, tags, aliases)."""
+    origin: str | None = field(default=None, compare=False)
+    """The object-storage URI ``path`` is a local mirror of (None: a local folder or a name). A process on another
+    machine fetches it again from there (:func:`localize`) rather than read this machine's mirror."""
 
     @property
     def job(self) -> JobConfig | None:
@@ -217,22 +222,33 @@ class ModelSpec:
         return f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def fetch_model(uri: str) -> Path:
-    """A model in object storage (an export, a quantised artifact, a Hugging Face folder, or a run: its export) as a
-    local folder: its mirror, fetched again only when the objects changed (their names, sizes and times)."""
+def model_uri(uri: str) -> str:
+    """The folder in object storage that holds the model ``uri`` names: itself, or a run's export."""
     storage.check(uri)
     if not any(storage.exists(storage.join(uri, marker)) for marker in (EXPORT_INFO, QUANTIZED_INFO, "config.json",
                                                                           "adapter_config.json")):
         if storage.exists(storage.join(uri, EXPORT_DIR, EXPORT_INFO)):
-            uri = storage.join(uri, EXPORT_DIR)
-        else:
-            raise ArtifactError(f"{uri} holds no model (no {EXPORT_INFO}, {QUANTIZED_INFO} or config.json, and no {EXPORT_DIR}/)")
+            return storage.join(uri, EXPORT_DIR)
+        raise ArtifactError(f"{uri} holds no model (no {EXPORT_INFO}, {QUANTIZED_INFO} or config.json, and no {EXPORT_DIR}/)")
+    return uri
+
+
+def fetch_model(uri: str) -> Path:
+    """A model in object storage (an export, a quantised artifact, a Hugging Face folder, or a run: its export) as a
+    local folder: its mirror under this machine's ``$HONE_HOME``, fetched again only when the objects changed (their
+    names, sizes and times). Processes fetching the same model at once each stage their copy and rename it into place."""
+    import fcntl
+
+    uri = model_uri(uri)
     local = storage.mirror(uri)
-    digest = storage.digest(uri)
-    stamp = local.parent / f".{local.name}.digest"
-    if not (local.is_dir() and stamp.exists() and stamp.read_text() == digest):
-        storage.download(uri, local)
-        stamp.write_text(digest)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.parent / f".{local.name}.lock", "w") as lock:  # one fetch at a time per machine: never replaced mid-load
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        digest = storage.digest(uri)
+        stamp = local.parent / f".{local.name}.digest"
+        if not (local.is_dir() and stamp.exists() and stamp.read_text() == digest):
+            storage.download(uri, local)
+            stamp.write_text(digest)
     return local
 
 
@@ -318,14 +334,16 @@ def resolve_ref(ref: str) -> ModelSpec:
         registry = resolve_model_ref(ref)
         path = registry["source"]
         check_model_source(ref, path)
+    origin = None
     if storage.is_uri(path):
-        path = str(fetch_model(path))
+        origin = model_uri(path)
+        path = str(fetch_model(origin))
     if registry:
         _check_content(ref, registry, Path(path))
     folder = Path(path).expanduser()
     if (folder / QUANTIZED_INFO).exists():
         info = _read_info(folder, QUANTIZED_INFO)
-        return ModelSpec(ref, "quantized", str(folder), _task_of(info), info, registry)
+        return ModelSpec(ref, "quantized", str(folder), _task_of(info), info, registry, origin)
     if not (folder / EXPORT_INFO).exists() and not ref.startswith((assets.PREFIX, "models:/")):
         try:  # a run (its directory, or its name under the storage path): its export
             candidate = resolve_run_dir(ref) / EXPORT_DIR
@@ -335,13 +353,30 @@ def resolve_ref(ref: str) -> ModelSpec:
             pass  # not a run: a model name or hub id
     if (folder / EXPORT_INFO).exists():
         info = _read_info(folder, EXPORT_INFO)
-        return ModelSpec(ref, "export", str(folder), _task_of(info), info, registry)
+        return ModelSpec(ref, "export", str(folder), _task_of(info), info, registry, origin)
     if registry:
         raise ArtifactError(f"{ref} points at {path}, which is not a hone export")
     if ref.startswith(assets.PREFIX):
         assets.check_builtin_model(ref)
     task = "sequence_classification" if ref == "builtin:minilm" else "causal_lm"
     return ModelSpec(ref, "model", ref, task)
+
+
+def localize(spec: ModelSpec, content_sha256: str | None) -> ModelSpec:
+    """``spec`` as this machine reads it: a model from object storage is fetched into this machine's own mirror (cached,
+    fetched again only when the objects changed) and must hash to ``content_sha256``, what the process that resolved the
+    reference found there; anything else is returned as it is. Serve replicas call this, so no replica reads another
+    node's disk."""
+    if spec.origin is None:
+        return spec
+    folder = fetch_model(spec.origin)
+    if content_sha256 is not None:
+        actual = storage.content_sha256(folder)
+        if actual != content_sha256:
+            raise ArtifactError(f"{spec.origin} changed after {spec.ref} was resolved (content hash {actual[:12]}... vs "
+                                f"{content_sha256[:12]}...): refusing to serve other weights than the deployment resolved; "
+                                "deploy again")
+    return replace(spec, path=str(folder))
 
 
 def model_class(task: str) -> Any:

@@ -135,7 +135,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, check_paths=False) if args.job else None
     thresholds = GateThresholds(max_relative_loss_increase=args.max_loss_increase, max_accuracy_drop=args.max_accuracy_drop)
-    result = quantize(args.model, args.method, out=args.out, n=args.n, thresholds=thresholds, job=job)
+    result = quantize(args.model, args.method, out=args.out, n=args.n, thresholds=thresholds, job=job,
+                      calibration_rows=args.calibration_rows)
     print(result.table())
     print(f"[hone] artifact: {result.artifact}")
     if not result.passed:
@@ -358,6 +359,8 @@ def _serving_commands(sub: Any) -> None:
     p.add_argument("--out", help="artifact directory (default: $HONE_HOME/quantized/<model>-<method>)")
     p.add_argument("-n", type=int, default=64, help="validation rows the gate evaluates (default 64)")
     p.add_argument("--job", help="take the evaluation data from this job instead of the export's own")
+    p.add_argument("--calibration-rows", type=int, default=64,
+                   help="w8a8-int8: training rows for SmoothQuant + GPTQ calibration (default 64; 0 = round to nearest)")
     p.add_argument("--max-loss-increase", type=_threshold, default=0.01,
                    help="causal LM: allowed relative eval-loss increase (default 0.01; 'none' = not checked)")
     p.add_argument("--max-accuracy-drop", type=_threshold, default=0.01,

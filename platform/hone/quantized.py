@@ -57,6 +57,10 @@ def apply_method(model: Any, method: str, modules: list[str] | None = None) -> A
     modules = modules if modules is not None else default_modules(model, method)
     if method == "w8a8-int8":  # written quantised by save_quantized; the model stays in full precision until then
         return model
+    if method == "bf16":
+        import torch
+
+        return model.to(torch.bfloat16)
     if method == "int8-dynamic":
         import torch
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -122,6 +126,8 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
         return model_class(task).from_pretrained(folder, device_map=device).eval(), tokenizer, info
     if method == "w8a8-int8":
         return _load_w8a8(folder, task, info["quantized_modules"]), tokenizer, info
+    if method == "bf16":
+        return model_class(task).from_pretrained(folder, dtype=torch.bfloat16).to(device).eval(), tokenizer, info
     model = apply_method(_skeleton(folder, task, device), method, info.get("quantized_modules"))
     # weights only: no pickled code runs, whatever the file holds
     state = torch.load(folder / QUANTIZED_STATE, map_location=device, weights_only=True)
@@ -133,16 +139,19 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
     return model.eval(), tokenizer, info
 
 
-def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path, modules: list[str] | None = None) -> None:
+def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path, modules: list[str] | None = None,
+                   rounded: dict[str, tuple[Any, Any]] | None = None) -> None:
+    """Write the artifact's weights; ``rounded``: W8A8 int8 weights and scales already computed (calibrated) per
+    linear, else each is rounded to the nearest level here."""
     import torch
 
     tokenizer.save_pretrained(folder)
     base = getattr(model, "config", None)
-    if method.startswith("bnb-"):
-        model.save_pretrained(folder)
+    if method.startswith("bnb-") or method == "bf16":
+        model.save_pretrained(folder, safe_serialization=True)
         return
     if method == "w8a8-int8":
-        _save_w8a8(model, folder, modules if modules is not None else default_modules(model, method))
+        _save_w8a8(model, folder, modules if modules is not None else default_modules(model, method), rounded or {})
         return
     base.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
@@ -150,7 +159,7 @@ def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path, module
     torch.save(model.state_dict(), folder / QUANTIZED_STATE)
 
 
-def _save_w8a8(model: Any, folder: Path, modules: list[str]) -> None:
+def _save_w8a8(model: Any, folder: Path, modules: list[str], rounded: dict[str, tuple[Any, Any]]) -> None:
     """A Hugging Face folder in compressed-tensors W8A8 int8: ``model.safetensors`` with int8 ``weight`` and fp32
     ``weight_scale`` (per output channel) for ``modules``, and the scheme in ``config.json``."""
     import torch
@@ -163,7 +172,10 @@ def _save_w8a8(model: Any, folder: Path, modules: list[str]) -> None:
         if tensor.data_ptr() in seen and key.endswith("lm_head.weight"):  # tied to the embeddings: stored once
             continue
         seen.add(tensor.data_ptr())
-        if key in chosen:
+        if key.removesuffix(".weight") in rounded:
+            q, scale = rounded[key.removesuffix(".weight")]
+            state[key], state[key.removesuffix("weight") + "weight_scale"] = q.contiguous(), scale.float().contiguous()
+        elif key in chosen:
             weight = tensor.detach().float()
             scale = (weight.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
             state[key] = torch.round(weight / scale).clamp(-128, 127).to(torch.int8).contiguous()

@@ -144,9 +144,18 @@ def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
 
     ref = registry.resolve_model_ref("models:/quickstart-tiny@winner")
     assert ref["source"] == best["export"] and train["model"] == f"models:/quickstart-tiny/{ref['version']}"
-    # the quantisation stage's verdict hangs on the same registry version the serve stage deployed
-    assert ref["tags"]["hone.quantized.int8-dynamic.gate"] == "passed"
-    assert Path(ref["tags"]["hone.quantized.int8-dynamic"]) == Path(summary["stages"]["quantize"]["artifact"])
+    # Both candidates were gated, each verdict on the same registry version the serve stage deployed; the faster one was
+    # served, on the engine that loads its format (bf16 only on vLLM, int8-dynamic only on hone's engine).
+    quantized, served = summary["stages"]["quantize"], summary["stages"]["serve"]
+    assert [c["method"] for c in quantized["candidates"]] == ["int8-dynamic", "bf16"]
+    assert all(c["passed"] for c in quantized["candidates"]), quantized["candidates"]
+    fastest = min(quantized["candidates"], key=lambda c: c["quantized"]["decode_ms_per_token"])
+    assert quantized["method"] == served["quantization"] == fastest["method"]
+    assert served["engine"] == ("vllm" if fastest["method"] == "bf16" else "transformers"), served
+    assert served["engine_reason"] and f"engine {served['engine']}" in text
+    for method in ("int8-dynamic", "bf16"):
+        assert ref["tags"][f"hone.quantized.{method}.gate"] == "passed"
+    assert Path(ref["tags"][f"hone.quantized.{fastest['method']}"]) == Path(quantized["artifact"])
     lineage = registry.show_model("quickstart-tiny")[-1]["lineage"]
     assert lineage["hone.base_model"] == "builtin:tiny-llama" and lineage["hone.method"] == "lora"
     assert lineage["hone.zero_stage"] == "2" and len(lineage["hone.dataset_fingerprint"]) == 12
@@ -164,7 +173,8 @@ def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
     assert json.loads((folder / "summary.json").read_text())["stages"]["train"]["skipped"] is True
 
     # A stage that fails stops the pipeline with its reason; nothing after it runs.
-    failed = _quickstart(["--storage-path", str(storage), *ports, "quantize.max_loss_increase=-1"], env, 400)
+    failed = _quickstart(["--storage-path", str(storage), *ports, "quantize.max_loss_increase=-1", "quantize.method=int8-dynamic"],
+                         env, 400)
     assert failed.returncode == 1, failed.stdout[-4000:] + failed.stderr[-4000:]
     assert "pipeline stopped at stage quantize" in failed.stderr and "failed its quality gate" in failed.stderr
     assert "[3/4] serve" not in failed.stdout and "train: reusing" in failed.stdout

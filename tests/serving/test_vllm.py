@@ -30,9 +30,9 @@ def test_engine_vllm_settings_are_validated_before_serving():
     with pytest.raises(ConfigError, match="quantise with --method w8a8-int8"):
         validate_serve_config({"model": MODEL, "engine": "vllm", "quantization": "int8-dynamic"})
     with pytest.raises(ConfigError, match="vLLM's format: serve it with engine: vllm"):
-        validate_serve_config({"model": MODEL, "quantization": "w8a8-int8"})
-    with pytest.raises(ConfigError, match="engine: vllm only"):
-        validate_serve_config({"model": MODEL, "vllm_engine_args": {"max_model_len": 512}})
+        validate_serve_config({"model": MODEL, "engine": "transformers", "quantization": "w8a8-int8"})
+    with pytest.raises(ConfigError, match="apply to engine: vllm"):
+        validate_serve_config({"model": MODEL, "engine": "transformers", "vllm_engine_args": {"max_model_len": 512}})
     with pytest.raises(ConfigError, match="set by hone"):
         validate_serve_config({"model": MODEL, "engine": "vllm", "vllm_engine_args": {"model": "other"}})
     with pytest.raises(ConfigError, match="max_batch_size is vLLM's max_num_seqs"):

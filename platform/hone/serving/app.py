@@ -327,9 +327,14 @@ def build_app(args: dict[str, Any]) -> Any:
                                "ray_actor_options": dict(cfg.ray_actor_options)}
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = dict(cfg.autoscaling_config)
+        if cfg.autoscaling is not None:  # hone's policy on the replicas' TTFT and queue depth (hone.serving.autoscale)
+            from hone.serving.autoscale import POLICY
+
+            kwargs = cfg.autoscaling.model_dump(exclude={"window_s"})
+            options["autoscaling_config"]["policy"] = {"policy_function": POLICY, "policy_kwargs": kwargs}
     else:
         options["num_replicas"] = cfg.num_replicas or 1
-    if cfg.engine == "vllm":
+    if spec.engine == "vllm":
         from hone.serving.vllm import VLLMServer, engine_args, replica_options
 
         model = VLLMServer.options(**replica_options(cfg, options)).bind(spec, engine_args(cfg, spec))

@@ -6,16 +6,20 @@ waiting counts are exported as gauges; a failed batch fails its own requests, ne
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
+from hone.artifacts import localize
 from hone.runtime import quiet_libraries
+from hone.serving.autoscale import TTFTWindow
 from hone.serving.engine import Engine, GenRequest
 from hone.serving.protocol import RequestError, body_sampling, collect, require_model, require_task
 from hone.serving.spec import DEFAULT_BATCH_SIZE, ServeSpec
@@ -64,12 +68,16 @@ class ModelServer:
         quiet_libraries()
         from ray.util import metrics
 
+        # a model from object storage is fetched onto this replica's node, never read from the deploying machine's disk
+        spec = dataclasses.replace(spec, model=localize(spec.model, spec.content_sha256))
+        self.model_path = spec.path
         self.engine = Engine(spec)
         self.replica = replica_id()
         self._encoding = ThreadPoolExecutor(1, thread_name_prefix="hone-encode")  # the engine's encoder is used by one thread
         # structured-output grammars compile apart from prompt encoding: a slow compile never stalls other requests
         self._compiling = ThreadPoolExecutor(2, thread_name_prefix="hone-grammar")
         self.name = spec.served_name
+        self.ttft = TTFTWindow(spec.ttft_window_s)
         self.max_batch_size = spec.max_batch_size or DEFAULT_BATCH_SIZE
         self.batch_wait_timeout_s = spec.batch_wait_timeout_s
         self._waiting: list[tuple[GenRequest, asyncio.Queue]] = []
@@ -170,7 +178,11 @@ class ModelServer:
             with open(os.environ.get("HONE_TEST_CRASH_LOG", os.devnull), "a") as log:
                 log.write(f"{os.getpid()}\n")
             os._exit(1)
+        started, first = time.monotonic(), True
         async for event in self._generate(body):
+            if first and "error" not in event:
+                self.ttft.add(time.monotonic() - started)
+            first = False
             yield event
 
     async def _generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -229,6 +241,10 @@ class ModelServer:
 
     def describe(self) -> dict[str, Any]:
         return self.engine.describe()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What hone's autoscaling policy (:mod:`hone.serving.autoscale`) reads of this replica, through Ray Serve."""
+        return {"ttft_p90_s": self.ttft.p90(), "queue_depth": float(self.stats()["waiting"])}
 
     def stats(self) -> dict[str, int]:
         """Requests decoding and (live) requests waiting on this replica."""

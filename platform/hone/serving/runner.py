@@ -17,6 +17,7 @@ import yaml
 
 from hone.config import ServeConfig
 from hone.runtime import dashboard_url, free_port, is_remote, port_in_use, ray_session, stop_event
+from hone.serving.spec import ServeSpec
 
 __all__ = ["cpus_needed", "haproxy_folder", "reap_haproxy", "serve", "serve_config_document", "session_env", "serving_session"]
 
@@ -110,6 +111,8 @@ def session_env(cfg: ServeConfig) -> dict[str, str]:
     in nothing and stopping one deletes only its files.
     """
     env = {"OMP_NUM_THREADS": str(max(1, int(cfg.ray_actor_options.get("num_cpus", 1))))}
+    if cfg.autoscaling is not None:  # replicas push their TTFT and queue stats every second (Ray's default: every 10 s)
+        env["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
     if cfg.proxy == "haproxy":
         # Ray drains a direct-ingress replica for 30 s so remote load balancers notice; this HAProxy is local.
         env |= {
@@ -180,8 +183,9 @@ def _wait_ready(name: str, timeout: float) -> None:
 
 def serve(
     cfg: ServeConfig, *, address: str | None = None, block: bool = True, ready_file: str | None = None, access_log: bool = True
-) -> None:
-    """Deploy ``cfg`` (local embedded Ray unless ``address``/``RAY_ADDRESS``) and serve until SIGINT/SIGTERM.
+) -> ServeSpec:
+    """Deploy ``cfg`` (local embedded Ray unless ``address``/``RAY_ADDRESS``) and serve until SIGINT/SIGTERM; returns
+    what was served (:class:`hone.serving.spec.ServeSpec`: the engine and why, the model, its quantisation).
 
     ``block=False`` returns once the application runs (inside a Ray session the caller holds);
     ``access_log=False`` keeps per-request lines and Serve's INFO chatter off the console.
@@ -193,6 +197,7 @@ def serve(
     from hone.serving.spec import ServeError, api_key_hashes, check_auth, resolve
 
     spec = resolve(cfg)  # fail before starting Ray: missing artifact, failed gate, a public port without keys, a busy port
+    print(f"[hone] engine     {spec.engine}: {spec.engine_reason}", flush=True)
     keys = api_key_hashes(cfg)
     check_auth(cfg, keys)
     if not is_remote(address) and not ray.is_initialized():  # the Ray this starts will need both ports (a pipeline's has them)
@@ -235,10 +240,11 @@ def serve(
                 yaml.safe_dump({"url": base, "served_name": spec.served_name, "ray_address": ray.get_runtime_context().gcs_address})
             )
         if stop is None:
-            return
+            return spec
         print("[hone] serving until Ctrl-C", flush=True)
         while not stop.wait(0.5):
             pass
         print(f"[hone] shutting down: new requests get 503, running ones have {cfg.drain_timeout_s:.0f}s to finish", flush=True)
         _drain(cfg.name, cfg.drain_timeout_s)
         _shutdown_serve(20.0)
+    return spec

@@ -41,6 +41,7 @@ class ServeSpec:
     gate: bool | None
     """A quantised artifact's quality-gate verdict (None: not quantised)."""
     engine: str
+    """``transformers`` or ``vllm``: the serve config's ``engine``, with ``auto`` decided (:mod:`hone.serving.choice`)."""
     device: str
     max_tokens_default: int
     """``max_tokens`` of a request that gives none, capped by the context window (:func:`hone.serving.engine.max_tokens_for`)."""
@@ -51,6 +52,13 @@ class ServeSpec:
     max_loaded_adapters: int = 4
     trust_remote_code: bool = False
     """The serve config's flag (never the artifact's)."""
+    engine_reason: str = ""
+    """Why this engine (``hone serve`` prints it)."""
+    ttft_window_s: float = 10.0
+    """How far back a replica's reported TTFT percentile looks (``autoscaling.window_s``)."""
+    content_sha256: str | None = None
+    """A model from object storage: the hash of its files as resolved here; each replica fetches the model itself onto its
+    own node (:func:`hone.artifacts.localize`) and serves it only if it hashes the same."""
 
     @property
     def kind(self) -> str:
@@ -106,11 +114,17 @@ def resolve(cfg: ServeConfig) -> ServeSpec:
     else:
         labels = (list(model.job.task.labels or []) or None) if model.job is not None else None
         quantization = "none"
+    from hone import storage
+    from hone.serving.choice import choose_engine
+
+    engine = choose_engine(cfg, model, quantization)
+    content = storage.content_sha256(model.path) if model.origin else None
     return ServeSpec(served_name=cfg.served_name(), source=ref, model=model, task=model.task, labels=labels,
-                     quantization=quantization, gate=gate, engine=cfg.engine, device=cfg.device,
+                     quantization=quantization, gate=gate, engine=engine.engine, engine_reason=engine.reason, device=cfg.device,
                      max_tokens_default=cfg.max_tokens_default, max_batch_size=cfg.max_batch_size,
                      batch_wait_timeout_s=cfg.batch_wait_timeout_s, adapters=dict(cfg.adapters),
-                     max_loaded_adapters=cfg.max_loaded_adapters, trust_remote_code=cfg.trust_remote_code)
+                     max_loaded_adapters=cfg.max_loaded_adapters, trust_remote_code=cfg.trust_remote_code,
+                     content_sha256=content, ttft_window_s=cfg.autoscaling.window_s if cfg.autoscaling else 10.0)
 
 
 def _check_registered_artifact(ref: str, folder: Path, recorded: str | None) -> None:

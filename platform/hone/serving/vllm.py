@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from hone.config import ServeConfig
 from hone.config.quantization import VLLM_ONLY
 from hone.generation import vllm_sampling
 from hone.runtime import quiet_libraries
+from hone.serving.autoscale import TTFTWindow
 from hone.serving.engine import encode_prompt, max_tokens_for
 from hone.serving.protocol import RequestError, body_sampling, collect, require_model
 from hone.serving.replica import QueueGauges, replica_id
@@ -49,10 +51,6 @@ def vllm_python(cfg: ServeConfig) -> str | None:
         return find(cfg.vllm_python)
     except RuntimeError as e:
         raise ServeError(str(e)) from None
-
-
-def _on_gpu(cfg: ServeConfig) -> bool:
-    return cfg.device == "cuda" or (cfg.device == "auto" and float(cfg.ray_actor_options.get("num_gpus", 0) or 0) > 0)
 
 
 def replica_options(cfg: ServeConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -117,10 +115,19 @@ def engine_args(cfg: ServeConfig, spec: ServeSpec) -> dict[str, Any]:
     if spec.kind == "quantized" and spec.quantization not in VLLM_ONLY:
         raise ServeError(f"engine: vllm does not load hone's torch-quantised artifact {spec.path} ({spec.quantization}): "
                          "quantise with --method w8a8-int8, serve the unquantised model, or use engine: transformers")
+    from hone import storage
+    from hone.artifacts import MERGED_DIR, fetch_model
+
     model = spec.model
     adapters = dict(spec.adapters)
-    if model.adapter and cfg.merge_adapter:
+    origin, content = (model.origin, spec.content_sha256) if model.kind in ("export", "quantized") else (None, None)
+    merged_uri = storage.join(model.origin.rsplit("/", 1)[0], MERGED_DIR) if model.origin else None
+    if model.adapter and cfg.merge_adapter and merged_uri and storage.exists(storage.join(merged_uri, "config.json")):
+        path = fetch_model(merged_uri)  # the run's merged export in object storage: every replica fetches it onto its node
+        origin, content = merged_uri, storage.content_sha256(path)
+    elif model.adapter and cfg.merge_adapter:
         path = merged_copy(model, spec.trust_remote_code)
+        origin = content = None  # merged on this machine: replicas on other nodes need the run's export-merged in storage
     elif model.adapter:  # its base, with the adapter under the served name
         path = assets.resolve_model(model.job.model.name)
         adapters[spec.served_name] = model.path
@@ -130,7 +137,7 @@ def engine_args(cfg: ServeConfig, spec: ServeSpec) -> dict[str, Any]:
                             "trust_remote_code": spec.trust_remote_code}
     if spec.max_batch_size is not None:  # the config refuses it beside vllm_engine_args.max_num_seqs
         args["max_num_seqs"] = spec.max_batch_size
-    if not _on_gpu(cfg):
+    if not cfg.on_gpu():
         # fp32 on CPU (the numerics of training and of the transformers engine); vLLM's int8 kernels take bf16 activations
         args.update(dtype="bfloat16" if spec.kind == "quantized" else "float32", enforce_eager=True, max_model_len=2048)
     loras = {}
@@ -145,7 +152,7 @@ def engine_args(cfg: ServeConfig, spec: ServeSpec) -> dict[str, Any]:
         args.update(enable_lora=True, max_loras=min(cfg.max_loaded_adapters, len(loras)),
                     max_lora_rank=next((r for r in _LORA_RANKS if r >= rank), rank))
     args.update(cfg.vllm_engine_args)
-    return {"args": args, "loras": loras}
+    return {"args": args, "loras": loras, "origin": origin, "content_sha256": content}
 
 
 @serve.deployment(name="ModelServer")
@@ -163,10 +170,17 @@ class VLLMServer:
         self.name = spec.served_name
         self.max_tokens_default = spec.max_tokens_default
         self.replica = replica_id()
+        self.ttft = TTFTWindow(spec.ttft_window_s)
         self._running = self._waiting = self._inflight = 0
         self._gauges = QueueGauges(self.name)
         self._counts(0, 0)
-        args = engine["args"]
+        args = dict(engine["args"])
+        if engine.get("origin"):  # fetched onto this replica's node, never read from the deploying machine's disk
+            from hone.artifacts import ModelSpec, localize
+
+            local = localize(ModelSpec(engine["origin"], spec.kind, args["model"], spec.task, origin=engine["origin"]),
+                             engine.get("content_sha256"))
+            args["model"] = local.path
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args),
                                                 stat_loggers=[RayPrometheusStatLogger, _scheduler_counts(self._counts)])
         self.tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"],
@@ -202,7 +216,7 @@ class VLLMServer:
         except RequestError as e:
             yield e.event()
             return
-        n, done, tokens, started = body.get("n", 1), 0, 0, False
+        n, done, tokens, started, arrived = body.get("n", 1), 0, 0, False, time.monotonic()
         self._inflight += 1
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex, lora_request=lora):
@@ -220,6 +234,7 @@ class VLLMServer:
                         event["prompt_tokens"] = len(ids)
                         event["replica"] = self.replica
                         started = True
+                        self.ttft.add(time.monotonic() - arrived)
                     yield event
         except ValueError as e:  # vLLM refused the request (e.g. a schema its grammar backend cannot compile)
             if started:
@@ -255,6 +270,10 @@ class VLLMServer:
     def describe(self) -> dict[str, Any]:
         return {"engine": "vllm", "task": "causal_lm", "context_length": self.context_length, "device": "vllm",
                 "adapters": self.adapters, "loaded_adapters": list(self.loras)}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What hone's autoscaling policy (:mod:`hone.serving.autoscale`) reads of this replica, through Ray Serve."""
+        return {"ttft_p90_s": self.ttft.p90(), "queue_depth": float(self._waiting)}
 
     def stats(self) -> dict[str, int]:
         """Requests vLLM is decoding and requests waiting in its scheduler (as of its last step)."""
