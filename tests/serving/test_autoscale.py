@@ -57,25 +57,31 @@ def test_a_ramped_load_scales_out_on_ttft_and_back_in_when_it_stops(tmp_path):
     stop = threading.Event()
     ttfts: list[tuple[int, float]] = []
 
+    errors: list[BaseException] = []
+
     def client(level: int) -> None:  # one concurrent stream of requests until the load stops
-        with httpx.Client(timeout=120) as http:
-            while not stop.is_set():
-                started = time.monotonic()
-                with http.stream("POST", info["url"] + "/v1/completions", json={"model": "tiny", "prompt": "The movie was",
-                                                                                 "max_tokens": 48, "stream": True}) as r:
-                    assert r.status_code == 200
-                    for line in r.iter_lines():
-                        if line.startswith("data: "):
-                            ttfts.append((level, time.monotonic() - started))
-                            break
-                    for _ in r.iter_lines():
-                        pass
+        try:
+            with httpx.Client(timeout=120) as http:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    with http.stream("POST", info["url"] + "/v1/completions", json={"model": "tiny", "prompt": "The movie was",
+                                                                                     "max_tokens": 48, "stream": True}) as r:
+                        assert r.status_code == 200, r.status_code
+                        lines = r.iter_lines()
+                        for line in lines:
+                            if line.startswith("data: "):
+                                ttfts.append((level, time.monotonic() - started))
+                                break
+                        for _ in lines:  # the rest of the stream
+                            pass
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
 
     threads: list[threading.Thread] = []
     try:
         assert probe.running() == 1
         deadline = time.monotonic() + 180
-        while probe.running() < 2:  # ramp: one more concurrent client a second, up to 16, held until Serve scales out
+        while probe.running() < 2 and not errors:  # ramp: one more concurrent client a second, up to 16, held until Serve scales out
             assert time.monotonic() < deadline, "no scale-out within 180 s"
             if len(threads) < 16:
                 threads.append(threading.Thread(target=client, args=(len(threads) + 1,), daemon=True))
@@ -89,4 +95,5 @@ def test_a_ramped_load_scales_out_on_ttft_and_back_in_when_it_stops(tmp_path):
         stop.set()
         probe.close()
         stop_server(proc)
+    assert not errors, errors
     assert ttfts and max(t for _, t in ttfts) > target  # what the clients saw: first tokens slower than the target
