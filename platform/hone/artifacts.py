@@ -236,7 +236,8 @@ def model_uri(uri: str) -> str:
 def fetch_model(uri: str) -> Path:
     """A model in object storage (an export, a quantised artifact, a Hugging Face folder, or a run: its export) as a
     local folder: its mirror under this machine's ``$HONE_HOME``, fetched again only when the objects changed (their
-    names, sizes and times). Processes fetching the same model at once each stage their copy and rename it into place."""
+    names, sizes and times). One process of this machine fetches a model at a time (a lock beside its mirror), so a
+    replica loading the folder never sees it replaced by another replica's fetch."""
     import fcntl
 
     uri = model_uri(uri)
