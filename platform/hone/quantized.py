@@ -16,7 +16,10 @@ from hone.artifacts import QUANTIZED_INFO, QUANTIZED_STATE, model_class
 from hone.config.quantization import GPU_ONLY
 from hone.errors import QuantizeError
 
-__all__ = ["apply_method", "artifact_digest", "default_modules", "load_quantized", "quantized_linears", "save_quantized"]
+__all__ = [
+    "apply_method", "artifact_digest", "default_modules", "int8_channel", "int8_token", "load_quantized",
+    "quantized_linears", "save_quantized",
+]
 
 W8A8_CONFIG = {
     # compressed-tensors' description of W8A8 int8 (what llm-compressor writes and vLLM loads): int8 weights with one
@@ -37,6 +40,20 @@ _SKIP = ("lm_head", "score", "classifier", "embed_out")
 # outlier features LLM.int8() describes. Measured on SmolLM2-135M (16 validation rows, eval loss
 # 1.479 in fp32): every linear layer dynamic-int8 4.54; all but down_proj 1.63 at the same speed.
 _SKIP_DYNAMIC = _SKIP + ("down_proj", "fc2", "dense_4h_to_h")
+
+
+def int8_token(x: Any) -> Any:
+    """Symmetric int8 fake-quantisation per token (last dimension): vLLM's dynamic W8A8 activation scheme."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+def int8_channel(w: Any) -> tuple[Any, Any]:
+    """(int8 values, scale per output channel): symmetric absmax rounding, W8A8's weight scheme."""
+    import torch
+
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def quantized_linears(model: Any, skip: tuple[str, ...] = _SKIP) -> list[str]:
@@ -162,7 +179,6 @@ def save_quantized(model: Any, tokenizer: Any, method: str, folder: Path, module
 def _save_w8a8(model: Any, folder: Path, modules: list[str], rounded: dict[str, tuple[Any, Any]]) -> None:
     """A Hugging Face folder in compressed-tensors W8A8 int8: ``model.safetensors`` with int8 ``weight`` and fp32
     ``weight_scale`` (per output channel) for ``modules``, and the scheme in ``config.json``."""
-    import torch
     from safetensors.torch import save_file
 
     chosen = {f"{name}.weight" for name in modules}
@@ -176,10 +192,8 @@ def _save_w8a8(model: Any, folder: Path, modules: list[str], rounded: dict[str, 
             q, scale = rounded[key.removesuffix(".weight")]
             state[key], state[key.removesuffix("weight") + "weight_scale"] = q.contiguous(), scale.float().contiguous()
         elif key in chosen:
-            weight = tensor.detach().float()
-            scale = (weight.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-            state[key] = torch.round(weight / scale).clamp(-128, 127).to(torch.int8).contiguous()
-            state[key.removesuffix("weight") + "weight_scale"] = scale.contiguous()
+            q, scale = int8_channel(tensor.detach().float())
+            state[key], state[key.removesuffix("weight") + "weight_scale"] = q.contiguous(), scale.contiguous()
         else:
             state[key] = tensor.detach().contiguous()
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
@@ -200,7 +214,6 @@ def _linear_names(model: Any) -> list[str]:
 def _load_w8a8(folder: Path, task: str, modules: list[str]) -> Any:
     """A W8A8 artifact as vLLM computes it, in torch: the int8 weights times their scales, and each quantised layer's
     input rounded to int8 per token (the gate measures these numerics; vLLM runs them with int8 kernels)."""
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -220,9 +233,7 @@ def _load_w8a8(folder: Path, task: str, modules: list[str]) -> Any:
         model.tie_weights()
 
     def per_token_int8(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = args[0]
-        scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
-        return (torch.round(x / scale).clamp(-128, 127) * scale, *args[1:])
+        return (int8_token(args[0]), *args[1:])
 
     named = dict(model.named_modules())
     for name in modules:

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from hone.quantize.calibrate import calibrate_w8a8, gptq_quantize, int8_channel, int8_token, smooth_scales
+from hone.quantize.calibrate import calibrate_w8a8, gptq_quantize, smooth_scales
+from hone.quantized import int8_channel, int8_token
 
 
 def _rtn_error(x, w, q, scale):

@@ -215,12 +215,9 @@ def _quantize_one(p: Pipeline, state: State, trained: dict[str, Any], method: st
 def _decide(out: dict[str, Any], required: bool, quiet: bool = False) -> dict[str, Any]:
     worth, why = worth_serving(out["original"], out["quantized"])
     serve_it = worth or not required
-    if quiet:
-        pass
-    elif serve_it:
-        say(f"quantize: serving the {out['method']} model: {why if worth else 'quantize.require_speedup is off'}")
-    else:
-        say(f"quantize: the {out['method']} model passed its gate, but {why}: serving full precision "
+    if not quiet:
+        say(f"quantize: serving the {out['method']} model: {why if worth else 'quantize.require_speedup is off'}" if serve_it else
+            f"quantize: the {out['method']} model passed its gate, but {why}: serving full precision "
             "(quantize.require_speedup: false serves it anyway)")
     return {**out, "served": serve_it, "why": why}
 

@@ -25,25 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ALPHAS", "Calibration", "calibrate_w8a8", "gptq_quantize", "int8_channel", "int8_token", "smooth_scales"]
+from hone.quantized import int8_channel, int8_token
+
+__all__ = ["ALPHAS", "Calibration", "calibrate_w8a8", "gptq_quantize", "smooth_scales"]
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """SmoothQuant migration strengths tried per layer (the paper uses 0.5 for most models, up to 0.85 for some)."""
 _SAMPLE_TOKENS = 512  # calibration tokens kept per input for the α search
-
-
-def int8_token(x: Any) -> Any:
-    """Symmetric int8 fake-quantisation per token (row): vLLM's dynamic activation scheme."""
-    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
-    return (x / scale).round().clamp(-127, 127) * scale
-
-
-def int8_channel(w: Any) -> tuple[Any, Any]:
-    """(int8 values, scale per output channel): symmetric absmax rounding, the plain W8A8 weight scheme."""
-    import torch
-
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-    return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def smooth_scales(act_absmax: Any, weight_absmax: Any, alpha: float) -> Any:
@@ -170,6 +158,9 @@ def calibrate_w8a8(model: Any, modules: list[str], batches: list[Any]) -> tuple[
     tokens = sum(int(b.shape[-1]) for b in batches)
     stride = max(1, tokens // _SAMPLE_TOKENS)
     _run(model, batches, {members[0]: (lambda _m, args, key=members[0]: stats[key].add(args[0], stride)) for members, _, _ in groups})
+    missed = [key for key, st in stats.items() if st.xtx is None]
+    if missed:
+        raise RuntimeError(f"calibration never reached {', '.join(missed[:3])}")
 
     out: dict[str, tuple[Any, Any]] = {}
     alphas: dict[str, float | None] = {}
@@ -181,8 +172,6 @@ def calibrate_w8a8(model: Any, modules: list[str], batches: list[Any]) -> tuple[
             if owner is None:
                 continue
             st = stats[members[0]]
-            if not st.sample:
-                raise RuntimeError(f"calibration never reached {members[0]}")
             x = torch.cat(st.sample)
             w = torch.cat([named[m].weight.detach().float() for m in members])
             best = (_error(x, w, None), None, None)

@@ -111,13 +111,17 @@ def _bnb_load(source: Source, method: str) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- measurement
 
 
+def _gate_split(job: JobConfig) -> str:
+    """The split the gate evaluates on: validation, or training rows when the job has no validation data."""
+    return "validation" if job.data.validation is not None else "train"
+
+
 def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(raw rows, tokenized rows): the first ``n`` validation rows (training rows when the job has no validation data)."""
+    """(raw rows, tokenized rows): the first ``n`` rows of :func:`_gate_split`."""
     from hone.data import held_out_rows, tokenize_split
 
-    split = "validation" if job.data.validation is not None else "train"
-    rows = held_out_rows(job.data, split, n)
-    tokenized, _ = tokenize_split(rows, job, tokenizer, split, pack=False)
+    rows = held_out_rows(job.data, _gate_split(job), n)
+    tokenized, _ = tokenize_split(rows, job, tokenizer, _gate_split(job), pack=False)
     return list(rows), list(tokenized)
 
 
@@ -229,9 +233,9 @@ def _vllm_measure(source: Source, artifact: Path, n: int) -> tuple[dict[str, flo
         del model
         args = []
         if _answers_gated(source.job):
-            from hone.data import prompt_and_answer
+            from hone.data import held_out_rows, prompt_and_answer
 
-            raw, _ = _eval_rows(source.job, tokenizer, n)
+            raw = held_out_rows(source.job.data, _gate_split(source.job), n)
             pairs = [prompt_and_answer(r, source.job.data, tokenizer) for r in raw]
             answers = [{"ids": tokenizer(p, add_special_tokens=False)["input_ids"], "expected": a} for p, a in pairs]
             (Path(tmp) / "answers.json").write_text(json.dumps(answers))

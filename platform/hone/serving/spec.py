@@ -118,7 +118,11 @@ def resolve(cfg: ServeConfig) -> ServeSpec:
     from hone.serving.choice import choose_engine
 
     engine = choose_engine(cfg, model, quantization)
-    content = storage.content_sha256(model.path) if model.origin else None
+    content = None
+    if model.origin:  # a registered version's recorded hash was checked when it resolved: not hashed again
+        from hone.registry import CONTENT_TAG
+
+        content = ((model.registry or {}).get("tags") or {}).get(CONTENT_TAG) or storage.content_sha256(model.path)
     return ServeSpec(served_name=cfg.served_name(), source=ref, model=model, task=model.task, labels=labels,
                      quantization=quantization, gate=gate, engine=engine.engine, engine_reason=engine.reason, device=cfg.device,
                      max_tokens_default=cfg.max_tokens_default, max_batch_size=cfg.max_batch_size,
