@@ -204,6 +204,7 @@ def test_a_run_in_object_storage_resumes_exports_registers_and_serves(cluster, s
         wait_until(both_answered, "answers from the replicas on both worker nodes", timeout=120, proc=proc, every=0)
     finally:
         stop_server(proc)
+    wait_cluster_idle(cluster["address"])  # the replicas gave back the worker nodes' CPUs for the tests after this one
     assert (node_home / "remote" / "s3" / BUCKET / "quantized" / "s3-tiny" / "quantization.json").exists()  # the replicas' fetch
     from hone.artifacts import ArtifactError, localize, resolve_ref
 
