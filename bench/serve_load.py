@@ -3,7 +3,9 @@
 Baseline: one FastAPI + uvicorn process whose endpoint calls ``model.generate`` per request
 (same model, same machine, same greedy decoding and max_tokens). hone: ``hone serve`` with one
 replica that batches concurrent requests. Each server is loaded with streaming OpenAI
-completion requests at concurrency 1, 8 and 32; reported: requests/s, generated tokens/s,
+completion requests at concurrency 1, 8 and 32, on two workloads (``--workload``): ``story``, continuations of
+48 tokens (decode-bound), and ``sentiment``, a review labelled in a word or two (max_tokens 16, prefill-bound);
+reported: requests/s, generated tokens/s,
 p50/p99 latency, p50 time to first token (the baseline does not stream: its TTFT is its
 latency). Then the Serve layer's own cost (``--overhead-model``, the tiny built-in model by
 default, so that compute noise does not drown it): p50 of a 1-token request over HTTP, streamed
@@ -14,7 +16,7 @@ proxy and behind HAProxy (``proxy: haproxy``). The engine is timed back to back 
 per 10 ms, as a replica sees requests that come one at a time (its caches are then cold).
 Then vLLM (``--engines ...,vllm``): bare vLLM's own OpenAI server (same model, same machine, ``--enforce-eager``, fp32)
 against ``hone serve`` with ``engine: vllm`` (vLLM's engine behind hone's ingress), both streamed at each concurrency;
-printed: hone/bare ratios of requests/s and p50 (targets >= 0.95x and within 5%). ``--vllm-only`` runs just that pair.
+printed: hone/bare ratios of requests/s and p50 (targets >= 0.97x and within 5%). ``--vllm-only`` runs just that pair.
 Finally fp32 against the int8 artifact ``hone quantize``
 writes (run first if missing): decode latency, memory and size from its quality gate, and
 throughput at concurrency 8.
@@ -58,6 +60,9 @@ WORKLOADS = {
     ],
 }
 PROMPTS = WORKLOADS["sentiment"]
+ANSWER_TOKENS = {"sentiment": 16, "story": 48}  # max_tokens of each workload (--max-tokens overrides both)
+RUNS: list[tuple[str, int]] = [("story", 48), ("sentiment", 16)]
+"""The (workload, max_tokens) pairs every server is loaded with (``--workload``: both by default, decode-bound first)."""
 
 BASELINE = textwrap.dedent("""
     import sys, torch
@@ -190,21 +195,32 @@ def _bare_vllm(model: str, served: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _vllm_rows(model: str, served: str, levels: list[int], max_tokens: int, tmp: Path,
-               proxy: str = "ray") -> list[tuple[str, int, dict[str, float]]]:
+def _measure(name: str, url: str, served: str, levels: list[int], stream: bool = True,
+             least: int = 16) -> list[tuple[str, int, dict[str, float]]]:
+    """One server loaded with every workload of :data:`RUNS` at each concurrency; rows named ``server · workload``."""
+    global PROMPTS
+    rows = []
+    for workload, max_tokens in RUNS:
+        PROMPTS = WORKLOADS[workload]
+        for c in levels:
+            rows.append((f"{name} · {workload}", c,
+                         asyncio.run(_load(url + "/v1/completions", served, c, max(least, 2 * c), max_tokens, stream=stream))))
+            print(f"{rows[-1][0]} c={c}: {rows[-1][2]}", flush=True)
+    return rows
+
+
+def _vllm_rows(model: str, served: str, levels: list[int], tmp: Path, proxy: str = "ray") -> list[tuple[str, int, dict[str, float]]]:
     rows = []
     for name in ("bare vLLM", "hone serve engine vllm"):
         proc, url = _bare_vllm(model, served) if name == "bare vLLM" else _hone_server(model, "none", tmp, engine="vllm", proxy=proxy)
         try:
-            for c in levels:
-                rows.append((name, c, asyncio.run(_load(url + "/v1/completions", served, c, max(16, 2 * c), max_tokens, stream=True))))
-                print(f"{name} c={c}: {rows[-1][2]}", flush=True)
+            rows += _measure(name, url, served, levels)
         finally:
             _stop(proc)
     return rows
 
 
-def _lora_rows(model: str, levels: list[int], max_tokens: int, tmp: Path, proxy: str) -> list[tuple[str, int, dict[str, float]]]:
+def _lora_rows(model: str, levels: list[int], tmp: Path, proxy: str) -> list[tuple[str, int, dict[str, float]]]:
     """A LoRA adapter (r=8 on q/v, random non-zero weights) served by vLLM as a LoRA on the base, against the same
     adapter merged into the base (what ``merge_adapter: true`` serves), both with engine: vllm."""
     import peft
@@ -225,10 +241,7 @@ def _lora_rows(model: str, levels: list[int], max_tokens: int, tmp: Path, proxy:
                                 ("engine vllm, adapter merged", str(tmp / "merged"), {})):
         proc, url = _hone_server(target, "none", tmp, engine="vllm", proxy=proxy, extra=extra)
         try:
-            for c in levels:
-                served = "lora" if extra else "merged"
-                rows.append((name, c, asyncio.run(_load(url + "/v1/completions", served, c, max(16, 2 * c), max_tokens, stream=True))))
-                print(f"{name} c={c}: {rows[-1][2]}", flush=True)
+            rows += _measure(name, url, "lora" if extra else "merged", levels)
         finally:
             _stop(proc)
     return rows
@@ -237,11 +250,12 @@ def _lora_rows(model: str, levels: list[int], max_tokens: int, tmp: Path, proxy:
 def _vllm_ratios(rows: list[tuple[str, int, dict[str, float]]]) -> str:
     by = {(n, c): r for n, c, r in rows}
     lines = []
-    for (n, c), bare in sorted(by.items(), key=lambda kv: kv[0][1]):
-        hone = by.get(("hone serve engine vllm", c))
-        if n == "bare vLLM" and hone:
-            lines.append(f"engine vllm / bare vLLM at {c} concurrent: req/s {hone['rps'] / bare['rps']:.2f}x (target >= 0.95x), "
-                         f"p50 {hone['p50'] / bare['p50']:.2f}x (target <= 1.05x)")
+    for (n, c), bare in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        server, _, workload = n.partition(" · ")
+        hone = by.get((f"hone serve engine vllm · {workload}", c))
+        if server == "bare vLLM" and hone:
+            lines.append(f"{workload:9} engine vllm / bare vLLM at {c} concurrent: req/s {hone['rps'] / bare['rps']:.2f}x "
+                         f"(target >= 0.97x), p50 {hone['p50'] / bare['p50']:.2f}x (target <= 1.05x)")
     return "\n".join(lines)
 
 
@@ -415,7 +429,8 @@ def _overhead_line(model: str, o: dict[str, float]) -> str:
 
 
 def _table(args: argparse.Namespace, rows: list[tuple[str, int, dict[str, float]]]) -> None:
-    print(f"\n{args.model}, workload {args.workload}, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPUs\n")
+    runs = ", ".join(f"{w} (max_tokens {m})" for w, m in RUNS)
+    print(f"\n{args.model}, workloads {runs}, greedy; {os.cpu_count()} CPUs\n")
     print("| server | concurrency | req/s | tokens/s | p50 s | p99 s | TTFT p50 s |\n|---|---|---|---|---|---|---|")
     for name, c, r in rows:
         print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
@@ -425,9 +440,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=None, help="answer length of every workload (default: story 48, sentiment 16)")
     parser.add_argument("--quantization", default="int8-dynamic")
-    parser.add_argument("--workload", choices=list(WORKLOADS), default="sentiment")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both",
+                        help="story: long answers (decode-bound); sentiment: a label (prefill-bound); both (default)")
     parser.add_argument("--skip-baseline", action="store_true", help="only the hone rows (re-runs)")
     parser.add_argument("--overhead-model", default="builtin:tiny-llama", help="model for the Serve-overhead line")
     parser.add_argument("--overhead-reps", type=int, default=200)
@@ -437,8 +453,9 @@ def main() -> int:
     parser.add_argument("--vllm-lora", action="store_true", help="only a LoRA served by vLLM against the same adapter merged")
     parser.add_argument("--proxy", choices=["ray", "haproxy"], default="ray", help="hone serve's HTTP front (fp32 rows of both engines)")
     args = parser.parse_args()
-    global PROMPTS
-    PROMPTS = WORKLOADS[args.workload]
+    global PROMPTS, RUNS
+    RUNS = [(w, args.max_tokens or ANSWER_TOKENS[w]) for w in (("story", "sentiment") if args.workload == "both" else (args.workload,))]
+    PROMPTS = WORKLOADS[RUNS[-1][0]]
     levels = [int(x) for x in args.levels.split(",")]
     served = args.model.removeprefix("builtin:")
     rows: list[tuple[str, int, dict[str, float]]] = []
@@ -448,12 +465,12 @@ def main() -> int:
         return 0
     if args.vllm_lora:
         with tempfile.TemporaryDirectory() as tmp_dir:
-            rows = _lora_rows(args.model, levels, args.max_tokens, Path(tmp_dir), args.proxy)
+            rows = _lora_rows(args.model, levels, Path(tmp_dir), args.proxy)
         _table(args, rows)
         return 0
     if args.vllm_only:
         with tempfile.TemporaryDirectory() as tmp_dir:
-            rows = _vllm_rows(args.model, served, levels, args.max_tokens, Path(tmp_dir), args.proxy)
+            rows = _vllm_rows(args.model, served, levels, Path(tmp_dir), args.proxy)
         _table(args, rows)
         print(_vllm_ratios(rows))
         return 0
@@ -471,35 +488,18 @@ def main() -> int:
         )
         try:
             _wait(f"http://127.0.0.1:{port}/health", base)
-            for c in [] if args.skip_baseline else levels:
-                rows.append(
-                    (
-                        "baseline (uvicorn + generate)",
-                        c,
-                        asyncio.run(
-                            _load(f"http://127.0.0.1:{port}/v1/completions", served, c, max(8, 2 * c), args.max_tokens, stream=False)
-                        ),
-                    )
-                )
-                print(f"baseline c={c}: {rows[-1][2]}", flush=True)
+            if not args.skip_baseline:
+                rows += _measure("baseline (uvicorn + generate)", f"http://127.0.0.1:{port}", served, levels, stream=False, least=8)
         finally:
             _stop(base)
 
         hone, url = _hone_server(args.model, "none", tmp, proxy=args.proxy)
         try:
-            for c in levels:
-                rows.append(
-                    (
-                        "hone serve fp32",
-                        c,
-                        asyncio.run(_load(url + "/v1/completions", served, c, max(8, 2 * c), args.max_tokens, stream=True)),
-                    )
-                )
-                print(f"hone c={c}: {rows[-1][2]}", flush=True)
+            rows += _measure("hone serve fp32", url, served, levels, least=8)
         finally:
             _stop(hone)
         if "vllm" in args.engines.split(","):
-            rows += _vllm_rows(args.model, served, levels, args.max_tokens, tmp, args.proxy)
+            rows += _vllm_rows(args.model, served, levels, tmp, args.proxy)
         overhead = _overhead(args.overhead_model, args.overhead_reps, tmp)
         print(_overhead_line(args.overhead_model, overhead), flush=True)
 
@@ -513,27 +513,20 @@ def main() -> int:
             quant_info = json.loads((artifact / QUANTIZED_INFO).read_text())["gate"]
             hone_q, url_q = _hone_server(args.model, args.quantization, tmp, allow_failed_gate=True)
             try:
-                c = 8 if 8 in levels else levels[-1]
-                rows.append(
-                    (
-                        f"hone serve {args.quantization}",
-                        c,
-                        asyncio.run(_load(url_q + "/v1/completions", served, c, max(8, 2 * c), args.max_tokens, stream=True)),
-                    )
-                )
+                rows += _measure(f"hone serve {args.quantization}", url_q, served, [8 if 8 in levels else levels[-1]], least=8)
             finally:
                 _stop(hone_q)
 
     _table(args, rows)
     if any("vLLM" in n for n, _, _ in rows):
         print(_vllm_ratios(rows))
-    by = {(n.split()[0], c): r for n, c, r in rows if "int8" not in n and "weight" not in n and "vllm" not in n.lower()}
+    by = {(n.split()[0], n.partition(" · ")[2], c): r for n, c, r in rows
+          if "int8" not in n and "weight" not in n and "vllm" not in n.lower()}
     top = max(levels)
-    if ("baseline", top) in by and ("hone", top) in by:
-        print(
-            f"\nthroughput at {top} concurrent: hone / baseline = {by[('hone', top)]['tok_s'] / by[('baseline', top)]['tok_s']:.2f}x "
-            "(target >= 3x)"
-        )
+    for workload, _ in RUNS:
+        if ("baseline", workload, top) in by and ("hone", workload, top) in by:
+            ratio = by[("hone", workload, top)]["tok_s"] / by[("baseline", workload, top)]["tok_s"]
+            print(f"\n{workload}: throughput at {top} concurrent: hone / baseline = {ratio:.2f}x (target >= 3x)")
     print(_overhead_line(args.overhead_model, overhead))
     if quant_info:
         o, q = quant_info["original"], quant_info["quantized"]

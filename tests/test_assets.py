@@ -103,6 +103,13 @@ def test_rotten_tomatoes_cleaned_and_split():
     assert row["instruction"] == assets.SENTIMENT_INSTRUCTION and row["output"] in ("positive", "negative")
     assert row["input"] == cls["test"][0]["text"]
     assert view["test"]["output"] == [["negative", "positive"][i] for i in cls["test"]["label"]]
+    # the balanced variant: as many fresh as rotten training reviews (in the same order), the held-out splits unchanged
+    balanced = assets.load_builtin_dataset("builtin:rotten-tomatoes-balanced", "classification")
+    labels = balanced["train"]["label"]
+    assert labels.count(0) == labels.count(1) == cls["train"]["label"].count(0) < cls["train"]["label"].count(1)
+    kept = set(balanced["train"]["text"])
+    assert [t for t in cls["train"]["text"] if t in kept] == balanced["train"]["text"]
+    assert all(balanced[k]["text"] == cls[k]["text"] for k in ("validation", "test"))
 
 
 def test_unknown_builtins_are_clear():

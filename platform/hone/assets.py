@@ -46,6 +46,8 @@ BUILTIN_DATASETS: dict[str, str] = {
     "builtin:rotten-tomatoes": "Rotten Tomatoes reviews, fresh=positive / rotten=negative, seeded 80/10/10 train/validation/test; "
     "format classification (text, label), alpaca (instruction view), preference (the right answer chosen, the wrong one "
     "rejected), unpaired (both answers, labelled right or wrong, for KTO) or prompts (the prompt and its answer, for GRPO)",
+    "builtin:rotten-tomatoes-balanced": "the same, with its training split cut to as many fresh as rotten reviews (its "
+    "validation and test splits unchanged): a label prior in the training prompts is what online RL learns first",
 }
 
 SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -293,6 +295,10 @@ def load_builtin_dataset(name: str, fmt: str) -> Any:
         "validation": frame.iloc[n - n_val - n_test : n - n_test],
         "test": frame.iloc[n - n_test :],
     }
+    if name.endswith("-balanced"):  # each label's first (shuffled) reviews, as many as the rarer label has, in the same order
+        train = parts["train"]
+        rarer = int(train["label"].value_counts().min())
+        parts["train"] = train[train.groupby("label").cumcount() < rarer]
     if fmt == "classification":
         features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=SENTIMENT_LABELS)})
         return datasets.DatasetDict(

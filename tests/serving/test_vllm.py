@@ -88,6 +88,30 @@ def test_an_adapter_id_changes_with_its_content(tmp_path):
     assert first["args"]["enable_lora"] and first["args"]["max_lora_rank"] == 8  # the smallest rank vLLM takes above r=4
 
 
+def test_vllm_keeps_no_core_idle_on_a_small_node(monkeypatch):
+    """vLLM's CPU engine reserves a core for its scheduler by default: on a node of at most 4 cores a replica reserves
+    none (the serve YAML or the replica's environment can still say otherwise); on a larger node vLLM decides."""
+    import os
+
+    from hone.serving.spec import resolve
+    from hone.serving.vllm import engine_args, reserve_cores
+
+    def reserved(cores: int, extra: dict | None = None, env: str | None = None) -> str | None:
+        monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+        if env is not None:
+            monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", env)
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        cfg = validate_serve_config({"model": MODEL, "engine": "vllm", **(extra or {})})
+        reserve_cores(engine_args(cfg, resolve(cfg)))
+        return os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+    assert reserved(2) == "0" and reserved(4) == "0"
+    assert reserved(16) is None
+    assert reserved(16, {"vllm_cpu_reserved_cores": 2}) == "2" and reserved(2, {"vllm_cpu_reserved_cores": 1}) == "1"
+    assert reserved(2, env="1") == "1"
+    assert reserved(2, {"device": "cuda"}) is None
+
+
 # --------------------------------------------------------------------------- one real vLLM server
 
 

@@ -79,15 +79,18 @@ def test_the_tiny_recipe_logs_rewards_kl_and_the_time_split_every_step(tiny_run)
     assert sorted(final) == [1, 2, 3, 4, 5, 6]
     for m in history:
         for key in ("reward", "reward_std", "reward_choice", "reward_concise", "kl", "completion_length", "rollout_tokens_per_s",
-                    "rollout_time_s", "train_time_s", "sync_time_s", "clip_ratio", "frac_reward_zero_std", "engine_logprob_gap"):
+                    "rollout_time_s", "train_time_s", "sync_time_s", "clip_ratio", "frac_reward_zero_std", "idle_steps"):
             assert math.isfinite(m[key]), (key, m)
-        assert m["rollout_tokens_per_s"] > 0 and m["rollout_time_s"] > 0 and m["sync_time_s"] > 0
+        assert m["rollout_tokens_per_s"] > 0 and m["rollout_time_s"] > 0
         assert 0 < m["completion_length"] <= job.grpo.max_new_tokens
         assert m["reward"] == pytest.approx(m["reward_choice"] + 0.5 * m["reward_concise"], abs=1e-9)
         assert m["reward_errors"] == 0
-        # every step's sync was checked (after the resume and on the replacement engine too): the engine now computes
-        # the trainer's log-probs, and they moved
-        assert m["sync_logprob_diff"] < 2e-3, m
+        if m["idle_steps"]:  # every group tied: no update, nothing to sync, the gradient norm 0
+            assert m["frac_reward_zero_std"] == 1.0 and m["grad_norm"] == 0.0, m
+            continue
+        # every step that learned had its sync checked (after the resume and on the replacement engine too): the
+        # engine now computes the trainer's log-probs, and they moved
+        assert m["sync_time_s"] > 0 and m["sync_logprob_diff"] < 2e-3, m
         assert m["sync_logprob_change"] > 1e-4, m
         assert m["engine_logprob_gap"] < 1e-3  # the sampled tokens' log-probs: engine and trainer agree
     assert final[1]["kl"] < final[6]["kl"]  # the policy leaves the reference (beta 0.04)
@@ -119,7 +122,7 @@ def test_a_killed_rollout_engine_is_replaced_and_training_continues(tiny_run):
     after = records(tiny_run["run_dir"])[len(tiny_run["before"]):]
     assert [m["step"] for m in after] == [3, 4, 5, 6]
     assert sum(m.get("rollout_engines_replaced", 0) for m in after if m["step"] > 4) >= 1
-    assert all(m["sync_logprob_diff"] < 2e-3 for m in after)
+    assert all(m["sync_logprob_diff"] < 2e-3 for m in after if not m["idle_steps"])
     assert (tiny_run["run_dir"] / "export" / "adapter_model.safetensors").exists()
 
 

@@ -92,3 +92,63 @@ def test_grpo_loss_matches_trl(tmp_path, tiny_tokenizer, loss_type):
     for (name, a), (_, b) in zip(ours.named_parameters(), policy.named_parameters()):
         diff = (a.grad - b.grad).abs().max().item()
         assert diff <= 1e-5 * max(1.0, b.grad.abs().max().item()), f"{name}: gradient differs by {diff}"
+
+
+
+def test_completion_log_probs_with_shared_prompts_equal_those_of_whole_sequences(tiny_tokenizer):
+    """GRPO's trainer runs each prompt once and continues its k completions from the prompt's key/value cache, computing
+    logits on completion positions only. With prompts of different lengths (left-padded), completions of different
+    lengths (right-padded) and a grammar's token mask, the log-probs, the loss and every gradient equal those of every
+    row run whole; and without the mask, those of plain right-padded sequences (the layout SFT and DPO use, whose
+    own logits start at the batch's first label, :func:`token_logps`'s ``trim``, equal to logits everywhere)."""
+    from hone.grammar import Constraints, token_bitmask
+    from hone.training.objective import completion_logps, grouped_batch
+
+    policy = _model(0)
+    vocab = int(policy.config.vocab_size)
+    grammar = Constraints(tiny_tokenizer, vocab).compile({"choice": ["negative", "positive"]}, any_whitespace=True)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("Classify: a splendid, moving, generous and funny film.", "Classify: dull.")]
+    answers = [tiny_tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("positive", "negative", "negative", "positive")]
+    answers[3] = answers[3][:1]  # a truncated completion: rows of different lengths
+    job = make_job(data={"format": "prompts", "max_length": 96},
+                   grpo={"k": 2, "max_new_tokens": 4, "rewards": [{"type": "exact_match"}]}, training={"eval_metric": "eval_reward"})
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    def run(fn):
+        policy.zero_grad()
+        logps, mask = fn()
+        loss, _ = grpo_loss(job, logps, logps.detach() + 0.1 * mask, advantages, mask, None)
+        loss.backward()
+        return logps.detach(), mask, float(loss), [p.grad.clone() for p in policy.parameters()]
+
+    def same(a, b, bound=1e-5):
+        assert torch.equal(a[1], b[1]) and (a[0] - b[0]).abs().max() <= bound and abs(a[2] - b[2]) <= 1e-6, (a[2], b[2])
+        for x, y in zip(a[3], b[3]):
+            assert (x - y).abs().max() <= bound * max(1.0, float(y.abs().max()))
+
+    batch = grouped_batch(prompts, answers, tiny_tokenizer.pad_token_id)
+    assert batch["prompt_mask"][1, 0] == 0 and batch["labels"][3, -1] == -100  # left-padded prompts, right-padded answers
+    masked = {**batch, "bitmask": token_bitmask(grammar, [(1, a) for a in answers], 4, batch["labels"].shape[1], vocab)}
+    shared, whole = run(lambda: completion_logps(policy, masked, 0.9)), run(lambda: completion_logps(policy, masked, 0.9, shared=False))
+    same(shared, whole)
+    assert (shared[0][shared[1]] > -30).all()  # the grammar allowed every completion token scored
+    # the plain layout: each row prompt + answer, right-padded, labels on the answer
+    seqs = [prompts[b // 2] + a for b, a in enumerate(answers)]
+    width = max(map(len, seqs))
+    plain = {"input_ids": torch.full((4, width), tiny_tokenizer.pad_token_id), "attention_mask": torch.zeros(4, width, dtype=torch.long),
+             "labels": torch.full((4, width), -100)}
+    for b, seq in enumerate(seqs):
+        plain["input_ids"][b, : len(seq)] = torch.tensor(seq)
+        plain["attention_mask"][b, : len(seq)] = 1
+        plain["labels"][b, len(prompts[b // 2]) : len(seq)] = torch.tensor(answers[b])
+
+    def gathered(fn):  # the plain layout's log-probs moved to completion columns
+        logps, mask = fn()
+        out = torch.zeros(4, batch["labels"].shape[1])
+        for b, a in enumerate(answers):
+            out[b, : len(a)] = logps[b, len(prompts[b // 2]) - 1 : len(prompts[b // 2]) - 1 + len(a)]
+        return out, batch["labels"] != -100
+
+    unmasked = run(lambda: completion_logps(policy, batch, 0.9))
+    for trim in (True, False):
+        same(unmasked, run(lambda trim=trim: gathered(lambda: token_logps(policy, plain, 0.9, trim=trim))))

@@ -332,6 +332,13 @@ for deepspeed in (False, True):  # DDP, then ZeRO-2 (this one process as the onl
     engine.train_micro(loss_of(1.0))
     assert engine.step_applied and math.isfinite(engine.grad_norm), deepspeed
     assert any(not torch.equal(a, b) for a, b in zip(before, params())), f"the next healthy step was not applied ({{deepspeed=}})"
+    # a step with nothing to learn (GRPO: every group tied): no update on momentum alone, and the schedule advances
+    learned, epoch = params(), engine.scheduler.last_epoch
+    engine.skip_update()
+    assert all(torch.equal(a, b) for a, b in zip(learned, params())), f"a skipped update changed the weights ({{deepspeed=}})"
+    assert engine.grad_norm == 0.0 and engine.scheduler.last_epoch == epoch + 1, (deepspeed, engine.grad_norm)
+    engine.train_micro(loss_of(0.0))  # the same zero gradient through the optimizer: its momentum moves the weights
+    assert any(not torch.equal(a, b) for a, b in zip(learned, params())), f"momentum alone moved nothing ({{deepspeed=}})"
     # one optimizer declaration for both backends, and population-based training's fields applied to either
     spec = optimizer_spec(job)
     if deepspeed:
@@ -349,8 +356,9 @@ for deepspeed in (False, True):  # DDP, then ZeRO-2 (this one process as the onl
 
 @pytest.mark.slow
 def test_backends_discard_a_non_finite_step_apply_the_next_and_take_new_hyperparameters(tmp_path):
-    """DDP and ZeRO-2, one after the other in one process: a non-finite step is discarded, the next applied; both
-    optimizers come from one declaration and take population-based training's new values (``retarget``)."""
+    """DDP and ZeRO-2, one after the other in one process: a non-finite step is discarded, the next applied; a step with
+    nothing to learn leaves the weights bit-identical (a zero gradient through AdamW would not); both optimizers come
+    from one declaration and take population-based training's new values (``retarget``)."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "RENDEZVOUS_FILE": str(tmp_path / "rendezvous"),
            "DS_ACCELERATOR": "cpu"}
     out = subprocess.run([sys.executable, "-c", _ENGINES], env=env, capture_output=True, text=True, timeout=300)

@@ -115,8 +115,9 @@ class GRPOConfig(Section):
     """Strings that end a completion (the EOS token always does)."""
     structured_outputs: dict[str, Any] | None = None
     """Constrain the rollouts (and evaluation) with vLLM's structured outputs: ``{choice: [a, b]}``, ``{regex: …}``,
-    ``{json: schema}`` or ``{grammar: …}``. The trainer's log-probs stay those of the unconstrained model: the
-    gradient raises the probability of the constrained answers that scored well."""
+    ``{json: schema}`` or ``{grammar: …}``. The trainer's log-probs are those of the same constrained distribution
+    (the grammar's token mask applied to its logits, as vLLM applies it to the engines'), so the policy ratio compares
+    like with like."""
     rewards: list[RewardConfig] = Field(min_length=1)
     """The reward terms, summed with their weights."""
     reward_timeout_s: float = Field(default=300.0, gt=0)

@@ -438,7 +438,7 @@ class TrainingConfig(Section):
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warm-up."""
     warmup_steps: int = Field(default=0, ge=0)
-    """Linear warm-up steps (optimizer steps)."""
+    """Linear warm-up steps (optimizer steps): the i-th of n steps uses i/(n+1) of ``lr`` (the first step already learns)."""
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Warm-up as a fraction of all steps (instead of ``warmup_steps``)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"

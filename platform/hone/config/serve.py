@@ -81,6 +81,11 @@ class ServeConfig(Section):
     it as a vLLM LoRA on the base instead (slower on CPU: see Benchmarks)."""
     vllm_cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
     """``engine: vllm`` on CPU: KV cache size per replica in GiB (vLLM's ``VLLM_CPU_KVCACHE_SPACE``)."""
+    vllm_cpu_reserved_cores: int | None = Field(default=None, ge=0)
+    """``engine: vllm`` on CPU: cores vLLM keeps free of its compute threads for its scheduler (vLLM's
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU``; it binds its threads to the node's other cores). Default: none on a node with at
+    most 4 cores (on 2 cores vLLM's default of one left half the machine idle: see Benchmarks), vLLM's own choice on
+    larger ones."""
     adapters: dict[str, str] = Field(default_factory=dict)
     """LoRA adapters served on the same base: request ``model`` name → adapter export/directory. Loaded on first use."""
     max_loaded_adapters: int = Field(default=4, ge=1)

@@ -1,6 +1,7 @@
 """Training backends: DeepSpeed ZeRO (generated config) or plain DDP, behind one small interface.
 
-``make_backend`` returns an object with ``module``, ``train_micro(batch_loss)``, ``lr``, ``grad_norm``,
+``make_backend`` returns an object with ``module``, ``train_micro(batch_loss)``, ``skip_update()`` (a step with nothing
+to learn: weights and optimizer state untouched, the schedule advanced), ``lr``, ``grad_norm``,
 ``step_applied`` (False when the last optimizer step was discarded for non-finite gradients),
 ``save(dir)``, ``load(dir)``, ``retarget(job)`` (population-based training's new hyperparameters) and
 ``full_state_dict()`` (the consolidated weights on rank 0, also under ZeRO-3).
@@ -123,13 +124,29 @@ def deepspeed_config(job: JobConfig, world_size: int) -> dict[str, Any]:
     return _deep_merge(config, ds.extra)
 
 
+def _warm(step: int, warmup: int, after: Any) -> float:
+    """The learning-rate factor of a schedule with ``warmup`` steps: (step + 1) / (warmup + 1) while warming up (the first
+    step already learns; Hugging Face's warm-up starts at 0, a step that changes nothing), then the schedule's own."""
+    return (step + 1) / (warmup + 1) if step < warmup else after(step)
+
+
 def _scheduler_fn(job: JobConfig, total_steps: int) -> Any:
+    import functools
+
+    from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
 
     t = job.training
     warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.scheduler]
-    return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    def make(optimizer: Any) -> Any:
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        if not warmup:
+            return scheduler
+        return LambdaLR(optimizer, functools.partial(_warm, warmup=warmup, after=scheduler.lr_lambdas[0]))
+
+    return make
 
 
 def _retarget(scheduler: Any, job: JobConfig) -> None:
@@ -170,14 +187,23 @@ class _DeepSpeed:
             model=model, model_parameters=trainable, config=self.config, lr_scheduler=_scheduler_fn(job, total_steps)
         )
         self.module = self.engine
+        self.idle = False  # the last step applied no update (skip_update)
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
 
     def train_micro(self, loss: torch.Tensor) -> None:
+        self.idle = False
         self.engine.backward(loss)
         self.engine.step()  # applies the update only at the accumulation boundary
+
+    def skip_update(self) -> None:
+        """A step with nothing to learn: no backward pass, no optimizer step (weights and moments stay bit-identical);
+        the learning-rate schedule advances as it would have."""
+        self.idle = True
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     @property
     def lr(self) -> float:
@@ -185,6 +211,8 @@ class _DeepSpeed:
 
     @property
     def grad_norm(self) -> float | None:
+        if self.idle:
+            return 0.0
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -249,6 +277,12 @@ class _DDP:
         self._norm: float | None = None
         self._applied = True
         self._adalora = job.method.type == "adalora"
+
+    def skip_update(self) -> None:
+        """A step with nothing to learn (see :meth:`_DeepSpeed.skip_update`)."""
+        self._micro += self.grad_accum
+        self._norm, self._applied = 0.0, True
+        self.scheduler.step()
 
     def train_micro(self, loss: torch.Tensor) -> None:
         import torch

@@ -8,7 +8,11 @@ current one when the rollout engines held the trainer's current weights (then ρ
 gradient), else the engines' log-probs of the sampled tokens (``sync_every`` > 1: the rollouts are off-policy).
 
 A worker's prompts for a micro-batch go to one engine as one rollout batch, with a seed per prompt drawn from the
-micro-batch's seeded stream: the same step samples the same completions after a resume. Each sync (every
+micro-batch's seeded stream: the same step samples the same completions after a resume. The trainer runs each prompt
+once and its ``k`` completions from the prompt's key/value cache, with logits on completion positions only
+(:func:`~hone.training.objective.completion_logps`): the prompt tokens, most of a batch, cost ``1/k``. A step whose
+groups all tie, on every worker, applies no update at all (every advantage is 0; AdamW would still move the weights on
+its momentum), needs no sync, and counts in ``idle_steps``. Each sync (every
 ``sync_every`` steps, and at the start) gathers the weights (the adapter's A and B, or the full model under ZeRO-3
 collectively), puts them in the object store once, loads them on every engine, and checks that the engines'
 log-probs of a fixed prompt now equal the trainer's (``sync_logprob_diff``) and moved (``sync_logprob_change``); a
@@ -30,7 +34,7 @@ from hone.config import JobConfig
 from hone.config.grpo import reward_names
 from hone.generation import Generation, Sampling
 from hone.grammar import Constraints, token_bitmask
-from hone.training.objective import Objective, WorkerContext, reference_model, token_logps
+from hone.training.objective import Objective, WorkerContext, completion_logps, grouped_batch, reference_model, shares_prompts
 from hone.training.rewards import score, total_reward
 from hone.training.rollout import SyncError
 
@@ -39,12 +43,13 @@ if TYPE_CHECKING:
 
 __all__ = ["GRPO_STATS", "GRPOObjective", "advantages", "engine_weights", "grpo_loss", "rollout_model_dir"]
 
-# Sums kept per window (then one sum and one count per reward term): completions, reward and its square, samples a
-# reward could not score, completion tokens, KL and its tokens, clipped tokens, rollout seconds, groups, groups whose
-# rewards all tie, sync seconds, syncs, step seconds, steps, engine-vs-trainer log-prob gap and its tokens, the sync
-# check's difference and change, rollout engines replaced.
+# Sums kept per window (then one sum and one count per reward term, and with a choice constraint the completions that
+# gave each answer): completions, reward and its square, samples a reward could not score, completion tokens, KL and its
+# tokens, clipped tokens, rollout seconds, groups, groups whose rewards all tie, sync seconds, syncs, step seconds, steps,
+# engine-vs-trainer log-prob gap and its tokens, the sync check's difference and change, rollout engines replaced, steps
+# that applied no update (every group tied).
 GRPO_STATS = ("n", "reward", "reward_sq", "errors", "tokens", "kl", "kl_tokens", "clipped", "rollout_s", "groups", "ties", "sync_s",
-              "syncs", "step_s", "steps", "gap", "gap_tokens", "sync_diff", "sync_change", "checks", "replaced")
+              "syncs", "step_s", "steps", "gap", "gap_tokens", "sync_diff", "sync_change", "checks", "replaced", "idle")
 _LORA = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_A\.([^.]+)\.weight$")
 
 
@@ -147,6 +152,7 @@ class GRPOObjective(Objective):
     policy-ratio loss, and the weight syncs."""
 
     name = "grpo"
+    may_idle = True  # a step whose groups all tie (on every rank) teaches nothing: no update, not a step on momentum
 
     @classmethod
     def check(cls, job: JobConfig, tokenizer: Any) -> None:
@@ -176,9 +182,10 @@ class GRPOObjective(Objective):
         super().__init__(ctx)
         self.g = ctx.job.grpo
         self.names = reward_names(self.g.rewards)
+        self.choices = [str(c) for c in (self.g.structured_outputs or {}).get("choice", [])]  # the answers counted
         self.pool = ray.get_actor(ctx.extras["rollout_pool"])
         self.reference = reference_model(ctx.job, ctx.backend, ctx.world_size) if self.g.beta > 0 else None
-        self.step = 0  # optimiser steps applied to the trainer's weights
+        self.changed = 0  # the step whose update last changed the trainer's weights: their version
         self.synced = -1  # the version the engines hold
         self.calls = 0
         self.replaced = 0  # engines the pool had replaced, as last seen (rank 0 counts them)
@@ -186,15 +193,23 @@ class GRPOObjective(Objective):
         self._pending = self._zeros()
         self._step_started = time.perf_counter()
         self.constraint = _Constraint(ctx.job, int(ctx.backend.hf_module.config.vocab_size)) if self.g.structured_outputs else None
+        # each prompt runs once for its k completions (its key/value cache shared), unless the model cannot
+        self.shared = shares_prompts(ctx.backend.module, ctx.job.training.gradient_checkpointing)
 
     @property
     def n_stats(self) -> int:
-        return len(GRPO_STATS) + 2 * len(self.names)
+        return len(GRPO_STATS) + 2 * len(self.names) + len(self.choices)
 
     def _zeros(self) -> torch.Tensor:
         import torch
 
-        return torch.zeros(len(GRPO_STATS) + 2 * len(self.names), dtype=torch.float64)
+        return torch.zeros(self.n_stats, dtype=torch.float64)
+
+    def _count_choices(self, stats: torch.Tensor, texts: Sequence[str]) -> None:
+        """How many completions gave each answer of a ``choice`` constraint (``answer_<choice>`` in the metrics)."""
+        base = len(GRPO_STATS) + 2 * len(self.names)
+        for i, choice in enumerate(self.choices):
+            stats[base + i] += sum(t.strip() == choice for t in texts)
 
     def _put(self, stats: torch.Tensor, **values: float) -> None:
         for k, v in values.items():
@@ -219,8 +234,6 @@ class GRPOObjective(Objective):
         """Sample ``k`` completions of each prompt, score them, and lay them out as one padded batch with advantages."""
         import torch
 
-        from hone.data import collate
-
         start = time.perf_counter()
         groups, out, data = self._rollouts(rows)
         rollout_s = time.perf_counter() - start
@@ -229,21 +242,18 @@ class GRPOObjective(Objective):
         terms = score(self.job, [str(data[i].get(prompt_col)) for i, _ in flat], [o.text for _, o in flat], [data[i] for i, _ in flat])
         rewards = torch.tensor([total_reward(self.job, t) for t in terms], dtype=torch.float64)
         adv = advantages(rewards, self.g.k, self.g.scale_rewards)
-        seqs, old = [], []
+        prompts = [_prompt(rows[i]) for i in range(len(groups))]
         limit = self.job.data.max_length
-        for (i, o) in flat:
-            prompt = _prompt(rows[i])
-            completion = list(o.token_ids)[: limit - len(prompt)]
-            seqs.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
-            old.append((len(prompt), (o.logprobs or [])[: len(completion)]))
-        batch = collate(seqs, self.pad_id)
-        if self.constraint is not None:
-            spans = [(p, seq["input_ids"][p:]) for (p, _), seq in zip(old, seqs)]
-            batch["bitmask"] = self.constraint.bitmask(spans, len(seqs), batch["input_ids"].shape[1] - 1)
-        old_logps = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
-        for b, (p, lps) in enumerate(old):
+        completions = [list(o.token_ids)[: limit - len(prompts[i])] for i, o in flat]
+        batch = grouped_batch(prompts, completions, self.pad_id)
+        width = batch["labels"].shape[1]
+        if self.constraint is not None:  # one row per completion position (the first predicted from the prompt's end)
+            batch["bitmask"] = self.constraint.bitmask([(1, c) for c in completions], len(completions), width)
+        old_logps = torch.zeros(len(completions), width)
+        for b, ((_, o), c) in enumerate(zip(flat, completions)):
+            lps = (o.logprobs or [])[: len(c)]
             if lps:
-                old_logps[b, p - 1 : p - 1 + len(lps)] = torch.tensor(lps)
+                old_logps[b, : len(lps)] = torch.tensor(lps)
         stats = self._zeros()
         table = torch.tensor(terms, dtype=torch.float64)
         failed = torch.isnan(table)
@@ -257,14 +267,25 @@ class GRPOObjective(Objective):
             self.replaced = out["replaced"]
         r = len(self.names)
         stats[len(GRPO_STATS):len(GRPO_STATS) + r] = torch.nan_to_num(table, nan=0.0).sum(0)
-        stats[len(GRPO_STATS) + r:] = (~failed).sum(0).double()
+        stats[len(GRPO_STATS) + r:len(GRPO_STATS) + 2 * r] = (~failed).sum(0).double()
+        self._count_choices(stats, [o.text for _, o in flat])
         device = self.backend.device
         return {**{k: v.to(device) for k, v in batch.items()}, "advantages": adv.float().to(device), "old_logps": old_logps.to(device),
-                "on_policy": out["version"] == self.step, "stats": stats}
+                "on_policy": out["version"] == self.changed, "stats": stats}
+
+    def signal(self, batch: dict[str, Any]) -> bool:
+        """Whether any group's rewards differ (else every advantage is 0 and the policy gradient with them)."""
+        return bool((batch["advantages"] != 0).any())
+
+    def idle_stats(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["stats"].clone()
 
     # ------------------------------------------------------------------ loss
+    def _logps(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(model, batch, self.g.temperature, shared=self.shared)
+
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, mask = token_logps(self.backend.module, batch, self.g.temperature)
+        logps, mask = self._logps(self.backend.module, batch)
         stats = batch["stats"].clone()
         engine_logps = batch["old_logps"]
         old = logps.detach() if batch["on_policy"] else engine_logps
@@ -273,7 +294,7 @@ class GRPOObjective(Objective):
             self._put(stats, gap=float(gap), gap_tokens=float(mask.sum()))
         ref = None
         if self.reference is not None:
-            ref = self.reference(lambda model: token_logps(model, batch, self.g.temperature)[0])
+            ref = self.reference(lambda model: self._logps(model, batch)[0])
         loss, parts = grpo_loss(self.job, logps, old, batch["advantages"], mask, ref)
         self._put(stats, clipped=float(parts["clipped"]), kl=float(parts.get("kl", 0.0)),
                   kl_tokens=float(mask.sum()) if ref is not None else 0.0)
@@ -287,13 +308,16 @@ class GRPOObjective(Objective):
                "completion_length": s["tokens"] / n, "clip_ratio": s["clipped"] / max(s["tokens"], 1.0),
                "frac_reward_zero_std": s["ties"] / max(s["groups"], 1.0)}
         r = len(self.names)
-        sums, counts = stats[len(GRPO_STATS):len(GRPO_STATS) + r], stats[len(GRPO_STATS) + r:]
+        sums, counts = stats[len(GRPO_STATS):len(GRPO_STATS) + r], stats[len(GRPO_STATS) + r:len(GRPO_STATS) + 2 * r]
         for name, total, count in zip(self.names, sums, counts):
             out[f"reward_{name}"] = float(total) / max(float(count), 1.0)
+        for choice, count in zip(self.choices, stats[len(GRPO_STATS) + 2 * r:]):  # the answer distribution
+            out[f"answer_{choice}"] = float(count) / n
         if s["kl_tokens"]:
             out["kl"] = s["kl"] / s["kl_tokens"]
         if prefix:  # held-out prompts: the rewards (greedy, one completion each)
-            return {prefix + k: out[k] for k in ("reward", *(f"reward_{name}" for name in self.names))}
+            keys = ("reward", *(f"reward_{name}" for name in self.names), *(f"answer_{c}" for c in self.choices))
+            return {prefix + k: out[k] for k in keys}
         w = self.world_size
         steps = max(s["steps"] / w, 1.0)  # every rank counts each step (and its times): per-rank means below
         rollout, sync = s["rollout_s"] / w / steps, s["sync_s"] / w / steps
@@ -301,6 +325,7 @@ class GRPOObjective(Objective):
                    train_time_s=max(s["step_s"] / w / steps - rollout - sync, 0.0))
         if s["replaced"]:
             out["rollout_engines_replaced"] = s["replaced"]
+        out["idle_steps"] = s["idle"] / w  # steps of the window that applied no update: every group tied
         if s["gap_tokens"]:
             out["engine_logprob_gap"] = s["gap"] / s["gap_tokens"]
         if s["checks"]:
@@ -313,7 +338,7 @@ class GRPOObjective(Objective):
 
         from hone.modeling import rank_batches
 
-        if self.synced != self.step:
+        if self.synced != self.changed:
             self._pending += self._sync()
         stats = self._zeros()
         for chunk, weight in rank_batches(rows, batch_size, rank, self.world_size):
@@ -326,21 +351,25 @@ class GRPOObjective(Objective):
             r = len(self.names)
             self._put(stats, n=len(terms), reward=sum(total_reward(self.job, t) for t in terms))
             stats[len(GRPO_STATS):len(GRPO_STATS) + r] += torch.nan_to_num(table, nan=0.0).sum(0)
-            stats[len(GRPO_STATS) + r:] += (~torch.isnan(table)).sum(0).double()
+            stats[len(GRPO_STATS) + r:len(GRPO_STATS) + 2 * r] += (~torch.isnan(table)).sum(0).double()
+            self._count_choices(stats, [g[0].text for g in groups])
         return self.metrics(self.all_reduce(stats), "eval_")
 
     # ------------------------------------------------------------------ weight sync
     def start(self, step: int, rows: Any) -> None:
         """Sync the engines with the trainer's weights (new, or loaded from a checkpoint) before the first rollout."""
-        self.step = step
+        self.changed = step
         self.probe = _prompt(rows.take([0])[0])
         self._pending += self._sync()
         self._step_started = time.perf_counter()
 
-    def after_step(self, step: int) -> torch.Tensor:
-        self.step = step
+    def after_step(self, step: int, updated: bool = True) -> torch.Tensor:
         stats, self._pending = self._pending, self._zeros()
-        if step % self.g.sync_every == 0:
+        if updated:
+            self.changed = step
+        else:
+            self._put(stats, idle=1.0)
+        if step % self.g.sync_every == 0 and self.synced != self.changed:  # unchanged weights need no sync
             stats += self._sync()
         now = time.perf_counter()
         self._put(stats, step_s=now - self._step_started, steps=1.0)
@@ -373,20 +402,20 @@ class GRPOObjective(Objective):
             before = ray.get(self.pool.check.remote(self.probe))
             ref = ray.put(weights)
             for attempt in range(self.g.sync_retries + 1):
-                ray.get(self.pool.sync.remote([ref], self.step))
+                ray.get(self.pool.sync.remote([ref], self.changed))
                 after = ray.get(self.pool.check.remote(self.probe))
                 diff = max(abs(x - y) for engine in after for x, y in zip(engine, trainer))
                 if diff <= tolerance:
                     break
-                print(f"[hone] WARNING: weight sync {self.step}: the rollout engines' log-probs differ from the trainer's by "
+                print(f"[hone] WARNING: weight sync {self.changed}: the rollout engines' log-probs differ from the trainer's by "
                       f"{diff:.3g} (> {tolerance:g}); retrying ({attempt + 1}/{self.g.sync_retries + 1})", flush=True)
             else:
-                raise SyncError(f"weight sync {self.step}: the rollout engines' log-probs still differ from the trainer's by {diff:.3g} "
+                raise SyncError(f"weight sync {self.changed}: the rollout engines' log-probs still differ from the trainer's by {diff:.3g} "
                                 f"after {self.g.sync_retries + 1} tries (grpo.sync_tolerance {tolerance:g}): the engines do not "
                                 "hold the trained weights")
             change = max(abs(x - y) for a, b in zip(after, before) for x, y in zip(a, b))
             self._put(stats, sync_diff=diff, sync_change=change, checks=1.0)
         self.all_reduce(torch.zeros(1, dtype=torch.float64))  # every rank waits for the engines to hold the new weights
-        self.synced = self.step
+        self.synced = self.changed
         self._put(stats, sync_s=time.perf_counter() - start, syncs=1.0)
         return stats

@@ -267,25 +267,41 @@ class _Run:
             self.report(metrics, final=last or state.stopped_early, checkpoint=do_ckpt)
 
     def step(self) -> tuple[Any, Any]:
-        """One optimiser step over this worker's micro-batches: (loss, steps, tokens, samples sums; objective stats)."""
+        """One optimiser step over this worker's micro-batches: (loss, steps, tokens, samples sums; objective stats).
+
+        Every micro-batch is built first; when the objective says none of them, on any rank, carries a learning signal
+        (an online objective whose sampled answers all scored alike), the step leaves the weights and the optimizer's
+        state as they are (no update on momentum alone) and only the schedule advances."""
         import torch
 
         sched, autocast = self.sched, getattr(self.backend, "autocast", None)
         step_sums = torch.zeros(4, dtype=torch.float64)
         step_stats = torch.zeros(self.objective.n_stats, dtype=torch.float64)
+        batches = []
         for micro in range(sched.grad_accum):
             rows = self.train_rows.take(sched.micro_rows(self.state.step, micro, self.rank))
-            torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # dropout: the micro-batch's stream
-            batch = self.objective.batch(rows)
-            with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-                loss, stats = self.objective.loss(batch)
-            self.backend.train_micro(loss)
+            torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # the micro-batch's stream (rollout seeds)
+            batches.append((len(rows), self.objective.batch(rows)))
+        learns = not self.objective.may_idle or bool(self.all_reduce(torch.tensor(
+            [float(any(self.objective.signal(batch) for _, batch in batches))], dtype=torch.float64))[0] > 0)
+        for micro, (n_rows, batch) in enumerate(batches):
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            step_sums += torch.tensor([float(loss.detach()) / sched.grad_accum, 0, tokens, len(rows)], dtype=torch.float64)
+            if learns:
+                torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # dropout: the micro-batch's stream
+                with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                    loss, stats = self.objective.loss(batch)
+                self.backend.train_micro(loss)
+                step_sums += torch.tensor([float(loss.detach()) / sched.grad_accum, 0, tokens, n_rows], dtype=torch.float64)
+            else:
+                stats = self.objective.idle_stats(batch)
+                step_sums += torch.tensor([0.0, 0, tokens, n_rows], dtype=torch.float64)
             if stats is not None:
                 step_stats += stats
+        if not learns:
+            self.backend.skip_update()
         step_sums[1] = 1
-        step_stats += self.objective.after_step(self.state.step + 1)  # an online objective syncs its engines here, timed with the step
+        # an online objective syncs its engines here, timed with the step
+        step_stats += self.objective.after_step(self.state.step + 1, updated=learns)
         return step_sums, step_stats
 
     def window_metrics(self) -> dict[str, Any]:

