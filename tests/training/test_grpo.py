@@ -52,7 +52,8 @@ def tiny_run(cluster, cluster_env, connected, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo")
     job = tmp / "grpo-run.yaml"
     job.write_text(yaml.safe_dump(grpo_job("grpo-run", training={"max_steps": 6, "eval_every": 2, "eval_on_start": True,
-                                                                 "checkpoint_every": 2})))
+                                                                 "checkpoint_every": 2},
+                                           grpo={"dynamic_sampling": True})))  # tied groups left out of the loss
     env = {**cluster_env, "HONE_RAY_LOG_LEVEL": "ERROR"}
     run_dir = killed_after_step(3, cluster["address"], job, tmp / "runs", env)
     before = records(run_dir)
@@ -78,13 +79,15 @@ def test_the_tiny_recipe_logs_rewards_kl_and_the_time_split_every_step(tiny_run)
     final = {m["step"]: m for m in history}  # a step logged again after the resume keeps its last record
     assert sorted(final) == [1, 2, 3, 4, 5, 6]
     for m in history:
-        for key in ("reward", "reward_std", "reward_choice", "reward_concise", "kl", "completion_length", "rollout_tokens_per_s",
-                    "rollout_time_s", "train_time_s", "sync_time_s", "clip_ratio", "frac_reward_zero_std", "idle_steps"):
+        for key in ("reward", "reward_std", "reward_choice", "reward_concise", "completion_length", "rollout_tokens_per_s",
+                    "rollout_time_s", "train_time_s", "sync_time_s", "clip_ratio", "frac_reward_zero_std", "idle_steps",
+                    "truncated_ratio", "frac_groups_dropped"):
             assert math.isfinite(m[key]), (key, m)
         assert m["rollout_tokens_per_s"] > 0 and m["rollout_time_s"] > 0
         assert 0 < m["completion_length"] <= job.grpo.max_new_tokens
         assert m["reward"] == pytest.approx(m["reward_choice"] + 0.5 * m["reward_concise"], abs=1e-9)
         assert m["reward_errors"] == 0
+        assert 0 <= m["frac_groups_dropped"] <= m["frac_reward_zero_std"] and 0 <= m["truncated_ratio"] <= 1
         if m["idle_steps"]:  # every group tied: no update, nothing to sync, the gradient norm 0
             assert m["frac_reward_zero_std"] == 1.0 and m["grad_norm"] == 0.0, m
             continue
@@ -92,7 +95,7 @@ def test_the_tiny_recipe_logs_rewards_kl_and_the_time_split_every_step(tiny_run)
         # engine now computes the trainer's log-probs, and they moved
         assert m["sync_time_s"] > 0 and m["sync_logprob_diff"] < 2e-3, m
         assert m["sync_logprob_change"] > 1e-4, m
-        assert m["engine_logprob_gap"] < 1e-3  # the sampled tokens' log-probs: engine and trainer agree
+        assert m["engine_logprob_gap"] < 1e-3 and math.isfinite(m["kl"])  # the sampled tokens' log-probs: engine and trainer agree
     assert final[1]["kl"] < final[6]["kl"]  # the policy leaves the reference (beta 0.04)
     assert "initial_eval_reward" in final[1] and all("eval_reward" in final[s] for s in (2, 4, 6))
     info = json.loads((run_dir / "export" / "hone.json").read_text())

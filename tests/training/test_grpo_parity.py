@@ -38,8 +38,9 @@ def _model(seed: int):
     return model
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "truncated-masked"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_grpo_loss_matches_trl(tmp_path, tiny_tokenizer, loss_type):
+def test_grpo_loss_matches_trl(tmp_path, tiny_tokenizer, loss_type, masked):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -61,11 +62,15 @@ def test_grpo_loss_matches_trl(tmp_path, tiny_tokenizer, loss_type):
     p = len(prompt)
     completion_ids = torch.tensor([c + [tiny_tokenizer.pad_token_id] * (width - len(c)) for c in COMPLETIONS])
     completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in COMPLETIONS])
+    if masked:  # mask_truncated_completions: TRL zeroes a cut completion's mask, hone its labels; it still has its advantage
+        completion_mask[0] = 0
     prompt_ids = torch.tensor([prompt] * 4)
     hone_batch = {"input_ids": torch.cat([prompt_ids, completion_ids], 1), "attention_mask": torch.cat([torch.ones_like(prompt_ids),
                                                                                                        completion_mask], 1)}
     hone_batch["labels"] = hone_batch["input_ids"].masked_fill(hone_batch["attention_mask"] == 0, -100)
     hone_batch["labels"][:, :p] = -100
+    if masked:
+        hone_batch["labels"][0] = -100
     with torch.no_grad():
         current, mask = token_logps(policy, hone_batch, temperature)
         ref_full = token_logps(reference, hone_batch, temperature)[0]

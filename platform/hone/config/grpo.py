@@ -133,6 +133,13 @@ class GRPOConfig(Section):
     token sums over ``completions × max_new_tokens`` (no length bias, Dr. GRPO)."""
     scale_rewards: bool = True
     """Divide advantages by the group's standard deviation (Dr. GRPO turns this off)."""
+    dynamic_sampling: bool = False
+    """Leave groups whose rewards all tie out of the step's loss (DAPO's dynamic sampling, as a filter: nothing is
+    resampled). They teach nothing (every advantage is 0); without them the trainer computes fewer rows and the loss is
+    normalised over the groups that carry signal. A step in which every group ties applies no update either way."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at ``max_new_tokens`` (no EOS or stop string) out of the loss (DAPO's overlong filtering):
+    their reward scored an unfinished answer. They still count in their group's advantages."""
     sync_every: int = Field(default=1, ge=1)
     """Optimiser steps between weight syncs to the rollout engines (>1: rollouts are off-policy, and the ratio uses the
     engines' log-probs of the sampled tokens as the old policy)."""

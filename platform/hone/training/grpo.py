@@ -47,9 +47,10 @@ __all__ = ["GRPO_STATS", "GRPOObjective", "advantages", "engine_weights", "grpo_
 # gave each answer): completions, reward and its square, samples a reward could not score, completion tokens, KL and its
 # tokens, clipped tokens, rollout seconds, groups, groups whose rewards all tie, sync seconds, syncs, step seconds, steps,
 # engine-vs-trainer log-prob gap and its tokens, the sync check's difference and change, rollout engines replaced, steps
-# that applied no update (every group tied).
+# that applied no update (every group tied), completions cut at max_new_tokens, groups left out (dynamic sampling).
 GRPO_STATS = ("n", "reward", "reward_sq", "errors", "tokens", "kl", "kl_tokens", "clipped", "rollout_s", "groups", "ties", "sync_s",
-              "syncs", "step_s", "steps", "gap", "gap_tokens", "sync_diff", "sync_change", "checks", "replaced", "idle")
+              "syncs", "step_s", "steps", "gap", "gap_tokens", "sync_diff", "sync_change", "checks", "replaced", "idle",
+              "truncated", "dropped")
 _LORA = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_A\.([^.]+)\.weight$")
 
 
@@ -242,26 +243,36 @@ class GRPOObjective(Objective):
         terms = score(self.job, [str(data[i].get(prompt_col)) for i, _ in flat], [o.text for _, o in flat], [data[i] for i, _ in flat])
         rewards = torch.tensor([total_reward(self.job, t) for t in terms], dtype=torch.float64)
         adv = advantages(rewards, self.g.k, self.g.scale_rewards)
+        grouped = rewards.view(-1, self.g.k)
+        tied = grouped.max(1).values == grouped.min(1).values
+        truncated = [o.finish_reason == "length" for _, o in flat]
+        kept = list(range(len(groups)))
+        if self.g.dynamic_sampling:  # one group stays when all tie: every rank runs the same passes (a zero gradient)
+            kept = [i for i in kept if not tied[i]] or kept[:1]
+        rows_kept = [b for b, (i, _) in enumerate(flat) if i in kept]
         prompts = [_prompt(rows[i]) for i in range(len(groups))]
         limit = self.job.data.max_length
-        completions = [list(o.token_ids)[: limit - len(prompts[i])] for i, o in flat]
-        batch = grouped_batch(prompts, completions, self.pad_id)
+        completions = [list(flat[b][1].token_ids)[: limit - len(prompts[flat[b][0]])] for b in rows_kept]
+        batch = grouped_batch([prompts[i] for i in kept], completions, self.pad_id)
+        if self.g.mask_truncated_completions:
+            for row, b in enumerate(rows_kept):
+                if truncated[b]:
+                    batch["labels"][row] = -100
         width = batch["labels"].shape[1]
         if self.constraint is not None:  # one row per completion position (the first predicted from the prompt's end)
             batch["bitmask"] = self.constraint.bitmask([(1, c) for c in completions], len(completions), width)
         old_logps = torch.zeros(len(completions), width)
-        for b, ((_, o), c) in enumerate(zip(flat, completions)):
-            lps = (o.logprobs or [])[: len(c)]
+        for b, c in enumerate(completions):
+            lps = (flat[rows_kept[b]][1].logprobs or [])[: len(c)]
             if lps:
                 old_logps[b, : len(lps)] = torch.tensor(lps)
         stats = self._zeros()
         table = torch.tensor(terms, dtype=torch.float64)
         failed = torch.isnan(table)
-        grouped = rewards.view(-1, self.g.k)
         n_tokens = sum(len(o.token_ids) for _, o in flat)
         self._put(stats, n=len(flat), reward=float(rewards.sum()), reward_sq=float((rewards**2).sum()),
                   errors=float(failed.any(1).sum()), tokens=n_tokens, rollout_s=rollout_s, groups=len(groups),
-                  ties=float((grouped.max(1).values == grouped.min(1).values).sum()))
+                  ties=float(tied.sum()), truncated=float(sum(truncated)), dropped=float(len(groups) - len(kept)))
         if self.rank == 0:
             self._put(stats, replaced=out["replaced"] - self.replaced)
             self.replaced = out["replaced"]
@@ -270,6 +281,7 @@ class GRPOObjective(Objective):
         stats[len(GRPO_STATS) + r:len(GRPO_STATS) + 2 * r] = (~failed).sum(0).double()
         self._count_choices(stats, [o.text for _, o in flat])
         device = self.backend.device
+        adv = adv[torch.tensor(rows_kept, dtype=torch.long)]
         return {**{k: v.to(device) for k, v in batch.items()}, "advantages": adv.float().to(device), "old_logps": old_logps.to(device),
                 "on_policy": out["version"] == self.changed, "stats": stats}
 
@@ -306,7 +318,7 @@ class GRPOObjective(Objective):
         mean = s["reward"] / n
         out = {"reward": mean, "reward_std": math.sqrt(max(s["reward_sq"] / n - mean**2, 0.0)), "reward_errors": s["errors"],
                "completion_length": s["tokens"] / n, "clip_ratio": s["clipped"] / max(s["tokens"], 1.0),
-               "frac_reward_zero_std": s["ties"] / max(s["groups"], 1.0)}
+               "frac_reward_zero_std": s["ties"] / max(s["groups"], 1.0), "truncated_ratio": s["truncated"] / n}
         r = len(self.names)
         sums, counts = stats[len(GRPO_STATS):len(GRPO_STATS) + r], stats[len(GRPO_STATS) + r:len(GRPO_STATS) + 2 * r]
         for name, total, count in zip(self.names, sums, counts):
@@ -326,6 +338,8 @@ class GRPOObjective(Objective):
         if s["replaced"]:
             out["rollout_engines_replaced"] = s["replaced"]
         out["idle_steps"] = s["idle"] / w  # steps of the window that applied no update: every group tied
+        if self.g.dynamic_sampling:
+            out["frac_groups_dropped"] = s["dropped"] / max(s["groups"], 1.0)
         if s["gap_tokens"]:
             out["engine_logprob_gap"] = s["gap"] / s["gap_tokens"]
         if s["checks"]:
