@@ -91,7 +91,11 @@ def apply_method(model: Any, method: str, modules: list[str] | None = None) -> A
     if method == "int8-weight-only":
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=keep)
     elif method == "int4-weight-only":
-        quantize_(model, Int4WeightOnlyConfig(group_size=128), filter_fn=keep)
+        import torch
+
+        # tinygemm's bf16 kernel (in torch itself): torchao's default packing needs the separate `mslk` package on CUDA
+        model = model.to(torch.bfloat16)
+        quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"), filter_fn=keep)
     else:
         raise QuantizeError(f"{method} is applied at load time, not in place")
     return model
@@ -139,6 +143,8 @@ def load_quantized(folder: str | Path, device: str | None = None) -> tuple[Any, 
                             "refusing to load them: quantise again")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     device = device or ("cuda" if method in GPU_ONLY or (torch.cuda.is_available() and method != "int8-dynamic") else "cpu")
+    if device == "cuda":  # torchao's tensors loaded onto "cuda" do not assign onto a module on "cuda:0": name the index
+        device = f"cuda:{torch.cuda.current_device()}"
     if method.startswith("bnb-"):
         return model_class(task).from_pretrained(folder, device_map=device).eval(), tokenizer, info
     if method == "w8a8-int8":
