@@ -45,15 +45,17 @@ def _rollout_engines(address: str) -> list:
 @pytest.fixture(scope="module")
 def tiny_run(cluster, slow_reports, connected, tmp_path_factory):
     """The tiny recipe for 6 steps (evaluated before training and every 2 steps, checkpoints every 2) through ``hone train``:
-    SIGKILLed after step 3, resumed with ``hone train --resume``, and its rollout engine killed once the resumed run has
-    logged step 4. Returns the run's folder, its records before the resume, and the resume's output."""
+    two optimiser updates per step's rollouts (``num_iterations``), SIGKILLed after step 3, resumed with ``hone train
+    --resume``, and its rollout engine killed once the resumed run has logged step 4.
+    Returns the run's folder, its records before the resume, and the resume's output."""
     import ray
 
     tmp = tmp_path_factory.mktemp("grpo")
     job = tmp / "grpo-run.yaml"
     job.write_text(yaml.safe_dump(grpo_job("grpo-run", training={"max_steps": 6, "eval_every": 2, "eval_on_start": True,
                                                                  "checkpoint_every": 2},
-                                           grpo={"dynamic_sampling": True})))  # tied groups left out of the loss
+                                           # tied groups left out of the loss; two updates per batch of rollouts
+                                           grpo={"dynamic_sampling": True, "num_iterations": 2})))
     # each report waits for the controller's 1 s poll: the kill after step 3 lands long before step 4's checkpoint (a
     # GRPO step of the tiny model takes a fraction of a second)
     env = {**slow_reports, "HONE_RAY_LOG_LEVEL": "ERROR"}

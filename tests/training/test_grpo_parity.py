@@ -50,6 +50,7 @@ def test_grpo_loss_matches_trl(tmp_path, tiny_tokenizer, loss_type, masked):
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=width,
                       beta=beta, epsilon=0.2, loss_type=loss_type, temperature=temperature, use_cpu=True, bf16=False,
                       report_to=[], dataloader_num_workers=0,
+                      num_iterations=2,  # the loss of a later pass over the same rollouts: the old log-probs are given
                       use_bias_correction_kl=False)  # TRL 1.16's default multiplies the KL by the ratio; hone's is GRPO's k3
 
     def zero(completions, **_):

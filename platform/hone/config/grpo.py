@@ -140,6 +140,11 @@ class GRPOConfig(Section):
     mask_truncated_completions: bool = False
     """Leave completions cut at ``max_new_tokens`` (no EOS or stop string) out of the loss (DAPO's overlong filtering):
     their reward scored an unfinished answer. They still count in their group's advantages."""
+    num_iterations: int = Field(default=1, ge=1)
+    """Optimiser updates per batch of rollouts (TRL's ``num_iterations``, PPO's epochs): each pass over the step's
+    micro-batches is one update, the ratio's old policy is the trainer's log-probs before the first (then the clipping
+    matters), and the learning-rate schedule counts updates (``training.max_steps`` × this). The rollouts, their
+    rewards and the weight sync are paid once a step."""
     sync_every: int = Field(default=1, ge=1)
     """Optimiser steps between weight syncs to the rollout engines (>1: rollouts are off-policy, and the ratio uses the
     engines' log-probs of the sampled tokens as the old policy)."""

@@ -5,7 +5,9 @@ Follows TRL's ``GRPOTrainer`` definitions: advantages are ``(r − mean(group)) 
 division when ``scale_rewards`` is off), the per-token loss ``−min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·KL`` with the
 k3 estimator ``exp(ref − logp) − (ref − logp) − 1``, normalised per ``loss_type``. The old policy of the ratio is the
 current one when the rollout engines held the trainer's current weights (then ρ = 1 and its gradient is the policy
-gradient), else the engines' log-probs of the sampled tokens (``sync_every`` > 1: the rollouts are off-policy).
+gradient), else the engines' log-probs of the sampled tokens (``sync_every`` > 1: the rollouts are off-policy). With
+``num_iterations`` > 1 the loop makes that many updates on one step's rollouts; the later passes' old policy is the
+trainer's log-probs of the first pass (before any update), as TRL's ``old_per_token_logps``.
 
 A worker's prompts for a micro-batch go to one engine as one rollout batch, with a seed per prompt drawn from the
 micro-batch's seeded stream: the same step samples the same completions after a resume. The trainer runs each prompt
@@ -156,6 +158,10 @@ class GRPOObjective(Objective):
     may_idle = True  # a step whose groups all tie (on every rank) teaches nothing: no update, not a step on momentum
 
     @classmethod
+    def passes(cls, job: JobConfig) -> int:
+        return job.grpo.num_iterations
+
+    @classmethod
     def check(cls, job: JobConfig, tokenizer: Any) -> None:
         from hone.data import check_sample
 
@@ -303,7 +309,12 @@ class GRPOObjective(Objective):
         old = logps.detach() if batch["on_policy"] else engine_logps
         if batch["on_policy"]:
             gap = ((logps.detach() - engine_logps).abs() * mask).sum()
-            self._put(stats, gap=float(gap), gap_tokens=float(mask.sum()))
+            batch["gap"] = (float(gap), float(mask.sum()))
+            # later passes over these rollouts (num_iterations): the ratio's old policy is the one that sampled them,
+            # these log-probs before the first update (TRL's old_per_token_logps)
+            batch["old_logps"], batch["on_policy"] = old, False
+        if "gap" in batch:
+            self._put(stats, gap=batch["gap"][0], gap_tokens=batch["gap"][1])
         ref = None
         if self.reference is not None:
             ref = self.reference(lambda model: self._logps(model, batch)[0])

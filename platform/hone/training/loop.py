@@ -137,10 +137,11 @@ class _Run:
         self.total = config["total_steps"]
 
         seed_all(t.seed)  # identical new weights (adapters, heads) on every rank
-        self.backend = make_backend(job, build_model(job, total_steps=self.total), world, self.total)
+        recipe = objective_class(job)
+        self.passes = recipe.passes(job)
+        self.backend = make_backend(job, build_model(job, total_steps=self.total), world, self.total * self.passes)
         seed_all(t.seed + 1000 * (rank + 1))  # per-rank dropout streams
         self.device = self.backend.device
-        recipe = objective_class(job)
         self.objective_name = recipe.label(job)
         self.objective = recipe(WorkerContext(job, self.backend, config["pad_id"], rank, world, self.all_reduce,
                                               config.get("objective_extras") or {}))
@@ -267,7 +268,9 @@ class _Run:
             self.report(metrics, final=last or state.stopped_early, checkpoint=do_ckpt)
 
     def step(self) -> tuple[Any, Any]:
-        """One optimiser step over this worker's micro-batches: (loss, steps, tokens, samples sums; objective stats).
+        """One step over this worker's micro-batches: (loss, steps, tokens, samples sums; objective stats). The objective's
+        :meth:`~hone.training.objective.Objective.passes` over them each make one optimiser update (1 but for GRPO's
+        ``num_iterations``); the loss is their mean, the statistics the last pass's.
 
         Every micro-batch is built first; when the objective says none of them, on any rank, carries a learning signal
         (an online objective whose sampled answers all scored alike), the step leaves the weights and the optimizer's
@@ -284,21 +287,24 @@ class _Run:
             batches.append((len(rows), self.objective.batch(rows)))
         learns = not self.objective.may_idle or bool(self.all_reduce(torch.tensor(
             [float(any(self.objective.signal(batch) for _, batch in batches))], dtype=torch.float64))[0] > 0)
-        for micro, (n_rows, batch) in enumerate(batches):
-            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            if learns:
-                torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # dropout: the micro-batch's stream
-                with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-                    loss, stats = self.objective.loss(batch)
-                self.backend.train_micro(loss)
-                step_sums += torch.tensor([float(loss.detach()) / sched.grad_accum, 0, tokens, n_rows], dtype=torch.float64)
-            else:
-                stats = self.objective.idle_stats(batch)
-                step_sums += torch.tensor([0.0, 0, tokens, n_rows], dtype=torch.float64)
-            if stats is not None:
-                step_stats += stats
-        if not learns:
-            self.backend.skip_update()
+        for update in range(self.passes):  # each pass over the micro-batches is one optimiser update
+            last = update == self.passes - 1
+            for micro, (n_rows, batch) in enumerate(batches):
+                tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                counted = torch.tensor([0.0, 0, tokens, n_rows] if last else [0.0] * 4, dtype=torch.float64)
+                if learns:
+                    torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # dropout: the micro-batch's stream
+                    with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                        loss, stats = self.objective.loss(batch)
+                    self.backend.train_micro(loss)
+                    counted[0] = float(loss.detach()) / (sched.grad_accum * self.passes)
+                else:
+                    stats = self.objective.idle_stats(batch)
+                step_sums += counted
+                if stats is not None and last:  # the objective's statistics of the step: its last pass's
+                    step_stats += stats
+            if not learns:
+                self.backend.skip_update()
         step_sums[1] = 1
         # an online objective syncs its engines here, timed with the step
         step_stats += self.objective.after_step(self.state.step + 1, updated=learns)

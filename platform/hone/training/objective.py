@@ -98,6 +98,12 @@ class Objective(abc.ABC):
     def start(self, step: int, rows: Any) -> None:
         """Called once the run's state is loaded (online objectives sync their rollout engines here)."""
 
+    @classmethod
+    def passes(cls, job: JobConfig) -> int:
+        """Optimiser passes over each step's micro-batches (an online objective may reuse its rollouts, PPO-style): each
+        pass is an optimiser update, and the learning-rate schedule counts updates."""
+        return 1
+
     may_idle = False
     """Whether a step can carry no learning signal at all (:meth:`signal`): the loop then asks every rank and, when none
     has any, applies no update (an optimizer with momentum would otherwise keep moving the weights)."""
