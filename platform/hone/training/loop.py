@@ -269,8 +269,8 @@ class _Run:
 
     def step(self) -> tuple[Any, Any]:
         """One step over this worker's micro-batches: (loss, steps, tokens, samples sums; objective stats). The objective's
-        :meth:`~hone.training.objective.Objective.passes` over them each make one optimiser update (1 but for GRPO's
-        ``num_iterations``); the loss is their mean, the statistics the last pass's.
+        :meth:`~hone.training.objective.Objective.passes` over them each make one optimiser update (more than one when an
+        online recipe reuses its samples); the loss is their mean, the statistics the last pass's.
 
         Every micro-batch is built first; when the objective says none of them, on any rank, carries a learning signal
         (an online objective whose sampled answers all scored alike), the step leaves the weights and the optimizer's

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -139,11 +140,16 @@ def objective_class(job: JobConfig) -> type[Objective]:
 def takes_logits_to_keep(model: Any) -> bool:
     """Whether the Hugging Face model inside ``model`` (a DeepSpeed engine, DDP or PEFT wrapper, or the model itself)
     can compute logits for its last positions only (``logits_to_keep``)."""
-    import inspect
-
     inner = getattr(model, "module", model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_keeps(type(base))
+
+
+@functools.cache
+def _forward_keeps(cls: type) -> bool:  # asked every micro-batch: a signature is read once per model class
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def token_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0,
