@@ -287,23 +287,24 @@ class _Run:
             batches.append((len(rows), self.objective.batch(rows)))
         learns = not self.objective.may_idle or bool(self.all_reduce(torch.tensor(
             [float(any(self.objective.signal(batch) for _, batch in batches))], dtype=torch.float64))[0] > 0)
-        for update in range(self.passes):  # each pass over the micro-batches is one optimiser update
-            last = update == self.passes - 1
-            for micro, (n_rows, batch) in enumerate(batches):
-                tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                counted = torch.tensor([0.0, 0, tokens, n_rows] if last else [0.0] * 4, dtype=torch.float64)
-                if learns:
-                    torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # dropout: the micro-batch's stream
-                    with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-                        loss, stats = self.objective.loss(batch)
-                    self.backend.train_micro(loss)
-                    counted[0] = float(loss.detach()) / (sched.grad_accum * self.passes)
-                else:
-                    stats = self.objective.idle_stats(batch)
-                step_sums += counted
-                if stats is not None and last:  # the objective's statistics of the step: its last pass's
+        for n_rows, batch in batches:
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            step_sums += torch.tensor([0.0, 0, tokens, n_rows], dtype=torch.float64)
+        for update in range(self.passes if learns else 0):  # each pass over the micro-batches is one optimiser update
+            for micro, (_, batch) in enumerate(batches):
+                torch.manual_seed(sched.micro_seed(self.state.step, micro, self.rank))  # dropout: the micro-batch's stream
+                with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                    loss, stats = self.objective.loss(batch)
+                self.backend.train_micro(loss)
+                step_sums[0] += float(loss.detach()) / (sched.grad_accum * self.passes)
+                if stats is not None and update == self.passes - 1:  # the objective's statistics of the step: its last pass's
                     step_stats += stats
-            if not learns:
+        if not learns:
+            for _, batch in batches:
+                stats = self.objective.idle_stats(batch)
+                if stats is not None:
+                    step_stats += stats
+            for _ in range(self.passes):  # the schedule advances by the updates the step would have made
                 self.backend.skip_update()
         step_sums[1] = 1
         # an online objective syncs its engines here, timed with the step
