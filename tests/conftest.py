@@ -55,17 +55,10 @@ def tiny_tokenizer():
 
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
-    """A private registry (HONE_HOME/mlflow) while keeping the shared built-in model cache."""
-    registry_home = tmp_path / "home"
-    (registry_home / "models").mkdir(parents=True)
-    shared = Path(os.environ["HONE_HOME"]) / "models"
-    shared.mkdir(parents=True, exist_ok=True)
-    for built in shared.iterdir():
-        (registry_home / "models" / built.name).symlink_to(built)
-    monkeypatch.setenv("HONE_HOME", str(registry_home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("HONE_MODEL_ROOTS", str(tmp_path))  # the test's exports live beside its home: the operator lists them
-    return registry_home
+    """A private registry for one test (:func:`tests.helpers.private_home`)."""
+    from tests.helpers import private_home
+
+    return private_home(tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- the test cluster

@@ -52,6 +52,21 @@ def make_job(**sections):
     return validate_job(raw)
 
 
+def private_home(tmp: Path, mp: pytest.MonkeyPatch) -> Path:
+    """A private registry (HONE_HOME/mlflow) under ``tmp`` while keeping the shared built-in model cache; exports under
+    ``tmp`` are model roots (the operator lists them)."""
+    registry_home = tmp / "home"
+    (registry_home / "models").mkdir(parents=True)
+    shared = Path(os.environ["HONE_HOME"]) / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    for built in shared.iterdir():
+        (registry_home / "models" / built.name).symlink_to(built)
+    mp.setenv("HONE_HOME", str(registry_home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.setenv("HONE_MODEL_ROOTS", str(tmp))
+    return registry_home
+
+
 # --------------------------------------------------------------------------- the hone command
 
 

@@ -29,7 +29,7 @@ LAYERS = [
     ["training"],
     ["tune", "evaluation", "quantize"],
     ["serving"],
-    ["pipeline"],
+    ["pipeline", "comparison"],
     ["submit"],
     ["cli"],
     ["__init__"],

@@ -10,11 +10,15 @@ Importing ``hone`` is cheap; each stage imports its heavy libraries when it runs
     q = hone.quantize("models:/tiny-smoke@winner", "int8-dynamic")
     hone.serve(hone.load_serve_config("serving/tiny.yaml"))
     hone.run_pipeline(hone.load_pipeline("jobs/pipelines/quickstart-tiny.yaml"))
+    result = hone.run_compare(hone.load_compare("jobs/pipelines/compare-methods-tiny.yaml"))
     hone.submit("jobs/tiny-smoke.yaml", address="http://head:8265")
 """
 
 from hone.artifacts import ModelSpec, resolve_ref
+from hone.comparison import CompareResult, run_compare
 from hone.config import (
+                         CompareConfigError,
+                         Comparison,
                          ConfigError,
                          JobConfig,
                          JobConfigError,
@@ -23,6 +27,7 @@ from hone.config import (
                          ServeConfig,
                          ServeConfigError,
                          json_schema,
+                         load_compare,
                          load_file,
                          load_job,
                          load_pipeline,
@@ -50,9 +55,10 @@ from hone.tune import SweepResult, sweep
 from hone.version import __version__
 
 __all__ = [
-    "ArtifactError", "ConfigError", "DataError", "EvalReport", "GateThresholds", "JobConfig", "JobConfigError", "ModelSpec", "Pipeline",
-    "PipelineConfigError", "PipelineError", "PipelineResult", "QuantizeError", "QuantizeResult", "ServeConfig", "ServeConfigError",
-    "ServeError", "SubmitError", "Submission", "SweepResult", "TrainError", "TrainResult", "__version__", "evaluate_model",
-    "json_schema", "load_file", "load_job", "load_pipeline", "load_serve_config", "prepare_data", "quantize", "resolve_ref",
+    "ArtifactError", "CompareConfigError", "CompareResult", "Comparison", "ConfigError", "DataError", "EvalReport",
+    "GateThresholds", "JobConfig", "JobConfigError", "ModelSpec", "Pipeline", "PipelineConfigError", "PipelineError",
+    "PipelineResult", "QuantizeError", "QuantizeResult", "ServeConfig", "ServeConfigError", "ServeError", "Submission",
+    "SubmitError", "SweepResult", "TrainError", "TrainResult", "__version__", "evaluate_model", "json_schema", "load_compare",
+    "load_file", "load_job", "load_pipeline", "load_serve_config", "prepare_data", "quantize", "resolve_ref", "run_compare",
     "run_pipeline", "serve", "submit", "sweep", "train", "validate_job",
 ]

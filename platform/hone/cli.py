@@ -236,15 +236,23 @@ def _run_pipeline(path: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    """Run a pipeline YAML: train/sweep → quantise → serve → smoke test."""
-    return _run_pipeline(Path(args.pipeline), args)
-
-
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    """The quickstart pipeline on the built-in model and data (``--tiny``: the built-in tiny Llama)."""
+    """Run a pipeline YAML (train/sweep → quantise → serve → smoke test), or the quickstart's (``--tiny``: the tiny Llama)."""
     from hone.pipeline import quickstart_pipeline
 
-    return _run_pipeline(quickstart_pipeline(tiny=args.tiny), args)
+    return _run_pipeline(Path(args.pipeline) if "pipeline" in args else quickstart_pipeline(tiny=args.tiny), args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Run a comparison YAML: every method trained (or prompted) and scored on the same held-out rows."""
+    from hone.comparison import format_table, run_compare
+    from hone.config import load_compare, shipped_recipe
+
+    path = args.file or shipped_recipe(f"pipelines/compare-methods-{'tiny' if args.tiny else 'smollm2-sentiment'}.yaml")
+    comparison = load_compare(path, args.overrides)
+    print(f"[hone] {comparison.summary()} ({path})", flush=True)
+    result = run_compare(comparison, address=args.address, storage_path=args.storage_path)
+    print("\n" + format_table(result), flush=True)
+    return 0 if result.winner else 1
 
 
 def _cmd_builtins(args: argparse.Namespace) -> int:
@@ -379,11 +387,13 @@ def _serving_commands(sub: Any) -> None:
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.set_defaults(fn=_cmd_serve)
 
-    def pipeline_args(p: argparse.ArgumentParser) -> None:
+    def pipeline_args(p: argparse.ArgumentParser, serving: bool = True) -> None:
         p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                       help="override a pipeline field, e.g. serve.port=8001 or quantize.max_accuracy_drop=0.05")
+                       help="override a field, e.g. serve.port=8001 or quantize.max_accuracy_drop=0.05 (a pipeline), task.rows=100")
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local embedded Ray)")
         p.add_argument("--storage-path", help="where runs, sweeps and the pipeline state live (default: $HONE_HOME/runs)")
+        if not serving:
+            return
         p.add_argument("--keep-serving", action="store_true",
                        help="leave the endpoint up after the smoke test (local: until Ctrl-C; a cluster: deployed)")
         p.add_argument("--rerun", action="store_true", help="run every stage again even when its outputs exist for the same inputs")
@@ -393,10 +403,16 @@ def _serving_commands(sub: Any) -> None:
     pipeline_args(p)
     p.set_defaults(fn=_cmd_pipeline)
 
+    p = sub.add_parser("compare", help="which method? prompting, LoRA, full, DPO, GRPO scored on the same held-out rows")
+    p.add_argument("file", nargs="?", help="comparison YAML (default: jobs/pipelines/compare-methods-smollm2-sentiment.yaml)")
+    p.add_argument("--tiny", action="store_true", help="without FILE: the shipped comparison on the built-in tiny Llama (minutes)")
+    pipeline_args(p, serving=False)
+    p.set_defaults(fn=_cmd_compare)
+
     p = sub.add_parser("quickstart", help="the whole platform on the built-ins: sweep → quantise → serve → smoke test")
     p.add_argument("--tiny", action="store_true", help="the same stages on the built-in tiny Llama (about 2 minutes)")
     pipeline_args(p)
-    p.set_defaults(fn=_cmd_quickstart)
+    p.set_defaults(fn=_cmd_pipeline)
 
 
 def _cluster_commands(sub: Any) -> None:

@@ -26,8 +26,8 @@ from hone.errors import ClusterError
 if TYPE_CHECKING:
     from hone.config import JobConfig
 
-__all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "free_port", "is_remote", "quiet_libraries", "ray_log_level",
-           "port_in_use", "ray_session", "stop_event", "watch_session", "worker_env", "worker_setup_hook"]
+__all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "free_port", "is_remote", "job_cpus", "quiet_libraries",
+           "ray_log_level", "port_in_use", "ray_session", "stop_event", "watch_session", "worker_env", "worker_setup_hook"]
 
 # Loggers that print optional-kernel load failures, deprecation notes and per-request lines nobody acts on.
 _NOISY = ("torchao", "torch.utils._pytree", "transformers", "httpx")
@@ -100,6 +100,14 @@ def worker_env(job: JobConfig) -> dict[str, str]:
     return env
 
 
+def job_cpus(job: JobConfig) -> float:
+    """The CPUs a job's run reserves: its workers, and GRPO's rollout engines (Ray actors beside them)."""
+    need = job.distributed.max_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
+    if job.grpo is not None:
+        need += job.grpo.rollout_engines * job.grpo.rollout_resources.get("CPU", 1.0)
+    return need
+
+
 def ray_log_level() -> str:
     """Ray's console log level in hone sessions (``HONE_RAY_LOG_LEVEL``, default WARNING)."""
     return os.environ.get("HONE_RAY_LOG_LEVEL", "WARNING")
@@ -146,11 +154,7 @@ def ray_session(job: JobConfig | None, address: str | None, extra_cpus: float = 
             raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from e
     else:
         before = _children(os.getpid())
-        need = 0.0
-        if job is not None:
-            need = job.distributed.max_workers * job.distributed.resources_per_worker.get("CPU", 1.0)
-            if job.grpo is not None:  # the rollout engines (Ray actors beside the training workers)
-                need += job.grpo.rollout_engines * job.grpo.rollout_resources.get("CPU", 1.0)
+        need = job_cpus(job) if job is not None else 0.0
         cpus = max(os.cpu_count() or 1, int(math.ceil(need + extra_cpus)))
         port = free_port()
         env_vars["RAY_ADDRESS"] = f"127.0.0.1:{port}"

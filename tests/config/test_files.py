@@ -19,8 +19,8 @@ SHIPPED = sorted([*(REPO / "jobs").rglob("*.yaml"), *(p for p in (REPO / "servin
 def test_every_shipped_yaml_validates_as_its_kind():
     kinds = {path.relative_to(REPO).as_posix(): load_file(path)[0] for path in SHIPPED}
     assert kinds["serving/tiny.yaml"] == "serve" and kinds["jobs/tiny-smoke.yaml"] == "job"
-    assert sorted(set(kinds.values())) == ["job", "pipeline", "serve"], kinds
-    assert all(kind == "pipeline" for path, kind in kinds.items() if "pipeline" in path), kinds
+    assert sorted(set(kinds.values())) == ["compare", "job", "pipeline", "serve"], kinds
+    assert all(kind == ("compare" if "/compare-" in path else "pipeline") for path, kind in kinds.items() if "pipeline" in path), kinds
 
 
 def test_hone_validate_takes_each_kind():

@@ -4,6 +4,7 @@
 - :mod:`hone.config.sections`, :mod:`hone.config.preference` and :mod:`hone.config.job`: the job (``hone train``, ``hone tune``)
 - :mod:`hone.config.serve`: the serve YAML (``hone serve``)
 - :mod:`hone.config.pipeline`: the pipeline YAML (``hone pipeline``, ``hone quickstart``)
+- :mod:`hone.config.compare`: the comparison YAML (``hone compare``)
 - :mod:`hone.config.quantization`: the quantisation methods and gate thresholds
 - :mod:`hone.config.reference`: JSON schema and the YAML reference (docs/reference.md)
 
@@ -19,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from hone.config.base import ConfigError, Problem, Section
+from hone.config.base import ConfigError, Problem, Section, shipped_recipe
+from hone.config.compare import CompareConfig, CompareConfigError, Comparison, load_compare
 from hone.config.job import PBT_MUTABLE, JobConfig, JobConfigError, SearchDomain, TuneConfig, apply_overrides, load_job, validate_job
 from hone.config.pipeline import Pipeline, PipelineConfig, PipelineConfigError, load_pipeline
 from hone.config.preference import PREF_METRICS, PREFERENCE_LOSSES, PreferenceConfig
@@ -39,15 +41,16 @@ from hone.config.sections import (
 from hone.config.serve import ServeConfig, ServeConfigError, load_serve_config, validate_serve_config
 
 __all__ = [
-    "KINDS", "METHODS", "PBT_MUTABLE", "ConfigError", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig", "GateThresholds",
+    "KINDS", "METHODS", "PBT_MUTABLE", "CompareConfig", "CompareConfigError", "Comparison", "ConfigError", "DataColumns", "DataConfig",
+    "DeepSpeedConfig", "DistributedConfig", "GateThresholds",
     "JobConfig", "JobConfigError", "MethodConfig", "ModelConfig", "Pipeline", "PipelineConfig", "PipelineConfigError", "PREF_METRICS",
     "PREFERENCE_LOSSES", "PreferenceConfig", "Problem",
     "QuantizeError", "SearchDomain", "Section", "ServeConfig", "ServeConfigError", "TaskConfig", "TrainingConfig", "TuneConfig",
-    "apply_overrides", "detect_kind", "json_schema", "load_file", "load_job", "load_pipeline", "load_serve_config",
-    "metric_mode", "reference_markdown", "validate_job", "validate_serve_config",
+    "apply_overrides", "detect_kind", "json_schema", "load_compare", "load_file", "load_job", "load_pipeline", "load_serve_config",
+    "metric_mode", "reference_markdown", "shipped_recipe", "validate_job", "validate_serve_config",
 ]
 
-KINDS = ("job", "serve", "pipeline")
+KINDS = ("job", "serve", "pipeline", "compare")
 
 
 def detect_kind(raw: Any) -> str:
@@ -61,12 +64,14 @@ def detect_kind(raw: Any) -> str:
         raise ConfigError([Problem("kind", f"unknown kind {raw['kind']!r}", f"one of {', '.join(KINDS)}")])
     if "train" in raw and "data" not in raw:
         return "pipeline"
+    if "methods" in raw and "data" not in raw:
+        return "compare"
     if isinstance(raw.get("model"), str) and "data" not in raw:
         return "serve"
     return "job"
 
 
-def load_file(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> tuple[str, JobConfig | ServeConfig | Pipeline]:
+def load_file(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> tuple[str, JobConfig | ServeConfig | Pipeline | Comparison]:
     """(kind, validated config) of any hone YAML; raises the kind's :class:`ConfigError` listing every problem."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
@@ -76,5 +81,5 @@ def load_file(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> tu
         kind = detect_kind(raw)
     except ConfigError as e:
         raise ConfigError(e.problems, str(path)) from None
-    loader = {"job": load_job, "serve": load_serve_config, "pipeline": load_pipeline}[kind]
+    loader = {"job": load_job, "serve": load_serve_config, "pipeline": load_pipeline, "compare": load_compare}[kind]
     return kind, loader(path, overrides)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 __all__ = [
     "NAME_PATTERN", "ConfigError", "Problem", "Section", "apply_overrides_to", "dict_value_model", "fields_at",
     "is_dict", "model_of", "parse_overrides", "path_problem", "problems_from_validation", "read_mapping", "set_path",
-    "unwrap_annotation",
+    "shipped_recipe", "unwrap_annotation",
 ]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -302,3 +302,13 @@ def read_mapping(
     if problems:
         raise error(problems, str(path))
     return raw
+
+
+def shipped_recipe(name: str) -> Path:
+    """A recipe shipped in jobs/ (``name`` relative to it: ``pipelines/quickstart.yaml``), from ``$HONE_RECIPES``, ./jobs,
+    or the jobs/ folder of the checkout hone runs from."""
+    for jobs in (os.environ.get("HONE_RECIPES"), "jobs", Path(__file__).resolve().parents[3] / "jobs"):
+        if jobs and (Path(jobs) / name).is_file():
+            return Path(jobs) / name
+    raise ConfigError([Problem("", f"the shipped recipe jobs/{name} is not here", "run hone from a hone checkout, or set "
+                                                                                 "HONE_RECIPES to its jobs/ folder")])

@@ -40,6 +40,9 @@ class TrainStage(Section):
     """``key.path=value`` overrides applied to the job, as on the command line."""
     sweep: bool | None = None
     """Run the job's ``tune:`` section (default: when the job has one) rather than one training run."""
+    model: str | None = Field(default=None, pattern=r"^models:/")
+    """A registered model to take instead of training, e.g. ``models:/NAME@winner`` from ``hone compare``: the stage
+    trains nothing and ``job`` only names the data the later stages evaluate on (the quality gate uses the model's own)."""
 
 
 class AlignStage(Section):
@@ -133,7 +136,8 @@ class Pipeline:
         """One line: the stages this pipeline runs."""
         c = self.config
         align = f"{self.align_job.preference.loss if self.align_job.preference else 'train'} → " if self.align_job else ""
-        return (f"pipeline {c.name}: {'sweep' if self.sweep else 'train'} → {align}{'quantise → ' if c.quantize else ''}serve"
+        first = f"take {c.train.model}" if c.train.model else "sweep" if self.sweep else "train"
+        return (f"pipeline {c.name}: {first} → {align}{'quantise → ' if c.quantize else ''}serve"
                 f"{' → smoke test' if c.smoke_test else ''} ({self.job.summary()})")
 
     def to_yaml(self) -> str:
@@ -165,7 +169,10 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     if job is None:
         raise PipelineConfigError(job_problems + _serve_problems(cfg.name, cfg.serve, "models:/pipeline@winner", "none")[1], str(path))
     job_path = _job_path(path, cfg.train.job)
-    sweep = cfg.train.sweep if cfg.train.sweep is not None else job.tune is not None
+    sweep = cfg.train.model is None and (cfg.train.sweep if cfg.train.sweep is not None else job.tune is not None)
+    if cfg.train.model is not None and (cfg.train.sweep or cfg.train.overrides or cfg.align is not None):
+        problems.append(Problem("train.model", "a given model is not trained: it takes no sweep, overrides or align stage",
+                                "drop train.sweep / train.overrides / align, or train.model to train"))
     if sweep and (job.tune is None or not job.tune.search_space):
         problems.append(Problem("train.sweep", f"the job {job_path} has no tune.search_space to sweep",
                                 "add a tune: section to the job, or set train.sweep: false for one training run"))
@@ -191,11 +198,12 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
             GateThresholds(cfg.quantize.max_loss_increase, cfg.quantize.max_accuracy_drop)
         except QuantizeError as e:
             problems.append(Problem("quantize", str(e), "give max_loss_increase or max_accuracy_drop"))
-    served = align_job.name if align_job is not None else registered_name(job, sweep)
-    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, f"models:/{served}@winner", "none")
+    served = f"models:/{align_job.name if align_job is not None else registered_name(job, sweep)}@winner"
+    served = cfg.train.model or served
+    serve_cfg, serve_problems = _serve_problems(cfg.name, cfg.serve, served, "none")
     problems += serve_problems
     for method in methods:  # each candidate must be servable with these settings
-        problems += [p for p in _serve_problems(cfg.name, cfg.serve, f"models:/{served}@winner", method)[1] if p not in problems]
+        problems += [p for p in _serve_problems(cfg.name, cfg.serve, served, method)[1] if p not in problems]
     if cfg.smoke_test is not None and cfg.serve.get("api_keys_file") and not os.environ.get("HONE_API_KEYS"):
         problems.append(Problem("smoke_test", "the endpoint will require an API key and only key hashes are configured "
                                               "(serve.api_keys_file)", "set HONE_API_KEYS to a key for the smoke test to send"))

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from hone.config.base import dict_value_model, is_dict, model_of, unwrap_annotation
+from hone.config.compare import CompareConfig
 from hone.config.job import JobConfig
 from hone.config.pipeline import PipelineConfig
 from hone.config.serve import ServeConfig
@@ -17,12 +18,12 @@ __all__ = [
     "ROOTS", "json_schema", "reference_markdown", "reference_page",
 ]
 
-ROOTS: dict[str, type[BaseModel]] = {"job": JobConfig, "serve": ServeConfig, "pipeline": PipelineConfig}
+ROOTS: dict[str, type[BaseModel]] = {"job": JobConfig, "serve": ServeConfig, "pipeline": PipelineConfig, "compare": CompareConfig}
 """The schema at the top of each kind of hone YAML."""
 
 
 def json_schema(kind: str = "job") -> dict[str, Any]:
-    """The JSON schema of a job, serve or pipeline YAML (for editors: yaml-language-server, VS Code)."""
+    """The JSON schema of a job, serve, pipeline or comparison YAML (for editors: yaml-language-server, VS Code)."""
     if kind not in ROOTS:
         raise ValueError(f"unknown kind {kind!r}; one of {', '.join(ROOTS)}")
     schema = ROOTS[kind].model_json_schema()
@@ -88,6 +89,8 @@ _PAGE_INTRO = {
     "serve": "A serve YAML (``hone serve``; ``serving/*.yaml``).",
     "pipeline": "A pipeline YAML (``hone pipeline``; ``jobs/pipelines/*.yaml``): the job it trains plus its ``serve`` "
                 "section, which takes the serve YAML's keys.",
+    "compare": "A comparison YAML (``hone compare``; ``jobs/pipelines/compare-*.yaml``): the task every method is scored on "
+               "(a job's held-out rows) and the methods, prompting (``shots``) or training (``job``).",
 }
 
 
@@ -96,7 +99,7 @@ def reference_page() -> str:
     out = ["# YAML reference", "",
            "Generated from the schemas by `make docs` (`hone schema --kind KIND --markdown` prints one kind); a test fails "
            "when this page is stale. `hone schema --kind KIND` prints the JSON schema for editors.", ""]
-    for kind in ("job", "serve", "pipeline"):
+    for kind in ("job", "serve", "pipeline", "compare"):
         out += [f"## {kind.capitalize()} YAML", "", " ".join(_PAGE_INTRO[kind].split()).replace("``", "`"), "",
                 reference_markdown(kind).rstrip(), ""]
     return "\n".join(out)

@@ -11,13 +11,12 @@ A failed stage stops the pipeline with its reason; nothing after it runs.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from hone.artifacts import run_storage, sync_up, trusted_roots
-from hone.config import Pipeline, PipelineConfigError, Problem
+from hone.config import Pipeline, PipelineConfigError, Problem, shipped_recipe
 from hone.errors import PipelineError
 from hone.pipeline.smoke import smoke_stage
 from hone.pipeline.stages import align_stage, quantize_stage, serve_stage, train_stage
@@ -70,9 +69,11 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
         deployed = False
         try:
             what = (f"Ray Tune sweep over {', '.join(p.job.tune.search_space)} ({p.job.tune.scheduler}, {p.job.tune.searcher})"
-                    if p.sweep and p.job.tune else "one training run")
-            banner(1, n, "train", f"{what}: {p.job.name}, {p.job.method.type} on {p.job.model.name}, {p.job.distributed.max_workers} "
-                                  f"workers {'ZeRO-' + str(p.job.distributed.deepspeed.stage) if p.job.distributed.deepspeed else 'DDP'}")
+                    if p.sweep and p.job.tune else f"the registered {cfg.train.model}, no training" if cfg.train.model
+                    else "one training run")
+            banner(1, n, "train", what if cfg.train.model else
+                   f"{what}: {p.job.name}, {p.job.method.type} on {p.job.model.name}, {p.job.distributed.max_workers} workers "
+                   f"{'ZeRO-' + str(p.job.distributed.deepspeed.stage) if p.job.distributed.deepspeed else 'DDP'}")
             result.stages["train"] = trained = train_stage(p, state, storage, address, rerun)
             i = 2
             if p.align_job is not None:
@@ -124,11 +125,5 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
 
 
 def quickstart_pipeline(tiny: bool = False) -> Path:
-    """The shipped quickstart pipeline (``--tiny``: on the built-in tiny Llama), from ``$HONE_RECIPES``, ./jobs, or the
-    jobs/ folder of the checkout hone runs from."""
-    name = "quickstart-tiny.yaml" if tiny else "quickstart.yaml"
-    for jobs in (os.environ.get("HONE_RECIPES"), "jobs", Path(__file__).resolve().parents[3] / "jobs"):
-        if jobs and (Path(jobs) / "pipelines" / name).is_file():
-            return Path(jobs) / "pipelines" / name
-    raise PipelineError("quickstart", f"the quickstart recipes (jobs/pipelines/{name}) are not here; run it from a hone checkout "
-                                      "or set HONE_RECIPES to its jobs/ folder")
+    """The shipped quickstart pipeline (``--tiny``: on the built-in tiny Llama)."""
+    return shipped_recipe("pipelines/quickstart-tiny.yaml" if tiny else "pipelines/quickstart.yaml")

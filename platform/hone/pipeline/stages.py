@@ -34,6 +34,8 @@ def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, r
     from hone.tune import format_table, sweep
 
     job = p.job
+    if p.config.train.model is not None:
+        return _given(p.config.train.model)
     fp = train_fingerprint(p)
 
     reused = None if rerun else state.reusable("train", fp, _registered)
@@ -71,6 +73,16 @@ def train_stage(p: Pipeline, state: State, storage: Path, address: str | None, r
     out["seconds"] = time.time() - started
     state.record("train", fp, out)
     return {**out, "skipped": False}
+
+
+def _given(ref: str) -> dict[str, Any]:
+    """``train.model``: a registered model taken as it is (pinned to the version the alias names now)."""
+    reg = registry.resolve_model_ref(ref)
+    tags = reg["tags"]
+    say(f"train: taking {ref} = models:/{reg['name']}/{reg['version']} (trained elsewhere; nothing trained here)")
+    return {"sweep": False, "given": ref, "model": f"models:/{reg['name']}/{reg['version']}", "export": reg["source"],
+            "metric": tags.get("hone.metric", "-"), "value": float(tags.get("hone.metric_value", "nan")), "seconds": 0.0,
+            "skipped": True}
 
 
 def _registered(out: dict[str, Any]) -> bool:

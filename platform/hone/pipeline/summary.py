@@ -45,9 +45,12 @@ def format_summary(result: PipelineResult) -> str:
             lines.append(f"train     sweep of {len(trials)} trials, {stopped} stopped early{again}; winner {w['trial']}: {params}, "
                          f"{tr['metric']} {w['value']:.4g}")
             lines += ["          " + row for row in tr["table"].splitlines()]
+        elif tr.get("given"):
+            lines.append(f"train     none: took {tr['given']} = {tr['model']} ({tr['metric']} {tr['value']:.4g})")
         else:
             lines.append(f"train     one run{again}: {tr['metric']} {tr['value']:.4g}")
-        lines.append(f"          registered {tr['model']} (@winner)")
+        if not tr.get("given"):
+            lines.append(f"          registered {tr['model']} (@winner)")
     al = st.get("align")
     if al:
         again = " (reused: same inputs)" if al.get("skipped") else f" ({duration(al['seconds'])})"
