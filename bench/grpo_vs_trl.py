@@ -29,24 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_flags  # bench/machine.py: python puts bench/ on the path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HONE_MLFLOW", "0")
 
 RECIPE = Path(__file__).resolve().parent.parent / "jobs" / "grpo-smollm2-sentiment.yaml"
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor()
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags)
 
 
 class ChoiceScorer:

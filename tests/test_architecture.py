@@ -18,6 +18,7 @@ LAYERS = [
     ["assets"],
     ["storage"],
     ["config"],
+    ["privacy"],
     ["runtime"],
     ["data"],
     ["registry"],

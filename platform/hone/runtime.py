@@ -33,9 +33,14 @@ __all__ = ["ClusterError", "vllm_python", "base_worker_env", "dashboard_url", "f
 _NOISY = ("torchao", "torch.utils._pytree", "transformers", "httpx")
 
 
-def quiet_libraries(*, console: bool = False) -> None:
+def quiet_libraries(*, console: bool = False, redact: bool = False) -> None:
     """Keep library chatter off the terminal (errors still show). ``console``: also the environment switches
-    for the processes this one spawns (the ``hone`` command's own process)."""
+    for the processes this one spawns (the ``hone`` command's own process). ``redact``: mask personal data in what this
+    process logs (a serve config's ``redact_logs``)."""
+    if redact:
+        from hone.privacy import redact_logging
+
+        redact_logging()
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("ray.train").setLevel(logging.WARNING)

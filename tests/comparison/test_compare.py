@@ -64,7 +64,7 @@ def test_every_method_is_scored_on_the_same_rows_with_the_same_scorer(compared):
 
     out, rows = compared["out"], _rows(compared)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-6000:]
-    ok = ["zero-shot", "few-shot-2", "lora", "full", "lora-dpo", "lora-grpo"]
+    ok = ["zero-shot", "few-shot-2", "lora", "full", "lora-dpo", "lora-grpo", "minilm"]
     assert [m for m, r in rows.items() if r["status"] == "ok"] == ok, {m: r.get("error") for m, r in rows.items()}
     # the rows every method was scored on, named by their digest: recomputed here from the task's job
     c = load_compare(compared["path"])
@@ -76,12 +76,17 @@ def test_every_method_is_scored_on_the_same_rows_with_the_same_scorer(compared):
         r = rows[m]
         assert 0.0 <= r["accuracy"] <= 1.0 and len(r["examples"]) == 4
         assert all(e["generated"] in ("negative", "positive") for e in r["examples"]), r["examples"]  # the constrained choice
-        assert r["decode_ms_per_token"] > 0 and r["size_mb"] > 0
-    for m in ("lora", "full", "lora-dpo", "lora-grpo"):
+        assert r["answer_ms"] > 0 and r["size_mb"] > 0 and (r.get("decode_ms_per_token") is None) == (m == "minilm"), r
+    for m in ("lora", "full", "lora-dpo", "lora-grpo", "minilm"):
         r = rows[m]
         assert r["train_s"] > 0 and r["tokens_seen"] > 0 and r["peak_memory_mb_per_worker"] > 0 and r["eval_loss"] > 0, r
     assert 0 < rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["lora-dpo"]["objective"] == "dpo" and rows["lora-grpo"]["objective"] == "grpo"
+    # the classifier: its predicted label on its own view of the same reviews (no prompt, no decoding), every weight trained
+    minilm = rows["minilm"]
+    assert minilm["objective"] == "sequence_classification" and minilm.get("decode_ms_per_token") is None
+    assert minilm["answer_ms"] > 0 and minilm["trainable_params"] > 20_000_000 and minilm["from"] == "builtin:minilm"
+    assert "| minilm | " in out.stdout
     assert rows["few-shot-2"]["prompt_tokens_mean"] > rows["zero-shot"]["prompt_tokens_mean"]
     assert rows["few-shot-2"].get("eval_loss") is None and rows["zero-shot"]["eval_loss"] > 0
     folder = compared["storage"] / "compare-methods-tiny-compare"
@@ -99,7 +104,7 @@ def test_a_failed_method_is_reported_and_the_others_finish(compared):
     assert "| broken | **failed**: " in compared["out"].stdout
     # the methods after it ran (the comparison's order): the failure stopped nothing
     order = [r["method"] for r in compared["result"]["rows"]]
-    assert order.index("broken") == 6 and rows["lora-grpo"]["status"] == "ok"
+    assert order.index("broken") == 7 and rows["lora-grpo"]["status"] == "ok"
 
 
 @pytest.mark.slow
@@ -125,7 +130,8 @@ def test_trained_models_are_registered_with_their_lineage_and_the_winner_serves(
     pipeline.write_text(yaml.safe_dump({
         "kind": "pipeline", "name": "serve-compared",
         "train": {"job": str(REPO / "jobs" / "tiny-smoke.yaml"), "model": "models:/compare-methods-tiny-full@winner"},
-        "serve": {"port": free_port(), "metrics_export_port": free_port(), "ray_actor_options": {"num_cpus": 0.5}},
+        "serve": {"port": free_port(), "metrics_export_port": free_port(), "ray_actor_options": {"num_cpus": 0.5},
+                  "redact_logs": True},  # the ingress and replica mask what they log; the smoke examples are masked
         "smoke_test": {"requests": 8, "concurrency": 4, "max_tokens": 4, "compare_untuned": False},
     }))
     started = time.time()
@@ -134,7 +140,7 @@ def test_trained_models_are_registered_with_their_lineage_and_the_winner_serves(
     summary = json.loads((compared["storage"] / "serve-compared-pipeline" / "summary.json").read_text())
     assert summary["stages"]["train"]["model"] == rows["full"]["model"] and summary["stages"]["train"]["given"]
     assert summary["stages"]["serve"]["model"] == rows["full"]["model"]
-    assert summary["stages"]["smoke_test"]["ok"] == 8
+    assert summary["stages"]["smoke_test"]["ok"] == 8 and len(summary["stages"]["smoke_test"]["examples"]) == 3
     assert "took models:/compare-methods-tiny-full@winner" in out.stdout and time.time() - started < 600
 
 
@@ -162,6 +168,8 @@ def test_a_bad_comparison_is_refused_with_every_problem_before_any_work(tmp_path
         {"name": "b", "job": "../dpo-tiny.yaml", "start_from": "later"},
         {"name": "later", "job": "../tiny-smoke.yaml"},
         {"name": "leaky", "job": str(tmp_path / "other.yaml")},
+        {"name": "cls", "job": "../classify-minilm-sentiment.yaml", "start_from": "later"},
+        {"name": "from-cls", "job": "../grpo-tiny.yaml", "start_from": "cls"},
     ]}, REPO / "jobs" / "pipelines")
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
@@ -173,7 +181,8 @@ def test_a_bad_comparison_is_refused_with_every_problem_before_any_work(tmp_path
     out = hone("compare", str(path), "--storage-path", str(tmp_path / "runs"), timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     for text in ("methods[1].name", "names two methods", "methods[2].start_from", "'later' is not an earlier training method",
-                 "methods[4].job", "could be the held-out rows"):
+                 "methods[4].job", "could be the held-out rows", "methods[5].start_from", "a classifier starts from its encoder",
+                 "methods[6].start_from", "'cls' trains a sequence_classification model, which does not generate"):
         assert text in out.stderr, (text, out.stderr)
     assert not (tmp_path / "runs").exists()
 
@@ -214,3 +223,21 @@ def test_few_shot_examples_are_seeded_and_never_a_held_out_row(tmp_path):
     assert prompt.rindex("review 100") > max(prompt.index(ex["input"]) for ex in first)
     assert prompt.endswith(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                                          add_generation_prompt=True).split("x")[-1])
+
+
+def test_a_classifier_is_scored_only_on_the_task_s_own_rows():
+    """A classifier reads its own view of the rows (the review text and its label): row i must be the task's row i, or
+    its score would be on other rows."""
+    from hone.comparison.scoring import HeldOut, classifier_rows
+    from hone.config import load_job
+    from hone.config.compare import ScoringConfig
+
+    task = load_job(REPO / "jobs" / "tiny-smoke.yaml")
+    classifier = load_job(REPO / "jobs" / "classify-minilm-sentiment.yaml")
+    held = HeldOut.load(task, ScoringConfig(job="x.yaml", split="test", rows=16))
+    rows, answers = classifier_rows(classifier, held, "test")
+    assert len(rows) == 16 and answers == [r["output"] for r in held.rows]
+    assert all(r["text"] == t["input"] for r, t in zip(rows, held.rows))
+    other = HeldOut.load(task, ScoringConfig(job="x.yaml", split="validation", rows=16))  # the task scored on other rows
+    with pytest.raises(ValueError, match="is not the task's row 0"):
+        classifier_rows(classifier, other, "test")

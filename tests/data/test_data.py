@@ -265,6 +265,8 @@ src = os.path.join(work, "d.jsonl")
 with open(src, "w") as fh:
     for i in range(300):
         row = {"instruction": f"say {i}", "input": "lorem " * (i % 40), "output": ("word " * (1 + i % 9)).strip()}
+        if i % 10 == 5:
+            row["input"] += f"mail user{i}@example.com"  # masked by the jsonl-pii job
         if i % 50 == 0:
             row["output"] = "  "  # empty: dropped and counted
         fh.write(json.dumps(row) + "\\n")
@@ -273,6 +275,8 @@ jobs = {
     "jsonl": make_job(data={"source": src, "format": "alpaca", "prompt_template": "alpaca", "max_length": 200, "validation": 0.2}),
     "classification": make_job(task={"type": "sequence_classification", "num_labels": 2}, method={"type": "full"},
                                data={"format": "classification", "max_samples": 50, "max_eval_samples": 10}),
+    "jsonl-pii": make_job(data={"source": src, "format": "alpaca", "prompt_template": "alpaca", "max_length": 200,
+                                "validation": 0.2, "mask_pii": True}),
 }
 ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False)
 try:
@@ -292,6 +296,12 @@ try:
             assert got.all() == expect.to_list(), (name, split)
         again = prepare_cached(job, tokenizer, tokenizer_digest(tokenizer), work)
         assert again.hit and again.key == data.key and str(again.report) == str(data.report)
+        if job.data.mask_pii:  # masked on Ray Data before tokenising: the cache holds no address, the report counts them
+            folder = __import__("pathlib").Path(data.location)
+            texts = [tokenizer.decode(r["input_ids"]) for s in data.rows for r in CachedSplit(folder, s).all()]
+            assert not any("@example.com" in t for t in texts) and any("<EMAIL_ADDRESS>" in t for t in texts), texts[:2]
+            # every planted address counted, in rows kept, truncated or dropped
+            assert sum(r.pii_masked.get("EMAIL_ADDRESS", 0) for r in data.report.splits.values()) == 30, str(data.report)
         print(name, "OK", data.rows, flush=True)
     bad = make_job(data={"source": src, "format": "alpaca", "columns": {"output": "answer"}, "validation": None})
     try:
@@ -329,3 +339,38 @@ def test_dataset_fingerprint_follows_what_decides_the_data(tmp_path):
     before = source_digest(pattern)
     (tmp_path / "part1.jsonl").write_text(json.dumps({"text": "row 1, edited"}) + "\n")
     assert source_digest(pattern) != before and source_digest("builtin:rotten-tomatoes") == "builtin:rotten-tomatoes"
+
+
+def test_masked_rows_never_reach_the_tokenizer(tmp_path, tiny_tokenizer):
+    """With data.mask_pii the tokenised rows, the held-out rows every evaluation reads and the preview hold placeholders,
+    never the values; the report counts them; the cache key follows the masking settings and the pseudonym key."""
+    from hone.data import cache_key, held_out_rows, preview
+
+    rows = [{"instruction": "Reply.", "input": f"I am at jane{i}@example.com or +1 (415) 555-01{i:02d}", "output": "ok"}
+            for i in range(20)] + [{"instruction": "Reply.", "input": "card 4111 1111 1111 1111", "output": "noted"}]
+    src = write_jsonl(tmp_path / "pii.jsonl", rows)
+    job = make_job(data={"source": src, "format": "alpaca", "validation": None, "test": 0.2, "mask_pii": True})
+    import datasets
+
+    out, report = tokenize_split(datasets.Dataset.from_list(rows), job, tiny_tokenizer)
+    texts = [tiny_tokenizer.decode(r["input_ids"]) for r in out]
+    assert not any("@example.com" in t or "555-01" in t or "4111" in t for t in texts), texts[0]
+    assert all("<EMAIL_ADDRESS>" in t and "<PHONE_NUMBER>" in t for t in texts[:20]) and "<CREDIT_CARD>" in texts[20]
+    assert report.pii_masked == {"EMAIL_ADDRESS": 20, "PHONE_NUMBER": 20, "CREDIT_CARD": 1}
+    assert "PII masked: 1 CREDIT_CARD, 20 EMAIL_ADDRESS, 20 PHONE_NUMBER" in report.line("train")
+    held = held_out_rows(job.data, "test", 10)
+    assert len(held) == 4 and all("<EMAIL_ADDRESS>" in r["input"] or "<CREDIT_CARD>" in r["input"] for r in held)
+    shown = preview(job, n=2)
+    assert "<EMAIL_ADDRESS>" in shown and "@example.com" not in shown and "PII masked: 2 EMAIL_ADDRESS" in shown
+
+    plain = make_job(data={"source": src, "format": "alpaca", "validation": None, "test": 0.2})
+    pseudo = make_job(data={"source": src, "format": "alpaca", "validation": None, "test": 0.2,
+                            "mask_pii": {"mode": "pseudonymise", "key_env": "HONE_TEST_DATA_KEY"}})
+    keys = set()
+    for key in ("ab" * 32, "cd" * 32):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HONE_TEST_DATA_KEY", key)
+            keys.add(cache_key(pseudo, "tok"))
+    assert len({cache_key(plain, "tok"), cache_key(job, "tok"), *keys}) == 4
+    assert dataset_fingerprint(plain) == dataset_fingerprint(make_job(data={"source": src, "format": "alpaca", "validation": None,
+                                                                           "test": 0.2, "mask_pii": None}))

@@ -153,7 +153,7 @@ def test_a_reward_past_its_timeout_is_cancelled_not_left_running(cluster, connec
     def ended() -> bool:
         tasks = [t for t in list_tasks(address=cluster["address"], filters=[("job_id", "=", job_id),
                                                                            ("func_or_class_name", "=", "call_reward_function")])
-                 if t.state not in ("FINISHED",)]  # the module's other reward calls returned
+                 if t.state != "FINISHED"]  # the module's other reward calls returned
         cancelled = [t for t in tasks if t.state == "FAILED"]
         if pidfile.exists():  # it started: its process must be gone
             return bool(cancelled) and not _alive(int(pidfile.read_text()))

@@ -13,7 +13,7 @@ __all__ = ["COLUMNS", "CompareResult", "format_table", "write_outputs"]
 
 COLUMNS = ("method", "status", "accuracy", "eval_loss", "train_s", "train_s_total",
            "tokens_seen", "trainable_params", "peak_memory_mb_per_worker",
-           "decode_ms_per_token", "size_mb", "prompt_tokens_mean", "model", "from", "error")
+           "decode_ms_per_token", "answer_ms", "size_mb", "prompt_tokens_mean", "model", "from", "error")
 """The CSV's columns (the JSON has every field, the answers shown included)."""
 
 
@@ -43,17 +43,17 @@ def format_table(result: CompareResult) -> str:
     lines = [f"━━ hone compare {result.name}: {len(result.rows)} methods on {result.n_rows} held-out {result.split} rows "
              f"({result.scorer}), {result.wall_s / 60:.1f} min ━━",
              "| method | accuracy | eval loss | train wall (with its start's) | tokens seen | trainable params | peak MB/worker | "
-             "decode ms/token | size MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "decode ms/token | ms/answer | size MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | **{r['status']}**: {r.get('error', '')} | | | | | | | |")
+            lines.append(f"| {r['method']} | **{r['status']}**: {r.get('error', '')} | | | | | | | | |")
             continue
         shots = f" ({r['prompt_tokens_mean']:.0f}-token prompts)" if r.get("prompt_tokens_mean") else ""
         total = f" ({r['train_s_total']:.0f} s)" if r["train_s_total"] > r["train_s"] else ""
         lines.append(f"| {r['method']}{shots} | {r['accuracy']:.3f} | {_cell(r.get('eval_loss'), '.4f')} | {r['train_s']:.0f} s{total} | "
                      f"{r['tokens_seen']:,} | {r['trainable_params']:,} | {_cell(r.get('peak_memory_mb_per_worker'), '.0f')} | "
-                     f"{r['decode_ms_per_token']:.1f} | {r['size_mb']:.0f} |")
+                     f"{_cell(r.get('decode_ms_per_token'), '.1f')} | {_cell(r.get('answer_ms'), '.1f')} | {r['size_mb']:.0f} |")
     if result.winner:
         w = result.winner
         lines.append(f"winner: {w['method']} (accuracy {w['accuracy']:.3f})"

@@ -9,6 +9,7 @@ version of ``models:/NAME`` tagged with its method and what it started from; the
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from hone import registry
 from hone.artifacts import run_storage, trusted_roots
 from hone.comparison.report import CompareResult, write_outputs
-from hone.comparison.scoring import HeldOut, few_shot_examples, model_figures, score_answers
+from hone.comparison.scoring import HeldOut, few_shot_examples, model_figures, score_answers, score_classifier
 from hone.config import JobConfig
 from hone.config.compare import Comparison, MethodSpec
 from hone.runtime import job_cpus, ray_session
@@ -82,7 +83,7 @@ def _prompting(c: Comparison, m: MethodSpec, held_out: HeldOut) -> dict[str, Any
             "example_answers": [prompt_messages(e, c.task.data)[1] for e in examples],
             "prompt_tokens_mean": sum(lengths) / len(lengths),
             "train_s": 0.0, "train_s_total": 0.0, "tokens_seen": 0, "trainable_params": 0,
-            **model_figures(model, tokenizer, held_out, loss=m.shots == 0), "examples": answers[:4]}
+            **model_figures(model, tokenizer, held_out, prompts[0], loss=m.shots == 0), "examples": answers[:4]}
 
 
 def _trained(c: Comparison, m: MethodSpec, held_out: HeldOut, parent: dict[str, Any] | None, address: str | None,
@@ -109,8 +110,12 @@ def _trained(c: Comparison, m: MethodSpec, held_out: HeldOut, parent: dict[str, 
     lineage = {"hone.compare": c.config.name, "hone.method": m.name, "hone.from": job.model.name}
     registry.tag_version(reg.name, reg.version, lineage)
     model, tokenizer = load_model(resolve_ref(str(run.export_dir)))
-    prompts, expected = held_out.prompts(tokenizer)
-    accuracy, answers = score_answers(model, tokenizer, held_out, prompts, expected)
+    if job.task.type == "sequence_classification":  # its predicted label, on its own view of the same rows
+        accuracy, answers, figures = score_classifier(model, tokenizer, job, held_out, c.config.task.split)
+    else:
+        prompts, expected = held_out.prompts(tokenizer)
+        accuracy, answers = score_answers(model, tokenizer, held_out, prompts, expected)
+        figures = model_figures(model, tokenizer, held_out, prompts[0], loss=True)
     history = run.history
     return {"accuracy": accuracy, "model": f"models:/{reg.name}/{reg.version}", "from": job.model.name,
             "objective": _objective(job), "method_type": job.method.type, "run_dir": str(run.run_dir),
@@ -118,23 +123,20 @@ def _trained(c: Comparison, m: MethodSpec, held_out: HeldOut, parent: dict[str, 
             "train_s_total": train_s + (parent["train_s_total"] if parent else 0.0), "steps": run.metrics.get("step"),
             "tokens_seen": _tokens_seen(history), "trainable_params": _trainable(run.export_dir, model),
             "peak_memory_mb_per_worker": max((h.get("peak_memory_mb") or 0.0 for h in history), default=None),
-            **model_figures(model, tokenizer, held_out, loss=True), "examples": answers[:4]}
+            **figures, "examples": answers[:4]}
 
 
 def _objective(job: JobConfig) -> str:
+    if job.task.type != "causal_lm":
+        return job.task.type
     if job.grpo is not None:
         return "grpo"
     return job.preference.loss if job.preference is not None else "sft"
 
 
 def _tokens_seen(history: list[dict[str, Any]]) -> int:
-    """Tokens the run trained on: each logged window's rate × its wall time (the loop's own counts)."""
-    total, last = 0.0, 0
-    for h in history:
-        if "tokens_per_s" in h and "step" in h:
-            total += h["tokens_per_s"] * h["step_time_s"] * (h["step"] - last)
-            last = h["step"]
-    return int(round(total))
+    """Tokens the run trained on: the sum of its logged windows' counts (every worker's)."""
+    return int(sum(h.get("tokens_trained", 0.0) for h in history))
 
 
 def _trainable(export_dir: Path, model: Any) -> int:
@@ -144,15 +146,8 @@ def _trainable(export_dir: Path, model: Any) -> int:
     adapter = export_dir / "adapter_model.safetensors"
     if adapter.is_file():
         with safe_open(str(adapter), "pt") as f:
-            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return sum(p.numel() for p in model.parameters())
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _register_winner(c: Comparison, result: CompareResult) -> dict[str, Any] | None:

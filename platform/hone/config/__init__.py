@@ -25,6 +25,7 @@ from hone.config.compare import CompareConfig, CompareConfigError, Comparison, l
 from hone.config.job import PBT_MUTABLE, JobConfig, JobConfigError, SearchDomain, TuneConfig, apply_overrides, load_job, validate_job
 from hone.config.pipeline import Pipeline, PipelineConfig, PipelineConfigError, load_pipeline
 from hone.config.preference import PREF_METRICS, PREFERENCE_LOSSES, PreferenceConfig
+from hone.config.privacy import PiiConfig
 from hone.config.quantization import METHODS, GateThresholds, QuantizeError
 from hone.config.reference import json_schema, reference_markdown
 from hone.config.sections import (
@@ -43,7 +44,8 @@ from hone.config.serve import ServeConfig, ServeConfigError, load_serve_config, 
 __all__ = [
     "KINDS", "METHODS", "PBT_MUTABLE", "CompareConfig", "CompareConfigError", "Comparison", "ConfigError", "DataColumns", "DataConfig",
     "DeepSpeedConfig", "DistributedConfig", "GateThresholds",
-    "JobConfig", "JobConfigError", "MethodConfig", "ModelConfig", "Pipeline", "PipelineConfig", "PipelineConfigError", "PREF_METRICS",
+    "JobConfig", "JobConfigError", "MethodConfig", "ModelConfig", "Pipeline", "PipelineConfig", "PipelineConfigError", "PiiConfig",
+    "PREF_METRICS",
     "PREFERENCE_LOSSES", "PreferenceConfig", "Problem",
     "QuantizeError", "SearchDomain", "Section", "ServeConfig", "ServeConfigError", "TaskConfig", "TrainingConfig", "TuneConfig",
     "apply_overrides", "detect_kind", "json_schema", "load_compare", "load_file", "load_job", "load_pipeline", "load_serve_config",

@@ -60,7 +60,9 @@ class MethodSpec(Section):
     balanced: bool = True
     """When the answers form a label set: the examples' labels take turns (as many of each as the shots allow)."""
     job: str | None = None
-    """Training: the job YAML, relative to this file (a causal LM job: SFT, LoRA or full, DPO-family, GRPO)."""
+    """Training: the job YAML, relative to this file: a causal LM job (SFT, LoRA or full, DPO-family, GRPO), or a
+    ``sequence_classification`` job (e.g. a MiniLM head) on the same reviews, scored by its predicted label on the same
+    held-out rows (its own view of them: each row's text must be in the task row's prompt, its label the task's answer)."""
     overrides: list[str] = Field(default_factory=list)
     """``key.path=value`` overrides applied to that job."""
     start_from: str | None = None
@@ -149,12 +151,16 @@ def load_compare(path: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
         if m.start_from is not None and not jobs.get(m.start_from):
             problems.append(Problem(f"{key}.start_from", f"{m.start_from!r} is not an earlier training method",
                                     "name a method with a job listed above this one"))
+        parent = jobs.get(m.start_from) if m.start_from else None
+        if parent is not None and parent.task.type != "causal_lm":
+            problems.append(Problem(f"{key}.start_from", f"{m.start_from!r} trains a {parent.task.type} model, which does not "
+                                                         "generate", "start from a causal LM method"))
         jobs[m.name] = None if m.job is None else job(f"{key}.job", m.job, m.overrides)
         trained = jobs[m.name]
         if trained is not None and task is not None:
-            if trained.task.type != "causal_lm":
-                problems.append(Problem(f"{key}.job", f"a {trained.task.type} model does not generate answers to score",
-                                        "compare causal_lm jobs (SFT, full, preference, GRPO)"))
+            if trained.task.type == "sequence_classification" and m.start_from:
+                problems.append(Problem(f"{key}.start_from", "a classifier starts from its encoder, not from another method's "
+                                                             "model", "drop start_from"))
             if _held_out_plan(trained) != _held_out_plan(task):
                 problems.append(Problem(f"{key}.job", f"it trains on {trained.data.source} (seed {trained.data.seed}), the task scores "
                                                       f"{task.data.source} (seed {task.data.seed}): its training rows could be "

@@ -15,15 +15,13 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hone import assets, storage
 from hone.config.base import NAME_PATTERN, Section
+from hone.config.privacy import PiiConfig
 
 __all__ = ["CLS_METRICS", "DATA_FILE_TYPES", "LM_METRICS", "DataColumns", "DataConfig", "DeepSpeedConfig", "DistributedConfig",
            "MethodConfig", "ModelConfig", "TaskConfig", "TrainingConfig", "metric_mode"]
 
 # File extensions that mark a data source as a local file (or glob) rather than a hub id.
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-# --------------------------------------------------------------------------- model
 
 
 class ModelConfig(Section):
@@ -190,6 +188,8 @@ class DataConfig(Section):
     ``chat`` renders them as a user turn and an assistant turn; otherwise they are used as they are."""
     system_prompt: str | None = None
     """System message prepended to chat-formatted rows that have none."""
+    mask_pii: PiiConfig | None = None
+    """Mask personal data (e-mails, phones, cards, IBANs, IPs, secrets) in every row before tokenising: ``true`` or a section."""
 
     @field_validator("source")
     @classmethod

@@ -143,6 +143,10 @@ class ServeConfig(Section):
     says ``false`` (an open API on purpose, started with a warning). A loopback host needs none."""
     max_request_bytes: int = Field(default=1_048_576, ge=1024)
     """Request bodies larger than this get 413 before they are read."""
+    redact_logs: bool = False
+    """Mask personal data (e-mails, phones, cards, IBANs, IPs, secrets; ``hone.privacy``) in everything hone writes
+    about requests: the ingress's and replicas' log lines, errors and tracebacks, and a pipeline's smoke-test examples
+    (printed and in its summary)."""
 
     @field_validator("autoscaling_config")
     @classmethod

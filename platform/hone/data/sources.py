@@ -113,6 +113,15 @@ def source_digest(source: str) -> str:
     return digest.hexdigest()
 
 
+def _pii_settings(d: DataConfig) -> dict[str, Any]:
+    """What decides the masked rows: the masking settings, and for pseudonyms which key (a hash of it, not the key)."""
+    import hashlib
+
+    assert d.mask_pii is not None
+    key = os.environ.get(d.mask_pii.key_env, "") if d.mask_pii.mode == "pseudonymise" else ""
+    return {**d.mask_pii.model_dump(), "key": hashlib.sha256(f"hone-pii\0{key}".encode()).hexdigest()[:12] if key else None}
+
+
 def dataset_fingerprint(job: JobConfig) -> str:
     """A short hash of what decides the training data: the content of its files (source, validation, test) and the
     settings that format, split, sample and cut it. Lineage tags, pipeline re-runs and resume checks use it."""
@@ -126,7 +135,7 @@ def dataset_fingerprint(job: JobConfig) -> str:
     # the split/order rule is part of what decides the rows: a run started under another rule resumes on other batches
     blob = json.dumps([SPLIT_RULE, [source_digest(s) for s in sources], d.format, d.columns.model_dump(), d.split,
                        d.validation, d.test, d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs,
-                       d.packing, d.prompt_template], sort_keys=True, default=str)
+                       d.packing, d.prompt_template] + ([_pii_settings(d)] if d.mask_pii else []), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -282,11 +291,19 @@ def split_plan(cfg: DataConfig, n: int, own: set[str]) -> tuple[dict[str, Any], 
 def held_out_rows(cfg: DataConfig, split: str, n: int) -> Any:
     """The first ``n`` rows of ``split`` before formatting: the one rule every stage that evaluates on held-out data
     follows (``hone eval``, the quality gate, the smoke test). A validation or test split the data does not declare
-    is carved as 10% of the seeded training rows; ``max_eval_samples`` does not apply."""
+    is carved as 10% of the seeded training rows; ``max_eval_samples`` does not apply. ``data.mask_pii`` masks them."""
     update: dict[str, Any] = {"max_eval_samples": None}
     if split in ("validation", "test") and getattr(cfg, split) is None:
         update[split] = 0.1
     splits = load_splits(cfg.model_copy(update=update))
     if split not in splits:
         raise DataError(f"the data has no {split!r} split (have {', '.join(splits)})")
-    return splits[split].select(range(min(n, len(splits[split]))))
+    rows = splits[split].select(range(min(n, len(splits[split]))))
+    if cfg.mask_pii is None:
+        return rows
+    import datasets
+
+    from hone.privacy import mask_rows
+
+    masked, _ = mask_rows(rows.to_list(), cfg.mask_pii, skip=(cfg.columns.label,))
+    return datasets.Dataset.from_list(masked, features=rows.features)

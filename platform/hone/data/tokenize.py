@@ -3,6 +3,7 @@ and Ray Data datasets for the training workers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,8 @@ class SplitReport:
     packed_rows: int | None = None
     tokens: int = 0
     target_tokens: int = 0
+    pii_masked: dict[str, int] = field(default_factory=dict)
+    """What ``data.mask_pii`` replaced, per entity (every row read, kept or dropped)."""
 
     def line(self, name: str) -> str:
         parts = [f"{name}: {self.rows_in} rows in → {self.rows_out} examples"]
@@ -57,6 +60,8 @@ class SplitReport:
             parts.append(f"{self.dropped_empty} empty dropped")
         if self.dropped_no_target:
             parts.append(f"{self.dropped_no_target} dropped with nothing left to learn after truncation")
+        if self.pii_masked:
+            parts.append("PII masked: " + ", ".join(f"{n} {e}" for e, n in sorted(self.pii_masked.items())))
         return ", ".join(parts)
 
 
@@ -104,7 +109,23 @@ def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, name
     """Formatted rows → a table of ``input_ids``, ``labels`` (token labels, or a class id), ``status`` (OK, EMPTY,
     NO_TARGET, BAD_LABEL, BAD_PAIR; those rows carry no ids), ``truncated`` and ``label_value`` (a bad label, shown in
     the error). Preference rows carry more columns (:func:`hone.data.pairs.encode_preference`).
-    Each row is encoded on its own, so any split of the rows into batches (a Ray Data task each) gives the same result."""
+    Each row is encoded on its own, so any split of the rows into batches (a Ray Data task each) gives the same result.
+    With ``data.mask_pii`` the rows are masked first (nothing unmasked reaches the tokenizer) and a ``pii`` column
+    counts what each row had masked (JSON)."""
+    if job.data.mask_pii is None:
+        return _encode_rows(rows, job, tokenizer, names)
+    import json
+
+    import pyarrow as pa
+
+    from hone.privacy import mask_rows
+
+    rows, counts = mask_rows(rows, job.data.mask_pii, skip=(job.data.columns.label,))
+    table = _encode_rows(rows, job, tokenizer, names)
+    return table.append_column("pii", pa.array([json.dumps(c) if c else None for c in counts], pa.string()))
+
+
+def _encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, names: list[str] | None) -> pa.Table:
     if job.preference is not None:
         return encode_preference(rows, job, tokenizer)
     if job.grpo is not None:
@@ -219,8 +240,12 @@ class SplitBuilder:
         r.dropped_empty += int(pc.sum(pc.equal(status, EMPTY)).as_py() or 0)
         r.dropped_no_target += int(pc.sum(pc.equal(status, NO_TARGET)).as_py() or 0)
         r.truncated += int(pc.sum(pc.and_(table["truncated"], pc.not_equal(status, EMPTY))).as_py() or 0)
+        if "pii" in table.column_names:
+            for found in table["pii"].drop_null().to_pylist():
+                for entity, n in json.loads(found).items():
+                    r.pii_masked[entity] = r.pii_masked.get(entity, 0) + n
         kept = pc.filter(table, pc.equal(status, OK))
-        kept = kept.select([c for c in kept.column_names if c not in ("status", "truncated", "label_value")])
+        kept = kept.select([c for c in kept.column_names if c not in ("status", "truncated", "label_value", "pii")])
         r.rows_out += len(kept)
         for ids, labels in (("input_ids", "labels"), ("rejected_ids", "rejected_labels")):
             if ids not in kept.column_names:

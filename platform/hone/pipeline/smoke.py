@@ -69,6 +69,12 @@ class _ReplicaWatch:
         self._thread.join(timeout=5)
 
 
+def _redact(text: str) -> str:
+    from hone.privacy import redact
+
+    return redact(text)
+
+
 def _api_key() -> str:
     keys = [k.strip() for k in os.environ.get("HONE_API_KEYS", "").split(",") if k.strip()]
     return keys[0] if keys else "no-key"
@@ -161,8 +167,10 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
            "replicas_seen": "→".join(map(str, watch.seen)) if watch.seen else None, "seconds": wall,
            "constrained_to": extra["extra_body"]["structured_outputs"]["choice"] if extra else None,
            "examples": [{"expected": a["expected"], "answered": a["text"], "correct": c} for a, c in zip(ok[:3], correct)]}
+    shown = _redact if cfg.redact_logs else str  # what the pipeline prints and keeps about requests
+    out["examples"] = [{**e, "expected": shown(e["expected"]), "answered": shown(e["answered"])} for e in out["examples"]]
     if failed:
-        raise PipelineError("smoke_test", f"{len(failed)} of {len(rows)} requests failed; first: {failed[0]['error']}")
+        raise PipelineError("smoke_test", f"{len(failed)} of {len(rows)} requests failed; first: {shown(failed[0]['error'])}")
     if sm.min_accuracy is not None and (accuracy or 0.0) < sm.min_accuracy:
         raise PipelineError("smoke_test", f"the endpoint answered {pct(accuracy)} right, below smoke_test.min_accuracy "
                                           f"{pct(sm.min_accuracy)}")

@@ -70,7 +70,7 @@ class OpenAIIngress:
     """OpenAI REST routes, API-key auth, validation, SSE framing and request metrics."""
 
     def __init__(self, model: Any, settings: IngressSettings):
-        quiet_libraries()
+        quiet_libraries(redact=settings.redact_logs)
         self.model = model
         self.settings = settings
         self.name = settings.served_name

@@ -65,7 +65,7 @@ class ModelServer:
     """One replica: the engine plus a scheduler that batches waiting requests into shared forward passes."""
 
     def __init__(self, spec: ServeSpec):
-        quiet_libraries()
+        quiet_libraries(redact=spec.redact_logs)
         from ray.util import metrics
 
         # a model from object storage is fetched onto this replica's node, never read from the deploying machine's disk

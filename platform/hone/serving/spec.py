@@ -56,6 +56,8 @@ class ServeSpec:
     """Why this engine (``hone serve`` prints it)."""
     ttft_window_s: float = 10.0
     """How far back a replica's reported TTFT percentile looks (``autoscaling.window_s``)."""
+    redact_logs: bool = False
+    """Mask personal data in what the replica logs (``hone.privacy.redact_logging``)."""
     content_sha256: str | None = None
     """A model from object storage: the hash of its files as resolved here; each replica fetches the model itself onto its
     own node (:func:`hone.artifacts.localize`) and serves it only if it hashes the same."""
@@ -83,12 +85,14 @@ class IngressSettings:
     max_n: int
     max_request_tokens: int
     max_tokens_default: int
+    redact_logs: bool = False
 
 
 def ingress_settings(cfg: ServeConfig, spec: ServeSpec, key_hashes: list[str]) -> IngressSettings:
     return IngressSettings(served_name=spec.served_name, adapters=list(spec.adapters), task=spec.task, engine=spec.engine,
                            api_key_hashes=list(key_hashes), retry_after_s=cfg.retry_after_s, max_request_bytes=cfg.max_request_bytes,
-                           max_n=cfg.max_n, max_request_tokens=cfg.max_request_tokens, max_tokens_default=spec.max_tokens_default)
+                           max_n=cfg.max_n, max_request_tokens=cfg.max_request_tokens, max_tokens_default=spec.max_tokens_default,
+                           redact_logs=cfg.redact_logs)
 
 
 def resolve(cfg: ServeConfig) -> ServeSpec:
@@ -128,7 +132,8 @@ def resolve(cfg: ServeConfig) -> ServeSpec:
                      max_tokens_default=cfg.max_tokens_default, max_batch_size=cfg.max_batch_size,
                      batch_wait_timeout_s=cfg.batch_wait_timeout_s, adapters=dict(cfg.adapters),
                      max_loaded_adapters=cfg.max_loaded_adapters, trust_remote_code=cfg.trust_remote_code,
-                     content_sha256=content, ttft_window_s=cfg.autoscaling.window_s if cfg.autoscaling else 10.0)
+                     content_sha256=content, ttft_window_s=cfg.autoscaling.window_s if cfg.autoscaling else 10.0,
+                     redact_logs=cfg.redact_logs)
 
 
 def _check_registered_artifact(ref: str, folder: Path, recorded: str | None) -> None:

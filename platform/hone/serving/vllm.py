@@ -179,7 +179,7 @@ class VLLMServer:
     """One replica: vLLM's async engine, streaming the same events as hone's transformers replica."""
 
     async def __init__(self, spec: ServeSpec, engine: dict[str, Any]):
-        quiet_libraries()
+        quiet_libraries(redact=spec.redact_logs)
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.lora.request import LoRARequest

@@ -321,7 +321,8 @@ class _Run:
         metrics: dict[str, Any] = {
             "step": self.state.step, "total_steps": self.total, "epoch": self.state.step / self.sched.steps_per_epoch,
             "loss": self.last_loss, "lr": self.backend.lr, "grad_norm": self.backend.grad_norm,
-            "tokens_per_s": float(summed[2]) / wt, "samples_per_s": float(summed[3]) / wt, "step_time_s": wt / max(steps, 1.0),
+            "tokens_trained": float(summed[2]), "tokens_per_s": float(summed[2]) / wt, "samples_per_s": float(summed[3]) / wt,
+            "step_time_s": wt / max(steps, 1.0),
             "peak_memory_mb": _peak_memory_mb(), "workers": self.world,
         }
         if self.objective.n_stats:
