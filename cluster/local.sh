@@ -14,6 +14,9 @@
 # Settings (environment): HONE_CLUSTER_PORT (6390), HONE_CLUSTER_CPUS per node (2),
 # HONE_CLUSTER_DASHBOARD_PORT (8265), HONE_CLUSTER_METRICS_PORT (8080), HONE_CLUSTER_DASHBOARD (1),
 # HONE_CLUSTER_DIR (state: /tmp/hone-cluster). Uses the `ray` on PATH (make setup's .venv/bin).
+# Ports: the head's GCS on PORT, node I's node manager on PORT+100+I, every node's dashboard agent on PORT+200+I (the head
+# is node 0): never Ray's default agent port 52365, which another Ray on the machine (a test's, a notebook's) may hold,
+# and without which the head's Jobs API cannot submit.
 set -euo pipefail
 
 PORT=${HONE_CLUSTER_PORT:-6390}
@@ -29,7 +32,7 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 start_node() {
   $RAY start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
     --resources="{\"hone_worker_$1\": 1, \"hone_node\": 1}" --metrics-export-port=$((METRICS_PORT + $1)) \
-    --node-manager-port=$((PORT + 100 + $1)) \
+    --node-manager-port=$((PORT + 100 + $1)) --dashboard-agent-listen-port=$((PORT + 200 + $1)) \
     --disable-usage-stats >"$DIR/worker-$1.log" 2>&1 || { cat "$DIR/worker-$1.log"; exit 1; }
 }
 
@@ -56,7 +59,7 @@ case "$cmd" in
       dash_args=(--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT")
     fi
     $RAY start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="$CPUS" \
-      --resources='{"hone_head": 1}' --metrics-export-port="$METRICS_PORT" \
+      --resources='{"hone_head": 1}' --metrics-export-port="$METRICS_PORT" --dashboard-agent-listen-port=$((PORT + 200)) \
       --temp-dir="$DIR/ray" --disable-usage-stats "${dash_args[@]}" >"$DIR/head.log" 2>&1 \
       || { cat "$DIR/head.log"; exit 1; }
     echo "127.0.0.1:$PORT" >"$DIR/address"
