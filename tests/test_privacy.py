@@ -140,8 +140,10 @@ def test_log_lines_and_tracebacks_are_redacted():
             raise ValueError("card 4111 1111 1111 1111 declined")
         except ValueError:
             log.exception("request failed")
+        log.warning("a malformed call: %s %s", "ops@hone.dev")  # one argument short: logged (masked), never raised
     finally:
         log.removeHandler(handler)
     out = stream.getvalue()
     assert "request from <EMAIL_ADDRESS> failed" in out and "card <CREDIT_CARD> declined" in out and "Traceback" in out
     assert "jane.doe" not in out and "4111" not in out
+    assert "a malformed call" in out and "ops@hone.dev" not in out and "<EMAIL_ADDRESS>" in out

@@ -199,12 +199,20 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "hone_redacted", False):
             return True
-        record.msg, record.args = redact(record.getMessage()), None
-        if record.exc_info:
-            import traceback
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed log call must not become an error where it was made
+            message = f"{record.msg} {record.args}"
+        try:
+            record.msg, record.args = redact(message), None
+            if record.exc_info:
+                import traceback
 
-            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
-            record.exc_info = None
+                record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+                record.exc_info = None
+        except Exception as e:  # noqa: BLE001 - never log what could not be masked
+            record.msg, record.args, record.exc_info, record.exc_text = f"[hone: a log line could not be redacted: {type(e).__name__}]", \
+                None, None, None
         record.hone_redacted = True
         return True
 

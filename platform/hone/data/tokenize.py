@@ -114,8 +114,6 @@ def encode_rows(rows: list[dict[str, Any]], job: JobConfig, tokenizer: Any, name
     counts what each row had masked (JSON)."""
     if job.data.mask_pii is None:
         return _encode_rows(rows, job, tokenizer, names)
-    import json
-
     import pyarrow as pa
 
     from hone.privacy import mask_rows

@@ -14,6 +14,7 @@ from hone.config import Pipeline, ServeConfig
 from hone.errors import PipelineError
 from hone.pipeline.state import State, fingerprint, say
 from hone.pipeline.summary import pct
+from hone.privacy import redact
 
 __all__ = ["smoke_stage", "untuned_accuracy"]
 
@@ -67,12 +68,6 @@ class _ReplicaWatch:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def _redact(text: str) -> str:
-    from hone.privacy import redact
-
-    return redact(text)
 
 
 def _api_key() -> str:
@@ -167,7 +162,7 @@ def smoke_stage(p: Pipeline, state: State, cfg: ServeConfig, base: str, rerun: b
            "replicas_seen": "→".join(map(str, watch.seen)) if watch.seen else None, "seconds": wall,
            "constrained_to": extra["extra_body"]["structured_outputs"]["choice"] if extra else None,
            "examples": [{"expected": a["expected"], "answered": a["text"], "correct": c} for a, c in zip(ok[:3], correct)]}
-    shown = _redact if cfg.redact_logs else str  # what the pipeline prints and keeps about requests
+    shown = redact if cfg.redact_logs else str  # what the pipeline prints and keeps about requests
     out["examples"] = [{**e, "expected": shown(e["expected"]), "answered": shown(e["answered"])} for e in out["examples"]]
     if failed:
         raise PipelineError("smoke_test", f"{len(failed)} of {len(rows)} requests failed; first: {shown(failed[0]['error'])}")
