@@ -1,5 +1,6 @@
-"""Structured pruning's trade-off on the SmolLM2 sentiment winner: MLP channels removed (``hone.quantize.prune``) at
-several sparsities, before and after a recovery fine-tune, against the unpruned model, all in one run.
+"""Structured pruning's trade-off on the SmolLM2 sentiment winner: MLP channels or whole layers removed
+(``hone.quantize.prune``) at several sparsities, before and after a recovery fine-tune, against the unpruned model, all in
+one run.
 
 1. The winner: ``jobs/lora-smollm2-sentiment.yaml`` trained here (LoRA, merged), or ``--model`` (a merged export).
 2. Each sparsity: channel importance from 64 training rows, the same channels cut from every layer, saved as a plain
@@ -12,6 +13,7 @@ several sparsities, before and after a recovery fine-tune, against the unpruned 
 
     python bench/prune_tradeoff.py                                  # ≈ 20 min on 2 cores
     python bench/prune_tradeoff.py --model RUN/export --sparsity 0.25 0.5 --recover 0.5
+    python bench/prune_tradeoff.py --method layers --sparsity 0.2 0.34 --recover 0.2 0.34
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ RECIPE = REPO / "jobs" / "lora-smollm2-sentiment.yaml"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a merged export of the recipe (default: train it here)")
+    ap.add_argument("--method", default="mlp-channels", choices=["mlp-channels", "layers"],
+                    help="what is cut: MLP channels (Wanda-sp) or whole layers (ShortGPT's Block Influence)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.4, 0.5])
     ap.add_argument("--recover", type=float, nargs="*", default=[0.4, 0.5])
+    ap.add_argument("--recover-job", help="the recovery run's job (default: the recipe, its LoRA adapter on the MLP too), "
+                                          "e.g. jobs/full-zero3-smollm2.yaml for full fine-tuning")
+    ap.add_argument("--recover-steps", type=int, help="the recovery run's steps (default: its job's)")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--out", default=None, help="folder for the models and results (default: a temporary one)")
     args = ap.parse_args()
@@ -51,7 +58,7 @@ def main() -> None:
     from hone.config.compare import ScoringConfig
     from hone.data import held_out_rows, prompt_and_answer, tokenize_split
     from hone.modeling import load_model
-    from hone.quantize.prune import channel_scores, kept_channels, prune_mlp_channels
+    from hone.quantize.prune import channel_scores, kept_channels, kept_layers, layer_scores, prune_layers, prune_mlp_channels
     from hone.runtime import vllm_python
     from hone.training import train
 
@@ -70,30 +77,38 @@ def main() -> None:
     held = HeldOut.load(job, ScoringConfig(job=str(RECIPE), split="validation", rows=args.rows, max_tokens=8))
 
     calibration, _ = tokenize_split(held_out_rows(job.data, "train", 64), job, tokenizer, "train", pack=False)
-    scores = channel_scores(model, [torch.tensor([list(r["input_ids"])]) for r in calibration])
-    width = model.config.intermediate_size
+    batches = [torch.tensor([list(r["input_ids"])]) for r in calibration]
+    scores = layer_scores(model, batches) if args.method == "layers" else channel_scores(model, batches)
+    width, depth = model.config.intermediate_size, model.config.num_hidden_layers
     models: dict[str, Path] = {"unpruned": out / "unpruned"}
     model.save_pretrained(models["unpruned"])
     tokenizer.save_pretrained(models["unpruned"])
-    stats = {"unpruned": {"params": sum(p.numel() for p in model.parameters()), "intermediate_size": width}}
+    stats = {"unpruned": {"params": sum(p.numel() for p in model.parameters()), "intermediate_size": width, "layers": depth}}
+    prefix = "layers" if args.method == "layers" else "mlp"
     for s in args.sparsity:
         pruned = copy.deepcopy(model)
-        st = prune_mlp_channels(pruned, scores, kept_channels(width, s))
-        name = f"mlp-{s:g}"
+        st = (prune_layers(pruned, scores, kept_layers(depth, s)) if args.method == "layers" else
+              prune_mlp_channels(pruned, scores, kept_channels(width, s)))
+        name = f"{prefix}-{s:g}"
         models[name] = out / name
         pruned.save_pretrained(models[name])
         tokenizer.save_pretrained(models[name])
-        stats[name] = {"params": st.params_after, "intermediate_size": st.intermediate_after, "fewer_params": st.fewer_params}
+        stats[name] = {"params": st.params_after, "intermediate_size": st.intermediate_after, "layers": st.layers_after,
+                       "fewer_params": st.fewer_params, "removed_layers": st.removed_layers}
         del pruned
     for s in args.recover:
-        name = f"mlp-{s:g}"
+        name = f"{prefix}-{s:g}"
         t0 = time.time()
-        raw = job.to_dict()  # the recipe from the pruned model, its adapter on the MLP too (where the cut was)
+        raw = load_job(args.recover_job).to_dict() if args.recover_job else job.to_dict()
         raw["model"]["name"] = str(models[name])
-        raw["method"]["lora"]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        if not args.recover_job:  # the recipe from the pruned model, its adapter on the MLP too (where the cut was)
+            raw["method"]["lora"]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        if args.recover_steps:
+            raw["training"]["max_steps"] = args.recover_steps
         recovered = train(JobConfig.model_validate(raw), storage_path=str(out / "runs"), quiet=True)
-        models[f"{name}+lora"] = recovered.merged_dir or recovered.export_dir
-        stats[f"{name}+lora"] = {**stats[name], "recovery_s": time.time() - t0}
+        tag = f"{name}+{'lora' if not args.recover_job else Path(args.recover_job).stem}"
+        models[tag] = recovered.merged_dir or recovered.export_dir
+        stats[tag] = {**stats[name], "recovery_s": time.time() - t0}
         print(f"[bench] recovered {name} in {time.time() - t0:.0f} s", flush=True)
 
     for name, folder in models.items():  # transformers, constrained: as hone compare scores
@@ -117,11 +132,11 @@ def main() -> None:
 
     base = stats["unpruned"]
     print(f"\nCPU {cpu_flags()}; {args.rows} validation reviews; {time.time() - started:.0f} s in all")
-    print("| model | MLP width | params | fewer params | accuracy (constrained, transformers) | vLLM answer accuracy | "
+    print("| model | layers | MLP width | params | fewer params | accuracy (constrained, transformers) | vLLM answer accuracy | "
           "vLLM decode ms/token | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, st in stats.items():
-        print(f"| {name} | {st['intermediate_size']} | {st['params'] / 1e6:.1f} M | {st.get('fewer_params', 0.0):.1%} | "
+        print(f"| {name} | {st['layers']} | {st['intermediate_size']} | {st['params'] / 1e6:.1f} M | {st.get('fewer_params', 0.0):.1%} | "
               f"{st['accuracy']:.3f} | {st['vllm_answer_accuracy']:.3f} | {st['vllm_decode_ms_per_token']:.1f} | "
               f"{base['vllm_decode_ms_per_token'] / st['vllm_decode_ms_per_token']:.2f}x |")
     (out / "prune.json").write_text(json.dumps({"cpu": cpu_flags(), "stats": stats}, indent=2, default=str))

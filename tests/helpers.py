@@ -471,3 +471,37 @@ def malformed(model: str, engine: str = "transformers",
         ("/v1/completions", b'{"model": "' + m + b'", "prompt": "' + b"a" * (limit + 50_000) + b'"}', 413, None),
     ]
     return [case for case in cases if case[3] not in SUPPORTED[engine]]
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def reload_eval(export: Path, job) -> dict:
+    """Load an export with plain transformers/peft (no Ray, no DeepSpeed) and evaluate."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from hone.data import prepare_data
+    from hone.modeling import evaluate, load_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    prepared = prepare_data(job, tokenizer)
+    info = json.loads((export / "hone.json").read_text())
+    if info["kind"] == "adapter":
+        model = peft.PeftModel.from_pretrained(load_base_model(job), str(export))
+    elif job.task.type == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_pretrained(export)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(export)
+    return evaluate(model, list(prepared.validation), job, tokenizer.pad_token_id, batch_size=5)
+
+
+def check_full_weights(export: Path, base) -> None:
+    import torch
+    from transformers import AutoModel
+
+    exported = AutoModel.from_pretrained(export)
+    body = getattr(base, base.base_model_prefix, base)
+    changed = [n for (n, a), (_, b) in zip(body.named_parameters(), exported.named_parameters()) if not torch.equal(a, b)]
+    assert len(changed) > 10, "full fine-tuning must change the weights"
+    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in body.parameters())

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from hone.config import PiiConfig
-from hone.privacy import mask_rows, masker, redact, redact_logging, reveal
+from hone.privacy import RedactingFilter, mask_rows, masker, redact, redact_logging, reveal
 
 # Planted values: each (value, entity). Valid card numbers pass Luhn, IBANs their checksum; the keys are in the issuers'
 # formats (documentation examples, not live keys).
@@ -127,7 +127,7 @@ def test_entities_that_need_a_model_are_refused_at_validation():
     assert make_job(data={"mask_pii": True}).data.mask_pii == PiiConfig()
 
 
-def test_log_lines_and_tracebacks_are_redacted():
+def test_log_lines_and_tracebacks_are_redacted(monkeypatch):
     stream = io.StringIO()
     log = logging.getLogger("hone.test.redact")
     handler = logging.StreamHandler(stream)
@@ -141,9 +141,15 @@ def test_log_lines_and_tracebacks_are_redacted():
         except ValueError:
             log.exception("request failed")
         log.warning("a malformed call: %s %s", "ops@hone.dev")  # one argument short: logged (masked), never raised
+        # Ray Serve's access lines hold no request content: passed as they are, unless they carry the client's address
+        access = logging.makeLogRecord({"msg": "GET /v1 200 3.1ms", "serve_access_log": True})
+        assert RedactingFilter().filter(access) and not hasattr(access, "hone_redacted")  # not masked on the event loop
+        monkeypatch.setenv("RAY_SERVE_LOG_CLIENT_ADDRESS", "1")
+        log.warning("203.0.113.9:5123 POST /v1/chat/completions 200 9.5ms", extra={"serve_access_log": True})
     finally:
         log.removeHandler(handler)
     out = stream.getvalue()
     assert "request from <EMAIL_ADDRESS> failed" in out and "card <CREDIT_CARD> declined" in out and "Traceback" in out
     assert "jane.doe" not in out and "4111" not in out
     assert "a malformed call" in out and "ops@hone.dev" not in out and "<EMAIL_ADDRESS>" in out
+    assert "203.0.113.9" not in out and "<IP_ADDRESS>:5123 POST /v1/chat/completions 200" in out

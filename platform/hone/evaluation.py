@@ -45,7 +45,7 @@ def evaluate_model(ref: str, *, split: str = "test", n: int = 200, base: bool = 
     if base:
         model, what = load_base_model(job).eval(), f"untuned base {job.model.name}"
     rows = held_out_rows(job.data, split, n)
-    tokenized, _ = tokenize_split(rows, job, tokenizer, split, pack=False)
+    tokenized, _ = tokenize_split(rows, job, tokenizer, split, pack=False, masked=True)
     metrics = evaluate(model, list(tokenized), job, tokenizer.pad_token_id)
     examples: list[dict[str, Any]] = []
     if job.task.type == "causal_lm" and job.data.format != "text":

@@ -27,7 +27,7 @@ from typing import Any
 from hone.config.privacy import OFFLINE_ENTITIES, PiiConfig
 
 __all__ = ["OFFLINE_ENTITIES", "PiiConfig", "PiiMasker", "RedactingFilter", "mask_rows", "masker", "redact", "redact_logging",
-           "reveal"]
+           "reveal", "settings_identity"]
 
 # gitleaks' default rules (github.com/gitleaks/gitleaks, config/gitleaks.toml), the formats issued today.
 SECRET_PATTERNS = {
@@ -156,10 +156,23 @@ def _masker(settings: str, key: str) -> PiiMasker:
     return PiiMasker(PiiConfig.model_validate(json.loads(settings)))
 
 
+def _key_text(cfg: PiiConfig) -> str:
+    """The pseudonym key's text from the environment ("" when masking, or when it is unset)."""
+    return os.environ.get(cfg.key_env, "") if cfg.mode == "pseudonymise" else ""
+
+
 def masker(cfg: PiiConfig) -> PiiMasker:
     """This process's masker for ``cfg`` and its key (Presidio's engines are built once)."""
-    key = os.environ.get(cfg.key_env, "") if cfg.mode == "pseudonymise" else ""
-    return _masker(json.dumps(cfg.model_dump(), sort_keys=True), key)
+    return _masker(json.dumps(cfg.model_dump(), sort_keys=True), _key_text(cfg))
+
+
+def settings_identity(cfg: PiiConfig) -> dict[str, Any]:
+    """What decides the masked text, for cache keys: the settings and, for pseudonyms, which key (a hash of it, never the
+    key itself)."""
+    import hashlib
+
+    key = _key_text(cfg)
+    return {**cfg.model_dump(), "key": hashlib.sha256(f"hone-pii\0{key}".encode()).hexdigest()[:12] if key else None}
 
 
 def mask_rows(rows: list[dict[str, Any]], cfg: PiiConfig, skip: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
@@ -199,6 +212,9 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "hone_redacted", False):
             return True
+        if getattr(record, "serve_access_log", False) and os.environ.get("RAY_SERVE_LOG_CLIENT_ADDRESS", "0") != "1":
+            return True  # Ray Serve's access line: method, route, status, latency; no request content (the client's IP only
+            # with RAY_SERVE_LOG_CLIENT_ADDRESS=1): not masked on the event loop of every request
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed log call must not become an error where it was made

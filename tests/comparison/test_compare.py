@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, free_port, hone, private_home
+from tests.helpers import REPO, check_full_weights, free_port, hone, private_home, reload_eval
 
 TINY = REPO / "jobs" / "pipelines" / "compare-methods-tiny.yaml"
 SHIPPED = sorted(p for p in (REPO / "jobs" / "pipelines").glob("compare-*.yaml"))
@@ -94,6 +94,34 @@ def test_every_method_is_scored_on_the_same_rows_with_the_same_scorer(compared):
         assert [r["method"] for r in csv.DictReader(f)] == [*ok, "broken", "after-broken"]
     assert (folder / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| method | accuracy | eval loss | train wall" in out.stdout and "winner:" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_classifier_s_full_zero2_export_reloads_with_its_labels(compared):
+    """The comparison's MiniLM method is full fine-tuning of a sequence classifier under ZeRO-2 on 2 workers: its
+    classification metrics, its history, and an export that plain transformers reloads with its labels, every weight
+    trained and the training's metrics reproduced."""
+    from transformers import AutoConfig
+
+    from hone.artifacts import read_metrics
+    from hone.config import JobConfig
+    from hone.modeling import load_base_model
+
+    minilm = _rows(compared)["minilm"]
+    export, run_dir = Path(minilm["export"]), Path(minilm["run_dir"])
+    info = json.loads((export / "hone.json").read_text())
+    job = JobConfig.model_validate(info["job"])
+    assert info["kind"] == "model" and info["zero_stage"] == 2 and info["num_workers"] == 2 and job.task.type == "sequence_classification"
+    m = info["metrics"]
+    for k in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1"):
+        assert 0.0 <= m[k] <= 1.0, k
+    reloaded = reload_eval(export, job)
+    assert abs(reloaded["eval_loss"] - m["eval_loss"]) < 1e-4
+    assert reloaded["eval_accuracy"] == pytest.approx(m["eval_accuracy"]) and reloaded["eval_f1"] == pytest.approx(m["eval_f1"])
+    assert AutoConfig.from_pretrained(export).id2label == {0: "negative", 1: "positive"}
+    check_full_weights(export, load_base_model(job))
+    history = read_metrics(run_dir)
+    assert [h["step"] for h in history] == [2, 4] and all("grad_norm" in h and "peak_memory_mb" in h for h in history)
 
 
 @pytest.mark.slow

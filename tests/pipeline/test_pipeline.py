@@ -35,6 +35,7 @@ def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
     bad = tmp_path / "pipeline.yaml"
     bad.write_text(yaml.safe_dump({
         "train": {"job": "job.yaml", "sweep": True},
+        "prune": {"sparsity": 0.3, "recover_overrides": ["training.lr=1e-4"], "max_loss_increase": None, "max_accuracy_drop": None},
         "quantize": {"method": "bnb-4bit", "max_loss_increase": None, "max_accuracy_drop": None},
         "serve": {"model": "builtin:tiny-llama", "port": 0},
         "smoke_test": {"requests": 4},
@@ -43,7 +44,8 @@ def test_bad_pipeline_is_refused_before_any_work(tmp_path, repo):
     out = hone("pipeline", str(bad), "--storage-path", str(tmp_path / "runs"), timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     for text in ("train.sweep", "no tune.search_space", "quantize.method", "quantize: the quality gate would check nothing",
-                 "serve.model", "comes from the earlier stages", "serve.port", "smoke_test", "no prompts and answers"):
+                 "serve.model", "comes from the earlier stages", "serve.port", "smoke_test", "no prompts and answers",
+                 "prune: the quality gate would check nothing", "prune.recover_overrides: apply to a recovery run"):
         assert text in out.stderr, (text, out.stderr)
     assert not (tmp_path / "runs").exists() and time.time() - started < 60
 
@@ -172,14 +174,27 @@ def test_tiny_quickstart_end_to_end_then_reruns(repo, home, tmp_path):
     assert time.time() - started < first_wall
     assert json.loads((folder / "summary.json").read_text())["stages"]["train"]["skipped"] is True
 
-    # A stage that fails stops the pipeline with its reason; nothing after it runs.
-    failed = _quickstart(["--storage-path", str(storage), *ports, "quantize.max_loss_increase=-1", "quantize.method=int8-dynamic"],
-                         env, 400)
+    # With a prune stage: the winner pruned, a 2-step recovery run through Ray Train, the gate against the unpruned model
+    # on the serving engine (vLLM loads the pruned config), and the quantize stage given the model it chose. Then a stage
+    # that fails stops the pipeline with its reason; nothing after it runs.
+    prune = ["prune.sparsity=0.5", "prune.recover_steps=2", "prune.eval_rows=16", "prune.calibration_rows=16",
+             "prune.max_loss_increase=0.5", "prune.max_accuracy_drop=0.5"]
+    failed = _quickstart(["--storage-path", str(storage), *ports, *prune, "quantize.max_loss_increase=-1",
+                          "quantize.method=int8-dynamic"], env, 500)
     assert failed.returncode == 1, failed.stdout[-4000:] + failed.stderr[-4000:]
     assert "pipeline stopped at stage quantize" in failed.stderr and "failed its quality gate" in failed.stderr
-    assert "[3/4] serve" not in failed.stdout and "train: reusing" in failed.stdout
+    assert "[4/5] serve" not in failed.stdout and "train: reusing" in failed.stdout
     state = json.loads((folder / "state.json").read_text())
     assert state["quantize"]["ok"] is False and state["train"]["ok"] is True
+    pruned = state["prune"]["output"]
+    assert pruned["stats"]["intermediate_after"] == pruned["stats"]["intermediate_before"] // 2 and pruned["recover_steps"] == 2
+    assert pruned["candidate"] == "models:/quickstart-tiny-pruned/1" and pruned["passed"] and pruned["engine"] == "vllm"
+    assert pruned["pruned"]["params_m"] < pruned["original"]["params_m"] and pruned["pruned"]["decode_ms_per_token"] > 0
+    faster = pruned["pruned"]["decode_ms_per_token"] < pruned["original"]["decode_ms_per_token"]
+    assert pruned["served"] is faster and pruned["model"] == (pruned["candidate"] if faster else train["model"]), pruned
+    assert f"━━ [3/5] quantize: {pruned['model']} with int8-dynamic" in failed.stdout
+    recovered = registry.resolve_model_ref(pruned["candidate"])
+    assert json.loads((Path(recovered["source"]) / "hone.json").read_text())["job"]["model"]["name"].endswith("mlp-channels-0.5")
 
 
 def test_a_quantised_model_is_served_only_when_it_is_worth_it():

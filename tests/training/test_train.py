@@ -26,12 +26,14 @@ from hone.modeling import ModelError, build_model, evaluate, load_base_model
 from hone.training import Schedule, TrainError, schedule, total_steps, train
 
 from tests.helpers import (
+    check_full_weights,
     hone,
     kill_run,
     logged_step,
     losses,
     only_run,
     read_metrics,
+    reload_eval,
     run_dirs,
     start_hone,
     train_worker_pids,
@@ -60,23 +62,6 @@ def tiny(name: str, **sections) -> dict:
     return raw
 
 
-def reload_eval(export: Path, job) -> dict:
-    """Load an export with plain transformers/peft (no Ray, no DeepSpeed) and evaluate."""
-    import peft
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(export)
-    prepared = prepare_data(job, tokenizer)
-    info = json.loads((export / "hone.json").read_text())
-    if info["kind"] == "adapter":
-        model = peft.PeftModel.from_pretrained(load_base_model(job), str(export))
-    elif job.task.type == "sequence_classification":
-        model = AutoModelForSequenceClassification.from_pretrained(export)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(export)
-    return evaluate(model, list(prepared.validation), job, tokenizer.pad_token_id, batch_size=5)
-
-
 def check_export(result, job, stage: int) -> None:
     """What every export must be: its metadata, its metrics history and TensorBoard events, and plain transformers/peft
     reproducing the eval loss training computed."""
@@ -101,16 +86,6 @@ def check_adapter(export: Path) -> None:
     assert (export / "adapter_model.safetensors").stat().st_size > 10_000
 
 
-def check_full_weights(export: Path, base) -> None:
-    from transformers import AutoModel
-
-    exported = AutoModel.from_pretrained(export)
-    body = getattr(base, base.base_model_prefix, base)
-    changed = [n for (n, a), (_, b) in zip(body.named_parameters(), exported.named_parameters()) if not torch.equal(a, b)]
-    assert len(changed) > 10, "full fine-tuning must change the weights"
-    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in body.parameters())
-
-
 # --------------------------------------------------------------------------- exports
 
 
@@ -118,7 +93,8 @@ def check_full_weights(export: Path, base) -> None:
 @pytest.mark.parametrize("stage, method", [(0, "full"), (0, "lora"), (3, "full"), (3, "lora")],
                          ids=["full-0", "lora-0", "full-3", "lora-3-two-nodes"])
 def test_export_reloads_and_reproduces_eval_loss(connected, stage, method):
-    """Full fine-tuning under ZeRO-2 is the classifier's run below, LoRA under ZeRO-2 the fault test's run. The ZeRO-3 LoRA
+    """Full fine-tuning under ZeRO-2 is the comparison's classifier run (tests/comparison/test_compare.py), LoRA under
+    ZeRO-2 the fault test's run. The ZeRO-3 LoRA
     run places its two workers on two different nodes (STRICT_SPREAD)."""
     sections = {"distributed": {"num_workers": 2, "deepspeed": {"stage": stage}}}
     if method == "full":
@@ -154,39 +130,6 @@ def test_ddp_and_merged_adapter(connected):
     merged_eval = evaluate(merged, list(prepared.validation), job, tokenizer.pad_token_id)
     assert abs(merged_eval["eval_loss"] - result.metrics["eval_loss"]) < 1e-4
     assert abs(reload_eval(result.export_dir, job)["eval_loss"] - result.metrics["eval_loss"]) < 1e-4
-
-
-@pytest.mark.slow
-def test_classification_metrics_and_a_full_zero2_export(connected):
-    """Full fine-tuning of a sequence classifier under ZeRO-2: its metrics, and an export that reloads with its labels."""
-    job = validate_job(
-        {
-            "name": "cls",
-            "model": {"name": "builtin:minilm"},
-            "task": {"type": "sequence_classification", "labels": ["negative", "positive"]},
-            "data": {
-                "source": "builtin:rotten-tomatoes",
-                "format": "classification",
-                "max_length": 64,
-                "max_samples": 128,
-                "max_eval_samples": 48,
-            },
-            "method": "full",
-            "distributed": {"num_workers": 2, "deepspeed": {"stage": 2}},
-            "training": {"lr": 5e-5, "max_steps": 4, "batch_size": 8, "log_every": 2, "eval_metric": "eval_f1"},
-        }
-    )
-    result = train(job, storage_path=str(connected), quiet=True)
-    check_export(result, job, 2)
-    check_full_weights(result.export_dir, load_base_model(job))
-    m = result.metrics
-    for k in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1"):
-        assert 0.0 <= m[k] <= 1.0, k
-    reloaded = reload_eval(result.export_dir, job)
-    assert reloaded["eval_accuracy"] == pytest.approx(m["eval_accuracy"]) and reloaded["eval_f1"] == pytest.approx(m["eval_f1"])
-    from transformers import AutoConfig
-
-    assert AutoConfig.from_pretrained(result.export_dir).id2label == {0: "negative", 1: "positive"}
 
 
 # --------------------------------------------------------------------------- restart, resume and fault tolerance

@@ -127,33 +127,42 @@ def score_answers(model: Any, tokenizer: Any, held_out: HeldOut, prompts: list[s
     return sum(r["correct"] for r in results) / max(len(results), 1), results
 
 
+def _weights_mb(model: Any) -> float:
+    """MB of a model's weights as loaded."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+
+
+def _median_ms(call: Any, repeats: int) -> float:
+    """The median wall time of ``call()`` over ``repeats`` calls, in ms."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def model_figures(model: Any, tokenizer: Any, held_out: HeldOut, prompt: str, *, loss: bool) -> dict[str, float]:
     """The served model's figures: size (MB of weights), greedy decode ms/token and ms per answer (``prompt``, batch 1,
     the median of 3) on hone's transformers engine, and, when ``loss``, the answer-token eval loss on the held-out rows
     as training evaluates it."""
-    import statistics
-    import time
-
     from hone.data import tokenize_split
     from hone.generation import TransformersGenerator, decode_ms_per_token
     from hone.modeling import evaluate
 
     engine = TransformersGenerator(model, tokenizer)
-    out = {"size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
-           "decode_ms_per_token": decode_ms_per_token(engine, new_tokens=16, repeats=3)}
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        engine.generate([prompt], held_out.sampling())
-        times.append((time.perf_counter() - started) * 1000)
-    out["answer_ms"] = statistics.median(times)
+    out = {"size_mb": _weights_mb(model), "decode_ms_per_token": decode_ms_per_token(engine, new_tokens=16, repeats=3),
+           "answer_ms": _median_ms(lambda: engine.generate([prompt], held_out.sampling()), repeats=3)}
     if loss:
         import datasets
 
-        tokenized, _ = tokenize_split(datasets.Dataset.from_list(held_out.rows), held_out.job, tokenizer, "test", pack=False)
+        tokenized, _ = tokenize_split(datasets.Dataset.from_list(held_out.rows), held_out.job, tokenizer, "test", pack=False,
+                                      masked=True)
         out["eval_loss"] = evaluate(model, list(tokenized), held_out.job, tokenizer.pad_token_id)["eval_loss"]
     return out
-
 
 
 def classifier_rows(job: JobConfig, held_out: HeldOut, split: str) -> tuple[Any, list[str]]:
@@ -186,16 +195,13 @@ def score_classifier(model: Any, tokenizer: Any, job: JobConfig, held_out: HeldO
     """(accuracy, answers, figures) of a classifier on the task's held-out rows (:func:`classifier_rows`): its predicted
     label counted against the task's answer. Figures: the eval loss (cross-entropy over its labels, as training
     evaluates it), size and ms per answer (one held-out text, batch 1, the median of 5 after a warm-up)."""
-    import statistics
-    import time
-
     import torch
 
     from hone.data import collate, tokenize_split
     from hone.modeling import forward_loss
 
     rows, expected = classifier_rows(job, held_out, split)
-    tokenized = list(tokenize_split(rows, job, tokenizer, "test", pack=False)[0])
+    tokenized = list(tokenize_split(rows, job, tokenizer, "test", pack=False, masked=True)[0])
     names = model.config.id2label
     predicted: list[str] = []
     loss = 0.0
@@ -207,12 +213,8 @@ def score_classifier(model: Any, tokenizer: Any, job: JobConfig, held_out: HeldO
             predicted += [names[int(i)] for i in logits.argmax(-1)]
         one = collate(tokenized[:1], tokenizer.pad_token_id, job.task.type)
         one.pop("labels")
-        times = []
-        for _ in range(6):
-            started = time.perf_counter()
-            model(**one)
-            times.append((time.perf_counter() - started) * 1000)
+        model(**one)  # a warm-up
+        answer_ms = _median_ms(lambda: model(**one), repeats=5)
     answers = [{"expected": a, "generated": p, "correct": p == a} for a, p in zip(expected, predicted)]
-    figures = {"eval_loss": loss / max(len(tokenized), 1), "answer_ms": statistics.median(times[1:]),
-               "size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6}
+    figures = {"eval_loss": loss / max(len(tokenized), 1), "answer_ms": answer_ms, "size_mb": _weights_mb(model)}
     return sum(a["correct"] for a in answers) / max(len(answers), 1), answers, figures

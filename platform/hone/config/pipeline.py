@@ -1,5 +1,5 @@
 """The pipeline YAML: a job, optionally a second job trained from its result (align), and how each later stage behaves
-(quantise, serve, smoke test).
+(prune, quantise, serve, smoke test).
 
 :func:`load_pipeline` validates the pipeline, the job file it names, the quantisation method on this
 machine and the serve settings it derives, reporting every problem at once, before any Ray work.
@@ -17,12 +17,12 @@ from pydantic import Field, ValidationError
 
 from hone.config.base import NAME_PATTERN, ConfigError, Problem, Section, problems_from_validation, read_mapping
 from hone.config.job import JobConfig, JobConfigError, load_job
-from hone.config.quantization import GateThresholds, QuantMethod, check_method, default_method
+from hone.config.quantization import GateThresholds, PruneMethod, QuantMethod, check_method, default_method
 from hone.config.serve import ServeConfig, ServeConfigError, validate_serve_config
 from hone.errors import QuantizeError
 
-__all__ = ["AlignStage", "Pipeline", "PipelineConfig", "PipelineConfigError", "QuantizeStage", "SmokeTestStage", "TrainStage",
-           "load_pipeline", "registered_name"]
+__all__ = ["AlignStage", "Pipeline", "PipelineConfig", "PipelineConfigError", "PruneStage", "QuantizeStage", "SmokeTestStage",
+           "TrainStage", "load_pipeline", "registered_name"]
 
 
 class PipelineConfigError(ConfigError):
@@ -54,6 +54,34 @@ class AlignStage(Section):
     """The job YAML (usually with a ``preference:`` section), relative to the pipeline file."""
     overrides: list[str] = Field(default_factory=list)
     """``key.path=value`` overrides applied to the job, as on the command line."""
+
+
+class PruneStage(Section):
+    """Stage 1c: structured pruning of the trained model (``hone prune``), an optional recovery fine-tune, then the quality
+    gate against the unpruned model with decode speed on the engine that serves it. The later stages (quantise, serve)
+    take the pruned model only when it passes its gate and decodes faster; otherwise the pipeline says why and goes on
+    with the unpruned one."""
+
+    method: PruneMethod = "mlp-channels"
+    """What is cut: ``mlp-channels``, the same MLP channels from every layer (Wanda-sp / FLAP importance), or ``layers``,
+    whole decoder layers (ShortGPT's Block Influence)."""
+    sparsity: float = Field(gt=0, lt=1)
+    """The fraction removed: of each layer's MLP channels (a multiple of 32 kept), or of the layers."""
+    calibration_rows: int = Field(default=64, ge=1)
+    """Training rows the channel importance is scored on."""
+    eval_rows: int = Field(default=64, ge=1)
+    """Held-out rows the gate evaluates both models on."""
+    recover_steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps of a recovery fine-tune: the train job again (its method, data, learning rate) from the pruned
+    model, through Ray Train; null: none."""
+    recover_overrides: list[str] = Field(default_factory=list)
+    """``key.path=value`` overrides of the recovery run, e.g. ``method.lora.target_modules=[...]`` to adapt the MLP too."""
+    max_loss_increase: float | None = 0.05
+    """Allowed relative eval-loss increase over the unpruned model; null: not checked."""
+    max_accuracy_drop: float | None = 0.01
+    """Allowed drop of generated-answer accuracy (a fraction); null: not checked."""
+    require_speedup: bool = True
+    """Take the pruned model only if it decodes faster than the unpruned one on the serving engine."""
 
 
 class QuantizeStage(Section):
@@ -106,6 +134,8 @@ class PipelineConfig(Section):
     train: TrainStage
     align: AlignStage | None = None
     """Omit for train → quantise → serve; give to continue training from the train stage's model first."""
+    prune: PruneStage | None = None
+    """Omit to serve the trained model unpruned."""
     quantize: QuantizeStage | None = None
     """Omit to serve the trained model in full precision."""
     serve: dict[str, Any] = Field(default_factory=dict)
@@ -126,6 +156,8 @@ class Pipeline:
     """The quantisation candidates (empty: no quantize stage)."""
     source: str
     align_job: JobConfig | None = None
+    recover_job: JobConfig | None = None
+    """The prune stage's recovery run (its ``model.name`` replaced by the pruned model when it runs)."""
 
     @property
     def registered_model(self) -> str:
@@ -137,7 +169,8 @@ class Pipeline:
         c = self.config
         align = f"{self.align_job.preference.loss if self.align_job.preference else 'train'} → " if self.align_job else ""
         first = f"take {c.train.model}" if c.train.model else "sweep" if self.sweep else "train"
-        return (f"pipeline {c.name}: {first} → {align}{'quantise → ' if c.quantize else ''}serve"
+        prune = f"prune {c.prune.sparsity:g} → " if c.prune else ""
+        return (f"pipeline {c.name}: {first} → {align}{prune}{'quantise → ' if c.quantize else ''}serve"
                 f"{' → smoke test' if c.smoke_test else ''} ({self.job.summary()})")
 
     def to_yaml(self) -> str:
@@ -183,6 +216,10 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
         if align_job is not None and align_job.name == registered_name(job, sweep):
             problems.append(Problem("align.job", f"the align job's name {align_job.name!r} is where the train stage registers its "
                                                  "model", "give the align job another name"))
+    recover_job = None
+    if cfg.prune is not None:
+        recover_job, prune_problems = _prune_problems(path, cfg, job)
+        problems += prune_problems
     methods: list[str] = []
     if cfg.quantize is not None:
         given = cfg.quantize.method or default_method()
@@ -213,7 +250,29 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     if problems:
         raise PipelineConfigError(problems, str(path))
     assert serve_cfg is not None
-    return Pipeline(cfg, job, serve_cfg, sweep, methods, str(path), align_job)
+    return Pipeline(cfg, job, serve_cfg, sweep, methods, str(path), align_job, recover_job)
+
+
+def _prune_problems(path: Path, cfg: PipelineConfig, job: JobConfig) -> tuple[JobConfig | None, list[Problem]]:
+    """The prune stage's recovery job (the train job, its overrides and the stage's, for ``recover_steps`` steps) and its
+    problems."""
+    assert cfg.prune is not None
+    problems: list[Problem] = []
+    if job.task.type != "causal_lm":
+        problems.append(Problem("prune", f"the job trains a {job.task.type} model: hone prunes causal LMs (their MLP channels)",
+                                "drop the prune stage"))
+    try:
+        GateThresholds(cfg.prune.max_loss_increase, cfg.prune.max_accuracy_drop)
+    except QuantizeError as e:
+        problems.append(Problem("prune", str(e), "give max_loss_increase or max_accuracy_drop"))
+    if cfg.prune.recover_steps is None:
+        if cfg.prune.recover_overrides:
+            problems.append(Problem("prune.recover_overrides", "apply to a recovery run, and recover_steps is not set",
+                                    "set prune.recover_steps, or drop the overrides"))
+        return None, problems
+    overrides = [*cfg.train.overrides, *cfg.prune.recover_overrides, f"training.max_steps={cfg.prune.recover_steps}"]
+    recover, recover_problems = _job_problems(path, cfg.train.job, overrides, "prune.recover_overrides")
+    return recover, problems + recover_problems
 
 
 def _serve_problems(name: str, serve: dict[str, Any], model: str, method: str) -> tuple[ServeConfig | None, list[Problem]]:

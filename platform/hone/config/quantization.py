@@ -13,11 +13,15 @@ from typing import Literal
 
 from hone.errors import QuantizeError
 
-__all__ = ["CPU_DEFAULT", "GPU_DEFAULT", "GPU_ONLY", "METHODS", "VLLM_ONLY", "GateThresholds", "QuantizeError", "QuantMethod",
-           "check_method", "default_method"]
+__all__ = ["CPU_DEFAULT", "GPU_DEFAULT", "GPU_ONLY", "METHODS", "PRUNE_METHODS", "VLLM_ONLY", "GateThresholds", "PruneMethod",
+           "QuantizeError", "QuantMethod", "check_method", "default_method"]
 
 QuantMethod = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "bnb-8bit", "bnb-4bit", "w8a8-int8", "bf16"]
 METHODS: tuple[str, ...] = QuantMethod.__args__  # type: ignore[attr-defined]
+PruneMethod = Literal["mlp-channels", "layers"]
+PRUNE_METHODS: tuple[str, ...] = PruneMethod.__args__  # type: ignore[attr-defined]
+"""Structured pruning methods (:mod:`hone.quantize.prune`): ``mlp-channels`` cuts the same MLP channels from every layer,
+``layers`` removes whole decoder layers (those that change their input least)."""
 GPU_ONLY = frozenset({"int4-weight-only", "bnb-8bit", "bnb-4bit"})
 VLLM_ONLY = frozenset({"w8a8-int8", "bf16"})
 """Artifacts that only ``engine: vllm`` serves (their gate times decoding on vLLM); the others only ``engine: transformers``."""

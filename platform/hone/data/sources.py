@@ -113,20 +113,13 @@ def source_digest(source: str) -> str:
     return digest.hexdigest()
 
 
-def _pii_settings(d: DataConfig) -> dict[str, Any]:
-    """What decides the masked rows: the masking settings, and for pseudonyms which key (a hash of it, not the key)."""
-    import hashlib
-
-    assert d.mask_pii is not None
-    key = os.environ.get(d.mask_pii.key_env, "") if d.mask_pii.mode == "pseudonymise" else ""
-    return {**d.mask_pii.model_dump(), "key": hashlib.sha256(f"hone-pii\0{key}".encode()).hexdigest()[:12] if key else None}
-
-
 def dataset_fingerprint(job: JobConfig) -> str:
     """A short hash of what decides the training data: the content of its files (source, validation, test) and the
     settings that format, split, sample and cut it. Lineage tags, pipeline re-runs and resume checks use it."""
     import hashlib
     import json
+
+    from hone.privacy import settings_identity
 
     d = job.data
     sources = [d.source]
@@ -135,7 +128,7 @@ def dataset_fingerprint(job: JobConfig) -> str:
     # the split/order rule is part of what decides the rows: a run started under another rule resumes on other batches
     blob = json.dumps([SPLIT_RULE, [source_digest(s) for s in sources], d.format, d.columns.model_dump(), d.split,
                        d.validation, d.test, d.seed, d.max_samples, d.max_eval_samples, d.max_length, d.train_on_inputs,
-                       d.packing, d.prompt_template] + ([_pii_settings(d)] if d.mask_pii else []), sort_keys=True, default=str)
+                       d.packing, d.prompt_template] + ([settings_identity(d.mask_pii)] if d.mask_pii else []), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -338,9 +338,14 @@ def check_sample(job: JobConfig, tokenizer: Any, rows: int = 512) -> None:
     builder.check()
 
 
-def tokenize_split(ds: Any, job: JobConfig, tokenizer: Any, split: str = "train", *, pack: bool | None = None) -> tuple[Any, SplitReport]:
-    """Format, tokenize, mask (and pack) one split held in this process (a ``datasets.Dataset``)."""
+def tokenize_split(ds: Any, job: JobConfig, tokenizer: Any, split: str = "train", *, pack: bool | None = None,
+                   masked: bool = False) -> tuple[Any, SplitReport]:
+    """Format, tokenize, mask (and pack) one split held in this process (a ``datasets.Dataset``). ``masked``: the rows
+    are :func:`hone.data.held_out_rows`'s, whose personal data ``data.mask_pii`` already masked (not masked twice)."""
     import datasets
+
+    if masked and job.data.mask_pii is not None:
+        job = job.model_copy(update={"data": job.data.model_copy(update={"mask_pii": None})})
 
     check_split(ds.column_names, job, tokenizer, split)
     feature = ds.features.get(job.data.columns.label) if job.task.type == "sequence_classification" else None

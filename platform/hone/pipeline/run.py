@@ -1,7 +1,7 @@
 """``hone pipeline``: the stages in order on one Ray session.
 
-    train (one run, or a Ray Tune sweep) → [align: a run from that model, e.g. DPO] → registry version → quantise behind
-    the quality gate
+    train (one run, or a Ray Tune sweep) → [align: a run from that model, e.g. DPO] → registry version → [prune, a
+    recovery run, its gate] → quantise behind the quality gate
     → deploy on Ray Serve → smoke-test the endpoint through the ``openai`` client
 
 The pipeline directory (``<storage>/<name>-pipeline/``) keeps ``state.json`` and ``summary.json``.
@@ -19,7 +19,7 @@ from hone.artifacts import run_storage, sync_up, trusted_roots
 from hone.config import Pipeline, PipelineConfigError, Problem, shipped_recipe
 from hone.errors import PipelineError
 from hone.pipeline.smoke import smoke_stage
-from hone.pipeline.stages import align_stage, quantize_stage, serve_stage, train_stage
+from hone.pipeline.stages import align_stage, prune_stage, quantize_stage, serve_stage, train_stage
 from hone.pipeline.state import State, banner, say
 from hone.pipeline.summary import PipelineResult
 from hone.runtime import dashboard_url, is_remote, port_in_use, stop_event
@@ -58,7 +58,8 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
     folder.mkdir(parents=True, exist_ok=True)
     state = State(folder)
     result = PipelineResult(cfg.name, folder)
-    stages = (["train"] + (["align"] if cfg.align else []) + (["quantize"] if cfg.quantize else []) + ["serve"]
+    stages = (["train"] + (["align"] if cfg.align else []) + (["prune"] if cfg.prune else []) + (["quantize"] if cfg.quantize else [])
+              + ["serve"]
               + (["smoke_test"] if cfg.smoke_test else []))
     n = len(stages)
     started = time.time()
@@ -81,6 +82,13 @@ def run_pipeline(p: Pipeline, *, address: str | None = None, storage_path: str |
                 banner(i, n, "align", f"{a.name}: {a.preference.loss if a.preference else 'training'} from {trained['model']}, "
                                       f"{a.method.type}, {a.distributed.workers_text()} workers")
                 result.stages["align"] = trained = align_stage(p, state, trained, storage, address, rerun)
+                i += 1
+            if cfg.prune:
+                recover = f", {cfg.prune.recover_steps} recovery steps" if cfg.prune.recover_steps else ""
+                banner(i, n, "prune", f"{trained['model']}: {cfg.prune.sparsity:.0%} of its {cfg.prune.method}{recover}, behind the "
+                                      f"quality gate ({cfg.prune.eval_rows} rows)")
+                result.stages["prune"] = pruned = prune_stage(p, state, trained, storage, address, rerun, remote=storage_uri(storage))
+                trained = {**trained, "model": pruned["model"], "export": pruned["export"]}
                 i += 1
             if cfg.quantize:
                 methods = " and ".join(p.methods)

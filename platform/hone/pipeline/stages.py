@@ -19,7 +19,7 @@ from hone.data import dataset_fingerprint
 from hone.errors import PipelineError
 from hone.pipeline.state import State, fingerprint, say
 
-__all__ = ["align_stage", "base_url", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage", "worth_serving"]
+__all__ = ["align_stage", "base_url", "prune_stage", "quantize_stage", "serve_stage", "train_fingerprint", "train_stage", "worth_serving"]
 
 
 def train_fingerprint(p: Pipeline) -> str:
@@ -126,6 +126,73 @@ def align_stage(p: Pipeline, state: State, trained: dict[str, Any], storage: Pat
            "objective": job.preference.loss if job.preference else "sft"}
     out["seconds"] = time.time() - started
     state.record("align", fp, out)
+    return {**out, "skipped": False}
+
+
+def prune_stage(p: Pipeline, state: State, trained: dict[str, Any], storage_root: Path, address: str | None, rerun: bool,
+                remote: str | None = None) -> dict[str, Any]:
+    """Prune the trained model, fine-tune it briefly from there when ``recover_steps`` is set, and gate the result against
+    the trained model on the engine that serves it. Its output names the model the later stages take: the pruned one
+    (registered as ``<name>-pruned``) when it passed and decodes faster, else the trained one, with why."""
+    from dataclasses import asdict
+
+    from hone.artifacts import resolve_ref
+    from hone.quantize import GateThresholds, gate_pruned, prune
+    from hone.quantize.prune import record_gate
+    from hone.serving.choice import choose_engine
+
+    pr = p.config.prune
+    assert pr is not None
+    ref = trained["model"]
+    recover = p.recover_job.to_dict() if p.recover_job is not None else None
+    if recover is not None:
+        recover["training"]["storage_path"] = None
+    fp = fingerprint({"model": ref, "export": trained["export"], "prune": pr.model_dump(), "recover": recover,
+                      "data": dataset_fingerprint(p.recover_job) if p.recover_job is not None else None})
+    reused = None if rerun else state.reusable("prune", fp, lambda out: not out["served"] or _registered(out))
+    if reused is not None:
+        say(f"prune: reusing the verdict of {state.data['prune']['at']} (same model and settings): {reused['why']}")
+        return {**reused, "skipped": True}
+    if remote and p.recover_job is not None:
+        raise PipelineError("prune", "a recovery run from a pruned model in object storage is not supported yet: run this "
+                                     "pipeline with a local or shared --storage-path, or drop prune.recover_steps")
+    started = time.time()
+    name = f"{registry.resolve_model_ref(ref)['name']}-pruned"
+    engine = choose_engine(p.serve, resolve_ref(ref), "none")
+    folder_name = f"{resolve_ref(ref).slug()}-{pr.method}-{pr.sparsity:g}"
+    out_dir = storage.join(remote, "pruned", folder_name) if remote else storage_root / f"{p.config.name}-pipeline" / "pruned" / folder_name
+    folder, stats = prune(ref, pr.sparsity, method=pr.method, out=out_dir, calibration_rows=pr.calibration_rows)
+    candidate, recovered = str(out_dir), None
+    if p.recover_job is not None:
+        raw = p.recover_job.to_dict()
+        raw["model"]["name"] = candidate
+        job = JobConfig.model_validate(raw, context={"check_paths": False})
+        say(f"prune: recovery fine-tune of the pruned model, {pr.recover_steps} steps of {job.name} ({job.method.type})")
+        recovered = _one_run("prune", job, name, storage_root, address)
+        candidate = recovered["model"]
+    result = gate_pruned(ref, candidate, n=pr.eval_rows, thresholds=GateThresholds(pr.max_loss_increase, pr.max_accuracy_drop),
+                         engine=engine.engine)
+    print(result.table(), flush=True)
+    if recovered is None:
+        record_gate(folder, result)
+    served = result.passed and (result.faster or not pr.require_speedup)
+    speed = (f"{result.pruned['decode_ms_per_token']:.1f} ms/token against {result.original['decode_ms_per_token']:.1f} unpruned "
+             f"on {engine.engine} ({result.speedup:.2f}x)")
+    why = (f"the quality gate failed ({result.rule})" if not result.passed else
+           f"it decodes faster: {speed}" if result.faster else
+           f"it passed its gate but does not decode faster: {speed}" + ("" if pr.require_speedup else "; prune.require_speedup is off"))
+    if served and recovered is None:
+        if remote:
+            storage.upload(folder / "hone.json", storage.join(candidate, "hone.json"))  # with its gate record
+        reg = registry.register_winner(name, None, folder, "eval_loss", result.pruned["eval_loss"])
+        candidate = f"models:/{name}/{reg.version}"
+    chosen = {"model": candidate, "export": registry.resolve_model_ref(candidate)["source"]} if served else \
+        {"model": ref, "export": trained["export"]}
+    say(f"prune: serving the pruned model {candidate}: {why}" if served else f"prune: serving the unpruned {ref}: {why}")
+    out = {"method": pr.method, "sparsity": pr.sparsity, "stats": asdict(stats), "recover_steps": pr.recover_steps,
+           "candidate": candidate, "engine": engine.engine, "passed": result.passed, "rule": result.rule, "original": result.original,
+           "pruned": result.pruned, "table": result.table(), "served": served, "why": why, **chosen, "seconds": time.time() - started}
+    state.record("prune", fp, out)
     return {**out, "skipped": False}
 
 
@@ -239,7 +306,8 @@ def serve_stage(p: Pipeline, trained: dict[str, Any], address: str | None, remot
     """Deploy the trained model, quantised with ``quantization`` (the quantize stage's choice) or in full precision."""
     from hone.serving.runner import serve
 
-    cfg = p.serve.model_copy(update={"model": trained["model"], "quantization": quantization})
+    # the name clients call stays the pipeline's, whichever model (pruned or not) the earlier stages chose
+    cfg = p.serve.model_copy(update={"model": trained["model"], "quantization": quantization, "served_model_name": p.serve.served_name()})
     started = time.time()
     try:
         spec = serve(cfg, address=address, block=False, access_log=False)

@@ -56,6 +56,15 @@ def format_summary(result: PipelineResult) -> str:
         again = " (reused: same inputs)" if al.get("skipped") else f" ({duration(al['seconds'])})"
         lines.append(f"align     {al['objective']} from {al['from']}{again}: {al['metric']} {al['value']:.4g}; "
                      f"registered {al['model']} (@winner)")
+    pr = st.get("prune")
+    if pr:
+        again = " (reused: same inputs)" if pr.get("skipped") else f" ({duration(pr['seconds'])})"
+        s = pr["stats"]
+        recovered = f", then {pr['recover_steps']} recovery steps" if pr.get("recover_steps") else ""
+        lines.append(f"prune     {pr['method']} {pr['sparsity']:g}{recovered}{again}: {s['params_before'] / 1e6:.1f} M → "
+                     f"{s['params_after'] / 1e6:.1f} M parameters; gate {'PASSED' if pr['passed'] else 'FAILED'}")
+        lines += ["          " + row for row in pr["table"].splitlines()[:-1]]
+        lines.append(f"          {'served: ' + pr['model'] if pr['served'] else 'NOT served (the unpruned model instead)'}: {pr['why']}")
     q = st.get("quantize")
     if q:
         again = " (reused: same inputs)" if q.get("skipped") else f" ({duration(q['seconds'])})"

@@ -30,7 +30,8 @@ from hone.modeling import load_model
 from hone.quantized import apply_method, artifact_digest, default_modules, load_quantized, save_quantized
 from hone.runtime import quiet_libraries
 
-__all__ = ["QuantizeResult", "Source", "gate_verdict", "quantize", "resolve_source"]
+__all__ = ["QuantizeResult", "Source", "calibration_batches", "gate_verdict", "measure_in_child", "measure_on_vllm", "quantize",
+           "resolve_source"]
 
 
 @dataclass
@@ -121,18 +122,18 @@ def _eval_rows(job: JobConfig, tokenizer: Any, n: int) -> tuple[list[dict[str, A
     from hone.data import held_out_rows, tokenize_split
 
     rows = held_out_rows(job.data, _gate_split(job), n)
-    tokenized, _ = tokenize_split(rows, job, tokenizer, _gate_split(job), pack=False)
+    tokenized, _ = tokenize_split(rows, job, tokenizer, _gate_split(job), pack=False, masked=True)
     return list(rows), list(tokenized)
 
 
-def _calibration_batches(job: JobConfig, tokenizer: Any, n: int) -> list[Any]:
+def calibration_batches(job: JobConfig, tokenizer: Any, n: int) -> list[Any]:
     """The first ``n`` rows of the job's training split, tokenised as training sees them (prompt and answer), one
     1 × T tensor each: what calibrated methods see of the data (never the held-out rows the gate evaluates on)."""
     import torch
 
     from hone.data import held_out_rows, tokenize_split
 
-    rows, _ = tokenize_split(held_out_rows(job.data, "train", n), job, tokenizer, "train", pack=False)
+    rows, _ = tokenize_split(held_out_rows(job.data, "train", n), job, tokenizer, "train", pack=False, masked=True)
     return [torch.tensor([list(r["input_ids"])]) for r in rows]
 
 
@@ -193,7 +194,9 @@ def _peak_rss_mb(resource: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure_in_child(source: Source, artifact: Path | None, n: int, method: str) -> dict[str, float]:
+def measure_in_child(source: Source, artifact: Path | None, n: int, method: str = "none") -> dict[str, float]:
+    """``source``'s model (or the quantised ``artifact`` made from it) measured in a fresh process: the job's validation
+    metrics on ``n`` held-out rows, answer accuracy, greedy decode ms/token on hone's engine, peak resident memory."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     spec = {"source": source, "artifact": str(artifact) if artifact else None, "n": n, "method": method}
@@ -208,11 +211,12 @@ def _measure_in_child(source: Source, artifact: Path | None, n: int, method: str
     return payload
 
 
-def _vllm_measure(source: Source, artifact: Path, n: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(original, quantised) as vLLM serves them, one after the other in one process of vLLM's environment: greedy
+def measure_on_vllm(source: Source, artifact: Path | Source, n: int, dtype: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(original, candidate) as vLLM serves them, one after the other in one process of vLLM's environment: greedy
     decode ms/token and, for data with answers, the accuracy of greedy answers to the first ``n`` held-out rows (vLLM
     runs these formats with its own kernels and bf16 activations: the torch replica of their numerics is not what
-    users get)."""
+    users get). ``artifact``: a quantised artifact (bf16 activations on CPU), or another model of the same job (a
+    pruned one, written out merged) with ``dtype`` (float32 on CPU, as the original)."""
     import subprocess
     import tempfile
 
@@ -228,9 +232,16 @@ def _vllm_measure(source: Source, artifact: Path, n: int) -> tuple[dict[str, flo
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with tempfile.TemporaryDirectory(prefix="hone-fp-") as tmp:
         model, tokenizer = _load_original(source)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(Path(tmp) / "original", safe_serialization=True)
+        tokenizer.save_pretrained(Path(tmp) / "original")
         del model
+        if isinstance(artifact, Source):  # an export (an adapter too): written out merged, as vLLM loads a model
+            folder = Path(tmp) / "candidate"
+            model, candidate_tokenizer = _load_original(artifact)
+            model.save_pretrained(folder, safe_serialization=True)
+            candidate_tokenizer.save_pretrained(folder)
+            del model
+            artifact = folder
         args = []
         if _answers_gated(source.job):
             from hone.data import held_out_rows, prompt_and_answer
@@ -241,8 +252,9 @@ def _vllm_measure(source: Source, artifact: Path, n: int) -> tuple[dict[str, flo
             (Path(tmp) / "answers.json").write_text(json.dumps(answers))
             args = ["--answers", str(Path(tmp) / "answers.json")]
         # vLLM's int8 kernels on CPU take bf16 activations (fp32 is refused); the scales keep the precision
-        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", *args, tmp, "auto" if gpu else "float32", str(artifact),
-                              "auto" if gpu else "bfloat16"], capture_output=True, text=True, env=env, timeout=1800)
+        models = [str(Path(tmp) / "original"), "auto" if gpu else "float32", str(artifact), dtype or ("auto" if gpu else "bfloat16")]
+        out = subprocess.run([python, "-m", "hone.quantize.vllm_speed", *args, *models], capture_output=True, text=True, env=env,
+                             timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
     if out.returncode != 0 or not lines:
         raise QuantizeError(f"measuring the models on vLLM failed: {(out.stderr or out.stdout)[-2000:]}")
@@ -254,12 +266,12 @@ def _measure_both(source: Source, staging: Path, n: int, method: str, original: 
                   say: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """(original, quantised, the original as measured on hone's engine): each in a fresh process (the original only
     when not given); a vLLM format's answers and decoding measured again on vLLM, the original in fp32 on it too."""
-    original = dict(original) if original is not None else _measure_in_child(source, None, n, method)
+    original = dict(original) if original is not None else measure_in_child(source, None, n, method)
     measured_original = dict(original)
-    quantized = _measure_in_child(source, staging, n, method)
+    quantized = measure_in_child(source, staging, n, method)
     if method in VLLM_ONLY:
         say("measuring greedy answers and decoding of both on vLLM, the engine that serves this format")
-        on_vllm = _vllm_measure(source, staging, n)
+        on_vllm = measure_on_vllm(source, staging, n)
         original.update(on_vllm[0])
         quantized.update(on_vllm[1])
     return original, quantized, measured_original
@@ -362,7 +374,7 @@ def quantize(
         from hone.quantize.calibrate import calibrate_w8a8
 
         say(f"calibrating on {calibration_rows} training rows: SmoothQuant (α per layer), then GPTQ")
-        rounded, calibration = calibrate_w8a8(model, modules, _calibration_batches(source.job, tokenizer, calibration_rows))
+        rounded, calibration = calibrate_w8a8(model, modules, calibration_batches(source.job, tokenizer, calibration_rows))
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
