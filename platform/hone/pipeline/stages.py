@@ -157,9 +157,11 @@ def prune_stage(p: Pipeline, state: State, trained: dict[str, Any], storage_root
         raise PipelineError("prune", "a recovery run from a pruned model in object storage is not supported yet: run this "
                                      "pipeline with a local or shared --storage-path, or drop prune.recover_steps")
     started = time.time()
-    name = f"{registry.resolve_model_ref(ref)['name']}-pruned"
-    engine = choose_engine(p.serve, resolve_ref(ref), "none")
-    folder_name = f"{resolve_ref(ref).slug()}-{pr.method}-{pr.sparsity:g}"
+    spec = resolve_ref(ref)  # once: a registered model's content is hashed on every resolution
+    assert spec.registry is not None, f"{ref}: the train stage's models are registered"
+    name = f"{spec.registry['name']}-pruned"
+    engine = choose_engine(p.serve, spec, "none")
+    folder_name = f"{spec.slug()}-{pr.method}-{pr.sparsity:g}"
     out_dir = storage.join(remote, "pruned", folder_name) if remote else storage_root / f"{p.config.name}-pipeline" / "pruned" / folder_name
     folder, stats = prune(ref, pr.sparsity, method=pr.method, out=out_dir, calibration_rows=pr.calibration_rows)
     candidate, recovered = str(out_dir), None

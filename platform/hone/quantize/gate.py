@@ -174,6 +174,7 @@ def _measure(spec: dict[str, Any], queue: Any) -> None:
             out["answer_accuracy"], _ = answer_accuracy(TransformersGenerator(model, tokenizer), raw, source.job, tokenizer)
         if source.job.task.type == "causal_lm":
             out["decode_ms_per_token"] = decode_ms_per_token(TransformersGenerator(model, tokenizer))
+        out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         out["peak_rss_mb"] = _peak_rss_mb(resource)
         queue.put(("ok", out))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -196,7 +197,8 @@ def _peak_rss_mb(resource: Any) -> float:
 
 def measure_in_child(source: Source, artifact: Path | None, n: int, method: str = "none") -> dict[str, float]:
     """``source``'s model (or the quantised ``artifact`` made from it) measured in a fresh process: the job's validation
-    metrics on ``n`` held-out rows, answer accuracy, greedy decode ms/token on hone's engine, peak resident memory."""
+    metrics on ``n`` held-out rows, answer accuracy, greedy decode ms/token on hone's engine, parameters (millions), peak
+    resident memory."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     spec = {"source": source, "artifact": str(artifact) if artifact else None, "n": n, "method": method}

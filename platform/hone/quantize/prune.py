@@ -302,19 +302,8 @@ def gate_pruned(original: str, pruned: str, *, job: JobConfig | None = None, n: 
         on_vllm = measure_on_vllm(source, target, n, dtype="auto" if torch.cuda.is_available() else "float32")
         before.update(on_vllm[0])
         after.update(on_vllm[1])
-    for measured, spec in ((before, source.spec), (after, candidate.spec)):
-        measured["params_m"] = _params(spec) / 1e6
     verdict = gate_verdict("causal_lm", before, after, thresholds)
     return PruneResult(pruned, engine, bool(verdict["passed"]), verdict["rule"], before, after, verdict)
-
-
-def _params(spec: Any) -> int:
-    """Parameters of a model: a pruned export records them; anything else is loaded (an adapter merged) and counted."""
-    record = spec.info.get("pruned")
-    if record:
-        return int(record["params_after"])
-    model, _ = load_model(spec)
-    return sum(p.numel() for p in model.parameters())
 
 
 def record_gate(folder: Path, result: PruneResult) -> None:
