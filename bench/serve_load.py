@@ -17,6 +17,8 @@ per 10 ms, as a replica sees requests that come one at a time (its caches are th
 Then vLLM (``--engines ...,vllm``): bare vLLM's own OpenAI server (same model, same machine, ``--enforce-eager``, fp32)
 against ``hone serve`` with ``engine: vllm`` (vLLM's engine behind hone's ingress), both streamed at each concurrency;
 printed: hone/bare ratios of requests/s and p50 (targets >= 0.97x and within 5%). ``--vllm-only`` runs just that pair.
+``--mask-output`` runs just ``mask_pii: output`` against the same server without it (story answers of 128 tokens by
+default, streamed, on the first of ``--engines``): the ratios of requests/s, p50 and time to the first visible text.
 Finally fp32 against the int8 artifact ``hone quantize``
 writes (run first if missing): decode latency, memory and size from its quality gate, and
 throughput at concurrency 8.
@@ -436,6 +438,35 @@ def _table(args: argparse.Namespace, rows: list[tuple[str, int, dict[str, float]
         print(f"| {name} | {c} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
 
 
+def _mask_output(args: argparse.Namespace) -> int:
+    """``mask_pii: output`` against the same server without it, streamed story answers, in one run."""
+    from machine import cpu_flags  # bench/machine.py
+
+    global PROMPTS, RUNS
+    RUNS = [("story", args.max_tokens or 128)]
+    PROMPTS = WORKLOADS["story"]
+    levels = [int(x) for x in args.levels.split(",")]
+    engine = args.engines.split(",")[0]
+    served = Path(args.model.removeprefix("builtin:")).name
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        for name, extra in (("answers as generated", {}), ("mask_pii: output", {"mask_pii": "output"})):
+            folder = Path(tmp_dir) / ("masked" if extra else "plain")
+            folder.mkdir()
+            proc, url = _hone_server(args.model, "none", folder, engine=engine, extra=extra)
+            try:
+                rows += _measure(f"hone serve {engine} · {name}", url, served, levels, least=16)
+            finally:
+                _stop(proc)
+    _table(args, rows)
+    print(f"CPU: {os.cpu_count()} cores, {cpu_flags()}")
+    half = len(rows) // 2
+    for (_, c, plain), (_, _, masked) in zip(rows[:half], rows[half:], strict=True):
+        print(f"c={c}: masked/plain requests/s {masked['rps'] / plain['rps']:.3f}x, p50 {masked['p50'] / plain['p50']:.3f}x, "
+              f"time to first text p50 {masked['ttft_p50']:.2f} s against {plain['ttft_p50']:.2f} s")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -452,8 +483,11 @@ def main() -> int:
     parser.add_argument("--vllm-only", action="store_true", help="only bare vLLM against hone's engine: vllm")
     parser.add_argument("--vllm-lora", action="store_true", help="only a LoRA served by vLLM against the same adapter merged")
     parser.add_argument("--proxy", choices=["ray", "haproxy"], default="ray", help="hone serve's HTTP front (fp32 rows of both engines)")
+    parser.add_argument("--mask-output", action="store_true", help="only mask_pii: output against the same server without it")
     args = parser.parse_args()
     global PROMPTS, RUNS
+    if args.mask_output:
+        return _mask_output(args)
     RUNS = [(w, args.max_tokens or ANSWER_TOKENS[w]) for w in (("story", "sentiment") if args.workload == "both" else (args.workload,))]
     PROMPTS = WORKLOADS[RUNS[-1][0]]
     levels = [int(x) for x in args.levels.split(",")]

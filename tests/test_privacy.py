@@ -10,7 +10,7 @@ import random
 import pytest
 
 from hone.config import PiiConfig
-from hone.privacy import RedactingFilter, mask_rows, masker, redact, redact_logging, reveal
+from hone.privacy import RedactingFilter, StreamRedactor, mask_rows, masker, redact, redact_logging, reveal
 
 # Planted values: each (value, entity). Valid card numbers pass Luhn, IBANs their checksum; the keys are in the issuers'
 # formats (documentation examples, not live keys).
@@ -95,6 +95,56 @@ def test_rows_are_masked_everywhere_but_their_label():
     assert counts == [{"EMAIL_ADDRESS": 1}]
     assert masker(PiiConfig(entities=["PHONE_NUMBER"])).mask("ops@hone.dev, +1 (415) 555-0132")[0] == "ops@hone.dev, <PHONE_NUMBER>"
     assert redact(redact("call +1 (415) 555-0132")) == "call <PHONE_NUMBER>"  # masking twice changes nothing
+
+
+def test_a_streamed_answer_is_masked_in_runs_exactly_as_a_whole_one():
+    """``mask_pii: output`` on a stream: the labelled set as one long answer (a private key block and a long word in it),
+    cut into pieces of 1 to 12 characters, comes out as runs that join to the whole answer masked at once; no planted value
+    is ever released, and text is released before the answer ends."""
+    key = "-----BEGIN RSA PRIVATE KEY-----\n" + "MIIEowIBAAKCAQEA7Vq3e1mQ9Zx0Tn4KfWq8sY2b\n" * 4 + "-----END RSA PRIVATE KEY-----"
+    answer = " ".join(text for text, _ in labelled_set()) + f" Keep this safe: {key} and " + "x" * 300 + " the end."
+    whole = redact(answer)
+    assert "<SECRET>" in whole and "PRIVATE KEY" not in whole
+    rng = random.Random(0)
+    redactor, runs, i = StreamRedactor(), [], 0
+    while i < len(answer):
+        step = rng.randint(1, 12)
+        if redactor.push(answer[i:i + step]):
+            runs.append(redactor.release())
+        i += step
+    released_early = "".join(runs)
+    runs.append(redactor.flush())
+    assert "".join(runs) == whole
+    assert len(released_early) > len(whole) // 2
+    for value, _ in PLANTED:
+        assert value not in released_early
+    assert StreamRedactor().flush() == "" and StreamRedactor.HOLD >= max(len(v) for v, e in PLANTED if " " in v)
+
+
+def test_a_stream_that_breaks_still_sends_what_was_held_back_masked_before_its_error():
+    """The ingress's masked stream (:func:`hone.serving.wire.masked_events`) over two choices' events: each choice's text
+    is masked in runs, and when the replica's stream breaks, what each held back goes out masked before the error."""
+    import asyncio
+
+    from hone.serving.wire import masked_events
+
+    words = "Reach jane.doe@example.com or +44 20 7946 0958 about the refund; it was filed last week by the team. " * 2
+
+    async def replica():
+        for i in range(0, len(words), 5):
+            for index in (0, 1):
+                yield {"index": index, "text": words[i:i + 5], "completion_tokens": i // 5 + 1, "finish_reason": None}
+        yield {"error": "the model replica stopped", "status": 503}
+
+    async def collect():
+        return [e async for e in masked_events(replica())]
+
+    events = asyncio.run(collect())
+    assert events[-1] == {"error": "the model replica stopped", "status": 503}
+    for index in (0, 1):
+        texts = [e["text"] for e in events[:-1] if e["index"] == index]
+        assert "".join(texts) == redact(words) and len([t for t in texts if t]) >= 2
+        assert "".join(texts).count("<EMAIL_ADDRESS>") == 2 and "jane.doe" not in "".join(texts)
 
 
 def test_pseudonyms_are_deterministic_and_reversible_by_key(monkeypatch):

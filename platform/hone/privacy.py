@@ -8,7 +8,8 @@ key blocks, JWTs). Presidio's NLP engine is replaced by one that returns no toke
 downloaded): names and places, which need its NER, are not found.
 
 Data: :func:`mask_rows` masks every string of a row (nested ones too) but the class label, before any tokeniser sees
-it, and counts what it replaced per entity. Serving: :func:`redact` masks what hone writes about a request.
+it, and counts what it replaced per entity. Serving: :func:`redact` masks what hone writes about a request, and
+:class:`StreamRedactor` a streamed answer (``mask_pii: output``).
 ``pseudonymise`` replaces a value with a deterministic AES-SIV encryption of it under a key only the operator holds
 (:func:`reveal` reverses it): the same e-mail address is the same placeholder in every row.
 """
@@ -26,8 +27,8 @@ from typing import Any
 
 from hone.config.privacy import OFFLINE_ENTITIES, PiiConfig
 
-__all__ = ["OFFLINE_ENTITIES", "PiiConfig", "PiiMasker", "RedactingFilter", "mask_rows", "masker", "redact", "redact_logging",
-           "reveal", "settings_identity"]
+__all__ = ["OFFLINE_ENTITIES", "PiiConfig", "PiiMasker", "RedactingFilter", "StreamRedactor", "mask_rows", "masker", "redact",
+           "redact_logging", "reveal", "settings_identity"]
 
 # gitleaks' default rules (github.com/gitleaks/gitleaks, config/gitleaks.toml), the formats issued today.
 SECRET_PATTERNS = {
@@ -43,6 +44,7 @@ SECRET_PATTERNS = {
     "jwt": r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\b",
 }
 _PSEUDONYM = re.compile(rf"<({'|'.join(OFFLINE_ENTITIES)})_([A-Z2-7]{{20,}})>")
+_KEY_END = re.compile(r"-----END[A-Z ]{0,20} PRIVATE KEY-----")
 _PLACEHOLDER = re.compile(rf"<(?:{'|'.join(OFFLINE_ENTITIES)})(?:_[A-Z2-7]{{20,}})?>")
 
 
@@ -127,17 +129,24 @@ class PiiMasker:
             return {e: OperatorConfig("replace", {"new_value": f"<{e}>"}) for e in {f.entity_type for f in found}}
         return {e: OperatorConfig("custom", {"lambda": pseudonym(e)}) for e in {f.entity_type for f in found}}
 
-    def mask(self, text: str) -> tuple[str, Counter[str]]:
-        """(the text with every finding replaced, how many of each entity)."""
+    def find(self, text: str) -> list[Any]:
+        """Presidio's findings in ``text`` (start, end, entity_type), but inside a placeholder already there."""
         if not text:
-            return text, Counter()
+            return []
         found = self.analyzer.analyze(text, language="en", entities=self.entities)
         kept = [(m.start(), m.end()) for m in _PLACEHOLDER.finditer(text)]  # masked already: masking again changes nothing
-        found = [f for f in found if not any(f.start < b and a < f.end for a, b in kept)]
+        return [f for f in found if not any(f.start < b and a < f.end for a, b in kept)]
+
+    def replace(self, text: str, found: list[Any]) -> tuple[str, Counter[str]]:
+        """(``text`` with ``found`` replaced, how many of each entity)."""
         if not found:
             return text, Counter()
         out = self.anonymizer.anonymize(text, found, operators=self._operators(found))
         return out.text, Counter(item.entity_type for item in out.items)
+
+    def mask(self, text: str) -> tuple[str, Counter[str]]:
+        """(the text with every finding replaced, how many of each entity)."""
+        return self.replace(text, self.find(text))
 
     def mask_value(self, value: Any, counts: Counter[str]) -> Any:
         if isinstance(value, str):
@@ -190,6 +199,54 @@ def mask_rows(rows: list[dict[str, Any]], cfg: PiiConfig, skip: tuple[str, ...] 
 def redact(text: str, cfg: PiiConfig | None = None) -> str:
     """``text`` with the entities masked (all of them by default): what serving writes about a request."""
     return masker(cfg or PiiConfig(mode="mask")).mask(text)[0] if text else text
+
+
+class StreamRedactor:
+    """Masks a text that arrives in pieces, a streamed answer (``mask_pii: output``), releasing it in masked runs.
+
+    Text is released up to a white space that at least :attr:`HOLD` characters follow, and never inside anything found
+    in what is held, nor past an unfinished private-key block. An entity without white space cannot span a cut, and
+    those with some (phone, card and IBAN numbers) are shorter than HOLD characters, so they are whole, and found, in
+    what is held when a cut could split them; a private key is held until its block ends. The released runs joined are
+    the whole text masked at once; :meth:`flush` masks the rest when the answer ends."""
+
+    HOLD = 64
+
+    def __init__(self, cfg: PiiConfig | None = None):
+        self.cfg = cfg or PiiConfig(mode="mask")
+        self.pending = ""
+
+    @property
+    def masker(self) -> PiiMasker:
+        return masker(self.cfg)  # built once per process, on first use (in :meth:`release` or :meth:`flush`)
+
+    def push(self, text: str) -> bool:
+        """Add ``text``; whether enough is held to release some (then call :meth:`release`, off the event loop)."""
+        self.pending += text
+        return len(self.pending) >= 2 * self.HOLD
+
+    def release(self) -> str:
+        """The masked run that can go now ("" when none can)."""
+        held = self.pending
+        spaces = [m.end() for m in re.finditer(r"\s+", held[: len(held) - self.HOLD + 1])]
+        if not spaces:
+            return ""
+        cut, m = spaces[-1], self.masker
+        found = m.find(held)
+        while (inside := [f.start for f in found if f.start < cut < f.end]):
+            cut = min(inside)
+        opened = held.rfind("-----BEGIN", 0, cut)
+        if opened != -1 and not _KEY_END.search(held, opened):
+            cut = opened
+        if cut == 0:
+            return ""
+        self.pending = held[cut:]
+        return m.replace(held[:cut], [f for f in found if f.end <= cut])[0]
+
+    def flush(self) -> str:
+        """The rest, masked (the answer ended)."""
+        rest, self.pending = self.pending, ""
+        return self.masker.mask(rest)[0] if rest else ""
 
 
 def reveal(text: str, cfg: PiiConfig) -> str:

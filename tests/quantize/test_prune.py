@@ -116,6 +116,13 @@ def test_hone_prune_records_a_failed_gate_and_replaces_only_its_own(tmp_path):
     assert record["intermediate_after"] == AutoConfig.from_pretrained(out).intermediate_size == record["intermediate_before"] // 2
     assert record["gate"]["pruned"]["params_m"] < record["gate"]["original"]["params_m"]
     assert record["gate"]["pruned"]["decode_ms_per_token"] > 0 and record["gate"]["original"]["eval_loss"] > 0
+    # hone serve refuses it before any Ray work, unless told to serve it anyway
+    from hone.config import validate_serve_config
+    from hone.serving.spec import ServeError, resolve
+
+    with pytest.raises(ServeError, match="pruned model whose quality gate failed .*serve the unpruned builtin:tiny-llama"):
+        resolve(validate_serve_config({"model": str(out), "engine": "transformers"}))
+    assert resolve(validate_serve_config({"model": str(out), "engine": "transformers", "allow_failed_gate": True})).path == str(out)
 
     mine = tmp_path / "mine"
     mine.mkdir()

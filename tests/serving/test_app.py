@@ -463,6 +463,30 @@ def test_metrics_on_the_ray_export_port(server, client):
     assert any(name.startswith("ray_serve_") for name in families), "Ray Serve's own metrics are missing"
 
 
+# --------------------------------------------------------------------------- personal data in answers
+
+ANSWER = ("Write to jane.doe@example.com or call +1 (415) 555-0132 from 192.168.10.7 today. "
+          "The rest of this answer is ordinary text that goes on for a while, and then it ends.")
+
+
+def _check_masked_answers(url: str) -> None:
+    """``mask_pii: output``: an answer the grammar forces to hold an e-mail address, a phone number and an IP address
+    arrives masked, whole and streamed; the stream arrives in more than one run, none with a value in it."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    regex = ANSWER.replace(".", "\\.").replace("+", "\\+").replace("(", "\\(").replace(")", "\\)")
+    ask = {"model": "tiny-llama", "prompt": "Contact:", "max_tokens": 400, "temperature": 0,
+           "extra_body": {"structured_outputs": {"regex": regex}}}
+    masked = ANSWER.replace("jane.doe@example.com", "<EMAIL_ADDRESS>").replace("+1 (415) 555-0132", "<PHONE_NUMBER>") \
+        .replace("192.168.10.7", "<IP_ADDRESS>")
+    whole = client.completions.create(**ask).choices[0]
+    assert whole.text == masked and whole.finish_reason == "stop", whole
+    pieces = [c.choices[0].text for c in client.completions.create(**ask, stream=True) if c.choices and c.choices[0].text]
+    assert "".join(pieces) == masked and len(pieces) >= 2, pieces
+    assert not any(v in p for p in pieces for v in ("jane.doe", "555-0132", "192.168")), pieces
+
+
 # --------------------------------------------------------------------------- autoscaling and back-pressure
 
 
@@ -536,10 +560,11 @@ def test_back_pressure_and_autoscaling_behind_haproxy(tmp_path, reference):
     assert not any(f":{port}" in text for text in haproxy_configs()), "HAProxy outlived a SIGKILLed hone serve"
     again = tmp_path / "again"
     again.mkdir()
-    proc, info = start_server(cfg, again)
+    proc, info = start_server({**cfg, "mask_pii": "output"}, again)  # the same ports; personal data masked in answers
     try:
         r = httpx.post(url, json={**body, "max_tokens": 4}, timeout=60)
         assert r.status_code == 200, r.text
+        _check_masked_answers(info["url"])
     finally:
         stop_server(proc)
     # SIGTERM reached hone's own handler (Ray installs one that would end the process on the spot), Serve shut down,

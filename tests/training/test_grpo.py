@@ -61,14 +61,21 @@ def tiny_run(cluster, slow_reports, connected, tmp_path_factory):
     env = {**slow_reports, "HONE_RAY_LOG_LEVEL": "ERROR"}
     run_dir = killed_after_step(3, cluster["address"], job, tmp / "runs", env)
     before = records(run_dir)
+    stale = {a.actor_id for a in _rollout_engines(cluster["address"])}  # the killed run's, if Ray has not ended them yet
     log = tmp / "resume.log"
     proc = start_hone("train", "--resume", str(run_dir), "--address", cluster["address"], env=env, log=log)
     killed = []
     try:
+        # the resumed run's engines are looked up while it trains (the state API can take seconds on a busy machine), so
+        # that once step 4 is logged the kill is one call, long before steps 5 and 6 have used the engines
+        wait_until(lambda: records(run_dir)[len(before):], "the resumed run's first step", proc=proc, log=log)
+        engines = wait_until(lambda: [a for a in _rollout_engines(cluster["address"]) if a.actor_id not in stale],
+                             "the resumed run's rollout engines", proc=proc, log=log)
+        handles = {a.name: ray.get_actor(a.name, namespace=a.ray_namespace) for a in engines}
         wait_until(lambda: any(m["step"] >= 4 for m in records(run_dir)[len(before):]), "step 4 of the resumed run", proc=proc, log=log)
-        for a in _rollout_engines(cluster["address"]):
-            ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=True)
-            killed.append(a.name)
+        for name, handle in handles.items():
+            ray.kill(handle, no_restart=True)
+            killed.append(name)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         stop_group(proc)

@@ -55,7 +55,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"[hone] a short recovery fine-tune: hone train JOB model.name={folder} training.max_steps=N, or a pipeline's "
           "prune.recover_steps")
     if not result.passed:
-        print("[hone] the quality gate FAILED: see the table; a pipeline's prune stage would serve the unpruned model", file=sys.stderr)
+        print("[hone] the quality gate FAILED: see the table; `hone serve` refuses this model unless --allow-failed-gate, and a "
+              "pipeline's prune stage would serve the unpruned one", file=sys.stderr)
         return 3
     return 0
 
@@ -166,7 +167,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. port=8001")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local embedded Ray)")
     p.add_argument("--port", type=int, help="HTTP port (overrides the YAML)")
-    p.add_argument("--allow-failed-gate", action="store_true", help="serve a quantised artifact whose quality gate failed")
+    p.add_argument("--allow-failed-gate", action="store_true", help="serve a quantised or pruned model whose quality gate failed")
     p.add_argument("--emit-serve-config", nargs="?", const="-", metavar="PATH",
                    help="write the plain Ray Serve config (serve deploy / KubeRay) instead of serving")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)

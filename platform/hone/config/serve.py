@@ -59,7 +59,7 @@ class ServeConfig(Section):
     quantization: Literal["none"] | QuantMethod = "none"
     """Serve the artifact ``hone quantize MODEL --method M`` wrote for this model (its quality gate must have passed)."""
     allow_failed_gate: bool = False
-    """Serve a quantised artifact even though its quality gate failed."""
+    """Serve a quantised or pruned model even though its quality gate failed (or, for a pruned one, was never measured)."""
     trust_remote_code: bool = False
     """Run the model's own Python code (Hugging Face ``trust_remote_code``) when loading it. Set here by the operator only:
     the flag an export records is never used."""
@@ -147,6 +147,11 @@ class ServeConfig(Section):
     """Mask personal data (e-mails, phones, cards, IBANs, IPs, secrets; ``hone.privacy``) in everything hone writes
     about requests: the ingress's and replicas' log lines, errors and tracebacks, and a pipeline's smoke-test examples
     (printed and in its summary)."""
+    mask_pii: Literal["output"] | None = None
+    """``output``: mask personal data (as ``redact_logs`` finds it) in every generated answer before it leaves the ingress,
+    on either engine. A stream then arrives in runs of about 64 characters or more: the last 64 characters, and any
+    word or private-key block not yet finished, are held back until they can be masked (docs/privacy.md has the cost).
+    Requests for ``logprobs``, which carry the unmasked tokens, are refused."""
 
     @field_validator("autoscaling_config")
     @classmethod

@@ -40,7 +40,7 @@ from hone.serving.protocol import (
 )
 from hone.serving.replica import ModelServer
 from hone.serving.spec import IngressSettings, api_key_hashes, check_auth, ingress_settings, resolve
-from hone.serving.wire import StreamTally, check_size, completion_json, replica_body, sse
+from hone.serving.wire import StreamTally, check_size, completion_json, mask_answers, masked_events, replica_body, sse
 
 __all__ = ["build_app"]
 
@@ -86,6 +86,10 @@ class OpenAIIngress:
         self._inflight = 0
         self._draining = False
         self.metrics = IngressMetrics()
+        if settings.mask_output:  # Presidio's engines are built now, not on the event loop of the first answer
+            from hone.privacy import redact
+
+            redact("warm-up: ops@example.com")
         if not self.key_hashes:
             logger.warning("hone serve: no API keys configured: authentication is OFF")
 
@@ -174,6 +178,9 @@ class OpenAIIngress:
             require_model(req.model, self.name, self.adapters)
             require_task(self.task, "causal_lm")
             body = replica_body(req, chat)
+            if self.settings.mask_output and "logprobs" in body:
+                raise RequestError("this server masks personal data in its answers (serve YAML mask_pii: output): logprobs, "
+                                   "which carry the unmasked tokens, are not served", code="unsupported_parameter", param="logprobs")
             check_size(body, self.settings.max_n, self.settings.max_request_tokens, self.settings.max_tokens_default)
             sent = time.perf_counter()
             first, events = await self._start(body, req.stream)
@@ -191,9 +198,13 @@ class OpenAIIngress:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             events = resumable(first, events, body, restart=lambda: self._start(body, True), lost=lambda e: self._unavailable(e).event(),
                                on_resume=lambda: self.metrics.recovered.inc(tags={"kind": "resume"}))
+            if self.settings.mask_output:
+                events = masked_events(events)
             return StreamingResponse(self._stream(events, rid, created, req.model, chat, prompt_tokens, include_usage, route, started),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **_replica_header(first)})
+        if self.settings.mask_output:
+            first = await mask_answers(first)
         n = first["completion_tokens"]
         first_at = sent + first["first_token_s"] if first["first_token_s"] is not None else None
         self.metrics.tokens(req.model, started, first_at, n, prompt_tokens)

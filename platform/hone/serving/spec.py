@@ -86,13 +86,15 @@ class IngressSettings:
     max_request_tokens: int
     max_tokens_default: int
     redact_logs: bool = False
+    mask_output: bool = False
+    """``mask_pii: output``: personal data in every generated answer is masked before it leaves (:mod:`hone.privacy`)."""
 
 
 def ingress_settings(cfg: ServeConfig, spec: ServeSpec, key_hashes: list[str]) -> IngressSettings:
     return IngressSettings(served_name=spec.served_name, adapters=list(spec.adapters), task=spec.task, engine=spec.engine,
                            api_key_hashes=list(key_hashes), retry_after_s=cfg.retry_after_s, max_request_bytes=cfg.max_request_bytes,
                            max_n=cfg.max_n, max_request_tokens=cfg.max_request_tokens, max_tokens_default=spec.max_tokens_default,
-                           redact_logs=cfg.redact_logs)
+                           redact_logs=cfg.redact_logs, mask_output=cfg.mask_pii == "output")
 
 
 def resolve(cfg: ServeConfig) -> ServeSpec:
@@ -116,6 +118,12 @@ def resolve(cfg: ServeConfig) -> ServeSpec:
                              "serve the unquantised model, or set allow_failed_gate: true / pass --allow-failed-gate")
         labels, quantization, gate = model.labels, model.info["method"], verdict.get("passed")
     else:
+        pruned = model.info.get("pruned") if model.kind == "export" else None
+        if pruned is not None and (pruned.get("gate") or {}).get("passed") is not True and not cfg.allow_failed_gate:
+            verdict = pruned.get("gate") or {}
+            raise ServeError(f"{model.path} is a pruned model whose quality gate "
+                             + (f"failed ({verdict.get('rule')})" if verdict else "was never measured (hone prune did not finish)")
+                             + f": serve the unpruned {pruned.get('from')}, or set allow_failed_gate: true / pass --allow-failed-gate")
         labels = (list(model.job.task.labels or []) or None) if model.job is not None else None
         quantization = "none"
     from hone import storage

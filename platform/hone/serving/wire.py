@@ -13,7 +13,7 @@ from typing import Any
 
 from hone.serving.protocol import RequestError, format_logprobs
 
-__all__ = ["StreamTally", "check_size", "completion_json", "replica_body", "sse"]
+__all__ = ["StreamTally", "check_size", "completion_json", "mask_answers", "masked_events", "replica_body", "sse"]
 
 
 def replica_body(req: Any, chat: bool) -> dict[str, Any]:
@@ -59,6 +59,41 @@ def completion_json(first: dict[str, Any], body: dict[str, Any], model: str, cha
             choices.append({"index": c["index"], "text": c["text"], "logprobs": logprobs, "finish_reason": c["finish_reason"]})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
             "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}}
+
+
+async def mask_answers(first: dict[str, Any]) -> dict[str, Any]:
+    """A replica's whole answer with personal data masked in each choice's text (``mask_pii: output``), off the event loop."""
+    from hone.privacy import redact
+
+    texts = await asyncio.to_thread(lambda: [redact(c["text"]) for c in first["choices"]])
+    return {**first, "choices": [{**c, "text": t} for c, t in zip(first["choices"], texts, strict=True)]}
+
+
+async def masked_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """A replica's event stream with each choice's text masked (``mask_pii: output``) by a
+    :class:`hone.privacy.StreamRedactor` of its own: an event's text is what can be released masked by then ("" while it is
+    held back; its token count still goes on), and a choice's last event carries the rest."""
+    from hone.privacy import StreamRedactor
+
+    held: dict[int, StreamRedactor] = {}
+    last: dict[int, dict[str, Any]] = {}
+    try:
+        async for event in events:
+            if "error" in event:  # the stream breaks: what was held back still goes, masked, before the error
+                for index, redactor in held.items():
+                    if redactor.pending:
+                        yield {**last[index], "text": await asyncio.to_thread(redactor.flush), "finish_reason": None}
+                yield event
+                continue
+            index = event.get("index", 0)
+            redactor, last[index] = held.setdefault(index, StreamRedactor()), event
+            text = await asyncio.to_thread(redactor.release) if redactor.push(event["text"]) else ""
+            if event.get("finish_reason"):
+                text += await asyncio.to_thread(redactor.flush)
+            yield {**event, "text": text}
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 @dataclass
