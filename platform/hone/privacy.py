@@ -130,7 +130,7 @@ class PiiMasker:
         return {e: OperatorConfig("custom", {"lambda": pseudonym(e)}) for e in {f.entity_type for f in found}}
 
     def find(self, text: str) -> list[Any]:
-        """Presidio's findings in ``text`` (start, end, entity_type), but inside a placeholder already there."""
+        """Presidio's findings in ``text`` (start, end, entity_type), but those inside a placeholder already there."""
         if not text:
             return []
         found = self.analyzer.analyze(text, language="en", entities=self.entities)
